@@ -1,0 +1,1 @@
+"""Synthetic demo datasets in the real PTB-XL and MIMIC-IV-ECG layouts, with planted ground truth."""

@@ -1,0 +1,264 @@
+"""Ingest a dataset folder into a cached, memory-mapped store; bad records go to quarantine.
+
+Records are read and preprocessed in chunks by a process pool, each chunk writing its rows of the
+memory-mapped signal file and a small parquet of results. A killed ingest keeps its finished chunks
+in `.partial-<name>/` and the next run with the same inputs resumes there; the store appears under
+its final name only after one atomic rename.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import multiprocessing as mp
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, Field
+from tqdm.auto import tqdm
+
+import ecgproto
+from ecgproto.data.labels import load_label_set
+from ecgproto.data.layouts import QUARANTINE_COLUMNS, DatasetListing, list_records
+from ecgproto.data.leads import LEADS
+from ecgproto.data.preprocess import PreprocessConfig, highpass, prepare_record
+from ecgproto.data.store import (
+    STORE_FORMAT,
+    ArrayStore,
+    atomic_write_bytes,
+    atomic_write_parquet,
+    cache_key,
+    content_hash,
+    publish,
+)
+from ecgproto.data.wfdb_io import RecordError, read_record
+
+
+class IngestConfig(BaseModel):
+    """Everything that decides the content of a store (and so its cache key), plus how to run."""
+
+    layout: Literal["auto", "ptbxl", "mimic_ecg"] = "auto"
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    min_likelihood: float = Field(0.0, description="an scp code counts when its likelihood >= this")
+    workers: int = Field(0, description="processes; 0 = one per CPU core (at most 8), 1 = in-process")
+    chunk_size: int = Field(256, ge=1, description="records per work unit (and per resume checkpoint)")
+    start_method: Literal["fork", "forkserver", "spawn"] = Field(
+        "fork", description="worker start method; fork starts in milliseconds (as torch's DataLoader does)")
+
+    def content_fields(self) -> dict[str, object]:
+        return {"layout": self.layout, "preprocess": self.preprocess.model_dump(), "min_likelihood": self.min_likelihood}
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    store: ArrayStore
+    cache_hit: bool
+    resumed_chunks: int
+    seconds: float
+
+    @property
+    def n_records(self) -> int:
+        return len(self.store.manifest)
+
+    @property
+    def n_quarantined(self) -> int:
+        return len(self.store.quarantine)
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    index: int
+    partial: str
+    root: str
+    rows: list[int]
+    record_ids: list[str]
+    paths: list[str]
+    files: list[str]
+    preprocess: dict[str, object]
+
+
+def _chunk_file(partial: Path, index: int) -> Path:
+    return partial / "chunks" / f"{index:06d}.json"
+
+
+def ingest_chunk(chunk: _Chunk) -> int:
+    """Worker: read, check and preprocess one chunk; write its signal rows and its result table."""
+    config = PreprocessConfig.model_validate(chunk.preprocess)
+    partial = Path(chunk.partial)
+    results, good_rows, batch = [], [], []
+    for row, record_id, path, file in zip(chunk.rows, chunk.record_ids, chunk.paths, chunk.files, strict=True):
+        entry: dict[str, object] = {"row": row, "record_id": record_id, "file": file, "reason": "", "message": ""}
+        try:
+            x, facts = prepare_record(read_record(path), config, file)
+            entry.update(facts)
+            batch.append(x.T)  # (12, n_samples)
+            good_rows.append(row)
+        except RecordError as exc:
+            entry.update(reason=exc.reason, message=exc.message, file=_relative(exc.file, chunk.root))
+        except Exception as exc:  # noqa: BLE001 - an unforeseen defect still ends in quarantine, with its type
+            entry.update(reason="unreadable", message=f"{type(exc).__name__}: {exc}")
+        results.append(entry)
+    if batch:
+        x = np.stack(batch)
+        if config.highpass_hz:
+            x = highpass(x, config.fs, config.highpass_hz, config.highpass_order, axis=-1)
+        signals = np.load(partial / "signals.npy", mmap_mode="r+")
+        rows = np.asarray(good_rows)
+        # rows of a chunk are consecutive, so this is one contiguous write
+        signals[rows] = x.astype(signals.dtype)
+        signals.flush()
+        del signals
+    # JSON, not parquet: keeps pandas and pyarrow (and their thread pools) out of forked workers
+    atomic_write_bytes(_chunk_file(partial, chunk.index), json.dumps(results).encode())
+    return len(results)
+
+
+def _relative(file: str, root: str) -> str:
+    return os.path.relpath(file, root) if os.path.isabs(file) and file.startswith(root) else file
+
+
+@contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _workers(requested: int) -> int:
+    return requested if requested > 0 else max(1, min(8, os.cpu_count() or 1))
+
+
+def ingest(root: Path | str, store_root: Path | str, config: IngestConfig | None = None,
+           *, progress: bool = True) -> IngestResult:
+    """Ingest `root` (PTB-XL or MIMIC-IV-ECG layout) into `store_root`; a cache hit if already done."""
+    if mp.parent_process() is not None and mp.current_process().name.startswith(("ForkServer", "SpawnProcess")):
+        raise RuntimeError(
+            "ingest() ran inside an ingest worker: the calling script has no `if __name__ == '__main__':` "
+            "guard, so each worker process re-ran it. Put the call under that guard."
+        )
+    t0 = time.perf_counter()
+    config = config or IngestConfig()
+    listing = list_records(Path(root), config.layout, model_fs=config.preprocess.fs, min_likelihood=config.min_likelihood)
+    record_paths = [listing.root / p for p in listing.records["path"]]
+    payload = {
+        **config.content_fields(),
+        "layout": listing.layout,
+        "index_files": {f.name: content_hash(f) for f in listing.metadata_files},
+    }
+    key = cache_key(payload, record_paths)
+    name = f"{listing.layout}-{key[:16]}"
+    store_root = Path(store_root).resolve()
+    final = store_root / name
+    with _lock(store_root / f".lock-{name}"):
+        if (final / "store.json").exists():
+            return IngestResult(ArrayStore.open(final), True, 0, time.perf_counter() - t0)
+        partial = store_root / f".partial-{name}"
+        resumed = _prepare_partial(partial, key, listing, config)
+        chunks = _plan_chunks(partial, listing, config)
+        pending = [c for c in chunks if not _chunk_file(partial, c.index).exists()]
+        _run_chunks(pending, _workers(config.workers), config.start_method, progress, total=len(listing.records),
+                    done=sum(len(c.rows) for c in chunks) - sum(len(c.rows) for c in pending))
+        _finish(partial, key, listing, config, payload, chunks)
+        publish(partial, final)
+    return IngestResult(ArrayStore.open(final), False, len(chunks) - len(pending) if resumed else 0,
+                        time.perf_counter() - t0)
+
+
+def _prepare_partial(partial: Path, key: str, listing: DatasetListing, config: IngestConfig) -> bool:
+    """Create the partial store, or reuse one left by a killed run with the same key. True if reused."""
+    marker = partial / "partial.json"
+    if marker.exists() and json.loads(marker.read_text()).get("cache_key") == key:
+        return True
+    if partial.exists():
+        shutil.rmtree(partial)
+    (partial / "chunks").mkdir(parents=True)
+    n = len(listing.records)
+    dtype = np.dtype(config.preprocess.dtype)
+    signals = np.lib.format.open_memmap(partial / "signals.npy", mode="w+", dtype=dtype,
+                                        shape=(n, len(LEADS), config.preprocess.n_samples))
+    del signals
+    if listing.labels is not None:
+        np.save(partial / "labels.npy", listing.labels)
+    atomic_write_bytes(marker, json.dumps({"cache_key": key}).encode())
+    return False
+
+
+def _plan_chunks(partial: Path, listing: DatasetListing, config: IngestConfig) -> list[_Chunk]:
+    recs = listing.records
+    # at least ~4 chunks per worker so the pool stays balanced, at most chunk_size records each
+    size = max(1, min(config.chunk_size, -(-len(recs) // (4 * _workers(config.workers)))))
+    paths = [os.path.join(listing.root, p) for p in recs["path"]]
+    files = [f"{p}.dat" for p in recs["path"]]
+    ids = recs["record_id"].tolist()
+    pre = config.preprocess.model_dump()
+    return [
+        _Chunk(i // size, str(partial), str(listing.root), list(range(i, min(i + size, len(recs)))), ids[i:i + size],
+               paths[i:i + size], files[i:i + size], pre)
+        for i in range(0, len(recs), size)
+    ]
+
+
+def _run_chunks(chunks: list[_Chunk], workers: int, start_method: str, progress: bool, total: int, done: int) -> None:
+    bar = tqdm(total=total, initial=done, unit="rec", desc="ingest", disable=None if progress else True, leave=False)
+    try:
+        if workers <= 1 or len(chunks) <= 1:
+            for c in chunks:
+                bar.update(ingest_chunk(c))
+            return
+        ctx = mp.get_context(start_method)
+        if start_method == "forkserver":
+            ctx.set_forkserver_preload(["ecgproto.data.ingest"])
+        with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=ctx) as pool:
+            for future in as_completed([pool.submit(ingest_chunk, c) for c in chunks]):
+                bar.update(future.result())
+    finally:
+        bar.close()
+
+
+def _finish(partial: Path, key: str, listing: DatasetListing, config: IngestConfig,
+            payload: dict[str, object], chunks: list[_Chunk]) -> None:
+    entries = [e for c in chunks for e in json.loads(_chunk_file(partial, c.index).read_bytes())]
+    results = pd.DataFrame(entries, columns=None if entries else ["row", "record_id", "file", "reason", "message"])
+    ok = results["reason"] == ""
+    bad = results.loc[~ok, QUARANTINE_COLUMNS]
+    quarantine = pd.concat([listing.quarantine, bad], ignore_index=True).astype(str)
+    facts = results.loc[ok].drop(columns=["reason", "message", "record_id"]).set_index("row")
+    manifest = listing.records.rename_axis("row").reset_index().join(facts, on="row", how="inner")
+    manifest = manifest.sort_values("row").reset_index(drop=True)
+    atomic_write_parquet(manifest, partial / "manifest.parquet")
+    atomic_write_parquet(quarantine, partial / "quarantine.parquet")
+    labels = load_label_set()
+    info = {
+        "format": STORE_FORMAT,
+        "cache_key": key,
+        "layout": listing.layout,
+        "credentialed": listing.credentialed,
+        "source_root": str(listing.root),
+        "config": config.content_fields(),
+        "index_files": payload["index_files"],
+        "n_listed": int(len(listing.records) + len(listing.quarantine)),
+        "n_records": int(len(manifest)),
+        "n_quarantined": int(len(quarantine)),
+        "shape": [int(len(listing.records)), len(LEADS), config.preprocess.n_samples],
+        "dtype": config.preprocess.dtype,
+        "leads": list(LEADS),
+        "labels": list(labels.codes) if listing.labels is not None else [],
+        "ecgproto_version": ecgproto.__version__,
+        "created_unix": time.time(),
+    }
+    shutil.rmtree(partial / "chunks")
+    (partial / "partial.json").unlink()
+    atomic_write_bytes(partial / "store.json", json.dumps(info, indent=2).encode())
