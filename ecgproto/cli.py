@@ -1,0 +1,131 @@
+"""`ecgproto` command line: parse options, call a flow or library function, print where to look."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from ecgproto.settings import configure_environment, demo_dir, store_root
+
+
+def _demo_config(args: argparse.Namespace):  # noqa: ANN202
+    from ecgproto.data.demo.generate import DemoConfig
+
+    kw = {"seed": args.seed, "n_ptbxl": args.n_ptbxl, "n_mimic_subjects": args.mimic_subjects, "workers": args.workers}
+    if args.small:
+        kw.update(n_ptbxl=300, n_mimic_subjects=60, n_hr=10)
+    return DemoConfig(**{k: v for k, v in kw.items() if v is not None})
+
+
+def _ingest_config(args: argparse.Namespace):  # noqa: ANN202
+    from ecgproto.data.ingest import IngestConfig
+    from ecgproto.data.preprocess import PreprocessConfig
+
+    return IngestConfig(layout=args.layout, workers=args.workers or 0, min_likelihood=args.min_likelihood,
+                        preprocess=PreprocessConfig(fs=args.fs, allow_resample=not args.no_resample, dtype=args.dtype))
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from ecgproto.data.demo.faults import plant_faults
+    from ecgproto.data.demo.generate import generate_demo
+
+    data = generate_demo(Path(args.out), _demo_config(args))
+    print(f"demo data written in {data.seconds:.1f} s under {data.root}")
+    print(f"  PTB-XL layout:      {data.ptbxl}")
+    if data.mimic_ecg:
+        print(f"  MIMIC-IV-ECG:       {data.mimic_ecg}\n  MIMIC-IV hosp:      {data.mimic_hosp}")
+    print(f"  ground truth:       {data.ground_truth}")
+    if args.faults:
+        planted = plant_faults(data.ptbxl)
+        print(f"  planted {len(planted)} bad records (ecg_id -> expected quarantine reason): {planted}")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from ecgproto import tracking
+    from flows.ingest import ingest_flow
+
+    out = ingest_flow(str(Path(args.root).resolve()), _ingest_config(args), args.store)
+    print(f"store: {out['store']}\nMLflow run: {tracking.run_url(out['run_id'])}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ecgproto import tracking
+    from flows.pipeline import pipeline_flow
+
+    out = pipeline_flow(demo=True, demo_config=_demo_config(args), store_root=args.store)
+    print("\nThe demo pipeline finished.")
+    for key, value in out.items():
+        print(f"  {key:22s} {value}")
+    print("\nOpen the MLflow UI:  .venv/bin/ecgproto ui   (or: make ui), then the pipeline run:")
+    print(f"  {tracking.run_url(out['parent_run_id'])}")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from ecgproto import tracking
+
+    command = tracking.ui_command(port=args.port)
+    print(f"serving the MLflow UI at http://127.0.0.1:{args.port}  (Ctrl-C to stop)")
+    os.execvp(command[0], command)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ecgproto", description=(
+        "Interpretable prototype models and digital phenotypes for 12-lead ECGs. "
+        "Every stage runs as a Prefect flow and logs an MLflow run (see `ecgproto ui`)."))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def demo_options(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--seed", type=int, help="random seed (default 20261123)")
+        q.add_argument("--n-ptbxl", type=int, help="PTB-XL-layout records (default 2000)")
+        q.add_argument("--mimic-subjects", type=int, help="MIMIC-layout subjects, ~2.4 ECGs each (default 450; 0: none)")
+        q.add_argument("--small", action="store_true", help="a small demo (300 records, 60 subjects) for quick checks")
+        q.add_argument("--workers", type=int, help="processes (default: one per core)")
+
+    q = sub.add_parser("demo-data", help="write the synthetic demo datasets (PTB-XL and MIMIC layouts)")
+    q.add_argument("--out", default=str(demo_dir()), help="output folder (default data/demo)")
+    q.add_argument("--faults", action="store_true", help="also corrupt a few records in every way ingest must survive")
+    demo_options(q)
+    q.set_defaults(func=cmd_demo_data)
+
+    q = sub.add_parser("ingest", help="ingest a PTB-XL or MIMIC-IV-ECG folder into the cached array store")
+    q.add_argument("root", help="the dataset folder as downloaded (holds ptbxl_database.csv or record_list.csv)")
+    q.add_argument("--layout", choices=["auto", "ptbxl", "mimic_ecg"], default="auto")
+    q.add_argument("--store", default=str(store_root()), help="store folder (default data/store)")
+    q.add_argument("--fs", type=int, default=100, help="model sampling rate in Hz (default 100)")
+    q.add_argument("--no-resample", action="store_true", help="quarantine records at other rates instead of resampling")
+    q.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="stored sample type")
+    q.add_argument("--min-likelihood", type=float, default=0.0, help="scp code likelihood that counts as positive")
+    q.add_argument("--workers", type=int, help="processes (default: one per core)")
+    q.set_defaults(func=cmd_ingest)
+
+    q = sub.add_parser("demo", help="generate the demo data and run the whole pipeline on it")
+    q.add_argument("--store", default=str(store_root()), help="store folder (default data/store)")
+    demo_options(q)
+    q.set_defaults(func=cmd_demo)
+
+    q = sub.add_parser("ui", help="serve the MLflow UI for the local tracking store on 127.0.0.1")
+    q.add_argument("--port", type=int, default=5000)
+    q.set_defaults(func=cmd_ui)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    configure_environment()
+    args = build_parser().parse_args(argv)
+    from ecgproto.data.layouts import DatasetError
+
+    try:
+        return int(args.func(args) or 0)
+    except DatasetError as exc:
+        print(f"ecgproto: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""What the ingest and demo-data stages report: counts, prevalence, quarantine, example ECGs.
+
+Credentialed stores (MIMIC) report no identifiers and no count below 10.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ecgproto.data.labels import LabelSet, load_label_set
+from ecgproto.data.store import ArrayStore
+from ecgproto.figures import plot_ecg, plot_label_prevalence
+from ecgproto.privacy import MIN_CELL, suppress_counts
+from ecgproto.report import StageReport
+
+SPLITS = ("train", "val", "test")
+
+
+def label_prevalence(store: ArrayStore, labels: LabelSet | None = None) -> pd.DataFrame:
+    """Positives per label and split, in label order."""
+    labels = labels or load_label_set()
+    if store.labels is None:
+        raise ValueError(f"{store.path}: this store has no labels (layout {store.info['layout']})")
+    m = store.manifest
+    table = pd.DataFrame({"code": labels.codes, "description": labels.descriptions, "branch": labels.branch_of})
+    for split in SPLITS:
+        rows = m.loc[m["split"] == split, "row"].to_numpy()
+        table[f"n_{split}"] = np.asarray(store.labels[np.sort(rows)]).sum(axis=0).astype(int) if len(rows) else 0
+    table["n_total"] = table[[f"n_{s}" for s in SPLITS]].sum(axis=1)
+    table["prevalence"] = table["n_total"] / max(len(m), 1)
+    return table
+
+
+def manifest_summary(store: ArrayStore) -> pd.DataFrame:
+    m = store.manifest
+    rows = []
+    for split, g in m.groupby("split"):
+        row = {"split": split, "n_records": len(g)}
+        if "patient_id" in g:
+            row["n_patients"] = g["patient_id"].nunique()
+            row["age_mean"] = round(float(g["age"].mean()), 1)
+            row["female_share"] = round(float((g["sex"] == 1).mean()), 3)
+        if "subject_id" in g:
+            row["n_subjects"] = g["subject_id"].nunique()
+        row["resampled_from_hz"] = ",".join(sorted({f"{v:g}" for v in g["fs_in"]}))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def quarantine_table(store: ArrayStore) -> pd.DataFrame:
+    """Per record for open data; counts per reason ('<10' below the limit) for credentialed data."""
+    q = store.quarantine
+    if not store.info.get("credentialed"):
+        return q
+    counts = q.groupby("reason").size().rename("n_records").reset_index()
+    return suppress_counts(counts, ["n_records"])
+
+
+def example_records(store: ArrayStore, per_label: int = 1, max_figures: int = 8) -> list[tuple[int, str, str]]:
+    """(row, record_id, labels_text) of a few records, one per frequent label, for example plots."""
+    m = store.manifest
+    if "labels_text" not in m:
+        return []
+    picks, seen = [], set()
+    counts = pd.Series(" ".join(m["labels_text"]).split()).value_counts()
+    for code in counts.index:
+        hits = m[m["labels_text"].str.split().apply(lambda codes, c=code: c in codes) & ~m["row"].isin(seen)]
+        for _, r in hits.head(per_label).iterrows():
+            picks.append((int(r["row"]), str(r["record_id"]), str(r["labels_text"])))
+            seen.add(int(r["row"]))
+        if len(picks) >= max_figures:
+            break
+    return picks
+
+
+def ingest_report(store: ArrayStore, *, cache_hit: bool, seconds: float, config: dict[str, object]) -> StageReport:
+    info = store.info
+    credentialed = bool(info.get("credentialed"))
+    q = store.quarantine
+    report = StageReport(
+        params={"config": config, "layout": info["layout"], "store_path": str(store.path),
+                "store_dtype": info["dtype"], "store_shape": info["shape"]},
+        metrics={"n_listed": info["n_listed"], "n_records": info["n_records"], "seconds": seconds,
+                 "cache_hit": float(cache_hit)},
+        tags={"dataset_hash": store.key, "layout": info["layout"], "credentialed": str(credentialed).lower()},
+        documents={"store.json": info},
+    )
+    if not credentialed or len(q) == 0 or len(q) >= MIN_CELL:
+        report.metrics["n_quarantined"] = len(q)
+    if not credentialed:
+        for reason, n in q.groupby("reason").size().items():
+            report.metrics[f"quarantined.{reason}"] = int(n)
+    if not cache_hit and seconds > 0:
+        report.metrics["records_per_s"] = info["n_listed"] / seconds
+    report.tables["manifest_summary"] = manifest_summary(store) if len(store.manifest) else pd.DataFrame()
+    report.tables["quarantine"] = quarantine_table(store)
+    if store.labels is not None:
+        prevalence = label_prevalence(store)
+        report.tables["label_prevalence"] = prevalence
+        report.figures["label_prevalence.png"] = plot_label_prevalence(prevalence)
+        for code, n in zip(prevalence["code"], prevalence["n_total"], strict=True):
+            report.metrics[f"label_count.{code}"] = int(n)
+    if not credentialed:  # no waveforms of credentialed patients in artifacts
+        fs = int(info["config"]["preprocess"]["fs"])
+        for row, record_id, text in example_records(store):
+            report.figures[f"examples/ecg_{record_id}.png"] = plot_ecg(
+                np.asarray(store.signals[row]), fs, f"record {record_id} (preprocessed): {text}")
+    return report
+
+
+def demo_report(ground_truth_file: Path, ptbxl_root: Path, seconds: float) -> StageReport:
+    """The demo-data stage: sizes, ground truth, and raw demo ECGs as read back with plain wfdb."""
+    import json
+
+    import wfdb
+
+    from ecgproto.data.leads import lead_permutation
+
+    truth = json.loads(ground_truth_file.read_text())
+    report = StageReport(params={"demo": truth["config"]}, metrics={"seconds": seconds,
+                                                                    "n_ptbxl": truth["ptbxl"]["n_records"]},
+                         documents={"ground_truth.json": truth})
+    if truth.get("mimic"):
+        for k in ("subjects", "admissions", "ecgs", "diagnosis_rows"):
+            report.metrics[f"mimic_{k}"] = truth["mimic"][k]
+    db = pd.read_csv(ptbxl_root / "ptbxl_database.csv")
+    shown: set[str] = set()
+    for _, r in db.iterrows():
+        codes = [c for c in eval(r["scp_codes"]) if c not in shown and c != "SR"]  # noqa: S307 - demo file we wrote
+        if not codes:
+            continue
+        signal, fields = wfdb.rdsamp(str(ptbxl_root / r["filename_lr"]))
+        x = signal[:, lead_permutation(fields["sig_name"])].T
+        report.figures[f"demo_ecgs/ecg_{r['ecg_id']}.png"] = plot_ecg(
+            x, fields["fs"], f"demo record {r['ecg_id']} (raw, wfdb.rdsamp): {r['scp_codes']}")
+        shown.update(codes)
+        if len(report.figures) >= 8:
+            break
+    return report

@@ -1,0 +1,84 @@
+"""Figures a reviewer looks at: ECGs in the 12-lead paper layout, label prevalence bars.
+
+Matplotlib with the Agg backend only; every function returns a Figure and never shows it.
+"""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from ecgproto.data.leads import LEADS  # noqa: E402
+
+# Standard paper layout: 3 rows x 4 columns of 2.5 s, then a 10 s lead-II rhythm strip.
+PAPER_GRID = (("I", "aVR", "V1", "V4"), ("II", "aVL", "V2", "V5"), ("III", "aVF", "V3", "V6"))
+ROW_MV = 3.0  # vertical space per row (30 mm at 10 mm/mV)
+
+
+def plot_ecg(signal: np.ndarray, fs: float, title: str = "", highlight: tuple[float, float] | None = None,
+             highlight_leads: tuple[str, ...] | None = None) -> Figure:
+    """(12, n) mV in LEADS order -> paper-style figure at 25 mm/s, 10 mm/mV.
+
+    `highlight` (start_s, end_s) shades a window, on `highlight_leads` only if given.
+    """
+    if signal.shape[0] != len(LEADS):
+        raise ValueError(f"expected (12, n) in {LEADS} order, got {signal.shape}")
+    n = signal.shape[1]
+    duration = n / fs
+    seg = duration / 4
+    rows = len(PAPER_GRID) + 1
+    fig, ax = plt.subplots(figsize=(duration * 1.25, rows * ROW_MV * 0.5 + 0.6))
+    _paper(ax, duration, rows * ROW_MV)
+    t = np.arange(n) / fs
+    for r, row in enumerate(PAPER_GRID):
+        y0 = (rows - r - 0.5) * ROW_MV
+        for c, lead in enumerate(row):
+            sl = slice(int(c * seg * fs), int((c + 1) * seg * fs))
+            ax.plot(t[sl], signal[LEADS.index(lead), sl] + y0, color="black", lw=0.6)
+            ax.text(c * seg + 0.05, y0 + 0.9, lead, fontsize=8, weight="bold")
+            if highlight and (highlight_leads is None or lead in highlight_leads):
+                lo, hi = max(highlight[0], c * seg), min(highlight[1], (c + 1) * seg)
+                if lo < hi:
+                    ax.axvspan(lo, hi, ymin=(y0 - ROW_MV / 2) / (rows * ROW_MV),
+                               ymax=(y0 + ROW_MV / 2) / (rows * ROW_MV), color="tab:orange", alpha=0.25, lw=0)
+    y0 = 0.5 * ROW_MV
+    ax.plot(t, signal[LEADS.index("II")] + y0, color="black", lw=0.6)
+    ax.text(0.05, y0 + 0.9, "II", fontsize=8, weight="bold")
+    if highlight:
+        ax.axvspan(*highlight, ymin=0, ymax=1 / rows, color="tab:orange", alpha=0.25, lw=0)
+    ax.set_title(title, fontsize=9, loc="left")
+    fig.tight_layout()
+    return fig
+
+
+def _paper(ax: plt.Axes, duration: float, height_mv: float) -> None:
+    ax.set_xlim(0, duration)
+    ax.set_ylim(0, height_mv)
+    ax.set_xticks(np.arange(0, duration + 1e-9, 0.2))
+    ax.set_yticks(np.arange(0, height_mv + 1e-9, 0.5))
+    ax.set_xticks(np.arange(0, duration + 1e-9, 0.04), minor=True)
+    ax.set_yticks(np.arange(0, height_mv + 1e-9, 0.1), minor=True)
+    ax.grid(which="major", color="#e8a0a0", lw=0.6)
+    ax.grid(which="minor", color="#f6d5d5", lw=0.3)
+    ax.tick_params(which="both", length=0, labelbottom=False, labelleft=False)
+    ax.set_aspect(0.4 / 1.0)  # 0.2 s and 0.5 mV are both 5 mm
+
+
+def plot_label_prevalence(table: pd.DataFrame) -> Figure:
+    """Bars of positives per label (columns code, n_train, n_val, n_test), labels with >0 only."""
+    t = table[table[["n_train", "n_val", "n_test"]].sum(axis=1) > 0].sort_values("n_total", ascending=True)
+    fig, ax = plt.subplots(figsize=(7, 0.22 * len(t) + 1.2))
+    left = np.zeros(len(t))
+    for col, color in (("n_train", "tab:blue"), ("n_val", "tab:orange"), ("n_test", "tab:green")):
+        ax.barh(t["code"], t[col], left=left, color=color, label=col[2:])
+        left += t[col].to_numpy()
+    ax.set_xlabel("records")
+    ax.legend(loc="lower right")
+    ax.set_title("Label prevalence by split")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,149 @@
+"""The one module that talks to MLflow: tracking store, experiment, run naming, tags, artifact layout.
+
+Runs are created and logged through `MlflowClient` with explicit run ids (MLflow's active run is
+thread-local and Prefect tasks run on other threads). Default store: sqlite under `mlflow/`,
+artifacts under `mlflow/artifacts`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from ecgproto.report import StageReport, flatten
+from ecgproto.settings import default_tracking_uri, mlflow_dir
+
+DEFAULT_EXPERIMENT = "ecgproto"
+_MAX_PARAM = 6000
+_BAD_NAME = re.compile(r"[^A-Za-z0-9_\-. :/]")
+
+
+def metric_name(name: str) -> str:
+    """MLflow allows alphanumerics, _ - . space : / in names: 'label_count.PRC(S)' -> 'label_count.PRC_S_'."""
+    return _BAD_NAME.sub("_", name)
+
+
+def tracking_uri(uri: str | None = None) -> str:
+    uri = uri or default_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return uri
+
+
+def client(uri: str | None = None) -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking_uri(uri))
+
+
+def experiment_id(name: str | None = None, uri: str | None = None) -> str:
+    """Get or create the experiment, with artifacts under mlflow/artifacts for a local store."""
+    name = name or os.environ.get("ECGPROTO_EXPERIMENT", DEFAULT_EXPERIMENT)
+    c = client(uri)
+    found = c.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if tracking_uri(uri).startswith("sqlite:"):
+        location = (mlflow_dir() / "artifacts").resolve().as_uri()
+    try:
+        return c.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another process
+        found = c.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def start_run(stage: str, *, tags: dict[str, str] | None = None, parent_run_id: str | None = None,
+              uri: str | None = None, experiment: str | None = None, run_name: str | None = None) -> str:
+    """Create a run for a stage and return its id. Tags: stage, git commit, parent, and the caller's."""
+    all_tags = {"stage": stage, "git_commit": git_commit(), "mlflow.runName": run_name or stage, **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client(uri).create_run(experiment_id(experiment, uri), tags=all_tags, run_name=run_name or stage)
+    return run.info.run_id
+
+
+def end_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> None:
+    client(uri).set_terminated(run_id, status)
+
+
+def set_tags(run_id: str, tags: dict[str, str], uri: str | None = None) -> None:
+    client(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_report(run_id: str, report: StageReport, uri: str | None = None) -> None:
+    """Send a stage's params, metrics, tags and artifacts to its run."""
+    c = client(uri)
+    params = [Param(metric_name(k), str(v)[:_MAX_PARAM]) for k, v in flatten(report.params).items()]
+    now = int(time.time() * 1000)
+    metrics = [Metric(metric_name(k), float(v), now, 0) for k, v in report.metrics.items()]
+    tags = [RunTag(k, str(v)) for k, v in report.tags.items()]
+    for i in range(0, max(len(params), 1), 100):  # MLflow caps a batch at 100 params
+        c.log_batch(run_id, params=params[i:i + 100], metrics=metrics if i == 0 else [], tags=tags if i == 0 else [])
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for path, table in report.tables.items():
+            target = root / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            table.to_csv(target.with_suffix(".csv"), index=False)
+            table.to_parquet(target.with_suffix(".parquet"), index=False)
+        for path, fig in report.figures.items():
+            target = root / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(target, dpi=100)
+            plt.close(fig)
+        for path, doc in report.documents.items():
+            target = root / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(json.dumps(doc, indent=2, default=str))
+        for entry in root.iterdir():
+            if entry.is_dir():
+                c.log_artifacts(run_id, str(entry), artifact_path=entry.name)
+            else:
+                c.log_artifact(run_id, str(entry))
+
+
+def run_url(run_id: str, ui: str = "http://127.0.0.1:5000", uri: str | None = None) -> str:
+    run = client(uri).get_run(run_id)
+    return f"{ui}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+
+
+def ui_command(uri: str | None = None, port: int = 5000) -> list[str]:
+    """The command that serves the MLflow UI for this store on 127.0.0.1."""
+    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri(uri), "--host", "127.0.0.1",
+            "--port", str(port), "--workers", "1"]
+
+
+def describe(run_id: str, uri: str | None = None) -> dict[str, Any]:
+    """Params, metrics, tags and artifact paths of a run (what a reviewer sees in the UI)."""
+    c = client(uri)
+    run = c.get_run(run_id)
+
+    def walk(path: str | None = None) -> list[str]:
+        out = []
+        for f in c.list_artifacts(run_id, path):
+            out += walk(f.path) if f.is_dir else [f.path]
+        return out
+
+    return {"params": run.data.params, "metrics": run.data.metrics, "tags": run.data.tags,
+            "artifacts": walk(), "status": run.info.status}

@@ -1,0 +1,47 @@
+"""The whole pipeline as one flow and one parent MLflow run with a child run per stage.
+
+Stages so far: demo data (optional) -> ingest the training set -> ingest the external cohort.
+Training, evaluation, registration and association join here as they are built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from ecgproto import tracking
+from ecgproto.data.demo.generate import DemoConfig
+from ecgproto.data.ingest import IngestConfig
+from flows.demo_data import demo_data_flow
+from flows.ingest import ingest_flow
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline_flow(train_root: str | None = None, cohort_root: str | None = None, demo: bool = False,
+                  demo_config: DemoConfig | None = None, ingest_config: IngestConfig | None = None,
+                  store_root: str | None = None, tracking_uri: str | None = None) -> dict[str, str]:
+    """Run the stages; with demo=True the inputs are the (generated) demo datasets."""
+    parent = tracking.start_run("pipeline", uri=tracking_uri, tags={"prefect_flow_run_id": str(flow_run.id)})
+    out: dict[str, str] = {"parent_run_id": parent}
+    try:
+        if demo:
+            d = demo_data_flow(config=demo_config, tracking_uri=tracking_uri, parent_run_id=parent)
+            out["demo_run_id"] = d["run_id"]
+            train_root = train_root or str(Path(d["root"]) / "ptbxl")
+            mimic = Path(d["root"]) / "mimic-iv-ecg"
+            cohort_root = cohort_root or (str(mimic) if mimic.exists() else None)
+        if train_root is None:
+            raise ValueError("give train_root (a PTB-XL folder) or demo=True")
+        train = ingest_flow(train_root, ingest_config, store_root, tracking_uri, parent)
+        out.update(train_store=train["store"], ingest_run_id=train["run_id"], dataset_hash=train["dataset_hash"])
+        if cohort_root:
+            cohort = ingest_flow(cohort_root, ingest_config, store_root, tracking_uri, parent)
+            out.update(cohort_store=cohort["store"], cohort_ingest_run_id=cohort["run_id"])
+        tracking.set_tags(parent, {"dataset_hash": train["dataset_hash"]}, tracking_uri)
+    except BaseException:
+        tracking.end_run(parent, "FAILED", tracking_uri)
+        raise
+    tracking.end_run(parent, uri=tracking_uri)
+    return out
