@@ -51,13 +51,15 @@ def plant_faults(root: Path, faults: tuple[str, ...] = FAULTS) -> dict[str, str]
         elif fault == "signal_count_mismatch":
             lines = hea.read_text().splitlines()
             hea.write_text("\n".join(lines[:-1]) + "\n")  # declares 12, describes 11
-        elif fault in ("unknown_lead", "missing_lead", "nonfinite_lead", "flat_lead", "sampling_rate"):
+        elif fault == "missing_lead":  # a broken exporter: V5 twice, V6 gone (wfdb itself won't write that)
+            lines = hea.read_text().splitlines()
+            lines[-1] = lines[-1].rsplit(" ", 1)[0] + " V5"
+            hea.write_text("\n".join(lines) + "\n")
+        elif fault in ("unknown_lead", "nonfinite_lead", "flat_lead", "sampling_rate"):
             raw = read_record(base)
             x, names, fs = raw.signal.astype(np.float64), list(raw.sig_names), raw.fs
             if fault == "unknown_lead":
                 names[7] = "X2"
-            elif fault == "missing_lead":
-                names[11] = "V5"  # V5 twice, V6 gone
             elif fault == "nonfinite_lead":
                 x[:, 4] = np.nan
             elif fault == "flat_lead":

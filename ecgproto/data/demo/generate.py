@@ -38,6 +38,7 @@ _REPORTS = {
     "INVT": "T wave inversion", "LOWT": "Nonspecific T wave abnormality",
     "PVC": "Ventricular premature complex", "NORM": "Normal ECG",
 }
+_GZIP = {"method": "gzip", "mtime": 0}  # no timestamp in the header: same seed, same bytes
 _HEDGES = {"LVH": "Possible ", "IMI": "Possible ", "STE_": "Consider "}
 
 
@@ -222,12 +223,12 @@ def write_mimic(ecg_root: Path, hosp_root: Path, config: DemoConfig) -> dict[str
     pd.DataFrame(measurements).to_csv(ecg_root / "machine_measurements.csv", index=False)
     hosp_root.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(patients, columns=["subject_id", "gender", "anchor_age", "anchor_year", "anchor_year_group", "dod"]) \
-        .to_csv(hosp_root / "patients.csv.gz", index=False)
+        .to_csv(hosp_root / "patients.csv.gz", index=False, compression=_GZIP)
     pd.DataFrame(admissions, columns=["subject_id", "hadm_id", "admittime", "dischtime", "deathtime",
                                       "admission_type", "edregtime", "edouttime"]) \
-        .to_csv(hosp_root / "admissions.csv.gz", index=False, date_format="%Y-%m-%d %H:%M:%S")
+        .to_csv(hosp_root / "admissions.csv.gz", index=False, date_format="%Y-%m-%d %H:%M:%S", compression=_GZIP)
     pd.DataFrame(diagnoses, columns=["subject_id", "hadm_id", "seq_num", "icd_code", "icd_version"]) \
-        .to_csv(hosp_root / "diagnoses_icd.csv.gz", index=False)
+        .to_csv(hosp_root / "diagnoses_icd.csv.gz", index=False, compression=_GZIP)
     return {"subjects": len(patients), "admissions": len(admissions), "ecgs": len(ecgs), "diagnosis_rows": len(diagnoses)}
 
 

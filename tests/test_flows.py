@@ -1,0 +1,61 @@
+"""Real Prefect flow runs against a real MLflow sqlite store, queried back through the client."""
+
+from pathlib import Path
+
+import pytest
+
+from ecgproto import tracking
+from ecgproto.data.demo.generate import DemoConfig
+from ecgproto.data.ingest import IngestConfig
+from tests.conftest import SMALL
+
+
+def test_ingest_flow_logs_one_mlflow_run_with_config_counts_and_artifacts(
+        prefect_server: None, demo_root: Path, ptbxl_copy: Path, mlflow_uri: str, tmp_path: Path) -> None:
+    from ecgproto.data.demo.faults import plant_faults
+    from flows.ingest import ingest_flow
+
+    expected = plant_faults(ptbxl_copy, ("truncated_dat", "flat_lead"))
+    out = ingest_flow(str(ptbxl_copy), IngestConfig(workers=2), str(tmp_path / "store"), mlflow_uri)
+    run = tracking.describe(out["run_id"], mlflow_uri)
+    assert run["status"] == "FINISHED"
+    assert run["params"]["config.preprocess.fs"] == "100" and run["params"]["layout"] == "ptbxl"
+    assert run["metrics"]["n_records"] == SMALL["n_ptbxl"] - 2
+    assert run["metrics"]["n_quarantined"] == 2 and run["metrics"]["quarantined.flat_lead"] == 1
+    assert run["metrics"]["label_count.NORM"] > 0
+    assert run["tags"]["dataset_hash"] == out["dataset_hash"] and run["tags"]["stage"] == "ingest"
+    assert len(run["tags"]["prefect_flow_run_id"]) == 36  # a real Prefect flow-run UUID
+    for artifact in ("quarantine.csv", "quarantine.parquet", "label_prevalence.csv", "label_prevalence.png",
+                     "manifest_summary.csv", "store.json"):
+        assert artifact in run["artifacts"], artifact
+    assert sum(a.startswith("examples/ecg_") for a in run["artifacts"]) >= 4
+    quarantine = tracking.client(mlflow_uri).download_artifacts(out["run_id"], "quarantine.csv", str(tmp_path))
+    text = Path(quarantine).read_text()
+    assert all(record_id in text for record_id in expected)
+
+    again = ingest_flow(str(ptbxl_copy), IngestConfig(workers=2), str(tmp_path / "store"), mlflow_uri)
+    assert again["store"] == out["store"]
+    assert tracking.describe(again["run_id"], mlflow_uri)["metrics"]["cache_hit"] == 1.0
+
+
+@pytest.mark.slow
+def test_demo_pipeline_makes_a_parent_run_with_child_stage_runs_and_no_mimic_identifiers(
+        prefect_server: None, mlflow_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.pipeline import pipeline_flow
+
+    monkeypatch.setenv("ECGPROTO_DEMO_DIR", str(tmp_path / "demo"))
+    out = pipeline_flow(demo=True, demo_config=DemoConfig(**SMALL), store_root=str(tmp_path / "store"),
+                        tracking_uri=mlflow_uri)
+    c = tracking.client(mlflow_uri)
+    children = c.search_runs([c.get_run(out["parent_run_id"]).info.experiment_id],
+                             f"tags.mlflow.parentRunId = '{out['parent_run_id']}'")
+    assert sorted(r.data.tags["stage"] for r in children) == ["demo-data", "ingest", "ingest"]
+    assert c.get_run(out["parent_run_id"]).data.tags["dataset_hash"] == out["dataset_hash"]
+    demo = tracking.describe(out["demo_run_id"], mlflow_uri)
+    assert "ground_truth.json" in demo["artifacts"]
+    assert sum(a.startswith("demo_ecgs/") for a in demo["artifacts"]) >= 4
+    cohort = tracking.describe(out["cohort_ingest_run_id"], mlflow_uri)
+    assert cohort["tags"]["credentialed"] == "true"
+    assert not any(a.startswith("examples/") for a in cohort["artifacts"])  # no patient waveforms
+    q = Path(c.download_artifacts(out["cohort_ingest_run_id"], "quarantine.csv", str(tmp_path)))
+    assert "record_id" not in q.read_text() and "subject_id" not in q.read_text()

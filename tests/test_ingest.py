@@ -1,0 +1,150 @@
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import wfdb
+
+from ecgproto.data.demo.faults import FAULTS, plant_faults
+from ecgproto.data.demo.wfdb_writer import write_record
+from ecgproto.data.ingest import IngestConfig, ingest
+from ecgproto.data.labels import load_label_set, multi_hot, parse_scp_codes
+from ecgproto.data.leads import LEADS, MIMIC_LEADS, lead_permutation
+from ecgproto.data.preprocess import PreprocessConfig, highpass, resample
+from tests.conftest import real_ptbxl_subset
+
+SERIAL = IngestConfig(workers=1)
+
+
+def test_every_bad_input_is_quarantined_with_its_reason_and_good_records_survive(ptbxl_copy: Path, tmp_path: Path) -> None:
+    expected = plant_faults(ptbxl_copy)
+    assert len(expected) == len(FAULTS)
+    n_rows = len(pd.read_csv(ptbxl_copy / "ptbxl_database.csv"))
+    config = IngestConfig(workers=2, preprocess=PreprocessConfig(allow_resample=False))
+    store = ingest(ptbxl_copy, tmp_path / "store", config, progress=False).store
+    q = store.quarantine
+    got = dict(zip(q["record_id"], q["reason"], strict=True))
+    assert got == expected
+    duplicate = next(k for k, v in expected.items() if v == "duplicate_id")
+    assert (q["record_id"] == duplicate).sum() == 2  # both rows of a duplicated id, nothing silently kept
+    assert len(store.manifest) + len(q) == n_rows  # nothing lost
+    assert not set(store.manifest["record_id"]) & set(expected)
+    for _, row in q.iterrows():  # the user sees the file and what to do
+        assert row["file"] and row["message"]
+    truncated = q[q["reason"] == "truncated_dat"].iloc[0]
+    assert truncated["file"].endswith(".dat") and "fetch the record again" in truncated["message"]
+    # with resampling on, the 250 Hz record is usable
+    resampled = ingest(ptbxl_copy, tmp_path / "store", IngestConfig(workers=1), progress=False).store
+    assert "sampling_rate" not in set(resampled.quarantine["reason"])
+    assert 250.0 in set(resampled.manifest["fs_in"])
+
+
+def test_store_rows_equal_wfdb_read_plus_preprocessing_and_labels_follow_scp_codes(demo_root: Path, tmp_path: Path) -> None:
+    store = ingest(demo_root / "ptbxl", tmp_path, SERIAL, progress=False).store
+    db = pd.read_csv(demo_root / "ptbxl" / "ptbxl_database.csv", dtype={"ecg_id": str}).set_index("ecg_id")
+    labels = load_label_set()
+    m = store.manifest.set_index("record_id")
+    for record_id in ["1", "17", "120"]:
+        raw, fields = wfdb.rdsamp(str(demo_root / "ptbxl" / db.loc[record_id, "filename_lr"]))
+        expected = highpass(raw[:, lead_permutation(fields["sig_name"])].T, 100, 0.5)
+        row = m.loc[record_id, "row"]
+        np.testing.assert_allclose(store.signals[row], expected, atol=1e-5)
+        assert (store.labels[row] == multi_hot(parse_scp_codes(db.loc[record_id, "scp_codes"]), labels)).all()
+    split = {f: s for f, s in zip(m["strat_fold"], m["split"], strict=True)}
+    assert all(split[f] == "train" for f in range(1, 9)) and split[9] == "val" and split[10] == "test"
+
+
+def test_mimic_layout_planted_avl_spike_lands_in_avl_at_its_time(tmp_path: Path) -> None:
+    root = tmp_path / "mimic-iv-ecg"
+    t = np.arange(5000) / 500
+    x = np.zeros((5000, 12))
+    x[:, :] = 0.05 * np.sin(2 * np.pi * 1.1 * t)[:, None] * np.arange(1, 13)  # every lead alive, distinct
+    x[:, LEADS.index("aVL")] += 2.0 * np.exp(-0.5 * ((t - 3.0) / 0.012) ** 2)
+    mimic_order = [LEADS.index(lead) for lead in MIMIC_LEADS]
+    rel = "files/p1000/p10000001/s40000001/40000001"
+    write_record(root / rel, x[:, mimic_order], 500, list(MIMIC_LEADS), adc_gain=200.0)
+    pd.DataFrame([{"subject_id": 10000001, "study_id": 40000001, "file_name": f"mimic-iv-ecg/{rel}",
+                   "ecg_time": "2180-01-01 10:00:00", "path": rel}]).to_csv(root / "record_list.csv", index=False)
+    store = ingest(root, tmp_path / "store", SERIAL, progress=False).store
+    assert store.info["layout"] == "mimic_ecg" and store.info["credentialed"]
+    sig = store.signals[store.manifest["row"].iloc[0]]  # (12, 1000) at 100 Hz
+    assert sig.shape == (12, 1000)
+    assert int(np.argmax(sig[LEADS.index("aVL")])) == 300
+    assert sig[LEADS.index("aVL")].max() > 1.0
+    assert sig[LEADS.index("aVF")].max() < 0.5  # the lead MIMIC stores in aVL's slot did not get it
+
+
+def test_rerun_with_same_inputs_is_a_cache_hit_and_a_changed_file_is_not(demo_root: Path, ptbxl_copy: Path, tmp_path: Path) -> None:
+    first = ingest(ptbxl_copy, tmp_path, IngestConfig(workers=2), progress=False)
+    t0 = time.perf_counter()
+    again = ingest(ptbxl_copy, tmp_path, IngestConfig(workers=2), progress=False)
+    assert again.cache_hit and again.store.path == first.store.path
+    assert time.perf_counter() - t0 < 5
+    dat = next((ptbxl_copy / "records100").glob("*/*.dat"))
+    os.utime(dat, ns=(dat.stat().st_atime_ns, dat.stat().st_mtime_ns + 10**9))
+    changed = ingest(ptbxl_copy, tmp_path, IngestConfig(workers=2), progress=False)
+    assert not changed.cache_hit and changed.store.path != first.store.path
+    other_config = ingest(ptbxl_copy, tmp_path, IngestConfig(workers=2, preprocess=PreprocessConfig(highpass_hz=None)),
+                          progress=False)
+    assert not other_config.cache_hit
+
+
+def test_killed_ingest_leaves_no_store_and_the_next_run_resumes_to_the_same_result(demo_root: Path, tmp_path: Path) -> None:
+    script = textwrap.dedent(f"""
+        import os, signal
+        import ecgproto.data.ingest as ing
+        real, done = ing.ingest_chunk, []
+        def dying(chunk):
+            if len(done) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)  # a hard kill: no cleanup runs
+            done.append(real(chunk))
+            return done[-1]
+        ing.ingest_chunk = dying
+        ing.ingest({str(demo_root / 'ptbxl')!r}, {str(tmp_path / 'killed')!r},
+                   ing.IngestConfig(workers=1, chunk_size=20), progress=False)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    killed = tmp_path / "killed"
+    assert not [p for p in killed.iterdir() if not p.name.startswith(".")]  # no published store
+    partial = next(killed.glob(".partial-*"))
+    assert len(list((partial / "chunks").glob("*.json"))) == 2
+
+    resumed = ingest(demo_root / "ptbxl", killed, IngestConfig(workers=1, chunk_size=20), progress=False)
+    assert resumed.resumed_chunks == 2 and not resumed.cache_hit
+    assert not partial.exists()
+    clean = ingest(demo_root / "ptbxl", tmp_path / "clean", IngestConfig(workers=1, chunk_size=20), progress=False)
+    np.testing.assert_array_equal(np.asarray(resumed.store.signals), np.asarray(clean.store.signals))
+    pd.testing.assert_frame_equal(resumed.store.manifest, clean.store.manifest)
+
+
+def test_parallel_and_serial_ingest_give_identical_stores(demo_root: Path, tmp_path: Path) -> None:
+    a = ingest(demo_root / "ptbxl", tmp_path / "a", IngestConfig(workers=1), progress=False).store
+    b = ingest(demo_root / "ptbxl", tmp_path / "b", IngestConfig(workers=2, chunk_size=16), progress=False).store
+    np.testing.assert_array_equal(np.asarray(a.signals), np.asarray(b.signals))
+    pd.testing.assert_frame_equal(a.manifest, b.manifest)
+
+
+@pytest.mark.real_data
+def test_real_ptbxl_subset_ingests_without_quarantine(tmp_path: Path) -> None:
+    root = real_ptbxl_subset()
+    if root is None:
+        pytest.skip("real PTB-XL subset not unpacked (set ECGPROTO_PTBXL_SUBSET)")
+    result = ingest(root, tmp_path, IngestConfig(workers=2), progress=False)
+    store = result.store
+    assert len(store.manifest) == 1250 and len(store.quarantine) == 0
+    assert store.signals.shape == (1250, 12, 1000)
+    norm = load_label_set().index["NORM"]
+    assert 0.3 < np.asarray(store.labels)[:, norm].mean() < 0.6  # PTB-XL: 43.6% NORM
+    hr = ingest(root, tmp_path, IngestConfig(workers=2, preprocess=PreprocessConfig(fs=500)), progress=False).store
+    # the 500 Hz model rate reads records500; only 50 are present, the rest are quarantined as missing
+    assert len(hr.manifest) == 50 and set(hr.quarantine["reason"]) == {"missing_header"}
+    first = hr.manifest.iloc[0]
+    lr_row = store.manifest.set_index("record_id").loc[first["record_id"], "row"]
+    down = resample(np.asarray(hr.signals[first["row"]]).T, 500, 100)  # (1000, 12)
+    assert np.corrcoef(down[:, 1], store.signals[lr_row][1])[0, 1] > 0.95  # same ECG, lead II
