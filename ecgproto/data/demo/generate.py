@@ -96,9 +96,16 @@ def _run(fn, tasks: list, workers: int, desc: str) -> None:  # noqa: ANN001
                 fn(t)
                 bar.update()
             return
-        with mp.get_context("fork").Pool(workers) as pool:
+        pool = mp.get_context("fork").Pool(workers)
+        finished = False
+        try:
             for _ in pool.imap_unordered(fn, tasks, chunksize=16):
                 bar.update()
+            finished = True
+        finally:
+            # close() lets workers exit on their own; terminate() (on error) makes them print tracebacks
+            pool.close() if finished else pool.terminate()
+            pool.join()
 
 
 # --- PTB-XL layout -----------------------------------------------------------------------------
