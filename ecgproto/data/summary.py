@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ecgproto.data.labels import LabelSet, load_label_set
+from ecgproto.data.labels import LabelSet, load_label_set, parse_scp_codes
 from ecgproto.data.store import ArrayStore
 from ecgproto.figures import plot_ecg, plot_label_prevalence
 from ecgproto.privacy import MIN_CELL, suppress_counts
@@ -129,7 +129,7 @@ def demo_report(ground_truth_file: Path, ptbxl_root: Path, seconds: float) -> St
     db = pd.read_csv(ptbxl_root / "ptbxl_database.csv")
     shown: set[str] = set()
     for _, r in db.iterrows():
-        codes = [c for c in eval(r["scp_codes"]) if c not in shown and c != "SR"]  # noqa: S307 - demo file we wrote
+        codes = [c for c in parse_scp_codes(r["scp_codes"]) if c not in shown and c != "SR"]
         if not codes:
             continue
         signal, fields = wfdb.rdsamp(str(ptbxl_root / r["filename_lr"]))

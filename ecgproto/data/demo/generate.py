@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ecgproto.data.demo.beat_model import PLANTED_LABELS, synthesize
 from ecgproto.data.demo.cohort import draw_diagnoses, ground_truth, sample_labels
 from ecgproto.data.demo.wfdb_writer import write_record
+from ecgproto.data.labels import parse_scp_codes
 from ecgproto.data.leads import LEADS, MIMIC_LEADS
 from ecgproto.settings import reference_dir
 
@@ -276,7 +277,7 @@ def generate_demo(root: Path, config: DemoConfig | None = None) -> DemoData:
     if config.n_mimic_subjects:
         ecg_root.mkdir(parents=True)
         mimic_counts = write_mimic(ecg_root, hosp_root, config)
-    prevalence = pd.Series([c for s in table["scp_codes"] for c in eval(s)]).value_counts()  # noqa: S307 - our own repr
+    prevalence = pd.Series([c for s in table["scp_codes"] for c in parse_scp_codes(s)]).value_counts()
     truth = {
         "seed": config.seed,
         "config": config.model_dump(),
