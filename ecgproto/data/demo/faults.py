@@ -14,20 +14,14 @@ import pandas as pd
 from ecgproto.data.demo.wfdb_writer import write_record
 from ecgproto.data.wfdb_io import read_record
 
-FAULTS = (
-    "missing_dat", "truncated_dat", "signal_count_mismatch", "unknown_lead", "missing_lead",
-    "sampling_rate", "nonfinite_lead", "flat_lead", "duplicate_id", "malformed_scp_codes", "missing_header",
-)
+# fault -> the quarantine reason ingest must report for it
 EXPECTED_REASON = {
     "missing_dat": "missing_dat", "truncated_dat": "truncated_dat",
     "signal_count_mismatch": "signal_count_mismatch", "unknown_lead": "lead_names", "missing_lead": "lead_names",
     "sampling_rate": "sampling_rate", "nonfinite_lead": "nonfinite_lead", "flat_lead": "flat_lead",
     "duplicate_id": "duplicate_id", "malformed_scp_codes": "malformed_scp_codes", "missing_header": "missing_header",
 }
-
-
-def _rewrite(base: Path, signal: np.ndarray, fs: float, names: list[str]) -> None:
-    write_record(base, signal, fs, names, adc_gain=1000.0)
+FAULTS = tuple(EXPECTED_REASON)
 
 
 def plant_faults(root: Path, faults: tuple[str, ...] = FAULTS) -> dict[str, str]:
@@ -67,7 +61,7 @@ def plant_faults(root: Path, faults: tuple[str, ...] = FAULTS) -> dict[str, str]
             elif fault == "sampling_rate":
                 from scipy.signal import resample_poly
                 x, fs = resample_poly(x, 5, 2, axis=0), 250.0
-            _rewrite(base, x, fs, names)
+            write_record(base, x, fs, names, adc_gain=1000.0)
         elif fault == "duplicate_id":
             db = pd.concat([db, db.iloc[[k]]], ignore_index=True)
         elif fault == "malformed_scp_codes":
