@@ -1,0 +1,1 @@
+"""The multi-branch prototype network: backbones, prototype layers, branches, fusion, the baseline."""

@@ -1,0 +1,110 @@
+"""A branch: backbone -> add-on layers -> prototype similarities -> class-connected head.
+
+  global_1d  rhythm: 1D ResNet, time-averaged (shift-invariant) latent (D,), one window
+  local_2d   local morphology: 2D ResNet, windows of `window` feature columns on one lead row
+  global_2d  global: 2D ResNet, time-averaged latent per lead row (D x 12): phase-invariant
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ecgproto.data.leads import LEADS
+from ecgproto.model.backbones import CABRERA, Backbone1D, Backbone2D
+from ecgproto.model.config import BranchConfig
+from ecgproto.model.prototypes import PrototypeLayer
+
+
+@dataclass
+class WindowExtent:
+    """What a window of the latent really sees in the input: samples [start, end) and leads."""
+
+    start: int
+    end: int
+    leads: tuple[str, ...]
+    row: int | None = None
+    column: int | None = None
+
+
+class Branch(nn.Module):
+    def __init__(self, name: str, cfg: BranchConfig, classes: tuple[str, ...], n_leads: int = 12,
+                 n_samples: int = 1000) -> None:
+        super().__init__()
+        self.name, self.kind, self.classes, self.n_samples = name, cfg.kind, tuple(classes), n_samples
+        self.window = cfg.window if cfg.kind == "local_2d" else 1
+        self.backbone: Backbone1D | Backbone2D = Backbone1D(cfg.backbone, n_leads) if cfg.kind == "global_1d" \
+            else Backbone2D(cfg.backbone)
+        c, d = self.backbone.out_channels, cfg.latent_dim
+        conv = {"global_1d": nn.Linear, "local_2d": nn.Conv2d, "global_2d": nn.Conv1d}[cfg.kind]
+
+        def pointwise(a: int, b: int) -> nn.Module:
+            return conv(a, b) if conv is nn.Linear else conv(a, b, 1)
+
+        self.dropout = nn.Dropout(cfg.dropout)
+        norm = {"global_1d": nn.BatchNorm1d, "local_2d": nn.BatchNorm2d, "global_2d": nn.BatchNorm1d}[cfg.kind]
+        last = norm(d, affine=False) if cfg.latent == "standardised" else nn.Sigmoid()
+        self.add_on = nn.Sequential(pointwise(c, d), nn.ReLU(), pointwise(d, d), last)
+        n_rows = len(CABRERA) if cfg.kind == "global_2d" else 1
+        per_class = cfg.prototypes_per_class
+        self.prototype_dim = d * self.window * n_rows
+        self.prototypes = PrototypeLayer(per_class * len(classes), self.prototype_dim, cfg.scale, cfg.pool, cfg.topk,
+                                         positive=cfg.latent == "sigmoid")
+        self.register_buffer("prototype_class", torch.arange(len(classes)).repeat_interleave(per_class))
+        self.head = nn.Linear(per_class * len(classes), len(classes), bias=False)
+        self.reset_head(cfg.head_negative)
+        self._time_columns = self._columns(n_leads, n_samples)
+
+    @property
+    def n_prototypes(self) -> int:
+        return int(self.prototype_class.numel())
+
+    @property
+    def scale(self) -> float:
+        return self.prototypes.scale
+
+    def class_identity(self) -> torch.Tensor:
+        """(P, C) one-hot: which class each prototype belongs to."""
+        return nn.functional.one_hot(self.prototype_class, len(self.classes)).float()
+
+    def reset_head(self, negative: float) -> None:
+        with torch.no_grad():
+            a = self.class_identity().T
+            self.head.weight.copy_(a + negative * (1 - a))
+
+    def _columns(self, n_leads: int, n_samples: int) -> int:
+        with torch.no_grad():
+            was = self.backbone.training
+            self.backbone.eval()
+            cols = int(self.backbone(torch.zeros(1, n_leads, n_samples)).shape[-1])
+            self.backbone.train(was)
+        return cols
+
+    def latent_windows(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 12, n) -> (B, W, D') latent windows the prototypes are compared with."""
+        f = self.dropout(self.backbone(x))
+        if self.kind == "global_1d":  # (B, C, T) -> time mean -> (B, 1, D)
+            return self.add_on(f.mean(dim=-1)).unsqueeze(1)
+        if self.kind == "global_2d":  # (B, C, 12, T) -> time mean -> (B, D, 12) -> (B, 1, D*12)
+            return self.add_on(f.mean(dim=-1)).flatten(1).unsqueeze(1)
+        z = self.add_on(f)  # (B, D, 12, T)
+        w = z.unfold(-1, self.window, 1)  # (B, D, 12, T', window)
+        b, d, rows, cols, win = w.shape
+        return w.permute(0, 2, 3, 1, 4).reshape(b, rows * cols, d * win)  # window index = row * T' + col
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 12, n) -> logits (B, C), pooled similarities (B, P)."""
+        sims = self.prototypes.pool(self.prototypes.similarity_map(self.latent_windows(x)))
+        return self.head(sims), sims
+
+    def extent(self, window_index: int) -> WindowExtent:
+        """Map a window index to the input samples and leads its receptive field covers."""
+        if self.kind != "local_2d":
+            return WindowExtent(0, self.n_samples, LEADS)
+        n_cols = self._time_columns - self.window + 1
+        row, col = divmod(int(window_index), n_cols)
+        start, end = self.backbone.time_field.samples(col, self.window, self.n_samples)
+        assert isinstance(self.backbone, Backbone2D)
+        return WindowExtent(start, end, self.backbone.leads_seen(row), row, col)

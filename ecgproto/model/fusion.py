@@ -1,0 +1,50 @@
+"""Fusion over the frozen, projected branches: all prototype similarities -> the 71 labels.
+
+Blocks are normalised (each branch's similarities divided by its scale, so every block is a
+cosine in [0, 1]), and by default the weights are non-negative with an L1 penalty off the own
+class: a prototype can only add evidence, and each case's evidence is weight x similarity.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ecgproto.model.config import FusionConfig
+
+
+class Fusion(nn.Module):
+    def __init__(self, prototype_label: torch.Tensor, scales: torch.Tensor, n_labels: int, cfg: FusionConfig) -> None:
+        super().__init__()
+        self.mode = cfg.mode
+        own = nn.functional.one_hot(prototype_label, n_labels).float().T  # (L, P)
+        self.register_buffer("own", own)
+        self.register_buffer("inv_scale", (1.0 / scales) if cfg.normalise else torch.ones_like(scales))
+        per_class = own.sum(dim=1, keepdim=True).clamp(min=1)
+        self.weight = nn.Parameter(own / per_class * 4.0)
+        self.bias = nn.Parameter(torch.full((n_labels,), -2.0))
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.weight * self.own if self.mode == "class_connected" else self.weight
+
+    def normalised(self, sims: torch.Tensor) -> torch.Tensor:
+        return sims * self.inv_scale
+
+    def forward(self, sims: torch.Tensor) -> torch.Tensor:
+        """(B, P) raw branch similarities -> (B, L) logits."""
+        return self.normalised(sims) @ self.effective_weight().T + self.bias
+
+    def contributions(self, sims: torch.Tensor) -> torch.Tensor:
+        """(B, P) -> (B, L, P): each prototype's share of each label's logit (weight x similarity)."""
+        return self.normalised(sims).unsqueeze(1) * self.effective_weight().unsqueeze(0)
+
+    def off_class_l1(self) -> torch.Tensor:
+        return (self.weight.abs() * (1 - self.own)).sum()
+
+    @torch.no_grad()
+    def constrain(self) -> None:
+        """Projected gradient step: keep the weights inside the chosen family after each update."""
+        if self.mode != "dense":
+            self.weight.clamp_(min=0)
+        if self.mode == "class_connected":
+            self.weight.mul_(self.own)

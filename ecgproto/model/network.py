@@ -1,0 +1,63 @@
+"""The whole interpretable model: three branches and the fusion head over their prototypes.
+
+`forward` returns label probabilities (what the registered MLflow model serves); `explain` gives
+the evidence behind them. The model carries its prototypes' provenance and source records, so a
+registered model alone is enough to render an explanation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ecgproto.data.labels import BRANCHES, LabelSet
+from ecgproto.model.branch import Branch
+from ecgproto.model.config import ModelConfig
+from ecgproto.model.fusion import Fusion
+
+
+def build_branch(name: str, cfg: ModelConfig, labels: LabelSet) -> Branch:
+    classes = tuple(labels.codes[i] for i in labels.branch_indices(name))
+    return Branch(name, cfg.branches[name], classes, cfg.n_leads, cfg.n_samples)
+
+
+class ECGProtoNet(nn.Module):
+    def __init__(self, cfg: ModelConfig, labels: LabelSet) -> None:
+        super().__init__()
+        self.config = cfg.model_dump()
+        self.codes = labels.codes
+        self.fs = cfg.fs
+        self.branches = nn.ModuleDict({name: build_branch(name, cfg, labels) for name in BRANCHES})
+        label_of, scales = [], []
+        for name, branch in self.branches.items():
+            idx = torch.as_tensor(labels.branch_indices(name))
+            label_of.append(idx[branch.prototype_class])
+            scales.append(torch.full((branch.n_prototypes,), branch.scale))
+        self.register_buffer("prototype_label", torch.cat(label_of))
+        self.fusion = Fusion(self.prototype_label, torch.cat(scales), len(labels), cfg.fusion)
+        self.register_buffer("thresholds", torch.full((len(labels),), 0.5))
+        # Filled by projection: one dict per prototype, and the source records (float16, mV).
+        self.provenance: list[dict[str, Any]] = []
+        self.register_buffer("source_signals", torch.zeros(0, cfg.n_leads, cfg.n_samples, dtype=torch.float16))
+
+    @property
+    def n_prototypes(self) -> int:
+        return int(self.prototype_label.numel())
+
+    def similarities(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 12, n) -> (B, 1037) pooled similarities of every prototype, branches in BRANCHES order."""
+        return torch.cat([branch(x)[1] for branch in self.branches.values()], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 12, n) float32 mV, LEADS order, model rate -> (B, 71) label probabilities."""
+        return torch.sigmoid(self.fusion(self.similarities(x)))
+
+    def prototype_offsets(self) -> dict[str, int]:
+        """Where each branch's prototypes start in the concatenated similarity vector."""
+        out, at = {}, 0
+        for name, branch in self.branches.items():
+            out[name] = at
+            at += branch.n_prototypes
+        return out

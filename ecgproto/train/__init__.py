@@ -1,0 +1,1 @@
+"""Training: configuration, losses, whole-fold metrics, the staged trainer and the stage functions."""

@@ -1,0 +1,65 @@
+"""Training configuration: the model, the optimisation of each stage, loss weights, the baseline.
+
+Defaults follow specs/model.md; `TrainConfig.small()` is the CPU-sized run of the demo and tests.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from ecgproto.model.config import ModelConfig
+
+
+class StageConfig(BaseModel):
+    epochs: int = Field(ge=0, description="upper bound; early stopping may end sooner")
+    lr: float
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    patience: int = Field(10, description="epochs without a better validation macro-AUROC before stopping")
+    schedule: str = Field("cosine", description="cosine | onecycle | constant")
+
+
+class LossWeights(BaseModel):
+    clustering: float = 0.004
+    separation: float = 0.0004
+    diversity: float = 250.0
+    contrastive: float = 300.0
+    l1: float = 1e-4
+
+
+class BaselineConfig(BaseModel):
+    enabled: bool = True
+    widths: tuple[int, int, int, int] = (64, 128, 256, 512)
+    blocks: tuple[int, int, int, int] = (2, 2, 2, 2)
+    stage: StageConfig = Field(default_factory=lambda: StageConfig(
+        epochs=40, lr=1e-2, weight_decay=1e-2, batch_size=128, patience=40, schedule="onecycle"))
+
+
+class TrainConfig(BaseModel):
+    seed: int = 20261123
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    joint: StageConfig = Field(default_factory=lambda: StageConfig(
+        epochs=200, lr=1e-4, weight_decay=1.7e-4, batch_size=32, patience=10))
+    last_layer: StageConfig = Field(default_factory=lambda: StageConfig(epochs=50, lr=1e-3, batch_size=256, patience=10))
+    fusion: StageConfig = Field(default_factory=lambda: StageConfig(epochs=100, lr=1e-3, batch_size=256, patience=10))
+    loss: LossWeights = Field(default_factory=LossWeights)
+    time_roll: bool = Field(True, description="augment training records with a random circular time shift")
+    baseline: BaselineConfig = Field(default_factory=BaselineConfig)
+    eval_batch_size: int = 256
+    bootstrap: int = Field(1000, description="bootstrap resamples for the 95% CIs of the test fold")
+    threads: int = Field(0, description="torch CPU threads; 0 = torch's default")
+    device: str = Field("auto", description="auto | cpu | cuda")
+    amp: bool = Field(True, description="bf16 autocast on CUDA")
+
+    @classmethod
+    def small(cls) -> TrainConfig:
+        """A few minutes on 2 CPU cores: the demo's and the tests' size."""
+        return cls(
+            model=ModelConfig.small(),
+            joint=StageConfig(epochs=12, lr=3e-3, weight_decay=1.7e-4, batch_size=64, patience=4),
+            last_layer=StageConfig(epochs=30, lr=1e-2, batch_size=256, patience=5),
+            fusion=StageConfig(epochs=60, lr=1e-2, batch_size=256, patience=8),
+            baseline=BaselineConfig(widths=(16, 32, 64, 96), blocks=(1, 1, 1, 1), stage=StageConfig(
+                epochs=12, lr=1e-2, weight_decay=1e-2, batch_size=64, patience=12, schedule="onecycle")),
+            bootstrap=200,
+        )

@@ -1,0 +1,71 @@
+"""Whole-fold metrics: macro-AUROC over every record of a fold at once (never averaged over
+batches), per-label AUROC with bootstrap 95% CIs, macro-AUPRC.
+
+AUROC is the Mann-Whitney statistic computed from ranks for all labels in one pass, which makes
+a 1,000-resample bootstrap over 71 labels take seconds.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+from scipy.stats import rankdata
+from sklearn.metrics import average_precision_score
+
+
+def auroc_per_label(y: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """(N, L) targets and scores -> (L,) AUROC; NaN where a label has no positives or no negatives."""
+    y = np.asarray(y, dtype=bool)
+    ranks = rankdata(np.asarray(score, dtype=np.float64), axis=0)  # ties get mid-ranks
+    n_pos = y.sum(axis=0)
+    n_neg = y.shape[0] - n_pos
+    u = (ranks * y).sum(axis=0) - n_pos * (n_pos + 1) / 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = u / (n_pos * n_neg)
+    return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
+
+
+def macro_auroc(y: np.ndarray, score: np.ndarray) -> float:
+    auc = auroc_per_label(y, score)
+    return float(np.nanmean(auc)) if np.isfinite(auc).any() else float("nan")
+
+
+def macro_auprc(y: np.ndarray, score: np.ndarray) -> float:
+    y = np.asarray(y, dtype=bool)
+    keep = y.any(axis=0)
+    if not keep.any():
+        return float("nan")
+    return float(np.mean([average_precision_score(y[:, j], score[:, j]) for j in np.flatnonzero(keep)]))
+
+
+def bootstrap_auroc(y: np.ndarray, score: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Percentile 95% CIs: per-label (lo, hi) and macro (lo, hi), resampling records."""
+    rng = np.random.default_rng(seed)
+    n = y.shape[0]
+    per = np.empty((n_boot, y.shape[1]))
+    for b in range(n_boot):
+        idx = rng.integers(0, n, n)
+        per[b] = auroc_per_label(y[idx], score[idx])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lo, hi = np.nanpercentile(per, [2.5, 97.5], axis=0)
+        macro = np.nanmean(per, axis=1)
+    mlo, mhi = np.nanpercentile(macro, [2.5, 97.5])
+    return lo, hi, np.array([mlo]), np.array([mhi])
+
+
+def evaluation_table(y: np.ndarray, score: np.ndarray, codes: tuple[str, ...], n_boot: int = 1000,
+                     seed: int = 0) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Per-label table (code, n_pos, auroc, ci) and the headline metrics with the macro CI."""
+    auc = auroc_per_label(y, score)
+    lo, hi, mlo, mhi = bootstrap_auroc(y, score, n_boot, seed) if n_boot else (auc * np.nan,) * 2 + (
+        np.array([np.nan]),) * 2
+    table = pd.DataFrame({"code": codes, "n_pos": np.asarray(y).sum(axis=0).astype(int), "auroc": auc,
+                          "auroc_lo": lo, "auroc_hi": hi})
+    headline = {"macro_auroc": macro_auroc(y, score), "macro_auroc_lo": float(mlo[0]),
+                "macro_auroc_hi": float(mhi[0]), "macro_auprc": macro_auprc(y, score),
+                "n_labels_scored": float(np.isfinite(auc).sum())}
+    return table, headline

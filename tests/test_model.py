@@ -1,0 +1,129 @@
+"""Model pieces: losses, receptive fields, lead localisation, strict loading, whole-fold metrics."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from ecgproto.data.labels import load_label_set
+from ecgproto.data.leads import LEADS
+from ecgproto.model.backbones import CABRERA, Backbone1D, Backbone2D
+from ecgproto.model.config import BackboneConfig, FusionConfig, ModelConfig
+from ecgproto.model.fusion import Fusion
+from ecgproto.model.network import build_branch
+from ecgproto.train import losses
+from ecgproto.train.metrics import auroc_per_label, bootstrap_auroc, macro_auroc
+
+SMALL_BACKBONE = BackboneConfig(widths=(4, 8, 8, 16), blocks=(1, 1, 1, 1))
+
+
+def test_diversity_is_zero_for_orthogonal_prototypes_and_positive_for_duplicates() -> None:
+    assert losses.diversity(torch.eye(6) * 3.0).item() == pytest.approx(0.0, abs=1e-7)
+    twins = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 0, 1.0]])
+    assert losses.diversity(twins).item() == pytest.approx(2 / 9)
+
+
+def test_contrastive_pulls_prototypes_of_cooccurring_classes_together() -> None:
+    identity = torch.eye(3)  # one prototype per class; classes 0 and 1 co-occur, 2 never does
+    jac = torch.tensor([[1.0, 0.9, 0.0], [0.9, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    together = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.1, 0.0], [0.0, 0.0, 1.0]])
+    apart = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    mixed_up = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.1, 0.0]])  # 2 sits on class 0
+    assert losses.contrastive(together, identity, jac) < losses.contrastive(apart, identity, jac)
+    assert losses.contrastive(apart, identity, jac) < losses.contrastive(mixed_up, identity, jac)
+
+
+def test_jaccard_and_pos_weight_follow_their_definitions() -> None:
+    y = np.array([[1, 1, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0]], dtype=np.uint8)
+    j = losses.jaccard(y)
+    assert j[0, 1] == pytest.approx(2 / 4) and j[2, 2] == 1.0 and j[0, 2] == 0.0
+    total = y.sum()  # T = all positive labels in train
+    assert losses.pos_weight(y).numpy() == pytest.approx([(total - 3) / 3, (total - 3) / 3, 1.0])
+
+
+def test_clustering_uses_positive_cells_and_separation_only_foreign_classes() -> None:
+    identity = torch.tensor([[1.0, 0], [0, 1.0]])  # prototype 0 -> class 0, 1 -> class 1
+    sims = torch.tensor([[0.9, 0.2], [0.1, 0.7]])
+    y = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    # positive cells: (0, c0) -> 0.9, (1, c0) -> 0.1, (1, c1) -> 0.7
+    assert losses.clustering(sims, y, identity).item() == pytest.approx(-(0.9 + 0.1 + 0.7) / 3)
+    # record 0 lacks class 1 -> 0.2; record 1 has every class -> not counted (own prototypes never penalised)
+    assert losses.separation(sims, y, identity).item() == pytest.approx(0.2)
+
+
+def _input_support(net: torch.nn.Module, index: tuple, n: int = 1000) -> np.ndarray:
+    x = torch.randn(1, 12, n, requires_grad=True)
+    net.eval()
+    net(x)[index].backward()
+    return x.grad[0].abs().numpy()
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_receptive_field_covers_exactly_the_samples_a_feature_column_sees(dims: int) -> None:
+    torch.manual_seed(0)
+    net = Backbone1D(SMALL_BACKBONE) if dims == 1 else Backbone2D(SMALL_BACKBONE)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.abs_()  # positive weights: no cancellation, the gradient reaches the whole field
+    net.eval()
+    for col in (0, 5, 31):
+        index = (0, 0, col) if dims == 1 else (0, 0, 3, col)
+        grad = _input_support(net, index).sum(axis=0)
+        seen = np.flatnonzero(grad > 0)
+        lo, hi = net.time_field.samples(col, 1, 1000)
+        assert seen.min() >= lo and seen.max() < hi  # never outside the field
+        assert seen.min() <= lo + net.time_field.jump and seen.max() >= hi - 1 - net.time_field.jump
+
+
+def test_2d_backbone_keeps_the_lead_axis_and_names_the_leads_a_row_sees() -> None:
+    torch.manual_seed(0)
+    net = Backbone2D(SMALL_BACKBONE)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.abs_()
+    out = net(torch.randn(2, 12, 1000))
+    assert out.shape[2] == 12  # one feature row per lead (Cabrera order)
+    for row in (0, 3, 11):
+        grad = _input_support(net, (0, 0, row, 10)).sum(axis=1)
+        reached = {LEADS[i] for i in np.flatnonzero(grad > 0)}
+        assert reached == set(net.leads_seen(row))
+        assert CABRERA[row].lstrip("-") in reached and len(reached) <= 3
+
+
+def test_branch_weights_load_strictly_and_a_prefix_mismatch_fails() -> None:
+    cfg = ModelConfig.small()
+    labels = load_label_set()
+    a, b = build_branch("rhythm_1d", cfg, labels), build_branch("rhythm_1d", cfg, labels)
+    b.load_state_dict(a.state_dict(), strict=True)
+    prefixed = {f"module.{k}": v for k, v in a.state_dict().items()}  # what DataParallel checkpoints look like
+    with pytest.raises(RuntimeError, match="Missing key"):
+        b.load_state_dict(prefixed, strict=True)
+
+
+def test_fusion_stays_non_negative_and_class_connected_when_asked() -> None:
+    label = torch.tensor([0, 0, 1, 2])
+    for mode in ("sparse_nonneg", "class_connected"):
+        f = Fusion(label, torch.full((4,), 2.0), 3, FusionConfig(mode=mode))
+        with torch.no_grad():
+            f.weight.sub_(5.0 * torch.rand_like(f.weight))
+        f.constrain()
+        assert (f.effective_weight() >= 0).all()
+        if mode == "class_connected":
+            assert (f.effective_weight()[f.own == 0] == 0).all()
+    contrib = f.contributions(torch.tensor([[2.0, 1.0, 0.0, 2.0]]))
+    logits = f(torch.tensor([[2.0, 1.0, 0.0, 2.0]]))
+    assert torch.allclose(contrib.sum(-1) + f.bias, logits)  # contributions explain the logit exactly
+
+
+def test_whole_fold_auroc_matches_sklearn_and_bootstrap_brackets_it() -> None:
+    rng = np.random.default_rng(1)
+    y = (rng.random((400, 5)) < [0.05, 0.2, 0.5, 0.8, 0.0]).astype(np.uint8)
+    score = rng.normal(size=(400, 5)) + y * 1.2
+    score[:40, 1] = np.round(score[:40, 1])  # ties
+    auc = auroc_per_label(y, score)
+    for j in range(4):
+        assert auc[j] == pytest.approx(roc_auc_score(y[:, j], score[:, j]), abs=1e-12)
+    assert np.isnan(auc[4])  # no positives: not scored, not counted as 0.5
+    assert macro_auroc(y, score) == pytest.approx(np.mean(auc[:4]))
+    lo, hi, mlo, mhi = bootstrap_auroc(y, score, n_boot=300, seed=0)
+    assert (lo[:4] < auc[:4]).all() and (auc[:4] < hi[:4]).all() and mlo[0] < macro_auroc(y, score) < mhi[0]
