@@ -1,0 +1,370 @@
+"""The training stages as functions of (store, config, work folder) that write their result files.
+
+  joint -> projection -> last layer (per branch), then fusion, the baseline, and the evaluation.
+
+Each stage returns at once when its result file exists (a re-run after a kill redoes only what
+was unfinished), and resumes mid-stage from its epoch checkpoint. The flow only sequences them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from ecgproto.data.labels import BRANCHES, LabelSet, load_label_set
+from ecgproto.data.store import ArrayStore, atomic_write_parquet
+from ecgproto.model.baseline import ResNet1DClassifier
+from ecgproto.model.branch import Branch
+from ecgproto.model.network import ECGProtoNet, build_branch
+from ecgproto.projection import project_prototypes
+from ecgproto.train import losses
+from ecgproto.train.config import TrainConfig
+from ecgproto.train.data import SplitData
+from ecgproto.train.metrics import evaluation_table, macro_auroc
+from ecgproto.train.trainer import EpochCallback, FitResult, fit, save_atomic
+
+SPLITS = ("train", "val", "test")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run_key(store: ArrayStore, cfg: TrainConfig) -> str:
+    """What decides a training's result: the data and every setting except where it runs."""
+    payload = cfg.model_dump(exclude={"threads", "device", "eval_batch_size"})
+    return hashlib.sha256(json.dumps([store.key, payload], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class TrainContext:
+    store: ArrayStore
+    config: TrainConfig
+    workdir: Path
+
+    @classmethod
+    def open(cls, store: str | Path, config: TrainConfig, work_root: str | Path) -> TrainContext:
+        s = ArrayStore.open(store)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        return cls(s, config, Path(work_root) / run_key(s, config))
+
+    @cached_property
+    def labels(self) -> LabelSet:
+        return load_label_set()
+
+    @cached_property
+    def splits(self) -> dict[str, SplitData]:
+        return {name: SplitData(self.store, name) for name in SPLITS}
+
+    @cached_property
+    def device(self) -> torch.device:
+        return resolve_device(self.config.device)
+
+    @cached_property
+    def pos_weight(self) -> torch.Tensor:
+        return losses.pos_weight(self.splits["train"].labels)
+
+    @cached_property
+    def jaccard(self) -> np.ndarray:
+        return losses.jaccard(self.splits["train"].labels)
+
+    def path(self, *parts: str) -> Path:
+        p = self.workdir.joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def autocast(self) -> torch.autocast:
+        enabled = self.device.type == "cuda" and self.config.amp
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def _branch_outputs(ctx: TrainContext, branch: Branch, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Eval-mode logits (N, C) and pooled similarities (N, P) of one split."""
+    branch.eval().to(ctx.device)
+    logits, sims = [], []
+    for batch in ctx.splits[split].batches(ctx.config.eval_batch_size):
+        with ctx.autocast():
+            lo, si = branch(batch.x.to(ctx.device))
+        logits.append(lo.float().cpu())
+        sims.append(si.float().cpu())
+    return torch.cat(logits).numpy(), torch.cat(sims).numpy()
+
+
+def _tensor_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> Callable[[int], Iterator]:
+    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.as_tensor(np.random.default_rng([seed, epoch]).permutation(len(x)))
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            yield x[idx], y[idx]
+    return batches
+
+
+def _steps(n: int, batch_size: int) -> int:
+    return max((n + batch_size - 1) // batch_size, 1)
+
+
+def finished(checkpoint: Path, output: Path) -> FitResult | None:
+    """The result of a stage that already ran to its end (its output and final checkpoint exist)."""
+    if not output.exists() or not checkpoint.exists():
+        return None
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if not state.get("stopped"):
+        return None
+    return FitResult(state["best_epoch"], state["best"], state["history"], state["epoch"] + 1)
+
+
+def load_branch(ctx: TrainContext, name: str, stage: str) -> Branch:
+    branch = build_branch(name, ctx.config.model, ctx.labels)
+    branch.load_state_dict(torch.load(ctx.path(name, f"{stage}.pt"), map_location="cpu"), strict=True)
+    return branch
+
+
+# --- stages -----------------------------------------------------------------------------------
+
+def train_joint(ctx: TrainContext, name: str, on_epoch: EpochCallback | None = None) -> FitResult:
+    """Backbone + add-on + prototypes; the head stays frozen at its initialisation (+1 own class)."""
+    out, ckpt = ctx.path(name, "joint.pt"), ctx.path(name, "joint.ckpt")
+    if (done := finished(ckpt, out)) is not None:
+        return done
+    cfg, w = ctx.config, ctx.config.loss
+    torch.manual_seed(cfg.seed)
+    branch = build_branch(name, cfg.model, ctx.labels).to(ctx.device)
+    branch.head.weight.requires_grad_(False)
+    idx = ctx.labels.branch_indices(name)
+    identity = branch.class_identity().to(ctx.device)
+    jac = torch.as_tensor(ctx.jaccard[np.ix_(idx, idx)], dtype=torch.float32, device=ctx.device)
+    pw = ctx.pos_weight[idx].to(ctx.device)
+    train, val = ctx.splits["train"], ctx.splits["val"]
+
+    def loss_fn(batch) -> torch.Tensor:  # noqa: ANN001
+        x, y = batch.x.to(ctx.device), batch.y.to(ctx.device)
+        with ctx.autocast():
+            logits, sims = branch(x)
+        return losses.joint_loss(logits, sims, branch.prototypes.prototypes, y, identity, jac, pw, w)
+
+    def validate() -> float:
+        logits, _ = _branch_outputs(ctx, branch, "val")
+        return macro_auroc(val.labels[:, idx], logits)
+
+    def batches(epoch: int) -> Iterator:
+        return train.batches(cfg.joint.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
+                             time_roll=cfg.time_roll, label_index=idx)
+
+    result = fit(branch, branch.parameters(), loss_fn, batches, validate, cfg.joint,
+                 steps_per_epoch=_steps(len(train), cfg.joint.batch_size), checkpoint=ckpt, seed=cfg.seed,
+                 on_epoch=on_epoch)
+    save_atomic(branch.cpu().state_dict(), out)
+    return result
+
+
+def project(ctx: TrainContext, name: str) -> pd.DataFrame:
+    """Projection of one branch: writes projected.pt and provenance.parquet, returns the provenance."""
+    out, table = ctx.path(name, "projected.pt"), ctx.path(name, "provenance.parquet")
+    if out.exists() and table.exists():
+        return pd.read_parquet(table)
+    branch = load_branch(ctx, name, "joint")
+    offset = sum(build_branch(b, ctx.config.model, ctx.labels).n_prototypes for b in BRANCHES[:BRANCHES.index(name)])
+    provenance = project_prototypes(branch, ctx.splits["train"], ctx.labels.branch_indices(name), ctx.labels.codes,
+                                    ctx.config.model.fs, ctx.config.eval_batch_size, ctx.device, offset)
+    atomic_write_parquet(provenance, table)
+    save_atomic(branch.cpu().state_dict(), out)
+    return provenance
+
+
+def train_last_layer(ctx: TrainContext, name: str, on_epoch: EpochCallback | None = None) -> FitResult:
+    """Head only, on the projected branch's (cached) similarities: BCE + L1 on off-class weights."""
+    cfg = ctx.config
+    out, ckpt = ctx.path(name, "last_layer.pt"), ctx.path(name, "last_layer.ckpt")
+    if (done := finished(ckpt, out)) is not None:
+        return done
+    branch = load_branch(ctx, name, "projected")
+    idx = ctx.labels.branch_indices(name)
+    _, s_train = _branch_outputs(ctx, branch, "train")
+    _, s_val = _branch_outputs(ctx, branch, "val")
+    head = branch.head.cpu()
+    off = 1 - branch.class_identity().T
+    pw = ctx.pos_weight[idx]
+    x, y = torch.as_tensor(s_train), torch.as_tensor(ctx.splits["train"].labels[:, idx], dtype=torch.float32)
+    y_val = ctx.splits["val"].labels[:, idx]
+
+    def loss_fn(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return losses.bce(head(batch[0]), batch[1], pw) + cfg.loss.l1 * (head.weight.abs() * off).sum()
+
+    def validate() -> float:
+        with torch.no_grad():
+            return macro_auroc(y_val, head(torch.as_tensor(s_val)).numpy())
+
+    result = fit(head, head.parameters(), loss_fn, _tensor_batches(x, y, cfg.last_layer.batch_size, cfg.seed),
+                 validate, cfg.last_layer, steps_per_epoch=_steps(len(x), cfg.last_layer.batch_size),
+                 checkpoint=ckpt, seed=cfg.seed, on_epoch=on_epoch)
+    save_atomic(branch.cpu().state_dict(), out)
+    return result
+
+
+def assemble(ctx: TrainContext) -> ECGProtoNet:
+    """The full network from the three last-layer branches, with provenance and source records."""
+    model = ECGProtoNet(ctx.config.model, ctx.labels)
+    for name in BRANCHES:
+        model.branches[name].load_state_dict(load_branch(ctx, name, "last_layer").state_dict(), strict=True)
+    provenance = pd.concat([pd.read_parquet(ctx.path(n, "provenance.parquet")) for n in BRANCHES], ignore_index=True)
+    train = ctx.splits["train"]
+    positions = np.unique(provenance["split_position"].to_numpy())
+    provenance["source_index"] = np.searchsorted(positions, provenance["split_position"].to_numpy())
+    model.source_signals = torch.as_tensor(train.signals(positions)).to(torch.float16)
+    model.provenance = provenance.drop(columns=["split_position"]).to_dict(orient="records")
+    return model
+
+
+def train_fusion(ctx: TrainContext, on_epoch: EpochCallback | None = None) -> FitResult:
+    """Fusion over the frozen branches' cached similarities; writes model.pt (the whole network)."""
+    cfg = ctx.config
+    out, ckpt = ctx.path("model.pt"), ctx.path("fusion", "fusion.ckpt")
+    if (done := finished(ckpt, out)) is not None:
+        return done
+    model = assemble(ctx)
+    sims = {}
+    for split in ("train", "val"):
+        sims[split] = np.concatenate([_branch_outputs(ctx, model.branches[n], split)[1] for n in BRANCHES], axis=1)
+    fusion = model.fusion
+    x = torch.as_tensor(sims["train"])
+    y = torch.as_tensor(ctx.splits["train"].labels, dtype=torch.float32)
+    y_val = ctx.splits["val"].labels
+
+    def loss_fn(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return losses.bce(fusion(batch[0]), batch[1], ctx.pos_weight) + cfg.loss.l1 * fusion.off_class_l1()
+
+    def validate() -> float:
+        with torch.no_grad():
+            return macro_auroc(y_val, fusion(torch.as_tensor(sims["val"])).numpy())
+
+    fusion.constrain()
+    result = fit(fusion, fusion.parameters(), loss_fn, _tensor_batches(x, y, cfg.fusion.batch_size, cfg.seed),
+                 validate, cfg.fusion, steps_per_epoch=_steps(len(x), cfg.fusion.batch_size),
+                 checkpoint=ckpt, seed=cfg.seed, on_epoch=on_epoch,
+                 after_step=fusion.constrain)
+    with torch.no_grad():
+        model.thresholds.copy_(torch.as_tensor(best_f1_thresholds(y_val, torch.sigmoid(
+            fusion(torch.as_tensor(sims["val"]))).numpy()), dtype=torch.float32))
+    save_atomic(model.cpu(), out)
+    return result
+
+
+def load_model(ctx: TrainContext) -> ECGProtoNet:
+    model = torch.load(ctx.path("model.pt"), map_location="cpu", weights_only=False)
+    return model.eval()
+
+
+def best_f1_thresholds(y: np.ndarray, prob: np.ndarray) -> np.ndarray:
+    """Per label, the validation threshold with the best F1 (0.5 for labels without positives)."""
+    out = np.full(y.shape[1], 0.5)
+    grid = np.linspace(0.02, 0.98, 49)
+    for j in np.flatnonzero(y.any(axis=0)):
+        pred = prob[:, j][:, None] >= grid[None, :]
+        tp = (pred & (y[:, j][:, None] > 0)).sum(axis=0)
+        f1 = 2 * tp / np.maximum(pred.sum(axis=0) + y[:, j].sum(), 1)
+        out[j] = grid[int(np.argmax(f1))]
+    return out
+
+
+def train_baseline(ctx: TrainContext, on_epoch: EpochCallback | None = None) -> FitResult:
+    """The black-box 1D ResNet on the same data and split (AdamW, one-cycle, time roll)."""
+    cfg, b = ctx.config, ctx.config.baseline
+    out, ckpt = ctx.path("baseline", "baseline.pt"), ctx.path("baseline", "baseline.ckpt")
+    if (done := finished(ckpt, out)) is not None:
+        return done
+    torch.manual_seed(cfg.seed)
+    net = ResNet1DClassifier(len(ctx.labels), b.widths, b.blocks).to(ctx.device)
+    train, val = ctx.splits["train"], ctx.splits["val"]
+
+    def loss_fn(batch) -> torch.Tensor:  # noqa: ANN001
+        with ctx.autocast():
+            logits = net(batch.x.to(ctx.device))
+        return nn.functional.binary_cross_entropy_with_logits(logits.float(), batch.y.to(ctx.device))
+
+    def validate() -> float:
+        return macro_auroc(val.labels, predict_baseline(ctx, net, "val"))
+
+    def batches(epoch: int) -> Iterator:
+        return train.batches(b.stage.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, time_roll=cfg.time_roll)
+
+    result = fit(net, net.parameters(), loss_fn, batches, validate, b.stage,
+                 steps_per_epoch=_steps(len(train), b.stage.batch_size), checkpoint=ckpt,
+                 seed=cfg.seed, optimizer="adamw", on_epoch=on_epoch)
+    save_atomic(net.cpu(), out)
+    return result
+
+
+@torch.no_grad()
+def predict_baseline(ctx: TrainContext, net: nn.Module, split: str) -> np.ndarray:
+    net.eval().to(ctx.device)
+    out = []
+    for batch in ctx.splits[split].batches(ctx.config.eval_batch_size):
+        with ctx.autocast():
+            out.append(torch.sigmoid(net(batch.x.to(ctx.device)).float()).cpu())
+    return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def predict(ctx: TrainContext, model: ECGProtoNet, split: str) -> dict[str, np.ndarray]:
+    """Scores of one split: fused probabilities (N, 71) and each branch's on its own labels."""
+    model.eval().to(ctx.device)
+    fused, per_branch = [], {n: [] for n in BRANCHES}
+    for batch in ctx.splits[split].batches(ctx.config.eval_batch_size):
+        x = batch.x.to(ctx.device)
+        sims = []
+        with ctx.autocast():
+            for n, branch in model.branches.items():
+                logits, s = branch(x)
+                per_branch[n].append(torch.sigmoid(logits.float()).cpu())
+                sims.append(s.float())
+            fused.append(torch.sigmoid(model.fusion(torch.cat(sims, dim=1)).float()).cpu())
+    out = {"fused": torch.cat(fused).numpy()}
+    out.update({n: torch.cat(v).numpy() for n, v in per_branch.items()})
+    return out
+
+
+def evaluate(ctx: TrainContext, split: str = "test") -> tuple[dict[str, float], dict[str, pd.DataFrame]]:
+    """Whole-fold metrics with bootstrap CIs: the fused model, each branch, and the baseline."""
+    cfg, y = ctx.config, ctx.splits[split].labels
+    model = load_model(ctx)
+    scores = predict(ctx, model, split)
+    codes = ctx.labels.codes
+    metrics: dict[str, float] = {}
+    tables: dict[str, pd.DataFrame] = {}
+    table, head = evaluation_table(y, scores["fused"], codes, cfg.bootstrap, cfg.seed)
+    tables["fused"] = table
+    metrics.update({f"fused.{k}": v for k, v in head.items()})
+    for n in BRANCHES:
+        idx = ctx.labels.branch_indices(n)
+        t, h = evaluation_table(y[:, idx], scores[n], tuple(codes[i] for i in idx), cfg.bootstrap, cfg.seed)
+        tables[n] = t
+        metrics.update({f"{n}.{k}": v for k, v in h.items()})
+        # The fused model on the same labels, so branch and fusion compare like for like.
+        metrics[f"fused_on_{n}.macro_auroc"] = macro_auroc(y[:, idx], scores["fused"][:, idx])
+    baseline_file = ctx.path("baseline", "baseline.pt")
+    if cfg.baseline.enabled and baseline_file.exists():
+        net = torch.load(baseline_file, map_location="cpu", weights_only=False)
+        t, h = evaluation_table(y, predict_baseline(ctx, net, split), codes, cfg.bootstrap, cfg.seed)
+        tables["baseline"] = t
+        metrics.update({f"baseline.{k}": v for k, v in h.items()})
+    side = tables["fused"][["code", "n_pos", "auroc", "auroc_lo", "auroc_hi"]].copy()
+    if "baseline" in tables:
+        side["baseline_auroc"] = tables["baseline"]["auroc"].to_numpy()
+    side["branch"] = [ctx.labels.branch_of[i] for i in range(len(codes))]
+    tables["side_by_side"] = side
+    return metrics, tables

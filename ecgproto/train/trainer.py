@@ -1,0 +1,111 @@
+"""One optimisation loop for every stage: seeded epochs, whole-fold validation, early stopping,
+and a checkpoint after each epoch so a killed stage resumes where it stopped.
+
+A checkpoint holds the model, optimiser and scheduler states, the best state so far and the
+history. Epoch randomness is derived from (seed, epoch), so a resumed run equals an unbroken one.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ecgproto.train.config import StageConfig
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_score: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int = 0
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+
+
+def _schedule(opt: torch.optim.Optimizer, cfg: StageConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    total = max(cfg.epochs * steps_per_epoch, 1)
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0))))
+    if cfg.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    raise ValueError(f"unknown schedule {cfg.schedule!r}; choose cosine, onecycle or constant")
+
+
+def fit(model: nn.Module, parameters: Iterable[nn.Parameter], loss_fn: Callable[[Any], torch.Tensor],
+        batches: Callable[[int], Iterator[Any]], validate: Callable[[], float], cfg: StageConfig, *,
+        steps_per_epoch: int, checkpoint: Path, seed: int, optimizer: str = "adam",
+        on_epoch: EpochCallback | None = None, after_step: Callable[[], None] | None = None) -> FitResult:
+    """Train `parameters` of `model`; keep the state with the best validation score (higher is better)."""
+    params = [p for p in parameters if p.requires_grad]
+    opt_cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
+    opt = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = _schedule(opt, cfg, steps_per_epoch)
+    state = load_checkpoint(checkpoint)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start, best, best_epoch, bad = state["epoch"] + 1, state["best"], state["best_epoch"], state["bad"]
+        best_state, history = state["best_state"], state["history"]
+    else:
+        start, best, best_epoch, bad, history = 0, -math.inf, -1, 0, []
+        best_state = copy.deepcopy(model.state_dict())
+    resumed_from = start
+    if cfg.epochs == 0 or (state is not None and state.get("stopped")):
+        model.load_state_dict(best_state)
+        return FitResult(best_epoch, best if best > -math.inf else validate(), history, resumed_from)
+    for epoch in range(start, cfg.epochs):
+        torch.manual_seed(seed * 1009 + epoch)  # dropout and anything else drawn from torch's RNG
+        model.train()
+        total, n = 0.0, 0
+        for batch in batches(epoch):
+            loss = loss_fn(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if after_step is not None:
+                after_step()
+            total, n = total + float(loss.detach()), n + 1
+        model.eval()
+        score = validate()
+        improved = score > best
+        if improved:
+            best, best_epoch, bad = score, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            bad += 1
+        stopped = bad >= cfg.patience or epoch == cfg.epochs - 1
+        history.append({"epoch": epoch, "train_loss": total / max(n, 1), "val_macro_auroc": score,
+                        "lr": opt.param_groups[0]["lr"]})
+        save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "epoch": epoch, "best": best, "best_epoch": best_epoch, "bad": bad, "best_state": best_state,
+                     "history": history, "stopped": stopped}, checkpoint)
+        if on_epoch is not None:
+            on_epoch(epoch, history[-1])
+        if stopped:
+            break
+    model.load_state_dict(best_state)
+    return FitResult(best_epoch, best, history, resumed_from)
