@@ -14,8 +14,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib.pyplot as plt
 from mlflow.entities import Metric, Param, RunTag
@@ -23,6 +24,9 @@ from mlflow.tracking import MlflowClient
 
 from ecgproto.report import StageReport, flatten
 from ecgproto.settings import default_tracking_uri, mlflow_dir
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 DEFAULT_EXPERIMENT = "ecgproto"
 _MAX_PARAM = 6000
@@ -107,20 +111,39 @@ def log_report(run_id: str, report: StageReport, uri: str | None = None) -> None
             target.parent.mkdir(parents=True, exist_ok=True)
             table.to_csv(target.with_suffix(".csv"), index=False)
             table.to_parquet(target.with_suffix(".parquet"), index=False)
-        for path, fig in report.figures.items():
-            target = root / path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(target, dpi=100)
-            plt.close(fig)
+        _save_figures(root, report.figures.items())
         for path, doc in report.documents.items():
             target = root / path
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(json.dumps(doc, indent=2, default=str))
-        for entry in root.iterdir():
-            if entry.is_dir():
-                c.log_artifacts(run_id, str(entry), artifact_path=entry.name)
-            else:
-                c.log_artifact(run_id, str(entry))
+        _upload(c, run_id, root)
+
+
+def log_figures(run_id: str, figures: Iterable[tuple[str, Figure]], uri: str | None = None) -> int:
+    """Save figures one at a time (each closed once written) and upload them; returns how many."""
+    with tempfile.TemporaryDirectory() as tmp:
+        n = _save_figures(Path(tmp), figures)
+        _upload(client(uri), run_id, Path(tmp))
+    return n
+
+
+def _save_figures(root: Path, figures: Iterable[tuple[str, Figure]]) -> int:
+    n = 0
+    for path, fig in figures:
+        target = root / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(target, dpi=100)
+        plt.close(fig)
+        n += 1
+    return n
+
+
+def _upload(c: MlflowClient, run_id: str, root: Path) -> None:
+    for entry in root.iterdir():
+        if entry.is_dir():
+            c.log_artifacts(run_id, str(entry), artifact_path=entry.name)
+        else:
+            c.log_artifact(run_id, str(entry))
 
 
 def run_url(run_id: str, ui: str = "http://127.0.0.1:5000", uri: str | None = None) -> str:
@@ -147,3 +170,45 @@ def describe(run_id: str, uri: str | None = None) -> dict[str, Any]:
 
     return {"params": run.data.params, "metrics": run.data.metrics, "tags": run.data.tags,
             "artifacts": walk(), "status": run.info.status}
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0, uri: str | None = None) -> None:
+    """Per-epoch curves: one batch of metrics at `step`."""
+    now = int(time.time() * 1000)
+    client(uri).log_batch(run_id, metrics=[Metric(metric_name(k), float(v), now, step) for k, v in metrics.items()])
+
+
+def log_model(run_id: str, model: Any, input_example: Any, registered_name: str | None,
+              uri: str | None = None) -> dict[str, str]:
+    """Log a torch model with `mlflow.pytorch` and a signature; register it under `registered_name`."""
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+    from mlflow.models import infer_signature
+
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(uri))
+    with torch.no_grad():
+        output = model(torch.as_tensor(input_example)).numpy()
+    signature = infer_signature(np.asarray(input_example), output)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(model, name="model", signature=signature, registered_model_name=registered_name,
+                                        serialization_format="pickle",
+                                        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "ecgproto"])
+    out = {"model_uri": info.model_uri}
+    if registered_name:
+        versions = client(uri).search_model_versions(f"name = '{registered_name}' and run_id = '{run_id}'")
+        out["version"] = str(max(int(v.version) for v in versions))
+        out["registered_name"] = registered_name
+    return out
+
+
+def load_model(model_uri: str, uri: str | None = None) -> Any:
+    """A logged model by URI: 'models:/<name>/<version>', 'models:/<name>@<alias>' or 'runs:/<id>/model'."""
+    import mlflow.pytorch
+
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(uri))
+    return mlflow.pytorch.load_model(model_uri, map_location="cpu")

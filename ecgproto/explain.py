@@ -1,0 +1,109 @@
+"""Case explanations and the prototype gallery.
+
+An explanation ranks, for each predicted label, the prototypes by their contribution to the fused
+logit (fusion weight x normalised similarity) and shows each next to the window of the input that
+matched it: the window is the best window under the same pooling rule as training, widened to
+the samples and leads its receptive field really sees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from ecgproto.data.preprocess import PreprocessConfig, highpass, prepare_record
+from ecgproto.data.wfdb_io import read_record
+from ecgproto.figures import draw_ecg, plot_ecg
+from ecgproto.model.network import ECGProtoNet
+
+
+@torch.no_grad()
+def explain(model: ECGProtoNet, signal: np.ndarray, top_k: int = 3, max_labels: int = 5) -> dict[str, Any]:
+    """(12, n) preprocessed mV -> predicted labels, each with its top-k prototypes by contribution."""
+    model.eval()
+    x = torch.as_tensor(np.asarray(signal, dtype=np.float32)).unsqueeze(0)
+    offsets = model.prototype_offsets()
+    sims, best = [], []
+    for branch in model.branches.values():
+        sim_map = branch.prototypes.similarity_map(branch.latent_windows(x))  # (1, W, P)
+        sims.append(branch.prototypes.pool(sim_map))
+        best.append(branch.prototypes.best_window(sim_map)[0])
+    s = torch.cat(sims, dim=1)
+    prob = torch.sigmoid(model.fusion(s))[0].numpy()
+    contrib = model.fusion.contributions(s)[0].numpy()  # (L, P)
+    cos = model.fusion.normalised(s)[0].numpy()
+    weight = model.fusion.effective_weight().numpy()
+    windows = torch.cat(best).numpy()
+    thresholds = model.thresholds.numpy()
+    predicted = [int(i) for i in np.argsort(-prob) if prob[i] >= thresholds[i]][:max_labels]
+    if not predicted:  # always explain something: the most likely label
+        predicted = [int(np.argmax(prob))]
+    names = list(offsets)
+    labels = []
+    for li in predicted:
+        evidence = []
+        for p in np.argsort(-contrib[li])[:top_k]:
+            branch_name = names[int(np.searchsorted(list(offsets.values()), p, side="right")) - 1]
+            branch = model.branches[branch_name]
+            ext = branch.extent(int(windows[p]))
+            prov = model.provenance[p] if model.provenance else {}
+            evidence.append({
+                "prototype": int(p), "branch": branch_name, "class": prov.get("class"),
+                "contribution": float(contrib[li, p]), "weight": float(weight[li, p]), "similarity": float(cos[p]),
+                "input_window": {"start_s": ext.start / model.fs, "end_s": ext.end / model.fs, "leads": list(ext.leads)},
+                "prototype_source": {k: prov.get(k) for k in ("ecg_id", "start_s", "end_s", "leads", "source_labels")},
+            })
+        labels.append({"code": model.codes[li], "probability": float(prob[li]), "threshold": float(thresholds[li]),
+                       "logit_bias": float(model.fusion.bias[li]), "evidence": evidence})
+    return {"labels": labels, "probabilities": {c: float(p) for c, p in zip(model.codes, prob, strict=True)}}
+
+
+def explanation_figure(model: ECGProtoNet, signal: np.ndarray, explanation: dict[str, Any], title: str = "") -> Figure:
+    """One row per (label, prototype): the input with its matching window | the prototype's source window."""
+    rows = [(lab, ev) for lab in explanation["labels"] for ev in lab["evidence"]]
+    fig = Figure(figsize=(20, 4.2 * len(rows)))
+    axes = fig.subplots(len(rows), 2, squeeze=False)
+    for (lab, ev), (left, right) in zip(rows, axes, strict=True):
+        w = ev["input_window"]
+        draw_ecg(left, signal, model.fs, f"{title} {lab['code']} p={lab['probability']:.2f}: "
+                 f"contribution {ev['contribution']:.2f} = w {ev['weight']:.2f} x sim {ev['similarity']:.2f}",
+                 (w["start_s"], w["end_s"]), tuple(w["leads"]))
+        src = ev["prototype_source"]
+        prov = model.provenance[ev["prototype"]] if model.provenance else None
+        if prov is not None and model.source_signals.numel():
+            draw_ecg(right, model.source_signals[prov["source_index"]].float().numpy(), model.fs,
+                     f"prototype {ev['prototype']} ({ev['branch']}, class {ev['class']}) from ECG {src['ecg_id']} "
+                     f"[{src['source_labels']}]", (src["start_s"], src["end_s"]), tuple(str(src["leads"]).split(",")))
+    fig.tight_layout()
+    return fig
+
+
+def prototype_gallery(model: ECGProtoNet, only_projected_own_class: bool = True) -> Iterator[tuple[str, Figure]]:
+    """One figure per prototype, ('gallery/<branch>/<class>/prototype_<id>.png', Figure), made one at a time
+    (a thousand prototype figures would not fit in memory together)."""
+    for prov in model.provenance:
+        if only_projected_own_class and not prov["own_class_source"]:
+            continue
+        title = (f"prototype {prov['prototype']} | {prov['branch']} | class {prov['class']} | ECG {prov['ecg_id']} "
+                 f"[{prov['source_labels']}] | window {prov['start_s']:.2f}-{prov['end_s']:.2f} s, leads {prov['leads']} "
+                 f"| cos {prov['similarity']:.3f}")
+        fig = plot_ecg(model.source_signals[prov["source_index"]].float().numpy(), model.fs, title,
+                       (prov["start_s"], prov["end_s"]), tuple(str(prov["leads"]).split(",")))
+        yield f"gallery/{prov['branch']}/{prov['class']}/prototype_{prov['prototype']:04d}.png", fig
+
+
+def load_record_for_model(path: str | Path, config: PreprocessConfig | None = None) -> np.ndarray:
+    """A WFDB record (path without extension) -> (12, n) preprocessed exactly as ingest does."""
+    config = config or PreprocessConfig()
+    base = Path(path)
+    base = base.with_suffix("") if base.suffix in (".hea", ".dat") else base
+    x, _ = prepare_record(read_record(base), config, str(base))
+    x = x.T  # (12, n)
+    if config.highpass_hz:
+        x = highpass(x, config.fs, config.highpass_hz, config.highpass_order, axis=-1)
+    return np.ascontiguousarray(x, dtype=np.float32)
