@@ -65,6 +65,50 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from ecgproto import tracking
+    from ecgproto.train.config import TrainConfig
+    from flows.train import train_flow
+
+    source = Path(args.source).resolve()
+    store = source
+    if not (source / "store.json").exists():  # a dataset folder: ingest it first (a cache hit if done before)
+        from flows.ingest import ingest_flow
+
+        store = Path(ingest_flow(str(source), _ingest_config(args), args.store)["store"])
+    config = TrainConfig.small() if args.small else TrainConfig()
+    updates = {"device": args.device, "seed": args.seed if args.seed is not None else config.seed}
+    config = config.model_copy(update=updates)
+    if args.epochs is not None:
+        config.joint.epochs = args.epochs
+    config.baseline.enabled = not args.no_baseline
+    out = train_flow(str(store), config, register_as=args.register or None)
+    print(f"\nmodel: {out['model_uri']} (registered version {out['model_version']})")
+    print(f"MLflow run: {tracking.run_url(out['run_id'])}")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    import json
+
+    from ecgproto import tracking
+    from ecgproto.explain import explain, explanation_figure, load_record_for_model
+
+    model = tracking.load_model(args.model)
+    signal = load_record_for_model(args.record)
+    result = explain(model, signal, top_k=args.top_k)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = Path(args.record).name
+    (out / f"{name}.explanation.json").write_text(json.dumps(result, indent=2))
+    explanation_figure(model, signal, result, title=name).savefig(out / f"{name}.explanation.png", dpi=80)
+    for lab in result["labels"]:
+        print(f"{lab['code']:6s} p={lab['probability']:.2f}  " + ", ".join(
+            f"proto {e['prototype']} ({e['class']}, {e['contribution']:+.2f})" for e in lab["evidence"]))
+    print(f"written: {out / (name + '.explanation.png')} and .json")
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from ecgproto import tracking
 
@@ -108,6 +152,31 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--store", default=str(store_root()), help="store folder (default data/store)")
     demo_options(q)
     q.set_defaults(func=cmd_demo)
+
+    q = sub.add_parser("train", help="train the prototype model (and the baseline) from a store or a PTB-XL folder")
+    q.add_argument("source", help="a store folder from `ecgproto ingest`, or a PTB-XL folder (ingested first)")
+    q.add_argument("--small", action="store_true", help="the CPU-sized model and schedule (minutes on 2 cores)")
+    q.add_argument("--epochs", type=int, help="upper bound on joint-stage epochs per branch (early stopping may end sooner)")
+    q.add_argument("--device", default="auto", help="auto | cpu | cuda (bf16 autocast on CUDA)")
+    q.add_argument("--seed", type=int, help="random seed (default 20261123)")
+    q.add_argument("--no-baseline", action="store_true", help="skip the black-box 1D ResNet baseline")
+    q.add_argument("--register", default="ecgproto-protoecgnet", help="MLflow registered model name ('' to skip)")
+    q.add_argument("--store", default=str(store_root()), help="store folder when SOURCE is a dataset")
+    q.add_argument("--layout", default="ptbxl", help=argparse.SUPPRESS)
+    q.add_argument("--fs", type=int, default=100, help=argparse.SUPPRESS)
+    q.add_argument("--no-resample", action="store_true", help=argparse.SUPPRESS)
+    q.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    q.add_argument("--min-likelihood", type=float, default=0.0, help=argparse.SUPPRESS)
+    q.add_argument("--workers", type=int, help=argparse.SUPPRESS)
+    q.set_defaults(func=cmd_train)
+
+    q = sub.add_parser("explain", help="explain one ECG: predicted labels and the prototypes behind them (PNG + JSON)")
+    q.add_argument("record", help="a WFDB record path without extension (e.g. records100/00000/00001_lr)")
+    q.add_argument("--model", default="models:/ecgproto-protoecgnet/latest",
+                   help="MLflow model URI: models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID/model")
+    q.add_argument("--top-k", type=int, default=3, help="prototypes shown per predicted label")
+    q.add_argument("--out", default="explanations", help="output folder")
+    q.set_defaults(func=cmd_explain)
 
     q = sub.add_parser("ui", help="serve the MLflow UI for the local tracking store on 127.0.0.1")
     q.add_argument("--port", type=int, default=5000)

@@ -1,0 +1,161 @@
+"""Training flow: per branch joint -> projection -> last layer, then fusion, the baseline and the
+test-fold evaluation; the model is logged with `mlflow.pytorch` and registered.
+
+One parent MLflow run with a child run per branch and stage. Stages write result files in a work
+folder keyed by (dataset, config): re-running after a kill redoes only unfinished work and a
+half-trained stage resumes from its last epoch checkpoint. Task retries do the same in-process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from prefect import flow, task
+from prefect.runtime import flow_run
+
+from ecgproto import tracking
+from ecgproto.data.labels import BRANCHES
+from ecgproto.explain import prototype_gallery
+from ecgproto.report import StageReport
+from ecgproto.settings import workdir
+from ecgproto.train import stages
+from ecgproto.train.config import TrainConfig
+from ecgproto.train.report import evaluation_report, fit_report, projection_report
+
+REGISTERED_NAME = "ecgproto-protoecgnet"
+
+
+def _child(stage: str, parent: str, uri: str | None, branch: str | None = None) -> str:
+    name = f"{branch}/{stage}" if branch else stage
+    return tracking.start_run(stage, run_name=name, parent_run_id=parent, uri=uri,
+                              tags={"branch": branch or "all", "prefect_flow_run_id": str(flow_run.id)})
+
+
+def _curves(run_id: str, uri: str | None) -> Callable[[int, dict[str, float]], None]:
+    return lambda epoch, m: tracking.log_metrics(run_id, m, step=epoch, uri=uri)
+
+
+def _run_stage(stage: str, parent: str, uri: str | None, branch: str | None, work: Callable[[str], Any]) -> Any:
+    run_id = _child(stage, parent, uri, branch)
+    try:
+        out = work(run_id)
+    except BaseException:
+        tracking.end_run(run_id, "FAILED", uri)
+        raise
+    tracking.end_run(run_id, uri=uri)
+    return out
+
+
+@task(name="joint", retries=1)
+def joint(store: str, config: TrainConfig, work_root: str, branch: str, parent: str, uri: str | None) -> float:
+    ctx = stages.TrainContext.open(store, config, work_root)
+
+    def work(run_id: str) -> float:
+        result = stages.train_joint(ctx, branch, _curves(run_id, uri))
+        tracking.log_report(run_id, fit_report(result, "joint", branch), uri)
+        return result.best_score
+    return _run_stage("joint", parent, uri, branch, work)
+
+
+@task(name="projection", retries=1)
+def projection(store: str, config: TrainConfig, work_root: str, branch: str, parent: str, uri: str | None) -> int:
+    ctx = stages.TrainContext.open(store, config, work_root)
+
+    def work(run_id: str) -> int:
+        provenance = stages.project(ctx, branch)
+        tracking.log_report(run_id, projection_report(provenance, {}), uri)
+        return len(provenance)
+    return _run_stage("projection", parent, uri, branch, work)
+
+
+@task(name="last-layer", retries=1)
+def last_layer(store: str, config: TrainConfig, work_root: str, branch: str, parent: str, uri: str | None) -> float:
+    ctx = stages.TrainContext.open(store, config, work_root)
+
+    def work(run_id: str) -> float:
+        result = stages.train_last_layer(ctx, branch, _curves(run_id, uri))
+        tracking.log_report(run_id, fit_report(result, "last_layer", branch), uri)
+        return result.best_score
+    return _run_stage("last_layer", parent, uri, branch, work)
+
+
+@task(name="fusion", retries=1)
+def fusion(store: str, config: TrainConfig, work_root: str, parent: str, uri: str | None, gallery: bool) -> float:
+    ctx = stages.TrainContext.open(store, config, work_root)
+
+    def work(run_id: str) -> float:
+        result = stages.train_fusion(ctx, _curves(run_id, uri))
+        report = fit_report(result, "fusion")
+        model = stages.load_model(ctx)
+        report.tables["provenance"] = pd.DataFrame(model.provenance)
+        tracking.log_report(run_id, report, uri)
+        if gallery:
+            tracking.log_figures(run_id, prototype_gallery(model), uri)
+        return result.best_score
+    return _run_stage("fusion", parent, uri, None, work)
+
+
+@task(name="baseline", retries=1)
+def baseline(store: str, config: TrainConfig, work_root: str, parent: str, uri: str | None) -> float:
+    ctx = stages.TrainContext.open(store, config, work_root)
+
+    def work(run_id: str) -> float:
+        result = stages.train_baseline(ctx, _curves(run_id, uri))
+        tracking.log_report(run_id, fit_report(result, "baseline"), uri)
+        return result.best_score
+    return _run_stage("baseline", parent, uri, None, work)
+
+
+@task(name="evaluate-and-register")
+def evaluate(store: str, config: TrainConfig, work_root: str, parent: str, uri: str | None,
+             register_as: str | None, planted: tuple[str, ...]) -> dict[str, Any]:
+    ctx = stages.TrainContext.open(store, config, work_root)
+
+    def work(run_id: str) -> dict[str, Any]:
+        metrics, tables = stages.evaluate(ctx, "test")
+        report = evaluation_report(metrics, tables, planted)
+        tracking.log_report(run_id, report, uri)
+        tracking.log_report(parent, StageReport(metrics=report.metrics), uri)  # headline on the parent too
+        example = ctx.splits["test"].signals(np.arange(1))
+        logged = tracking.log_model(run_id, stages.load_model(ctx), example, register_as, uri)
+        return {"metrics": report.metrics, **logged, "run_id": run_id}
+    return _run_stage("evaluate", parent, uri, None, work)
+
+
+@flow(name="train", log_prints=True)
+def train_flow(store: str, config: TrainConfig | None = None, work_root: str | None = None,
+               tracking_uri: str | None = None, parent_run_id: str | None = None,
+               register_as: str | None = REGISTERED_NAME, gallery: bool = True,
+               planted: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Train the three branches and the fusion (and the baseline) on a PTB-XL-layout store."""
+    config = config or TrainConfig()
+    work_root = work_root or str(workdir() / "data" / "train")
+    ctx = stages.TrainContext.open(store, config, work_root)
+    parent = tracking.start_run("train", parent_run_id=parent_run_id, uri=tracking_uri, run_name="train",
+                                tags={"prefect_flow_run_id": str(flow_run.id), "dataset_hash": ctx.store.key,
+                                      "work_dir": str(ctx.workdir)})
+    try:
+        tracking.log_report(parent, StageReport(params={"config": config.model_dump()}), tracking_uri)
+        for name in BRANCHES:
+            joint(store, config, work_root, name, parent, tracking_uri)
+            projection(store, config, work_root, name, parent, tracking_uri)
+            last_layer(store, config, work_root, name, parent, tracking_uri)
+        fusion(store, config, work_root, parent, tracking_uri, gallery)
+        if config.baseline.enabled:
+            baseline(store, config, work_root, parent, tracking_uri)
+        result = evaluate(store, config, work_root, parent, tracking_uri, register_as, tuple(planted))
+    except BaseException:
+        tracking.end_run(parent, "FAILED", tracking_uri)
+        raise
+    tracking.end_run(parent, uri=tracking_uri)
+    m = result["metrics"]
+    print(f"test fold macro-AUROC: fused {m['fused.macro_auroc']:.4f} "
+          f"[{m['fused.macro_auroc_lo']:.4f}, {m['fused.macro_auroc_hi']:.4f}]"
+          + (f", baseline {m['baseline.macro_auroc']:.4f}" if "baseline.macro_auroc" in m else ""))
+    return {"run_id": parent, "evaluate_run_id": result["run_id"], "model_uri": result["model_uri"],
+            "model_version": result.get("version"), "work_dir": str(ctx.workdir), "metrics": m,
+            "store": str(Path(store))}

@@ -1,0 +1,177 @@
+"""Training end to end on the demo data: a real Prefect flow run into a real MLflow sqlite store.
+
+One short CPU training (module fixture) is shared by the checks of what a user relies on: planted
+labels are learned, prototypes are real training segments, the run tree and the registered model
+are in MLflow, and `ecgproto explain` renders an explanation. Determinism and resume-after-kill
+are checked on one branch of a smaller store.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ecgproto import tracking
+from ecgproto.data.demo.beat_model import PLANTED_LABELS
+from ecgproto.data.demo.generate import DemoConfig, generate_demo
+from ecgproto.data.ingest import IngestConfig, ingest
+from ecgproto.data.store import ArrayStore
+from ecgproto.train import stages
+from ecgproto.train.config import TrainConfig
+
+PLANTED = tuple(PLANTED_LABELS)
+
+
+def fast_config() -> TrainConfig:
+    cfg = TrainConfig.small()
+    cfg.joint.epochs = 8
+    cfg.baseline.stage.epochs = 8
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def trained(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    from flows.train import train_flow
+
+    root = tmp_path_factory.mktemp("training")
+    demo = generate_demo(root / "demo", DemoConfig(n_ptbxl=2000, n_hr=10, n_mimic_subjects=0, workers=2))
+    store = ingest(demo.ptbxl, root / "store", IngestConfig(workers=2), progress=False).store
+    uri = f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ECGPROTO_HOME", str(root))
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        out = train_flow(str(store.path), fast_config(), work_root=str(root / "work"), tracking_uri=uri,
+                         planted=PLANTED)
+    return SimpleNamespace(out=out, store=store, uri=uri, demo=demo, root=root)
+
+
+def test_short_cpu_training_learns_every_planted_label(trained: SimpleNamespace) -> None:
+    m = trained.out["metrics"]
+    assert m["fused.planted_macro_auroc"] >= 0.90
+    c = tracking.client(trained.uri)
+    per_label = Path(c.download_artifacts(trained.out["evaluate_run_id"], "evaluation/fused.csv", str(trained.root)))
+    t = pd.read_csv(per_label).set_index("code")
+    for code in PLANTED:
+        assert t.loc[code, "n_pos"] > 0 and t.loc[code, "auroc_lo"] > 0.5, code  # beats chance, whole test fold
+    assert m["baseline.macro_auroc"] > 0.9  # the black box is trained and shown side by side
+    assert m["fused.macro_auroc_lo"] <= m["fused.macro_auroc"] <= m["fused.macro_auroc_hi"]
+
+
+def test_every_projected_prototype_is_the_latent_of_a_real_training_segment_of_its_class(
+        trained: SimpleNamespace) -> None:
+    model = torch.load(Path(trained.out["work_dir"]) / "model.pt", weights_only=False).eval()
+    manifest = trained.store.manifest.set_index("record_id")
+    provenance = pd.DataFrame(model.provenance)
+    assert len(provenance) == model.n_prototypes
+    offsets = model.prototype_offsets()
+    checked = 0
+    for _, p in provenance[provenance["own_class_source"]].iterrows():
+        assert manifest.loc[p["ecg_id"], "split"] == "train"
+        assert p["class"] in p["source_labels"].split(",")
+        branch = model.branches[p["branch"]]
+        x = torch.as_tensor(np.asarray(trained.store.signals[manifest.loc[p["ecg_id"], "row"]], dtype=np.float32))
+        with torch.no_grad():
+            latent = branch.latent_windows(x[None])[0, int(p["window"])]
+        proto = branch.prototypes.prototypes[p["prototype"] - offsets[p["branch"]]]
+        assert torch.allclose(latent, proto, atol=1e-5), p["prototype"]
+        assert 0 <= p["window_start"] < p["window_end"] <= 1000
+        checked += 1
+    assert checked >= len(PLANTED) * 3
+
+
+def test_training_is_one_mlflow_run_tree_with_curves_gallery_and_a_registered_model(trained: SimpleNamespace) -> None:
+    c = tracking.client(trained.uri)
+    parent = c.get_run(trained.out["run_id"])
+    children = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    names = sorted(r.data.tags["mlflow.runName"] for r in children)
+    for branch in ("rhythm_1d", "morphology_2d_local", "global_2d"):
+        assert {f"{branch}/joint", f"{branch}/projection", f"{branch}/last_layer"} <= set(names)
+    assert {"fusion", "baseline", "evaluate"} <= set(names)
+    assert parent.data.params["config.joint.lr"] and parent.data.tags["dataset_hash"] == trained.store.key
+    joint = next(r for r in children if r.data.tags["mlflow.runName"] == "rhythm_1d/joint")
+    curve = c.get_metric_history(joint.info.run_id, "val_macro_auroc")
+    assert len(curve) >= 2 and [m.step for m in curve] == sorted(m.step for m in curve)
+    fusion = tracking.describe(next(r for r in children if r.data.tags["mlflow.runName"] == "fusion").info.run_id,
+                               trained.uri)
+    gallery = [a for a in fusion["artifacts"] if a.startswith("gallery/") and a.endswith(".png")]
+    assert any("/AFIB/" in a for a in gallery) and any("/LVH/" in a for a in gallery)
+    assert "provenance.csv" in fusion["artifacts"]
+    version = c.get_model_version("ecgproto-protoecgnet", trained.out["model_version"])
+    assert version.run_id == trained.out["evaluate_run_id"]
+    loaded = tracking.load_model(f"models:/ecgproto-protoecgnet/{trained.out['model_version']}", trained.uri)
+    x = torch.as_tensor(np.asarray(trained.store.signals[:4], dtype=np.float32))
+    assert loaded(x).shape == (4, 71)
+
+
+def test_explain_command_writes_a_png_and_json_ranked_by_contribution(
+        trained: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ecgproto.cli import main
+
+    db = pd.read_csv(trained.demo.ptbxl / "ptbxl_database.csv")
+    test = db[db["strat_fold"] == 10]
+    afib = test[test["scp_codes"].str.contains("'AFIB'")].iloc[0]
+    normal = test[test["scp_codes"].str.contains("'NORM'")].iloc[0]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained.uri)
+    probs = {}
+    for name, row in (("afib", afib), ("normal", normal)):
+        record = trained.demo.ptbxl / row["filename_lr"]
+        assert main(["explain", str(record), "--model", trained.out["model_uri"], "--out", str(tmp_path)]) == 0
+        stem = Path(row["filename_lr"]).name
+        assert (tmp_path / f"{stem}.explanation.png").stat().st_size > 10_000
+        result = json.loads((tmp_path / f"{stem}.explanation.json").read_text())
+        for label in result["labels"]:
+            contributions = [e["contribution"] for e in label["evidence"]]
+            assert contributions == sorted(contributions, reverse=True)
+            assert all(e["input_window"]["leads"] for e in label["evidence"])
+        probs[name] = result["probabilities"]["AFIB"]
+    assert probs["afib"] > probs["normal"]
+
+
+def _store(demo_root: Path, tmp_path: Path) -> ArrayStore:
+    return ingest(demo_root / "ptbxl", tmp_path / "store", IngestConfig(workers=1), progress=False).store
+
+
+def _one_branch_config() -> TrainConfig:
+    cfg = TrainConfig.small()
+    cfg.joint.epochs = 3
+    cfg.joint.patience = 10
+    return cfg
+
+
+def test_same_seed_gives_identical_training_on_cpu(demo_root: Path, tmp_path: Path) -> None:
+    store = _store(demo_root, tmp_path)
+    runs = []
+    for i in range(2):
+        ctx = stages.TrainContext.open(store.path, _one_branch_config(), tmp_path / f"work{i}")
+        result = stages.train_joint(ctx, "rhythm_1d")
+        runs.append((result.history, torch.load(ctx.path("rhythm_1d", "joint.pt"))))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
+
+
+def test_a_stage_killed_mid_training_resumes_to_the_same_result(demo_root: Path, tmp_path: Path) -> None:
+    store = _store(demo_root, tmp_path)
+    straight = stages.TrainContext.open(store.path, _one_branch_config(), tmp_path / "straight")
+    expected = stages.train_joint(straight, "rhythm_1d")
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first_epoch(epoch: int, metrics: dict) -> None:
+        if epoch == 0:
+            raise Killed  # the process dies right after the epoch-0 checkpoint was written
+
+    broken = stages.TrainContext.open(store.path, _one_branch_config(), tmp_path / "broken")
+    with pytest.raises(Killed):
+        stages.train_joint(broken, "rhythm_1d", kill_after_first_epoch)
+    resumed = stages.train_joint(broken, "rhythm_1d")
+    assert resumed.resumed_from == 1
+    assert resumed.history == expected.history
+    a, b = torch.load(straight.path("rhythm_1d", "joint.pt")), torch.load(broken.path("rhythm_1d", "joint.pt"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
