@@ -1,0 +1,197 @@
+"""Training throughput of each prototype branch and of the black-box 1D ResNet, in one run.
+
+    python benchmarks/train.py [--config small|reference] [--device cpu|cuda] [--steps 8] [--compile]
+                               [--real PATH]
+
+Each model takes the exact training step of its stage (the joint loss of `ecgproto.train.losses`
+for a branch, BCE for the baseline; forward, backward, optimiser step) on batches of 12 x 1000
+samples. On CUDA it also tries bf16 autocast, channels-last (2D branches) and torch.compile, and
+keeps the fastest variant per model. From the measured rates it prints the time of one joint
+epoch over a PTB-XL-size training split (folds 1-8, 17,418 records) and the upper bound of a full
+training (every branch at the config's epoch limit; early stopping ends sooner).
+
+With --real (an unpacked PTB-XL folder, e.g. the shared 1,250-record subset) it also ingests it,
+trains the small model and the baseline through the real stages (folds 1-8 / 9 / 10) and prints
+both test-fold macro-AUROCs with bootstrap CIs.
+
+Last line: `proto_vs_resnet1d_train_throughput=<ratio>`: ECGs/s of a full prototype-model training
+step (three branches) over the baseline's, same batch, same device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ecgproto.data.labels import BRANCHES, load_label_set
+from ecgproto.model.baseline import ResNet1DClassifier
+from ecgproto.model.network import build_branch
+from ecgproto.train import losses
+from ecgproto.train.config import TrainConfig
+
+PTBXL_TRAIN_RECORDS = 17_418
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _step_fn(name: str, cfg: TrainConfig, device: torch.device, bf16: bool, channels_last: bool,
+             compiled: bool) -> tuple[Callable[[torch.Tensor, torch.Tensor], None], int]:
+    """One training step of `name` (a branch or 'baseline') and its number of labels."""
+    labels = load_label_set()
+    torch.manual_seed(cfg.seed)
+    if name == "baseline":
+        b = cfg.baseline
+        model: nn.Module = ResNet1DClassifier(len(labels), b.widths, b.blocks).to(device)
+        n_out = len(labels)
+    else:
+        branch = build_branch(name, cfg.model, labels).to(device)
+        branch.head.weight.requires_grad_(False)
+        model, n_out = branch, len(branch.classes)
+        identity = branch.class_identity().to(device)
+        jac = torch.eye(n_out, device=device)
+        pw = torch.ones(n_out, device=device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if compiled else model
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        with autocast:
+            out = forward(x)
+        if name == "baseline":
+            loss = nn.functional.binary_cross_entropy_with_logits(out.float(), y)
+        else:
+            logits, sims = out
+            loss = losses.joint_loss(logits, sims, branch.prototypes.prototypes, y, identity, jac, pw, cfg.loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.train()
+    return step, n_out
+
+
+def throughput(name: str, cfg: TrainConfig, device: torch.device, batch: int, steps: int, **variant: bool) -> float:
+    """ECGs per second of training steps after two warm-up steps (compilation excluded)."""
+    step, n_out = _step_fn(name, cfg, device, **variant)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, cfg.model.n_leads, cfg.model.n_samples, generator=g).to(device)
+    y = (torch.rand(batch, n_out, generator=g) < 0.1).float().to(device)
+    for _ in range(2):
+        step(x, y)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step(x, y)
+    _sync(device)
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def variants(device: torch.device, name: str, try_compile: bool) -> dict[str, dict[str, bool]]:
+    out = {"fp32": {"bf16": False, "channels_last": False, "compiled": False}}
+    if device.type == "cuda":
+        out["bf16"] = {"bf16": True, "channels_last": False, "compiled": False}
+        if name in ("morphology_2d_local", "global_2d"):
+            out["bf16+channels_last"] = {"bf16": True, "channels_last": True, "compiled": False}
+    if try_compile:
+        out["compile" if device.type == "cpu" else "bf16+compile"] = {
+            "bf16": device.type == "cuda", "channels_last": False, "compiled": True}
+    return out
+
+
+def real_data_accuracy(root: Path, scratch: Path, device: str) -> dict[str, float]:
+    from ecgproto.data.ingest import IngestConfig, ingest
+    from ecgproto.train import stages
+
+    store = ingest(root, scratch / "store", IngestConfig(workers=2), progress=False).store
+    cfg = TrainConfig.small()
+    cfg.device = device
+    ctx = stages.TrainContext.open(store.path, cfg, scratch / "work")
+    t0 = time.perf_counter()
+    for name in BRANCHES:
+        stages.train_joint(ctx, name)
+        stages.project(ctx, name)
+        stages.train_last_layer(ctx, name)
+    stages.train_fusion(ctx)
+    proto_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    stages.train_baseline(ctx)
+    base_s = time.perf_counter() - t0
+    metrics, _ = stages.evaluate(ctx, "test")
+    n = {s: len(ctx.splits[s]) for s in ("train", "val", "test")}
+    print(f"[real] {root.name}: {n['train']}/{n['val']}/{n['test']} records (folds 1-8/9/10), small config; "
+          f"prototype model trained in {proto_s:.0f} s, baseline in {base_s:.0f} s")
+    for key in ("fused", "baseline", *BRANCHES):
+        print(f"[real]   {key:22s} test macro-AUROC {metrics[f'{key}.macro_auroc']:.4f} "
+              f"[{metrics[f'{key}.macro_auroc_lo']:.4f}, {metrics[f'{key}.macro_auroc_hi']:.4f}], "
+              f"macro-AUPRC {metrics[f'{key}.macro_auprc']:.4f}")
+    return metrics
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", choices=("small", "reference"), default="small")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, help="default: the config's joint batch size")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--compile", action="store_true", help="also try torch.compile (always tried on CUDA)")
+    p.add_argument("--real", type=Path, help="an unpacked PTB-XL folder (e.g. the shared 1,250-record subset)")
+    p.add_argument("--threads", type=int, default=0)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cfg = TrainConfig.small() if args.config == "small" else TrainConfig()
+    batch = args.batch or cfg.joint.batch_size
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+          f"config {args.config}, batch {batch}, {args.steps} timed steps per variant")
+
+    best: dict[str, float] = {}
+    for name in (*BRANCHES, "baseline"):
+        rates = {}
+        for label, v in variants(device, name, args.compile or device.type == "cuda").items():
+            try:
+                rates[label] = throughput(name, cfg, device, batch, args.steps, **v)
+            except Exception as e:  # a variant the platform cannot run (e.g. no compiler for inductor)
+                print(f"  {name}: {label} unavailable ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
+        pick = max(rates, key=rates.__getitem__)
+        best[name] = rates[pick]
+        shown = ", ".join(f"{k} {r:,.0f}" for k, r in rates.items())
+        print(f"{name:22s} train ECGs/s: {shown}  -> best {pick}")
+
+    # The three branches train one after the other, each over the whole split.
+    proto_rate = 1.0 / sum(1.0 / best[n] for n in BRANCHES)
+    epoch_min = PTBXL_TRAIN_RECORDS / proto_rate / 60
+    base_epoch_min = PTBXL_TRAIN_RECORDS / best["baseline"] / 60
+    print(f"full prototype model (3 branches, joint stage): {proto_rate:,.0f} ECGs/s; baseline {best['baseline']:,.0f}")
+    print(f"PTB-XL-size epoch ({PTBXL_TRAIN_RECORDS:,} records): prototype model {epoch_min:.1f} min "
+          f"(upper bound for a full training at {cfg.joint.epochs} joint epochs per branch: "
+          f"{epoch_min * cfg.joint.epochs / 60:.1f} h), baseline {base_epoch_min:.2f} min "
+          f"({base_epoch_min * cfg.baseline.stage.epochs:.1f} min for {cfg.baseline.stage.epochs} epochs)")
+
+    if args.real:
+        scratch = Path(tempfile.mkdtemp(prefix="ecgproto-bench-train-"))
+        try:
+            m = real_data_accuracy(args.real.resolve(), scratch, args.device)
+            print(f"real_subset_macro_auroc_fused={m['fused.macro_auroc']:.4f} "
+                  f"baseline={m['baseline.macro_auroc']:.4f}")
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    print(f"proto_vs_resnet1d_train_throughput={proto_rate / best['baseline']:.3f}")
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()
