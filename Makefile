@@ -39,4 +39,4 @@ ui: $(STAMP)
 	$(BIN)/ecgproto ui
 
 clean:
-	rm -rf data/demo data/store .prefect mlflow/mlflow.db mlflow/artifacts
+	rm -rf data/demo data/store data/train explanations .prefect mlflow/mlflow.db mlflow/artifacts

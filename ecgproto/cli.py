@@ -56,12 +56,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ecgproto import tracking
     from flows.pipeline import pipeline_flow
 
-    out = pipeline_flow(demo=True, demo_config=_demo_config(args), store_root=args.store)
+    out = pipeline_flow(demo=True, demo_config=_demo_config(args), store_root=args.store,
+                        train_model=not args.no_train)
     print("\nThe demo pipeline finished.")
     for key, value in out.items():
         print(f"  {key:22s} {value}")
     print("\nOpen the MLflow UI:  .venv/bin/ecgproto ui   (or: make ui), then the pipeline run:")
     print(f"  {tracking.run_url(out['parent_run_id'])}")
+    if "model_uri" in out:
+        print("  (training: the 'train' child run, its branch/stage runs, the prototype gallery under 'fusion',\n"
+              "   test-fold metrics beside the baseline under 'evaluate')")
+        example = Path(demo_dir()) / "ptbxl" / "records100" / "00000" / "00001_lr"
+        print(f"\nExplain one ECG with the registered model:\n  .venv/bin/ecgproto explain {example}")
     return 0
 
 
@@ -150,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("demo", help="generate the demo data and run the whole pipeline on it")
     q.add_argument("--store", default=str(store_root()), help="store folder (default data/store)")
+    q.add_argument("--no-train", action="store_true", help="stop after ingest (skip training and registration)")
     demo_options(q)
     q.set_defaults(func=cmd_demo)
 

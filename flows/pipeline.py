@@ -1,7 +1,8 @@
 """The whole pipeline as one flow and one parent MLflow run with a child run per stage.
 
-Stages so far: demo data (optional) -> ingest the training set -> ingest the external cohort.
-Training, evaluation, registration and association join here as they are built.
+Stages so far: demo data (optional) -> ingest the training set -> ingest the external cohort ->
+train (branches, projection, fusion, baseline), evaluate on fold 10 and register the model.
+Association joins here as it is built.
 """
 
 from __future__ import annotations
@@ -12,17 +13,23 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from ecgproto import tracking
+from ecgproto.data.demo.beat_model import PLANTED_LABELS
 from ecgproto.data.demo.generate import DemoConfig
 from ecgproto.data.ingest import IngestConfig
+from ecgproto.train.config import TrainConfig
 from flows.demo_data import demo_data_flow
 from flows.ingest import ingest_flow
+from flows.train import REGISTERED_NAME, train_flow
 
 
 @flow(name="pipeline", log_prints=True)
 def pipeline_flow(train_root: str | None = None, cohort_root: str | None = None, demo: bool = False,
                   demo_config: DemoConfig | None = None, ingest_config: IngestConfig | None = None,
-                  store_root: str | None = None, tracking_uri: str | None = None) -> dict[str, str]:
-    """Run the stages; with demo=True the inputs are the (generated) demo datasets."""
+                  store_root: str | None = None, tracking_uri: str | None = None, train_model: bool = True,
+                  train_config: TrainConfig | None = None, register_as: str | None = REGISTERED_NAME
+                  ) -> dict[str, str]:
+    """Run the stages; with demo=True the inputs are the (generated) demo datasets and the model is
+    the CPU-sized one (`TrainConfig.small()`) unless `train_config` says otherwise."""
     parent = tracking.start_run("pipeline", uri=tracking_uri, tags={"prefect_flow_run_id": str(flow_run.id)})
     out: dict[str, str] = {"parent_run_id": parent}
     try:
@@ -40,6 +47,15 @@ def pipeline_flow(train_root: str | None = None, cohort_root: str | None = None,
             cohort = ingest_flow(cohort_root, ingest_config, store_root, tracking_uri, parent)
             out.update(cohort_store=cohort["store"], cohort_ingest_run_id=cohort["run_id"])
         tracking.set_tags(parent, {"dataset_hash": train["dataset_hash"]}, tracking_uri)
+        if train_model:
+            config = train_config or (TrainConfig.small() if demo else TrainConfig())
+            planted = tuple(PLANTED_LABELS) if demo else ()
+            t = train_flow(train["store"], config, tracking_uri=tracking_uri, parent_run_id=parent,
+                           register_as=register_as, planted=planted)
+            out.update(train_run_id=t["run_id"], model_uri=t["model_uri"],
+                       test_macro_auroc=f"{t['metrics']['fused.macro_auroc']:.4f}")
+            if t.get("model_version"):
+                out["model_version"] = str(t["model_version"])
     except BaseException:
         tracking.end_run(parent, "FAILED", tracking_uri)
         raise

@@ -45,7 +45,7 @@ def test_demo_pipeline_makes_a_parent_run_with_child_stage_runs_and_no_mimic_ide
 
     monkeypatch.setenv("ECGPROTO_DEMO_DIR", str(tmp_path / "demo"))
     out = pipeline_flow(demo=True, demo_config=DemoConfig(**SMALL), store_root=str(tmp_path / "store"),
-                        tracking_uri=mlflow_uri)
+                        tracking_uri=mlflow_uri, train_model=False)  # training: tests/test_training.py
     c = tracking.client(mlflow_uri)
     children = c.search_runs([c.get_run(out["parent_run_id"]).info.experiment_id],
                              f"tags.mlflow.parentRunId = '{out['parent_run_id']}'")

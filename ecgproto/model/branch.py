@@ -44,6 +44,11 @@ class Branch(nn.Module):
             return conv(a, b) if conv is nn.Linear else conv(a, b, 1)
 
         self.dropout = nn.Dropout(cfg.dropout)
+        # local_2d: the per-lead convolutions share weights across leads, so without this a window in V1
+        # and the same shape in V5 would be the same latent (an inverted T is normal in V1, not in V5).
+        # A learned per-lead offset makes every local latent, and so every prototype, lead-aware.
+        self.lead_embedding = nn.Parameter(torch.zeros(1, c, len(CABRERA), 1)) \
+            if cfg.kind == "local_2d" and cfg.lead_embedding else None
         norm = {"global_1d": nn.BatchNorm1d, "local_2d": nn.BatchNorm2d, "global_2d": nn.BatchNorm1d}[cfg.kind]
         last = norm(d, affine=False) if cfg.latent == "standardised" else nn.Sigmoid()
         self.add_on = nn.Sequential(pointwise(c, d), nn.ReLU(), pointwise(d, d), last)
@@ -89,6 +94,8 @@ class Branch(nn.Module):
             return self.add_on(f.mean(dim=-1)).unsqueeze(1)
         if self.kind == "global_2d":  # (B, C, 12, T) -> time mean -> (B, D, 12) -> (B, 1, D*12)
             return self.add_on(f.mean(dim=-1)).flatten(1).unsqueeze(1)
+        if self.lead_embedding is not None:
+            f = f + self.lead_embedding
         z = self.add_on(f)  # (B, D, 12, T)
         w = z.unfold(-1, self.window, 1)  # (B, D, 12, T', window)
         b, d, rows, cols, win = w.shape

@@ -41,6 +41,9 @@ class BranchConfig(BaseModel):
         "(batch norm without affine: zero-mean, unit-variance latents, cosine in [-1, 1]). With sigmoid latents every "
         "cosine is high and a class-connected head has no way to say 'absent' (measured on the demo rhythm branch: "
         "validation macro-AUROC 0.48 sigmoid vs 0.97 standardised after 5 epochs)")
+    lead_embedding: bool = Field(
+        True, description="local_2d: add a learned per-lead offset to the features so a local prototype knows "
+        "which lead it is on (the per-lead convolutions share weights across leads)")
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
 
 
