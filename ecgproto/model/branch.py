@@ -35,6 +35,7 @@ class Branch(nn.Module):
         super().__init__()
         self.name, self.kind, self.classes, self.n_samples = name, cfg.kind, tuple(classes), n_samples
         self.window = cfg.window if cfg.kind == "local_2d" else 1
+        self.window_leads = cfg.window_leads if cfg.kind == "local_2d" else 1
         self.backbone: Backbone1D | Backbone2D = Backbone1D(cfg.backbone, n_leads) if cfg.kind == "global_1d" \
             else Backbone2D(cfg.backbone)
         c, d = self.backbone.out_channels, cfg.latent_dim
@@ -54,7 +55,7 @@ class Branch(nn.Module):
         self.add_on = nn.Sequential(pointwise(c, d), nn.ReLU(), pointwise(d, d), last)
         n_rows = len(CABRERA) if cfg.kind == "global_2d" else 1
         per_class = cfg.prototypes_per_class
-        self.prototype_dim = d * self.window * n_rows
+        self.prototype_dim = d * self.window * self.window_leads * n_rows
         self.prototypes = PrototypeLayer(per_class * len(classes), self.prototype_dim, cfg.scale, cfg.pool, cfg.topk,
                                          positive=cfg.latent == "sigmoid")
         self.register_buffer("prototype_class", torch.arange(len(classes)).repeat_interleave(per_class))
@@ -97,9 +98,9 @@ class Branch(nn.Module):
         if self.lead_embedding is not None:
             f = f + self.lead_embedding
         z = self.add_on(f)  # (B, D, 12, T)
-        w = z.unfold(-1, self.window, 1)  # (B, D, 12, T', window)
-        b, d, rows, cols, win = w.shape
-        return w.permute(0, 2, 3, 1, 4).reshape(b, rows * cols, d * win)  # window index = row * T' + col
+        w = z.unfold(2, self.window_leads, 1).unfold(3, self.window, 1)  # (B, D, R', T', leads, window)
+        b, d, rows, cols, nl, win = w.shape
+        return w.permute(0, 2, 3, 1, 4, 5).reshape(b, rows * cols, d * nl * win)  # index = row * T' + col
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 12, n) -> logits (B, C), pooled similarities (B, P)."""
@@ -114,4 +115,6 @@ class Branch(nn.Module):
         row, col = divmod(int(window_index), n_cols)
         start, end = self.backbone.time_field.samples(col, self.window, self.n_samples)
         assert isinstance(self.backbone, Backbone2D)
-        return WindowExtent(start, end, self.backbone.leads_seen(row), row, col)
+        seen = {lead for r in range(row, row + self.window_leads) for lead in self.backbone.leads_seen(r)}
+        leads = tuple(lead for lead in (c.lstrip("-") for c in CABRERA) if lead in seen)  # Cabrera order
+        return WindowExtent(start, end, leads, row, col)

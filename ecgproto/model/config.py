@@ -27,6 +27,8 @@ class BranchConfig(BaseModel):
     prototypes_per_class: int = Field(ge=1)
     latent_dim: int = 512
     window: int = Field(3, ge=1, description="local_2d: prototype length in feature columns")
+    window_leads: int = Field(1, ge=1, le=12, description="local_2d: prototype height in lead rows (Cabrera order; "
+                              "3 = an anatomical neighbourhood such as II, aVF, III)")
     scale: float = Field(description="similarity = scale * cosine (reference: floor(sqrt(512*T))/T)")
     pool: Literal["max", "topk_mean"] = Field(
         "max", description="how windows are pooled into one similarity, in training, projection and explanation alike")
