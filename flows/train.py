@@ -50,18 +50,23 @@ def _run_stage(stage: str, parent: str, uri: str | None, branch: str | None, wor
     return out
 
 
-@task(name="joint", retries=1)
-def joint(store: str, config: TrainConfig, work_root: str, branch: str, parent: str, uri: str | None) -> float:
+_FITS = {"joint": stages.train_joint, "last_layer": stages.train_last_layer}
+
+
+@task(name="fit-branch", task_run_name="{branch}/{stage}", retries=1)
+def fit_branch(store: str, config: TrainConfig, work_root: str, branch: str, stage: str, parent: str,
+               uri: str | None) -> float:
+    """The joint or the last-layer stage of one branch, with per-epoch curves on its child run."""
     ctx = stages.TrainContext.open(store, config, work_root)
 
     def work(run_id: str) -> float:
-        result = stages.train_joint(ctx, branch, _curves(run_id, uri))
-        tracking.log_report(run_id, fit_report(result, "joint", branch), uri)
+        result = _FITS[stage](ctx, branch, _curves(run_id, uri))
+        tracking.log_report(run_id, fit_report(result, stage, branch), uri)
         return result.best_score
-    return _run_stage("joint", parent, uri, branch, work)
+    return _run_stage(stage, parent, uri, branch, work)
 
 
-@task(name="projection", retries=1)
+@task(name="projection", task_run_name="{branch}/projection", retries=1)
 def projection(store: str, config: TrainConfig, work_root: str, branch: str, parent: str, uri: str | None) -> int:
     ctx = stages.TrainContext.open(store, config, work_root)
 
@@ -70,17 +75,6 @@ def projection(store: str, config: TrainConfig, work_root: str, branch: str, par
         tracking.log_report(run_id, projection_report(provenance, {}), uri)
         return len(provenance)
     return _run_stage("projection", parent, uri, branch, work)
-
-
-@task(name="last-layer", retries=1)
-def last_layer(store: str, config: TrainConfig, work_root: str, branch: str, parent: str, uri: str | None) -> float:
-    ctx = stages.TrainContext.open(store, config, work_root)
-
-    def work(run_id: str) -> float:
-        result = stages.train_last_layer(ctx, branch, _curves(run_id, uri))
-        tracking.log_report(run_id, fit_report(result, "last_layer", branch), uri)
-        return result.best_score
-    return _run_stage("last_layer", parent, uri, branch, work)
 
 
 @task(name="fusion", retries=1)
@@ -141,9 +135,9 @@ def train_flow(store: str, config: TrainConfig | None = None, work_root: str | N
     try:
         tracking.log_report(parent, StageReport(params={"config": config.model_dump()}), tracking_uri)
         for name in BRANCHES:
-            joint(store, config, work_root, name, parent, tracking_uri)
+            fit_branch(store, config, work_root, name, "joint", parent, tracking_uri)
             projection(store, config, work_root, name, parent, tracking_uri)
-            last_layer(store, config, work_root, name, parent, tracking_uri)
+            fit_branch(store, config, work_root, name, "last_layer", parent, tracking_uri)
         fusion(store, config, work_root, parent, tracking_uri, gallery)
         if config.baseline.enabled:
             baseline(store, config, work_root, parent, tracking_uri)
