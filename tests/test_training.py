@@ -77,7 +77,7 @@ def test_every_projected_prototype_is_the_latent_of_a_real_training_segment_of_i
         assert manifest.loc[p["ecg_id"], "split"] == "train"
         assert p["class"] in p["source_labels"].split(",")
         branch = model.branches[p["branch"]]
-        x = torch.as_tensor(np.asarray(trained.store.signals[manifest.loc[p["ecg_id"], "row"]], dtype=np.float32))
+        x = torch.as_tensor(np.array(trained.store.signals[manifest.loc[p["ecg_id"], "row"]], dtype=np.float32))
         with torch.no_grad():
             latent = branch.latent_windows(x[None])[0, int(p["window"])]
         proto = branch.prototypes.prototypes[p["prototype"] - offsets[p["branch"]]]
