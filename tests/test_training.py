@@ -108,7 +108,7 @@ def test_training_is_one_mlflow_run_tree_with_curves_gallery_and_a_registered_mo
     version = c.get_model_version("ecgproto-protoecgnet", trained.out["model_version"])
     assert version.run_id == trained.out["evaluate_run_id"]
     loaded = tracking.load_model(f"models:/ecgproto-protoecgnet/{trained.out['model_version']}", trained.uri)
-    x = torch.as_tensor(np.asarray(trained.store.signals[:4], dtype=np.float32))
+    x = torch.as_tensor(np.array(trained.store.signals[:4], dtype=np.float32))
     assert loaded(x).shape == (4, 71)
 
 
