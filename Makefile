@@ -34,6 +34,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/train.py
 
 ui: $(STAMP)
 	$(BIN)/ecgproto ui
