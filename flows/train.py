@@ -72,7 +72,7 @@ def projection(store: str, config: TrainConfig, work_root: str, branch: str, par
 
     def work(run_id: str) -> int:
         provenance = stages.project(ctx, branch)
-        tracking.log_report(run_id, projection_report(provenance, {}), uri)
+        tracking.log_report(run_id, projection_report(provenance), uri)
         return len(provenance)
     return _run_stage("projection", parent, uri, branch, work)
 

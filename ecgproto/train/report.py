@@ -19,13 +19,13 @@ def fit_report(result: FitResult, stage: str, branch: str | None = None) -> Stag
     return r
 
 
-def projection_report(provenance: pd.DataFrame, gallery: dict) -> StageReport:  # noqa: ANN001
+def projection_report(provenance: pd.DataFrame) -> StageReport:
     own = provenance["own_class_source"].to_numpy()
     return StageReport(
         metrics={"n_prototypes": float(len(provenance)), "n_projected_on_own_class": float(own.sum()),
                  "mean_projection_cosine": float(provenance.loc[own, "similarity"].mean()) if own.any() else np.nan,
                  "n_source_records": float(provenance["ecg_id"].nunique())},
-        tables={"provenance": provenance}, figures=gallery)
+        tables={"provenance": provenance})
 
 
 def evaluation_report(metrics: dict[str, float], tables: dict[str, pd.DataFrame], planted: tuple[str, ...] = ()

@@ -178,7 +178,8 @@ def project(ctx: TrainContext, name: str) -> pd.DataFrame:
     if out.exists() and table.exists():
         return pd.read_parquet(table)
     branch = load_branch(ctx, name, "joint")
-    offset = sum(build_branch(b, ctx.config.model, ctx.labels).n_prototypes for b in BRANCHES[:BRANCHES.index(name)])
+    offset = sum(ctx.config.model.branches[b].prototypes_per_class * len(ctx.labels.branch_indices(b))
+                 for b in BRANCHES[:BRANCHES.index(name)])  # prototypes of the branches before this one
     provenance = project_prototypes(branch, ctx.splits["train"], ctx.labels.branch_indices(name), ctx.labels.codes,
                                     ctx.config.model.fs, ctx.config.eval_batch_size, ctx.device, offset)
     atomic_write_parquet(provenance, table)
