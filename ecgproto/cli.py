@@ -66,6 +66,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if "model_uri" in out:
         print("  (training: the 'train' child run, its branch/stage runs, the prototype gallery under 'fusion',\n"
               "   test-fold metrics beside the baseline under 'evaluate')")
+    if "associate_run_id" in out:
+        print("  (association: the 'associate' child run: association/results.parquet|.tsv, top_hits, comparison/,\n"
+              "   figures/manhattan_*.png, heatmap, ROC curves; top hits link to the gallery images under 'fusion')")
         example = Path(demo_dir()) / "ptbxl" / "records100" / "00000" / "00001_lr"
         print(f"\nExplain one ECG with the registered model:\n  .venv/bin/ecgproto explain {example}")
     return 0
@@ -115,6 +118,32 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_associate(args: argparse.Namespace) -> int:
+    from ecgproto import tracking
+    from ecgproto.phenotype.cohort import CohortConfig
+    from ecgproto.phenotype.study import StudyConfig
+    from flows.associate import associate_flow
+
+    source = Path(args.cohort).resolve()
+    store = source
+    mm = Path(args.machine_measurements) if args.machine_measurements else None
+    if not (source / "store.json").exists():  # a MIMIC-IV-ECG folder: ingest it first (a cache hit if done before)
+        from flows.ingest import ingest_flow
+
+        args.layout, args.fs, args.no_resample, args.dtype, args.min_likelihood = "mimic_ecg", 100, False, "float32", 0.0
+        store = Path(ingest_flow(str(source), _ingest_config(args), args.store)["store"])
+        mm = mm or (source / "machine_measurements.csv" if (source / "machine_measurements.csv").exists() else None)
+    config = StudyConfig(phecode_version=args.phecodes, device=args.device,
+                         cohort=CohortConfig(admissions=args.admissions, strict=args.strict,
+                                             window_before_days=args.window_days))
+    if args.no_nlp:
+        config.feature_sets = tuple(f for f in config.feature_sets if f != "nlp_concept")
+    out = associate_flow(str(store), str(Path(args.hosp).resolve()), args.model or None,
+                         str(mm) if mm else None, config)
+    print(f"MLflow run: {tracking.run_url(str(out['run_id']))}  (table: {out['results']}, figures under figures/)")
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from ecgproto import tracking
 
@@ -133,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     def demo_options(q: argparse.ArgumentParser) -> None:
         q.add_argument("--seed", type=int, help="random seed (default 20261123)")
         q.add_argument("--n-ptbxl", type=int, help="PTB-XL-layout records (default 2000)")
-        q.add_argument("--mimic-subjects", type=int, help="MIMIC-layout subjects, ~2.4 ECGs each (default 450; 0: none)")
+        q.add_argument("--mimic-subjects", type=int, help="MIMIC-layout subjects, ~2.4 ECGs each (default 1500; 0: none)")
         q.add_argument("--small", action="store_true", help="a small demo (300 records, 60 subjects) for quick checks")
         q.add_argument("--workers", type=int, help="processes (default: one per core)")
 
@@ -184,6 +213,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--top-k", type=int, default=3, help="prototypes shown per predicted label")
     q.add_argument("--out", default="explanations", help="output folder")
     q.set_defaults(func=cmd_explain)
+
+    q = sub.add_parser("associate", help="associate a model's prototypes with discharge phecodes in a MIMIC-IV cohort")
+    q.add_argument("cohort", help="a MIMIC-IV-ECG folder (holds record_list.csv; ingested first) or its store folder")
+    q.add_argument("--hosp", required=True, help="the MIMIC-IV hosp folder (patients, admissions, diagnoses_icd)")
+    q.add_argument("--model", default="models:/ecgproto-protoecgnet/latest",
+                   help="MLflow model URI (models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/model); '' = NLP only")
+    q.add_argument("--machine-measurements", help="machine_measurements.csv for NLP concepts (default: in the cohort folder)")
+    q.add_argument("--no-nlp", action="store_true", help="skip the NLP concept feature set")
+    q.add_argument("--phecodes", choices=["1.2", "X"], default="1.2", help="Phecode 1.2 (default) or PhecodeX")
+    q.add_argument("--admissions", choices=["first", "all"], default="first",
+                   help="first eligible admission per subject (default) or all admissions")
+    q.add_argument("--strict", action="store_true", help="only ECGs inside [admittime, dischtime]")
+    q.add_argument("--window-days", type=float, default=7.0, help="an ECG up to this many days before admission counts")
+    q.add_argument("--device", default="cpu", help="cpu | cuda (bf16 autocast) for scoring the cohort")
+    q.add_argument("--store", default=str(store_root()), help="store folder when COHORT is a dataset")
+    q.add_argument("--workers", type=int, help=argparse.SUPPRESS)
+    q.set_defaults(func=cmd_associate)
 
     q = sub.add_parser("ui", help="serve the MLflow UI for the local tracking store on 127.0.0.1")
     q.add_argument("--port", type=int, default=5000)

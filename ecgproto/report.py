@@ -20,6 +20,7 @@ class StageReport:
     figures: dict[str, Figure] = field(default_factory=dict)  # artifact path with .png
     documents: dict[str, Any] = field(default_factory=dict)  # artifact path with .json
     tags: dict[str, str] = field(default_factory=dict)
+    formats: dict[str, tuple[str, ...]] = field(default_factory=dict)  # table path -> formats; default csv+parquet
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -109,8 +109,11 @@ def log_report(run_id: str, report: StageReport, uri: str | None = None) -> None
         for path, table in report.tables.items():
             target = root / path
             target.parent.mkdir(parents=True, exist_ok=True)
-            table.to_csv(target.with_suffix(".csv"), index=False)
-            table.to_parquet(target.with_suffix(".parquet"), index=False)
+            for fmt in report.formats.get(path, ("csv", "parquet")):
+                if fmt == "parquet":
+                    table.to_parquet(target.with_suffix(".parquet"), index=False)
+                else:
+                    table.to_csv(target.with_suffix(f".{fmt}"), index=False, sep="\t" if fmt == "tsv" else ",")
         _save_figures(root, report.figures.items())
         for path, doc in report.documents.items():
             target = root / path
@@ -212,3 +215,35 @@ def load_model(model_uri: str, uri: str | None = None) -> Any:
 
     mlflow.set_tracking_uri(tracking_uri(uri))
     return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+
+
+def model_lineage(model_uri: str, uri: str | None = None) -> dict[str, str]:
+    """Where a registered model came from: its version, the run that logged it, the training run and
+    the run holding the prototype gallery (the training's `fusion` child)."""
+    c = client(uri)
+    out = {"model_uri": model_uri}
+    if model_uri.startswith("models:/"):
+        ref = model_uri.removeprefix("models:/")
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            mv = c.get_model_version_by_alias(name, alias)
+        else:
+            name, version = ref.split("/", 1)
+            if version == "latest":
+                version = str(max(int(v.version) for v in c.search_model_versions(f"name = '{name}'")))
+            mv = c.get_model_version(name, version)
+        out.update(model_name=mv.name, model_version=str(mv.version), model_run_id=mv.run_id)
+    elif model_uri.startswith("runs:/"):
+        out["model_run_id"] = model_uri.removeprefix("runs:/").split("/", 1)[0]
+    run_id = out.get("model_run_id")
+    if run_id:
+        run = c.get_run(run_id)
+        train = run.data.tags.get("mlflow.parentRunId", "")
+        out["train_run_id"] = train
+        out["dataset_hash"] = run.data.tags.get("dataset_hash", "") or (
+            c.get_run(train).data.tags.get("dataset_hash", "") if train else "")
+        if train:
+            found = c.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{train}' and tags.stage = 'fusion'")
+            if found:
+                out["gallery_run_id"] = found[0].info.run_id
+    return out

@@ -1,8 +1,8 @@
 """The whole pipeline as one flow and one parent MLflow run with a child run per stage.
 
-Stages so far: demo data (optional) -> ingest the training set -> ingest the external cohort ->
-train (branches, projection, fusion, baseline), evaluate on fold 10 and register the model.
-Association joins here as it is built.
+Stages: demo data (optional) -> ingest the training set -> ingest the external cohort -> train
+(branches, projection, fusion, baseline), evaluate on fold 10 and register the model -> associate
+the registered model's prototypes with the cohort's discharge phecodes.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from ecgproto import tracking
 from ecgproto.data.demo.beat_model import PLANTED_LABELS
 from ecgproto.data.demo.generate import DemoConfig
 from ecgproto.data.ingest import IngestConfig
+from ecgproto.phenotype.study import StudyConfig
 from ecgproto.train.config import TrainConfig
+from flows.associate import associate_flow
 from flows.demo_data import demo_data_flow
 from flows.ingest import ingest_flow
 from flows.train import REGISTERED_NAME, train_flow
@@ -26,8 +28,8 @@ from flows.train import REGISTERED_NAME, train_flow
 def pipeline_flow(train_root: str | None = None, cohort_root: str | None = None, demo: bool = False,
                   demo_config: DemoConfig | None = None, ingest_config: IngestConfig | None = None,
                   store_root: str | None = None, tracking_uri: str | None = None, train_model: bool = True,
-                  train_config: TrainConfig | None = None, register_as: str | None = REGISTERED_NAME
-                  ) -> dict[str, str]:
+                  train_config: TrainConfig | None = None, register_as: str | None = REGISTERED_NAME,
+                  hosp_root: str | None = None, study_config: StudyConfig | None = None) -> dict[str, str]:
     """Run the stages; with demo=True the inputs are the (generated) demo datasets and the model is
     the CPU-sized one (`TrainConfig.small()`) unless `train_config` says otherwise."""
     parent = tracking.start_run("pipeline", uri=tracking_uri, tags={"prefect_flow_run_id": str(flow_run.id)})
@@ -39,6 +41,8 @@ def pipeline_flow(train_root: str | None = None, cohort_root: str | None = None,
             train_root = train_root or str(Path(d["root"]) / "ptbxl")
             mimic = Path(d["root"]) / "mimic-iv-ecg"
             cohort_root = cohort_root or (str(mimic) if mimic.exists() else None)
+            hosp = Path(d["root"]) / "mimic-iv" / "hosp"
+            hosp_root = hosp_root or (str(hosp) if hosp.exists() else None)
         if train_root is None:
             raise ValueError("give train_root (a PTB-XL folder) or demo=True")
         train = ingest_flow(train_root, ingest_config, store_root, tracking_uri, parent)
@@ -56,6 +60,12 @@ def pipeline_flow(train_root: str | None = None, cohort_root: str | None = None,
                        test_macro_auroc=f"{t['metrics']['fused.macro_auroc']:.4f}")
             if t.get("model_version"):
                 out["model_version"] = str(t["model_version"])
+            if cohort_root and hosp_root:
+                mm = Path(cohort_root) / "machine_measurements.csv"
+                a = associate_flow(out["cohort_store"], hosp_root, t["model_uri"], str(mm) if mm.exists() else None,
+                                   study_config, tracking_uri, parent)
+                out["associate_run_id"] = str(a["run_id"])
+                out["significant_prototype_pairs"] = str(int(a["metrics"].get("prototype.significant_bonf", 0)))
     except BaseException:
         tracking.end_run(parent, "FAILED", tracking_uri)
         raise

@@ -127,3 +127,15 @@ def test_whole_fold_auroc_matches_sklearn_and_bootstrap_brackets_it() -> None:
     assert macro_auroc(y, score) == pytest.approx(np.mean(auc[:4]))
     lo, hi, mlo, mhi = bootstrap_auroc(y, score, n_boot=300, seed=0)
     assert (lo[:4] < auc[:4]).all() and (auc[:4] < hi[:4]).all() and mlo[0] < macro_auroc(y, score) < mhi[0]
+
+
+def test_focal_pooling_scores_a_local_match_and_ignores_a_match_everywhere() -> None:
+    from ecgproto.model.prototypes import PrototypeLayer
+
+    layer = PrototypeLayer(1, 4, scale=1.0, pool="focal")
+    everywhere = torch.full((1, 10, 1), 0.9)  # the prototype matches every window equally
+    local = torch.zeros(1, 10, 1)
+    local[0, 3] = 0.9  # one window matches
+    assert layer.pool(everywhere).item() == pytest.approx(0.0)
+    assert layer.pool(local).item() == pytest.approx(0.9 - 0.09)
+    assert layer.best_window(local).item() == 3  # projection and explanation still show the best window

@@ -30,7 +30,7 @@ class BranchConfig(BaseModel):
     window_leads: int = Field(1, ge=1, le=12, description="local_2d: prototype height in lead rows (Cabrera order; "
                               "3 = an anatomical neighbourhood such as II, aVF, III)")
     scale: float = Field(description="similarity = scale * cosine (reference: floor(sqrt(512*T))/T)")
-    pool: Literal["max", "topk_mean"] = Field(
+    pool: Literal["max", "topk_mean", "focal"] = Field(
         "max", description="how windows are pooled into one similarity, in training, projection and explanation alike")
     topk: int = Field(3, ge=1)
     dropout: float = 0.0

@@ -29,6 +29,8 @@ class PrototypeLayer(nn.Module):
         """(B, W, P) -> (B, P)."""
         if self.pool_mode == "max" or sim_map.shape[1] == 1:
             return sim_map.amax(dim=1)
+        if self.pool_mode == "focal":  # best window minus the average window: high only where the match is local
+            return sim_map.amax(dim=1) - sim_map.mean(dim=1)
         k = min(self.topk, sim_map.shape[1])
         return sim_map.topk(k, dim=1).values.mean(dim=1)
 

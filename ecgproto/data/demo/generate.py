@@ -47,7 +47,7 @@ class DemoConfig(BaseModel):
     seed: int = 20261123
     n_ptbxl: int = Field(2000, ge=20, description="PTB-XL-layout records (100 Hz)")
     n_hr: int = Field(50, ge=0, description="of those, also written at 500 Hz (records500/)")
-    n_mimic_subjects: int = Field(450, ge=0, description="MIMIC-layout subjects (~2 ECGs each); 0 = none")
+    n_mimic_subjects: int = Field(1500, ge=0, description="MIMIC-layout subjects (~2 ECGs each); 0 = none")
     noise: float = Field(1.0, ge=0, description="scale of baseline wander, hum and muscle noise")
     workers: int = Field(0, description="processes writing records; 0 = one per core")
 

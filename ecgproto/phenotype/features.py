@@ -1,0 +1,155 @@
+"""The feature sets an association study compares, built from a scored cohort and its machine reports.
+
+  prototype         per-prototype similarity, z-scored over the cohort (branches differ in scale)
+  prototype_top1    which prototype of each branch matches best (one-hot)
+  prototype_class   max z-similarity over a class's prototypes
+  class_prob        the fused label probabilities, as z-scored logits
+  nlp_concept       concepts parsed from the machine report lines, hedged statements as their own level
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ecgproto.phenotype.engine import FeatureSet
+
+HEDGES = ("possible", "probable", "consider", "borderline", "cannot rule out", "suggests", "likely", "questionable")
+_PUNCT = re.compile(r"[^a-z0-9+\-/ ]+")
+
+
+@dataclass
+class Scores:
+    """What a model says about each cohort ECG: pooled prototype similarities and label probabilities."""
+
+    similarities: np.ndarray  # (n, P) float32
+    probabilities: np.ndarray  # (n, C) float32
+    prototypes: pd.DataFrame  # one row per prototype: prototype, branch, class, index_in_branch, scale
+    codes: tuple[str, ...]
+
+
+def _batches(signals: np.ndarray, rows: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    order = np.argsort(rows, kind="stable")  # read the memmap front to back
+    for lo in range(0, len(rows), batch_size):
+        take = order[lo:lo + batch_size]
+        yield take, np.asarray(signals[rows[take]], dtype=np.float32)
+
+
+@torch.no_grad()
+def score_cohort(model: torch.nn.Module, signals: np.ndarray, rows: np.ndarray, batch_size: int = 256,
+                 device: str = "cpu", progress: bool = True) -> Scores:
+    """Run the model unchanged on the cohort's ECGs (store rows), in batches, streaming from the memmap."""
+    model = model.eval().to(device)
+    n, p, c = len(rows), model.n_prototypes, len(model.codes)
+    sims = np.zeros((n, p), dtype=np.float32)
+    probs = np.zeros((n, c), dtype=np.float32)
+    use_bf16 = device.startswith("cuda")
+    for take, x in tqdm(_batches(signals, np.asarray(rows), batch_size), total=-(-n // batch_size),
+                        desc="scoring cohort", unit="batch", disable=not progress):
+        xt = torch.from_numpy(x).to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            s = model.similarities(xt)
+            pr = torch.sigmoid(model.fusion(s))
+        sims[take] = s.float().cpu().numpy()
+        probs[take] = pr.float().cpu().numpy()
+    return Scores(sims, probs, prototype_table(model), tuple(model.codes))
+
+
+def prototype_table(model: torch.nn.Module) -> pd.DataFrame:
+    rows = []
+    for name, offset in model.prototype_offsets().items():
+        branch = model.branches[name]
+        for j, k in enumerate(branch.prototype_class.tolist()):
+            rows.append({"prototype": offset + j, "branch": name, "class": branch.classes[k], "index_in_branch": j,
+                         "scale": branch.scale})
+    table = pd.DataFrame(rows)
+    table["rank_in_class"] = table.groupby(["branch", "class"]).cumcount()
+    return table
+
+
+def zscore(x: np.ndarray) -> np.ndarray:
+    sd = x.std(axis=0)
+    return ((x - x.mean(axis=0)) / np.where(sd > 0, sd, 1.0)).astype(np.float32)
+
+
+def prototype_features(scores: Scores) -> FeatureSet:
+    t = scores.prototypes
+    feats = pd.DataFrame({
+        "feature_id": [f"P{p:04d}" for p in t["prototype"]],
+        "feature_label": [f"{c} prototype {r + 1} ({b})" for c, r, b in zip(t["class"], t["rank_in_class"], t["branch"],
+                                                                           strict=True)],
+        "branch": t["branch"], "prototype_class": t["class"]})
+    return FeatureSet("prototype", zscore(scores.similarities), feats)
+
+
+def top1_features(scores: Scores) -> FeatureSet:
+    t = scores.prototypes
+    onehot = np.zeros_like(scores.similarities, dtype=np.float32)
+    for _, idx in t.groupby("branch").groups.items():
+        cols = t.loc[idx, "prototype"].to_numpy()
+        best = cols[scores.similarities[:, cols].argmax(axis=1)]
+        onehot[np.arange(len(onehot)), best] = 1.0
+    base = prototype_features(scores).features
+    return FeatureSet("prototype_top1", onehot, base.assign(feature_label=base["feature_label"] + " is top-1"))
+
+
+def class_features(scores: Scores) -> FeatureSet:
+    z = zscore(scores.similarities)
+    t = scores.prototypes
+    classes = [c for c in scores.codes if c in set(t["class"])]
+    values = np.column_stack([z[:, t.loc[t["class"] == c, "prototype"].to_numpy()].max(axis=1) for c in classes])
+    branch = t.drop_duplicates("class").set_index("class")["branch"]
+    feats = pd.DataFrame({"feature_id": [f"class:{c}" for c in classes],
+                          "feature_label": [f"{c} prototypes (max)" for c in classes],
+                          "branch": [branch[c] for c in classes], "prototype_class": classes})
+    return FeatureSet("prototype_class", values.astype(np.float32), feats)
+
+
+def probability_features(scores: Scores) -> FeatureSet:
+    p = np.clip(scores.probabilities.astype(np.float64), 1e-6, 1 - 1e-6)
+    branch = scores.prototypes.drop_duplicates("class").set_index("class")["branch"]
+    feats = pd.DataFrame({"feature_id": [f"prob:{c}" for c in scores.codes],
+                          "feature_label": [f"P({c})" for c in scores.codes],
+                          "branch": [branch.get(c, "") for c in scores.codes], "prototype_class": list(scores.codes)})
+    return FeatureSet("class_prob", zscore(np.log(p / (1 - p))), feats)
+
+
+def normalise_statement(line: str) -> tuple[str, str] | None:
+    """A machine report line -> (concept, level 'stated'/'hedged'), or None for an empty line."""
+    text = _PUNCT.sub(" ", str(line).lower()).strip()
+    text = re.sub(r"\s+", " ", text)
+    if not text or text in ("nan", "none"):
+        return None
+    for hedge in HEDGES:
+        if text.startswith(hedge + " "):
+            return text[len(hedge) + 1:].strip(), "hedged"
+    return text, "stated"
+
+
+def nlp_features(reports: pd.DataFrame, min_prevalence: float = 0.001) -> FeatureSet:
+    """reports: one row per cohort ECG with report_0..report_17 -> binary concept features."""
+    columns = [c for c in reports.columns if re.fullmatch(r"report_\d+", c)]
+    if not columns:
+        raise ValueError("machine_measurements has no report_N columns (MIMIC-IV-ECG machine_measurements.csv)")
+    found: dict[str, set[int]] = {}
+    for col in columns:
+        for i, line in enumerate(reports[col].to_numpy()):
+            parsed = normalise_statement(line) if isinstance(line, str) else None
+            if parsed:
+                concept, level = parsed
+                found.setdefault(f"{concept}|{level}", set()).add(i)
+    n = len(reports)
+    keep = sorted(k for k, rows in found.items() if len(rows) >= max(min_prevalence * n, 1))
+    values = np.zeros((n, len(keep)), dtype=np.float32)
+    for j, k in enumerate(keep):
+        values[list(found[k]), j] = 1.0
+    feats = pd.DataFrame({"feature_id": [f"nlp:{k}" for k in keep],
+                          "feature_label": [k.split("|")[0] + (" (hedged)" if k.endswith("|hedged") else "")
+                                            for k in keep]})
+    return FeatureSet("nlp_concept", values, feats)

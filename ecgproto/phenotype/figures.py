@@ -1,0 +1,112 @@
+"""Association figures: Manhattan, prototype x phecode heatmap, feature-set comparison, ROC curves,
+intra-class distances. Each returns a Figure built outside pyplot (Agg), never shown."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+
+def manhattan(results: pd.DataFrame, title: str) -> Figure:
+    """Phecodes on x grouped by category, -log10 p on y, triangles up/down by effect sign, Bonferroni line."""
+    r = results.dropna(subset=["p_value"]).copy()
+    r["phecode_num"] = pd.to_numeric(r["phecode"].astype(str).str.extract(r"([\d.]+)")[0], errors="coerce")
+    order = r.drop_duplicates("phecode").sort_values(["phecode_category", "phecode_num"])["phecode"].astype(str).tolist()
+    x_of = {p: i for i, p in enumerate(order)}
+    fig = Figure(figsize=(12, 4.5))
+    ax = fig.subplots()
+    cats = sorted(r["phecode_category"].astype(str).unique())
+    colours = matplotlib.colormaps["tab20"](np.linspace(0, 1, max(len(cats), 1)))
+    for cat, colour in zip(cats, colours, strict=True):
+        g = r[r["phecode_category"].astype(str) == cat]
+        x = g["phecode"].astype(str).map(x_of).to_numpy()
+        up = g["beta"].to_numpy() > 0
+        ax.scatter(x[up], g["neg_log_p"].to_numpy()[up], marker="^", s=14, color=colour, label=cat)
+        ax.scatter(x[~up], g["neg_log_p"].to_numpy()[~up], marker="v", s=14, color=colour)
+    if len(r):
+        ax.axhline(-np.log10(r["bonferroni_threshold"].iloc[0]), color="red", lw=1, ls="--", label="Bonferroni")
+        top = r.sort_values("p_value").drop_duplicates("phecode").head(8)
+        for _, t in top[top["significant_bonf"]].iterrows():
+            ax.annotate(f"{t['phecode_string']}\n{t['feature_label']}", (x_of[str(t["phecode"])], t["neg_log_p"]),
+                        fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("phecode (grouped by category)")
+    ax.set_ylabel("-log10 p")
+    ax.set_title(title)
+    ax.legend(fontsize=6, ncol=2, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def heatmap(results: pd.DataFrame, max_features: int = 40, max_phecodes: int = 30) -> Figure:
+    """Signed -log10 p of the strongest prototypes x phecodes."""
+    r = results.dropna(subset=["p_value"])
+    feats = r.groupby("feature_label", observed=True)["neg_log_p"].max().nlargest(max_features).index
+    codes = r.groupby("phecode", observed=True)["neg_log_p"].max().nlargest(max_phecodes).index
+    sub = r[r["feature_label"].isin(feats) & r["phecode"].isin(codes)]
+    signed = sub.assign(v=np.sign(sub["beta"]) * sub["neg_log_p"])
+    labels = sub.drop_duplicates("phecode").set_index("phecode")["phecode_string"].astype(str)
+    grid = signed.pivot_table(index="feature_label", columns="phecode", values="v", observed=True).reindex(
+        index=feats, columns=codes)
+    fig = Figure(figsize=(max(6, 0.35 * len(codes) + 4), max(4, 0.22 * len(feats) + 2)))
+    ax = fig.subplots()
+    lim = max(float(np.nanmax(np.abs(grid.to_numpy()))) if grid.size else 1.0, 1.0)
+    im = ax.imshow(grid.to_numpy(dtype=float), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+    ax.set_xticks(range(len(codes)), [f"{c} {labels.get(c, '')[:24]}" for c in codes], rotation=90, fontsize=6)
+    ax.set_yticks(range(len(feats)), list(feats), fontsize=6)
+    fig.colorbar(im, ax=ax, label="sign(beta) x -log10 p")
+    ax.set_title("prototype x phecode")
+    fig.tight_layout()
+    return fig
+
+
+def feature_set_comparison(strength: pd.DataFrame) -> Figure:
+    """Significant phecodes per category, one bar per feature set."""
+    piv = strength.pivot_table(index="phecode_category", columns="feature_set", values="significant_phecodes",
+                               aggfunc="sum", fill_value=0)
+    fig = Figure(figsize=(10, 4.5))
+    ax = fig.subplots()
+    width = 0.8 / max(len(piv.columns), 1)
+    for k, fs in enumerate(piv.columns):
+        ax.bar(np.arange(len(piv)) + k * width, piv[fs].to_numpy(), width, label=str(fs))
+    ax.set_xticks(np.arange(len(piv)) + 0.4 - width / 2, list(piv.index), rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("Bonferroni-significant phecodes")
+    ax.set_title("feature sets by phecode category")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def roc_curves(curves: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]], table: pd.DataFrame) -> Figure:
+    codes = list(dict.fromkeys(code for code, _ in curves))
+    fig = Figure(figsize=(4.2 * max(len(codes), 1), 4.2))
+    axes = np.atleast_1d(fig.subplots(1, max(len(codes), 1)))
+    for ax, code in zip(axes, codes, strict=False):
+        for (c, model), (fpr, tpr) in curves.items():
+            if c != code:
+                continue
+            row = table[(table["phecode"] == code) & (table["model"] == model)].iloc[0]
+            ax.plot(fpr, tpr, lw=1.2, label=f"{model}: {row['auc']:.2f} [{row['auc_lo']:.2f}, {row['auc_hi']:.2f}]")
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+        ax.set_title(f"{code} {table.loc[table['phecode'] == code, 'target'].iloc[0]}")
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def distance_plot(d: pd.DataFrame, summary: dict[str, float]) -> Figure:
+    fig = Figure(figsize=(4.5, 4))
+    ax = fig.subplots()
+    groups = [d.loc[d["mixed"], "mean_cosine_distance"], d.loc[~d["mixed"], "mean_cosine_distance"]]
+    ax.boxplot([g.to_numpy() for g in groups], tick_labels=["mixed", "uniform"])
+    for k, g in enumerate(groups):
+        ax.scatter(np.full(len(g), k + 1) + np.random.default_rng(k).uniform(-0.08, 0.08, len(g)), g, s=10)
+    ax.set_ylabel("mean pairwise cosine distance")
+    ax.set_title(f"prototype classes (MWU p={summary.get('mannwhitney_p', float('nan')):.2g})", fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,231 @@
+"""A phenotype association study in one object: cohort + phecodes + feature sets -> result tables.
+
+    study = PhenotypeStudy(StudyConfig())
+    result = study.run(cohort_store, hosp_dir, model, machine_measurements_csv)
+    result.results  # one row per (feature set, feature, phecode), RESULT_COLUMNS
+
+`study_report` turns a result into what MLflow receives, applying the credentialed-data rules: no
+subject/admission/record ids, every exported count below 10 shown as "<10".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, Field
+
+from ecgproto.data.store import ArrayStore
+from ecgproto.phenotype import compare
+from ecgproto.phenotype import figures as figs
+from ecgproto.phenotype.cohort import Cohort, CohortConfig, build_cohort
+from ecgproto.phenotype.engine import AssociationEngine, EngineConfig, FeatureSet
+from ecgproto.phenotype.features import (
+    Scores,
+    class_features,
+    nlp_features,
+    probability_features,
+    prototype_features,
+    score_cohort,
+    top1_features,
+)
+from ecgproto.phenotype.phecodes import (
+    MappingReport,
+    PhecodeMap,
+    PhecodeStatus,
+    mapping_report,
+    phecode_status,
+)
+from ecgproto.privacy import MIN_CELL, drop_identifiers, suppress_counts
+from ecgproto.report import StageReport
+
+ALL_SETS = ("prototype", "prototype_top1", "prototype_class", "class_prob", "nlp_concept")
+
+
+class StudyConfig(BaseModel):
+    cohort: CohortConfig = Field(default_factory=CohortConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    phecode_version: str = Field("1.2", pattern=r"^(1\.2|X)$")
+    min_cases: int = 20
+    min_controls: int = 20
+    feature_sets: tuple[str, ...] = ALL_SETS
+    nlp_min_prevalence: float = 0.001
+    predict: bool = True
+    targets: dict[str, str] = Field(default_factory=lambda: dict(compare.TARGETS))
+    seed: int = 0
+    batch_size: int = 256
+    device: str = "cpu"
+    min_cell: int = MIN_CELL
+
+
+@dataclass
+class StudyResult:
+    results: pd.DataFrame
+    cohort: Cohort
+    status: PhecodeStatus
+    mapping: MappingReport
+    strength: pd.DataFrame
+    specificity: pd.DataFrame
+    calibration: pd.DataFrame
+    prediction: pd.DataFrame
+    distances: pd.DataFrame
+    distance_summary: dict[str, float]
+    curves: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    n_features: dict[str, int] = field(default_factory=dict)
+
+
+class PhenotypeStudy:
+    def __init__(self, config: StudyConfig | None = None) -> None:
+        self.config = config or StudyConfig()
+        unknown = set(self.config.feature_sets) - set(ALL_SETS)
+        if unknown:
+            raise ValueError(f"unknown feature set(s) {sorted(unknown)}; choose from {ALL_SETS}")
+
+    def cohort(self, store: ArrayStore, hosp: Path) -> tuple[Cohort, PhecodeStatus, MappingReport]:
+        cohort = build_cohort(store.manifest, Path(hosp), self.config.cohort)
+        pmap = PhecodeMap.load(self.config.phecode_version)  # type: ignore[arg-type]
+        pairs, detail = pmap.map_diagnoses(cohort.diagnoses)
+        status = phecode_status(cohort.table["hadm_id"], pairs, pmap, cohort.table["male"].to_numpy(),
+                                self.config.min_cases, self.config.min_controls)
+        return cohort, status, mapping_report(detail)
+
+    def feature_sets(self, scores: Scores | None, reports: pd.DataFrame | None) -> list[FeatureSet]:
+        makers = {"prototype": prototype_features, "prototype_top1": top1_features,
+                  "prototype_class": class_features, "class_prob": probability_features}
+        out = []
+        for name in self.config.feature_sets:
+            if name == "nlp_concept":
+                if reports is not None:
+                    out.append(nlp_features(reports, self.config.nlp_min_prevalence))
+            elif scores is not None:
+                out.append(makers[name](scores))
+        return out
+
+    def run(self, store: ArrayStore, hosp: Path, model: Any | None = None,
+            machine_measurements: Path | None = None, progress: bool = True) -> StudyResult:
+        c = self.config
+        cohort, status, mapping = self.cohort(store, hosp)
+        if status.status.shape[1] == 0:
+            raise ValueError(f"no phecode has >= {c.min_cases} cases and >= {c.min_controls} controls in the "
+                             f"cohort ({cohort.n} admissions); nothing to test")
+        scores = score_cohort(model, store.signals, cohort.table["row"].to_numpy(), c.batch_size, c.device,
+                              progress) if model is not None else None
+        reports = None
+        if machine_measurements is not None:
+            mm = pd.read_csv(machine_measurements, dtype={"study_id": str}, low_memory=False)
+            reports = cohort.table[["record_id"]].merge(mm, left_on="record_id", right_on="study_id", how="left")
+        sets = self.feature_sets(scores, reports)
+        if not sets:
+            raise ValueError("no feature set to test: give a model and/or machine_measurements.csv")
+        engine = AssociationEngine(c.engine).fit(cohort.table["age"].to_numpy(float),
+                                                 cohort.table["male"].to_numpy(bool), status)
+        results = pd.concat([engine.test(fs) for fs in sets], ignore_index=True)
+        for col in ("feature_set", "branch", "prototype_class", "phecode", "phecode_string", "phecode_category",
+                    "sex_restriction", "method"):
+            results[col] = results[col].astype("category")
+        shared = c.engine.alpha / max(int(results["p_value"].notna().sum()), 1)
+        results["bonferroni_threshold_shared"] = shared
+        results["significant_bonf_shared"] = results["p_value"] < shared
+
+        n_features = {fs.name: fs.values.shape[1] for fs in sets}
+        strength = compare.strength_by_category(results)
+        calibration = compare.feature_count_calibration(results, n_features, seed=c.seed) \
+            if "prototype" in n_features else pd.DataFrame()
+        prediction, curves = pd.DataFrame(), {}
+        covariates = np.column_stack([cohort.table["age"].to_numpy(float), cohort.table["male"].to_numpy(float)])
+        if c.predict:
+            prediction, curves = compare.prediction_table(
+                {fs.name: fs.values for fs in sets if fs.name != "prototype_top1"}, covariates, status.status,
+                status.phecodes["phecode"].tolist(), cohort.table["subject_id"].to_numpy(), c.targets, c.seed)
+        distances, summary = pd.DataFrame(), {}
+        if scores is not None and model is not None:
+            vectors = _prototype_vectors(model)
+            distances, summary = compare.mixed_significance_test(
+                results, compare.intra_class_distance(vectors, scores.prototypes), seed=c.seed)
+        return StudyResult(results, cohort, status, mapping, strength, compare.specificity(results), calibration,
+                           prediction, distances, summary, curves, n_features)
+
+
+def _prototype_vectors(model: Any) -> np.ndarray:
+    """All prototypes as rows; branches have different widths, so pad (cosine is unchanged by zeros)."""
+    blocks = [b.prototypes.prototypes.detach().cpu().numpy() for b in model.branches.values()]
+    width = max(b.shape[1] for b in blocks)
+    return np.concatenate([np.pad(b, ((0, 0), (0, width - b.shape[1]))) for b in blocks])
+
+
+def study_report(result: StudyResult, config: StudyConfig, lineage: dict[str, str] | None = None,
+                 top: int = 50) -> StageReport:
+    """Tables, figures and metrics for MLflow, with identifiers dropped and small counts suppressed."""
+    lineage = lineage or {}
+    counts = ["n_cases", "n_controls", "n_excluded"]
+    results = result.results.copy()
+    gallery = lineage.get("gallery_run_id", "")
+    is_proto = results["feature_set"].isin(["prototype", "prototype_top1"])
+    results["gallery_image"] = np.where(
+        is_proto, "gallery/" + results["branch"].astype(str) + "/" + results["prototype_class"].astype(str)
+        + "/prototype_" + results["feature_id"].astype(str).str[1:] + ".png", "")
+    results["gallery_run_id"] = np.where(is_proto, gallery, "")
+    exported = suppress_counts(results, counts, config.min_cell)
+    hits = exported[exported["significant_bonf"]].sort_values("p_value").head(top)
+
+    r = StageReport()
+    r.params = {"study": config.model_dump(), **{f"lineage.{k}": v for k, v in lineage.items()}}
+    r.tags = {k: v for k, v in lineage.items() if k in ("model_uri", "model_version", "dataset_hash", "train_run_id")}
+    r.tables = {
+        "association/results": exported,
+        "association/top_hits": hits,
+        "association/phecodes_tested": suppress_counts(result.status.phecodes, counts, config.min_cell),
+        "association/phecodes_untested": result.status.untested,
+        "association/cohort_flow": suppress_counts(result.cohort.flow, ["admissions"], config.min_cell),
+        "association/mapping_by_version": suppress_counts(result.mapping.by_version,
+                                                          ["rows", "mapped", "exact", "trimmed"], config.min_cell),
+        "association/mapping_by_chapter": suppress_counts(result.mapping.by_chapter,
+                                                          ["rows", "mapped", "exact", "trimmed"], config.min_cell),
+        "comparison/strength_by_category": result.strength,
+        "comparison/specificity": result.specificity,
+    }
+    r.formats = {"association/results": ("parquet", "tsv"), "association/top_hits": ("tsv", "csv")}
+    if len(result.calibration):
+        r.tables["comparison/feature_count_calibration"] = result.calibration
+    if len(result.prediction):
+        r.tables["comparison/prediction_auc"] = suppress_counts(result.prediction, ["n_cases", "n_controls"],
+                                                                config.min_cell)
+    if len(result.distances):
+        r.tables["comparison/intra_class_distance"] = result.distances
+        r.documents["comparison/intra_class_distance_test.json"] = result.distance_summary
+    for name, t in r.tables.items():  # belt and braces: no identifier column leaves the study
+        r.tables[name] = drop_identifiers(t)
+    r.documents["association/mapping_summary.json"] = {
+        "rate_outside_supplementary_chapters": result.mapping.rate_outside_supplementary,
+        "aim": ">= 0.97 of rows outside V/Z (supplementary) and E/V-Y (external cause) chapters"}
+
+    m: dict[str, float] = {"cohort_admissions": float(result.cohort.n),
+                           "phecodes_tested": float(len(result.status.phecodes)),
+                           "phecodes_untested": float(len(result.status.untested)),
+                           "mapping_rate_outside_supplementary": result.mapping.rate_outside_supplementary}
+    for version, row in result.mapping.by_version.set_index("icd_version").iterrows():
+        m[f"mapping_rate_icd{int(version)}"] = float(row["mapping_rate"])
+    for fs, g in result.results.groupby("feature_set", observed=True):
+        m[f"{fs}.tests"] = float(g["p_value"].notna().sum())
+        m[f"{fs}.significant_bonf"] = float(g["significant_bonf"].sum())
+        m[f"{fs}.significant_fdr"] = float(g["significant_fdr"].sum())
+    for _, row in result.prediction.iterrows():
+        m[f"auc.{row['phecode']}.{row['model']}"] = float(row["auc"])
+    if result.cohort.n < config.min_cell:
+        m["cohort_admissions"] = float("nan")
+    r.metrics = m
+
+    for fs, g in result.results.groupby("feature_set", observed=True):
+        r.figures[f"figures/manhattan_{fs}.png"] = figs.manhattan(g, f"{fs}: {g['p_value'].notna().sum()} tests")
+    if "prototype" in result.n_features:
+        r.figures["figures/prototype_phecode_heatmap.png"] = figs.heatmap(
+            result.results[result.results["feature_set"] == "prototype"])
+    r.figures["figures/feature_set_comparison.png"] = figs.feature_set_comparison(result.strength)
+    if result.curves:
+        r.figures["figures/roc_curves.png"] = figs.roc_curves(result.curves, result.prediction)
+    if len(result.distances):
+        r.figures["figures/intra_class_distance.png"] = figs.distance_plot(result.distances, result.distance_summary)
+    return r

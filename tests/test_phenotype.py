@@ -1,0 +1,263 @@
+"""Phenotype association: phecode mapping, cohort linking, the engine against statsmodels, planted
+associations recovered on the demo cohort, and the credentialed-data rules on what reaches MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import statsmodels.api as sm
+from scipy import optimize
+
+from ecgproto.data.demo.cohort import NULL, PLANTED
+from ecgproto.phenotype.cohort import CohortConfig, link_ecgs
+from ecgproto.phenotype.engine import (
+    AssociationEngine,
+    EngineConfig,
+    FeatureSet,
+    bh_fdr,
+    firth_logit,
+)
+from ecgproto.phenotype.phecodes import (
+    PhecodeMap,
+    PhecodeStatus,
+    dot_icd,
+    mapping_report,
+    phecode_status,
+)
+
+# Demo report phrases of each planted ECG pattern (what the NLP concept features see).
+PATTERN_PHRASE = {"AFIB": "atrial fibrillation", "LVH": "left ventricular hypertrophy",
+                  "STACH": "sinus tachycardia", "IMI": "inferior infarct"}
+
+
+@pytest.fixture(scope="module")
+def phecode12() -> PhecodeMap:
+    return PhecodeMap.load("1.2")
+
+
+def test_undotted_mimic_codes_get_their_dot_back() -> None:
+    assert dot_icd("42731", 9) == "427.31"
+    assert dot_icd("E8497", 9) == "E849.7"  # ICD-9 E codes: after the 4th character
+    assert dot_icd("V5861", 9) == "V58.61"
+    assert dot_icd("I480", 10) == "I48.0"
+    assert dot_icd("R6520", 10) == "R65.20"
+    assert dot_icd("412", 9) == "412"  # 3 characters: nothing to insert
+
+
+@pytest.mark.parametrize(("code", "version", "leaf", "rolled"), [
+    ("42731", 9, "427.21", {"427.2", "427"}), ("I480", 10, "427.21", {"427.2", "427"}),
+    ("4280", 9, "428.1", {"428"}), ("I509", 10, "428.1", {"428"}),
+    ("R6520", 10, "994.2", {"994"}), ("99591", 9, "994.2", {"994"}),
+    ("N179", 10, "585.1", {"585"}), ("5849", 9, "585.1", {"585"}),
+])
+def test_spec_check_codes_map_to_their_phecode_and_roll_up(phecode12: PhecodeMap, code: str, version: int,
+                                                           leaf: str, rolled: set[str]) -> None:
+    phecodes, _, how = phecode12.lookup(code, version)
+    assert how == "exact"
+    assert set(phecodes) == {leaf} | rolled
+
+
+def test_unmatched_codes_fall_back_by_trimming_and_malformed_codes_are_reported(phecode12: PhecodeMap) -> None:
+    phecodes, matched, how = phecode12.lookup("I48911", 10)  # a 7th character the map does not list
+    assert how == "trimmed" and matched == "I48.91" and "427.21" in phecodes
+    dx = pd.DataFrame({"hadm_id": [1, 1, 2, 2, 3, 3],
+                       "icd_code": ["42731", "XYZ", "I509", "", "E8497", "4019"],
+                       "icd_version": [9, 10, 10, 10, 9, 7]})
+    pairs, detail = phecode12.map_diagnoses(dx)
+    assert detail["match"].tolist() == ["exact", "malformed", "exact", "malformed", "unmapped", "malformed"]
+    report = mapping_report(detail)
+    assert set(report.unmapped_codes["icd_code"]) == {"XYZ", "", "E8497", "4019"}
+    assert report.rate_outside_supplementary == pytest.approx(2 / 5)  # the E code's chapter is left out by design
+    assert set(pairs.loc[pairs["hadm_id"] == 1, "phecode"]) == {"427", "427.2", "427.21"}
+
+
+def test_exclusion_ranges_and_sex_restrictions_shape_the_controls(phecode12: PhecodeMap) -> None:
+    dx = pd.DataFrame({"hadm_id": [1, 2, 3, 4], "icd_version": [9, 9, 9, 9],
+                       "icd_code": ["42731", "42732", "185", "4019"]})  # AF, atrial flutter, prostate cancer, HTN
+    pairs, _ = phecode12.map_diagnoses(dx)
+    male = np.array([True, False, True, False])
+    st = phecode_status(pd.Series([1, 2, 3, 4]), pairs, phecode12, male, min_cases=1, min_controls=1)
+    col = {p: j for j, p in enumerate(st.phecodes["phecode"])}
+    af = st.status[:, col["427.21"]]
+    assert af.tolist() == [1, -1, 0, 0]  # flutter is in AF's exclusion range: neither case nor control
+    prostate = st.status[:, col["185"]]
+    assert prostate.tolist() == [0, -1, 1, -1]  # male-only phecode: women leave the cohort
+    assert st.phecodes.set_index("phecode").loc["185", "sex"] == "Male"
+
+
+def test_phecodes_below_the_case_minimum_are_listed_as_untested_with_the_reason(phecode12: PhecodeMap) -> None:
+    dx = pd.DataFrame({"hadm_id": np.arange(30), "icd_version": 9,
+                       "icd_code": ["4019"] * 25 + ["42731"] * 5})
+    pairs, _ = phecode12.map_diagnoses(dx)
+    st = phecode_status(pd.Series(np.arange(30)), pairs, phecode12, np.ones(30, bool), min_cases=10, min_controls=3)
+    assert "401.1" in set(st.phecodes["phecode"])
+    untested = st.untested.set_index("phecode")
+    assert untested.loc["427.21", "reason"] == "fewer than 10 cases"
+
+
+def test_ecgs_link_to_admissions_by_window_earliest_first_and_overlaps_resolved() -> None:
+    adm = pd.DataFrame({"subject_id": [1, 1, 2], "hadm_id": [10, 11, 20],
+                        "admittime": ["2150-01-10", "2150-01-20", "2150-03-01"],
+                        "dischtime": ["2150-01-15", "2150-01-25", "2150-03-05"]})
+    ecgs = pd.DataFrame({"record_id": ["a", "b", "c", "d", "e"], "subject_id": [1, 1, 1, 2, 2], "row": range(5),
+                         "ecg_time": ["2150-01-09", "2150-01-12", "2150-01-16", "2150-02-01", "2150-03-02"]})
+    linked = link_ecgs(ecgs, adm, CohortConfig()).set_index("hadm_id")
+    assert linked.loc[10, "record_id"] == "a"  # one day before admission counts; the earliest wins over b
+    assert linked.loc[11, "record_id"] == "c"  # after discharge of 10, within 7 days before 11
+    assert linked.loc[20, "record_id"] == "e"  # d is 4 weeks early: outside every window
+    strict = link_ecgs(ecgs, adm, CohortConfig(strict=True)).set_index("hadm_id")
+    assert strict.loc[10, "record_id"] == "b" and 11 not in strict.index
+
+
+def _synthetic(seed: int = 0, n: int = 3000, m: int = 40, J: int = 12) -> SimpleNamespace:
+    rng = np.random.default_rng(seed)
+    age, male = rng.uniform(20, 90, n), rng.random(n) < 0.5
+    F = rng.normal(size=(n, m))
+    F[:, 1] = rng.exponential(size=n)  # skewed, like similarity scores
+    status = np.zeros((n, J), np.int8)
+    for j in range(J):
+        eta = -2 + 0.3 * (age - 60) / 10 + 0.3 * male + (0.6 * F[:, j] if j < 3 else 0)
+        status[:, j] = rng.random(n) < 1 / (1 + np.exp(-eta))
+    status[rng.random((n, J)) < 0.05] = -1
+    status[~male, J - 1] = -1  # a male-only phecode
+    phecodes = pd.DataFrame({"phecode": [str(j) for j in range(J)], "phecode_string": "x", "phecode_category": "c",
+                             "sex": ["Both"] * (J - 1) + ["Male"], "n_cases": 0, "n_controls": 0, "n_excluded": 0})
+    fs = FeatureSet("f", F.astype(np.float32), pd.DataFrame({"feature_id": [str(i) for i in range(m)],
+                                                             "feature_label": "x"}))
+    return SimpleNamespace(age=age, male=male, F=F, fs=fs, st=PhecodeStatus(status, phecodes, pd.DataFrame()))
+
+
+def test_engine_beta_se_and_p_agree_with_statsmodels_logit() -> None:
+    d = _synthetic()
+    engine = AssociationEngine(EngineConfig(screen_p=1.0, firth_below_cases=0)).fit(d.age, d.male, d.st)
+    table = engine.test(d.fs)
+    assert (table["method"] == "wald").all()
+    rng = np.random.default_rng(1)
+    for k in rng.choice(len(table), 40, replace=False):
+        row = table.iloc[k]
+        i, j = int(row["feature_id"]), int(row["phecode"])
+        keep = d.st.status[:, j] >= 0
+        cols = [np.ones(d.age.size), d.F[:, i], (d.age - 60) / 10] + ([d.male.astype(float)] if j < 11 else [])
+        fit = sm.Logit((d.st.status[keep, j] == 1).astype(float), np.column_stack(cols)[keep]).fit(disp=0, tol=1e-12)
+        assert abs(fit.params[1] - row["beta"]) < 1e-6
+        assert abs(fit.bse[1] - row["standard_error"]) < 1e-6
+        assert abs(fit.pvalues[1] - row["p_value"]) / fit.pvalues[1] < 1e-4
+
+
+def test_score_screen_refits_only_hits_and_matches_the_score_test_of_statsmodels() -> None:
+    d = _synthetic(seed=2)
+    table = AssociationEngine(EngineConfig(screen_p=1e-3, firth_below_cases=0)).fit(d.age, d.male, d.st).test(d.fs)
+    score_rows = table[table["method"] == "score"]
+    assert (score_rows["p_value"] > 1e-3).all() and (table.loc[table["method"] == "wald", "p_value"] < 1e-2).all()
+    planted = table[(table["feature_id"].astype(int) == table["phecode"].astype(int)) & (table["phecode"].astype(int) < 3)]
+    assert planted["significant_bonf"].all() and (planted["beta"] > 0).all()
+    for _, row in score_rows.sample(10, random_state=0).iterrows():
+        i, j = int(row["feature_id"]), int(row["phecode"])
+        keep = d.st.status[:, j] >= 0
+        cols = [np.ones(d.age.size), (d.age - 60) / 10] + ([d.male.astype(float)] if j < 11 else [])
+        null = sm.GLM((d.st.status[keep, j] == 1).astype(float), np.column_stack(cols)[keep],
+                      family=sm.families.Binomial()).fit()
+        p = null.score_test(exog_extra=d.F[keep, i:i + 1])[1]
+        assert abs(float(np.squeeze(p)) - row["p_value"]) / row["p_value"] < 1e-3
+
+
+def test_firth_fit_maximises_the_penalised_likelihood_under_complete_separation() -> None:
+    rng = np.random.default_rng(3)
+    n = 300
+    y = (rng.random(n) < 0.08).astype(float)
+    x = np.where(y == 1, 5 + rng.random(n), rng.random(n))  # cases all above every control: ML diverges
+    X = np.column_stack([np.ones(n), rng.normal(size=n), x])
+    beta, cov, value, converged = firth_logit(X, y)
+
+    def negative_penalised(b: np.ndarray) -> float:
+        eta = X @ b
+        w = 1 / (1 + np.exp(-eta)) * (1 - 1 / (1 + np.exp(-eta)))
+        return -float((y * eta - np.logaddexp(0, eta)).sum() + 0.5 * np.linalg.slogdet(X.T @ (X * w[:, None]))[1])
+
+    reference = optimize.minimize(negative_penalised, np.zeros(3), method="BFGS", options={"gtol": 1e-10})
+    assert converged and np.isfinite(beta).all()
+    assert np.allclose(beta, reference.x, atol=1e-4)
+    assert value == pytest.approx(-reference.fun, abs=1e-8)
+
+
+def test_bh_fdr_matches_statsmodels() -> None:
+    from statsmodels.stats.multitest import multipletests
+
+    p = np.random.default_rng(4).uniform(size=200) ** 3
+    p[5] = np.nan
+    q = bh_fdr(p)
+    ok = np.isfinite(p)
+    assert np.allclose(q[ok], multipletests(p[ok], method="fdr_bh")[1])
+    assert np.isnan(q[5])
+
+
+# --- the demo cohort ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def demo_cohort(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """The default-size demo cohort (1,500 subjects), ingested once for this module."""
+    from ecgproto.data.demo.generate import DemoConfig, generate_demo
+    from ecgproto.data.ingest import IngestConfig, ingest
+
+    root = tmp_path_factory.mktemp("cohort")
+    demo = generate_demo(root / "demo", DemoConfig(n_ptbxl=20, n_hr=0, workers=2))
+    store = ingest(demo.mimic_ecg, root / "store", IngestConfig(workers=2), progress=False).store
+    return SimpleNamespace(root=root, demo=demo, store=store)
+
+
+@pytest.mark.slow
+def test_planted_associations_are_recovered_and_null_pairs_are_calibrated(demo_cohort: SimpleNamespace) -> None:
+    from ecgproto.phenotype.study import PhenotypeStudy, StudyConfig
+
+    config = StudyConfig(feature_sets=("nlp_concept",), predict=False)
+    result = PhenotypeStudy(config).run(demo_cohort.store, demo_cohort.demo.mimic_hosp, None,
+                                        demo_cohort.demo.mimic_ecg / "machine_measurements.csv")
+    r = result.results
+    for dx in PLANTED:
+        phrase = PATTERN_PHRASE[dx.pattern]
+        hits = r[(r["phecode"] == dx.phecode) & r["feature_label"].str.startswith(phrase)]
+        assert hits["significant_bonf"].any(), (dx.name, hits[["feature_label", "p_value"]])
+        assert (hits.loc[hits["significant_bonf"], "beta"] > 0).all()  # right sign
+    null_codes = {dx.phecode for dx in NULL}
+    null = r[r["phecode"].isin(null_codes)]
+    assert len(null) > 200
+    share = float((null["p_value"] < 0.05).mean())
+    assert 0.02 <= share <= 0.08, share
+
+
+def test_associate_flow_logs_tables_and_figures_without_identifiers_or_small_counts(
+        demo_root: Path, prefect_server: None, mlflow_uri: str, tmp_path: Path) -> None:
+    from ecgproto import tracking
+    from ecgproto.data.ingest import IngestConfig, ingest
+    from ecgproto.phenotype.study import StudyConfig
+    from flows.associate import associate_flow
+
+    mimic, hosp = demo_root / "mimic-iv-ecg", demo_root / "mimic-iv" / "hosp"
+    store = ingest(mimic, tmp_path / "store", IngestConfig(workers=2), progress=False).store
+    config = StudyConfig(feature_sets=("nlp_concept",), min_cases=3, min_controls=3,
+                         targets={"401.1": "hypertension"})  # a small cohort: small counts must show as <10
+    out = associate_flow(str(store.path), str(hosp), None, str(mimic / "machine_measurements.csv"), config,
+                         tracking_uri=mlflow_uri)
+    run = tracking.describe(str(out["run_id"]), mlflow_uri)
+    assert run["status"] == "FINISHED" and run["tags"]["cohort_dataset_hash"] == store.key
+    for artifact in ("association/results.parquet", "association/results.tsv", "association/top_hits.tsv",
+                     "association/phecodes_untested.csv", "association/mapping_by_version.csv",
+                     "association/cohort_flow.csv", "comparison/prediction_auc.csv",
+                     "figures/manhattan_nlp_concept.png", "figures/roc_curves.png"):
+        assert artifact in run["artifacts"], artifact
+    local = Path(tracking.client(mlflow_uri).download_artifacts(str(out["run_id"]), "association", str(tmp_path)))
+    results = pd.read_csv(local / "results.tsv", sep="\t", dtype=str, keep_default_na=False)
+    assert len(results) > 0
+    assert not set(results.columns) & {"subject_id", "hadm_id", "study_id", "record_id"}
+    for table in [results] + [pd.read_csv(f, dtype=str, keep_default_na=False) for f in local.glob("*.csv")]:
+        for col in set(table.columns) & {"n_cases", "n_controls", "n_excluded", "admissions", "rows", "mapped"}:
+            numeric = pd.to_numeric(table[col], errors="coerce")
+            assert ((numeric >= 10) | (numeric == 0) | table[col].eq("<10")).all(), col
+    assert results["n_cases"].eq("<10").any()  # 3-9 cases happen in a 40-subject cohort, and are hidden
+    ids = set(pd.read_csv(mimic / "record_list.csv", dtype=str)["subject_id"])
+    text = "".join(p.read_text() for p in local.glob("*.tsv")) + "".join(p.read_text() for p in local.glob("*.csv"))
+    assert not any(i in text for i in ids)
