@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, Field
-from scipy import stats
+from scipy import sparse, special, stats
 
 from ecgproto.phenotype.phecodes import PhecodeStatus
 
@@ -52,7 +52,7 @@ class FeatureSet:
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * x))  # overflow-free
+    return special.expit(x)  # overflow-free
 
 
 def _loglik(y: np.ndarray, eta: np.ndarray) -> np.ndarray:
@@ -69,11 +69,12 @@ class RefitResult:
     converged: bool
 
 
-def newton_logit(X: np.ndarray, y: np.ndarray, max_iter: int = 50, tol: float = 1e-10
-                 ) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Batched maximum likelihood: X (H, n, p), y (n,) -> beta (H, p), covariance (H, p, p), converged."""
+def newton_logit(X: np.ndarray, y: np.ndarray, max_iter: int = 50, tol: float = 1e-10,
+                 start: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Batched maximum likelihood: X (H, n, p), y (n,) -> beta (H, p), covariance (H, p, p), converged (H,).
+    `start` (H, p): a warm start (the null fit and the score step put Newton a step or two from the optimum)."""
     h, n, p = X.shape
-    beta = np.zeros((h, p))
+    beta = np.zeros((h, p)) if start is None else start.astype(np.float64).copy()
     converged = np.zeros(h, dtype=bool)
     for _ in range(max_iter):
         eta = np.einsum("hnp,hp->hn", X, beta)
@@ -182,28 +183,39 @@ class AssociationEngine:
         return (s == 1).astype(np.float64), (s >= 0).astype(np.float64)
 
     def _null_block(self, cols: slice) -> tuple[np.ndarray, np.ndarray]:
-        """Batched IRLS of the null model for a block of phecodes."""
+        """Batched IRLS of the null model for a block of phecodes.
+
+        The null model sees only the covariates, so admissions that share them (ages are whole years in
+        MIMIC: ~150 age x sex patterns) are pooled into binomial counts first; the fit is the same.
+        """
         Z = self.covariates_
         y, m = self._block(cols)
+        patterns, inverse = np.unique(Z, axis=0, return_inverse=True)
+        if len(patterns) <= len(Z) // 4:
+            pool = sparse.csr_matrix((np.ones(len(Z)), (inverse.ravel(), np.arange(len(Z)))),
+                                     shape=(len(patterns), len(Z)))
+            Z, y, m = patterns, pool @ (y * m), pool @ m  # cases and at-risk counts per pattern
         b, k = y.shape[1], Z.shape[1]
         drop = self.drop_[cols]
         ZZ = np.einsum("nk,nl->nkl", Z, Z).reshape(len(Z), k * k)
         beta = np.zeros((b, k))
-        prevalence = (y * m).sum(0) / np.maximum(m.sum(0), 1)
-        beta[:, 0] = np.log(np.clip(prevalence, 1e-6, 1 - 1e-6) / (1 - np.clip(prevalence, 1e-6, 1 - 1e-6)))
+        prevalence = np.clip(y.sum(0) / np.maximum(m.sum(0), 1), 1e-6, 1 - 1e-6)
+        beta[:, 0] = np.log(prevalence / (1 - prevalence))
         converged = np.zeros(b, dtype=bool)
         eye = np.eye(k)
         for _ in range(self.config.max_iter):
-            mu = _sigmoid(Z @ beta.T)
-            grad = (Z.T @ (m * (y - mu))).T  # (b, k)
-            info = (ZZ.T @ (m * mu * (1 - mu))).T.reshape(b, k, k)
-            info = np.where(drop[:, :, None] | drop[:, None, :], 0.0, info) + eye * (drop[:, :, None] & drop[:, None, :])
-            grad = np.where(drop, 0.0, grad)
-            step = (np.linalg.pinv(info) @ grad[..., None])[..., 0]
-            beta += np.clip(step, -5, 5)
-            converged = np.abs(step).max(axis=1) < self.config.tol
-            if converged.all():
+            todo = np.flatnonzero(~converged)  # only the phecodes still moving
+            if len(todo) == 0:
                 break
+            mu = _sigmoid(Z @ beta[todo].T)
+            mt, dt = m[:, todo], drop[todo]
+            grad = (Z.T @ (y[:, todo] - mt * mu)).T  # (t, k); y holds case counts, m at-risk counts
+            info = (ZZ.T @ (mt * mu * (1 - mu))).T.reshape(len(todo), k, k)
+            info = np.where(dt[:, :, None] | dt[:, None, :], 0.0, info) + eye * (dt[:, :, None] & dt[:, None, :])
+            grad = np.where(dt, 0.0, grad)
+            step = (np.linalg.pinv(info) @ grad[..., None])[..., 0]
+            beta[todo] += np.clip(step, -5, 5)
+            converged[todo] = np.abs(step).max(axis=1) < self.config.tol
         return beta, converged
 
     def _null_terms(self, cols: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -264,13 +276,13 @@ class AssociationEngine:
         hits = np.argwhere(p <= self.config.screen_p)
         for j in np.unique(hits[:, 1]):
             feats = hits[hits[:, 1] == j, 0]
-            for i, res in zip(feats, self.refit(F[:, feats].astype(np.float64), j), strict=True):
+            for i, res in zip(feats, self.refit(F[:, feats].astype(np.float64), j, beta[feats, j]), strict=True):
                 beta[i, j], se[i, j], p[i, j], method[i, j], converged[i, j] = \
                     res.beta, res.se, res.p, res.method, res.converged
         return self._table(fs, beta, se, p, method, converged)
 
-    def refit(self, x: np.ndarray, j: int) -> list[RefitResult]:
-        """Exact fits of phecode j on the features in x (n, h)."""
+    def refit(self, x: np.ndarray, j: int, score_beta: np.ndarray | None = None) -> list[RefitResult]:
+        """Exact fits of phecode j on the features in x (n, h); `score_beta` (h,) the one-step estimates."""
         s = self.status_.status[:, j]
         rows = s >= 0
         y = (s[rows] == 1).astype(np.float64)
@@ -283,7 +295,11 @@ class AssociationEngine:
         for lo in range(0, len(todo), 32):
             idx = todo[lo:lo + 32]
             X = np.concatenate([np.broadcast_to(Z, (len(idx),) + Z.shape), xs[:, idx].T[:, :, None]], axis=2)
-            b, cov, conv = newton_logit(X, y, self.config.max_iter, self.config.tol)
+            start = np.zeros((len(idx), X.shape[2]))
+            start[:, :-1] = self.null_beta_[j][~self.drop_[j]]
+            if score_beta is not None:
+                start[:, -1] = np.nan_to_num(np.clip(score_beta[idx], -5, 5))
+            b, cov, conv = newton_logit(X, y, self.config.max_iter, self.config.tol, start)
             for t, i in enumerate(idx):
                 bx, vx = b[t, -1], cov[t, -1, -1]
                 if not conv[t] or not np.isfinite(bx) or abs(bx) > 15 or not vx > 0:
