@@ -148,6 +148,37 @@ def _one_branch_config() -> TrainConfig:
     return cfg
 
 
+@pytest.mark.slow
+def test_registered_model_scores_an_external_cohort_and_its_prototypes_meet_the_planted_phecodes(
+        trained: SimpleNamespace) -> None:
+    from ecgproto.data.demo.cohort import PLANTED as PLANTED_DX
+    from ecgproto.phenotype.study import StudyConfig
+    from flows.associate import associate_flow
+
+    cohort = generate_demo(trained.root / "cohort", DemoConfig(n_ptbxl=20, n_hr=0, workers=2))  # 1,500 subjects
+    store = ingest(cohort.mimic_ecg, trained.root / "store", IngestConfig(workers=2), progress=False).store
+    config = StudyConfig(feature_sets=("prototype", "class_prob"), predict=False)
+    out = associate_flow(str(store.path), str(cohort.mimic_hosp), trained.out["model_uri"], None, config,
+                         tracking_uri=trained.uri)
+    run = tracking.describe(str(out["run_id"]), trained.uri)
+    assert run["tags"]["train_run_id"] == trained.out["run_id"]  # lineage: which training made these prototypes
+    assert run["tags"]["model_version"] == str(trained.out["model_version"])
+    c = tracking.client(trained.uri)
+    results = pd.read_parquet(c.download_artifacts(str(out["run_id"]), "association/results.parquet",
+                                                   str(trained.root)))
+    model = tracking.load_model(trained.out["model_uri"], trained.uri)
+    proto = results[results["feature_set"] == "prototype"]
+    assert proto["feature_id"].nunique() == model.n_prototypes
+    # a top hit links to its prototype's gallery image, which exists in the training's gallery run
+    gallery = set(tracking.describe(str(proto["gallery_run_id"].iloc[0]), trained.uri)["artifacts"])
+    top = proto.sort_values("p_value").head(5)
+    assert set(top["gallery_image"]) <= gallery
+    probs = results[results["feature_set"] == "class_prob"]
+    for dx in PLANTED_DX:
+        hit = probs[(probs["phecode"] == dx.phecode) & (probs["prototype_class"] == dx.pattern)].iloc[0]
+        assert hit["significant_bonf"] and hit["beta"] > 0, (dx.name, hit["p_value"])
+
+
 def test_same_seed_gives_identical_training_on_cpu(demo_root: Path, tmp_path: Path) -> None:
     store = _store(demo_root, tmp_path)
     runs = []

@@ -70,7 +70,18 @@ def prototype_table(model: torch.nn.Module) -> pd.DataFrame:
                          "scale": branch.scale})
     table = pd.DataFrame(rows)
     table["rank_in_class"] = table.groupby(["branch", "class"]).cumcount()
+    # Projection pushes a prototype of a class without training positives onto another class's ECG:
+    # its name would mislead (a "DIG" prototype showing an LVH record), so studies leave it out by default.
+    own = {int(p["prototype"]): bool(p["own_class_source"]) for p in getattr(model, "provenance", [])}
+    table["own_class_source"] = [own.get(int(p), True) for p in table["prototype"]]
     return table
+
+
+def own_class_only(scores: Scores) -> Scores:
+    """The same scores, listing only prototypes projected onto an ECG of their own class."""
+    keep = scores.prototypes["own_class_source"].to_numpy(bool)
+    return Scores(scores.similarities, scores.probabilities, scores.prototypes[keep].reset_index(drop=True),
+                  scores.codes)
 
 
 def zscore(x: np.ndarray) -> np.ndarray:
@@ -85,7 +96,7 @@ def prototype_features(scores: Scores) -> FeatureSet:
         "feature_label": [f"{c} prototype {r + 1} ({b})" for c, r, b in zip(t["class"], t["rank_in_class"], t["branch"],
                                                                            strict=True)],
         "branch": t["branch"], "prototype_class": t["class"]})
-    return FeatureSet("prototype", zscore(scores.similarities), feats)
+    return FeatureSet("prototype", zscore(scores.similarities[:, t["prototype"].to_numpy()]), feats)
 
 
 def top1_features(scores: Scores) -> FeatureSet:
@@ -96,7 +107,7 @@ def top1_features(scores: Scores) -> FeatureSet:
         best = cols[scores.similarities[:, cols].argmax(axis=1)]
         onehot[np.arange(len(onehot)), best] = 1.0
     base = prototype_features(scores).features
-    return FeatureSet("prototype_top1", onehot, base.assign(feature_label=base["feature_label"] + " is top-1"))
+    return FeatureSet("prototype_top1", onehot[:, t["prototype"].to_numpy()], base.assign(feature_label=base["feature_label"] + " is top-1"))
 
 
 def class_features(scores: Scores) -> FeatureSet:

@@ -27,6 +27,7 @@ from ecgproto.phenotype.features import (
     Scores,
     class_features,
     nlp_features,
+    own_class_only,
     probability_features,
     prototype_features,
     score_cohort,
@@ -53,6 +54,9 @@ class StudyConfig(BaseModel):
     min_controls: int = 20
     feature_sets: tuple[str, ...] = ALL_SETS
     nlp_min_prevalence: float = 0.001
+    own_class_prototypes_only: bool = Field(
+        True, description="test only prototypes projected onto an ECG of their own class (the others carry a "
+        "class name their source ECG does not have)")
     predict: bool = True
     targets: dict[str, str] = Field(default_factory=lambda: dict(compare.TARGETS))
     seed: int = 0
@@ -93,6 +97,8 @@ class PhenotypeStudy:
         return cohort, status, mapping_report(detail)
 
     def feature_sets(self, scores: Scores | None, reports: pd.DataFrame | None) -> list[FeatureSet]:
+        if scores is not None and self.config.own_class_prototypes_only:
+            scores = own_class_only(scores)
         makers = {"prototype": prototype_features, "prototype_top1": top1_features,
                   "prototype_class": class_features, "class_prob": probability_features}
         out = []
@@ -142,9 +148,9 @@ class PhenotypeStudy:
                 status.phecodes["phecode"].tolist(), cohort.table["subject_id"].to_numpy(), c.targets, c.seed)
         distances, summary = pd.DataFrame(), {}
         if scores is not None and model is not None:
-            vectors = _prototype_vectors(model)
+            listed = own_class_only(scores).prototypes if c.own_class_prototypes_only else scores.prototypes
             distances, summary = compare.mixed_significance_test(
-                results, compare.intra_class_distance(vectors, scores.prototypes), seed=c.seed)
+                results, compare.intra_class_distance(_prototype_vectors(model), listed), seed=c.seed)
         return StudyResult(results, cohort, status, mapping, strength, compare.specificity(results), calibration,
                            prediction, distances, summary, curves, n_features)
 
