@@ -151,6 +151,26 @@ def test_engine_beta_se_and_p_agree_with_statsmodels_logit(whole_years: bool) ->
         assert abs(fit.pvalues[1] - row["p_value"]) / fit.pvalues[1] < 1e-4
 
 
+def test_all_admissions_mode_gives_subject_clustered_errors_like_statsmodels() -> None:
+    d = _synthetic(seed=5, n=2400)
+    groups = np.arange(2400) // 3  # three admissions per subject
+    engine = AssociationEngine(EngineConfig(screen_p=1.0, firth_below_cases=0)).fit(d.age, d.male, d.st, groups)
+    table = engine.test(d.fs)
+    rng = np.random.default_rng(6)
+    for k in rng.choice(len(table), 15, replace=False):
+        row = table.iloc[k]
+        i, j = int(row["feature_id"]), int(row["phecode"])
+        keep = d.st.status[:, j] >= 0
+        cols = [np.ones(d.age.size), d.F[:, i], (d.age - 60) / 10] + ([d.male.astype(float)] if j < 11 else [])
+        fit = sm.Logit((d.st.status[keep, j] == 1).astype(float), np.column_stack(cols)[keep]).fit(
+            disp=0, tol=1e-12, cov_type="cluster", cov_kwds={"groups": groups[keep]})
+        assert abs(fit.params[1] - row["beta"]) < 1e-6
+        assert abs(fit.bse[1] - row["standard_error"]) / fit.bse[1] < 1e-6
+    score = AssociationEngine(EngineConfig(screen_p=1e-12)).fit(d.age, d.male, d.st, groups).test(d.fs)
+    null = score[score["phecode"].astype(int) >= 3]
+    assert 0.02 <= float((null["p_value"] < 0.05).mean()) <= 0.08  # the robust score test stays calibrated
+
+
 def test_score_screen_refits_only_hits_and_matches_the_score_test_of_statsmodels() -> None:
     d = _synthetic(seed=2)
     table = AssociationEngine(EngineConfig(screen_p=1e-3, firth_below_cases=0)).fit(d.age, d.male, d.st).test(d.fs)

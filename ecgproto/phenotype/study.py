@@ -126,8 +126,10 @@ class PhenotypeStudy:
         sets = self.feature_sets(scores, reports)
         if not sets:
             raise ValueError("no feature set to test: give a model and/or machine_measurements.csv")
+        clustered = c.cohort.admissions == "all"  # several admissions of a subject: subject-clustered errors
         engine = AssociationEngine(c.engine).fit(cohort.table["age"].to_numpy(float),
-                                                 cohort.table["male"].to_numpy(bool), status)
+                                                 cohort.table["male"].to_numpy(bool), status,
+                                                 cohort.table["subject_id"].to_numpy() if clustered else None)
         results = pd.concat([engine.test(fs) for fs in sets], ignore_index=True)
         for col in ("feature_set", "branch", "prototype_class", "phecode", "phecode_string", "phecode_category",
                     "sex_restriction", "method"):
