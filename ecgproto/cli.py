@@ -144,6 +144,48 @@ def cmd_associate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from ecgproto import tracking
+    from ecgproto.train.config import TrainConfig
+    from flows.pipeline import pipeline_flow
+
+    config = TrainConfig.small() if args.small else TrainConfig()
+    config = config.model_copy(update={"device": args.device})
+    if args.epochs is not None:
+        config.joint.epochs = args.epochs
+    if (args.mimic_ecg is None) != (args.hosp is None):
+        print("ecgproto run: give both --mimic-ecg and --hosp for the association stage, or neither", file=sys.stderr)
+        return 2
+    out = pipeline_flow(train_root=str(Path(args.ptbxl).resolve()),
+                        cohort_root=str(Path(args.mimic_ecg).resolve()) if args.mimic_ecg else None,
+                        hosp_root=str(Path(args.hosp).resolve()) if args.hosp else None,
+                        store_root=args.store, train_config=config)
+    for key, value in out.items():
+        print(f"  {key:22s} {value}")
+    print(f"MLflow run: {tracking.run_url(out['parent_run_id'])}")
+    return 0
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from flows.retrain import retrain_flow
+
+    out = retrain_flow(config_path=str(Path(args.config).resolve()))
+    print(f"model version {out['version']} is now '{out['alias']}': {out['reason']}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from prefect import serve
+
+    from flows.retrain import RetrainConfig, deployment
+
+    cfg = RetrainConfig.load(args.config)
+    print(f"serving 'retrain/ecgproto-retrain' on cron '{cfg.schedule.cron}' ({cfg.schedule.timezone}); Ctrl-C to stop.\n"
+          "Scheduled runs need a Prefect server: `prefect server start` and PREFECT_API_URL=http://127.0.0.1:4200/api.")
+    serve(deployment(args.config))
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from ecgproto import tracking
 
@@ -230,6 +272,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--store", default=str(store_root()), help="store folder when COHORT is a dataset")
     q.add_argument("--workers", type=int, help=argparse.SUPPRESS)
     q.set_defaults(func=cmd_associate)
+
+    q = sub.add_parser("run", help="the whole pipeline on your data: ingest -> train -> evaluate -> register -> associate")
+    q.add_argument("--ptbxl", required=True, help="PTB-XL folder (holds ptbxl_database.csv)")
+    q.add_argument("--mimic-ecg", help="MIMIC-IV-ECG folder for the association stage (holds record_list.csv)")
+    q.add_argument("--hosp", help="MIMIC-IV hosp folder (patients, admissions, diagnoses_icd)")
+    q.add_argument("--small", action="store_true", help="the CPU-sized model and schedule")
+    q.add_argument("--epochs", type=int, help="upper bound on joint-stage epochs per branch")
+    q.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    q.add_argument("--store", default=str(store_root()), help="store folder (default data/store)")
+    q.set_defaults(func=cmd_run)
+
+    q = sub.add_parser("retrain", help="retrain once from a config file and apply the champion/challenger rule")
+    q.add_argument("config", help="retraining config (TOML; see flows/retrain.py)")
+    q.set_defaults(func=cmd_retrain)
+
+    q = sub.add_parser("serve", help="serve scheduled retraining (Prefect deployment on the config's cron)")
+    q.add_argument("config", help="retraining config (TOML; see flows/retrain.py)")
+    q.set_defaults(func=cmd_serve)
 
     q = sub.add_parser("ui", help="serve the MLflow UI for the local tracking store on 127.0.0.1")
     q.add_argument("--port", type=int, default=5000)

@@ -247,3 +247,22 @@ def model_lineage(model_uri: str, uri: str | None = None) -> dict[str, str]:
             if found:
                 out["gallery_run_id"] = found[0].info.run_id
     return out
+
+
+def alias_version(name: str, alias: str, uri: str | None = None) -> str | None:
+    """The version a registered-model alias points at, or None (no such model or alias)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client(uri).get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def set_alias(name: str, alias: str, version: str, uri: str | None = None,
+              tags: dict[str, str] | None = None) -> None:
+    """Point `alias` at `version` and tag that version (e.g. with the promotion decision)."""
+    c = client(uri)
+    c.set_registered_model_alias(name, alias, str(version))
+    for k, v in (tags or {}).items():
+        c.set_model_version_tag(name, str(version), k, str(v))

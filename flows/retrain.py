@@ -1,0 +1,153 @@
+"""Scheduled retraining with champion/challenger promotion.
+
+`retrain_flow` re-ingests the training data (a cache hit when unchanged), trains and registers a new
+model version, scores it and the current `champion` on the same test fold, and moves the `champion`
+alias to the new version only if it is not worse by more than the configured tolerance; otherwise
+the new version becomes `challenger` and the run says why. `ecgproto serve retrain.toml` serves the
+flow as a Prefect deployment on the config's cron schedule.
+
+Example config (TOML):
+
+    [data]
+    ptbxl = "/data/physionet.org/files/ptb-xl/1.0.3"
+    [train]
+    size = "reference"          # or "small"
+    device = "cuda"
+    [registry]
+    name = "ecgproto-protoecgnet"
+    tolerance = 0.005           # negative: demand an improvement of at least that much
+    [schedule]
+    cron = "0 3 * * 1"          # Mondays 03:00
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow, task
+from prefect.runtime import flow_run
+from prefect.schedules import Cron
+from pydantic import BaseModel, Field
+
+from ecgproto import tracking
+from ecgproto.data.ingest import IngestConfig
+from ecgproto.data.store import ArrayStore
+from ecgproto.promotion import decide, test_fold_auroc
+from ecgproto.report import StageReport
+from ecgproto.train.config import TrainConfig
+from flows.ingest import ingest_flow
+from flows.train import REGISTERED_NAME, train_flow
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+class DataSection(BaseModel):
+    ptbxl: str = Field(description="PTB-XL-layout folder to (re)train on")
+    store_root: str | None = None
+    workers: int = 0
+
+
+class TrainSection(BaseModel):
+    size: Literal["small", "reference"] = "reference"
+    epochs: int | None = Field(None, description="upper bound on joint-stage epochs per branch")
+    device: str = "auto"
+    seed: int | None = None
+    baseline: bool = True
+    work_root: str | None = None
+    bootstrap: int | None = None
+
+    def config(self) -> TrainConfig:
+        c = TrainConfig.small() if self.size == "small" else TrainConfig()
+        c = c.model_copy(update={"device": self.device, **({"seed": self.seed} if self.seed is not None else {}),
+                                 **({"bootstrap": self.bootstrap} if self.bootstrap is not None else {})})
+        if self.epochs is not None:
+            c.joint.epochs = self.epochs
+            c.baseline.stage.epochs = self.epochs
+        c.baseline.enabled = self.baseline
+        return c
+
+
+class RegistrySection(BaseModel):
+    name: str = REGISTERED_NAME
+    tolerance: float = Field(0.005, description="promote unless worse than the champion by more than this")
+
+
+class ScheduleSection(BaseModel):
+    cron: str = "0 3 * * 1"
+    timezone: str = "UTC"
+
+
+class RetrainConfig(BaseModel):
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    registry: RegistrySection = Field(default_factory=RegistrySection)
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    tracking_uri: str | None = None
+
+    @classmethod
+    def load(cls, path: str | Path) -> RetrainConfig:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: retraining config not found")
+        return cls.model_validate(tomllib.loads(path.read_text()))
+
+
+@task(name="compare-and-promote")
+def compare_and_promote(run_id: str, store: str, name: str, version: str, tolerance: float,
+                        uri: str | None) -> dict[str, Any]:
+    """Score the new version and the champion on the same test fold; move the alias accordingly."""
+    data = ArrayStore.open(store)
+    challenger = test_fold_auroc(tracking.load_model(f"models:/{name}/{version}", uri), data)
+    champion_version = tracking.alias_version(name, CHAMPION, uri)
+    champion = None
+    if champion_version is not None and champion_version != version:
+        champion = test_fold_auroc(tracking.load_model(f"models:/{name}@{CHAMPION}", uri), data)
+    decision = decide(challenger, champion, tolerance)
+    alias = CHAMPION if decision.promote else CHALLENGER
+    tracking.set_alias(name, alias, version, uri, tags={"promotion": alias, "promotion_reason": decision.reason})
+    report = StageReport(
+        metrics={"challenger_macro_auroc": challenger, **({"champion_macro_auroc": champion} if champion else {})},
+        tags={"promotion": alias, "promotion_reason": decision.reason, "model_version": version,
+              "previous_champion_version": champion_version or ""},
+        documents={"promotion.json": {**decision.as_dict(), "model": name, "version": version,
+                                      "previous_champion_version": champion_version}})
+    tracking.log_report(run_id, report, uri)
+    return {**decision.as_dict(), "alias": alias, "version": version, "previous_champion_version": champion_version}
+
+
+@flow(name="retrain", log_prints=True)
+def retrain_flow(config_path: str | None = None, config: RetrainConfig | None = None) -> dict[str, Any]:
+    """Retrain on the current data and promote under the champion/challenger rule."""
+    if config is None:
+        if config_path is None:
+            raise ValueError("give config_path (a retrain TOML file) or config")
+        config = RetrainConfig.load(config_path)
+    uri = config.tracking_uri
+    parent = tracking.start_run("retrain", uri=uri, tags={"prefect_flow_run_id": str(flow_run.id)})
+    try:
+        tracking.log_report(parent, StageReport(params={"retrain": config.model_dump()}), uri)
+        ingested = ingest_flow(str(Path(config.data.ptbxl).resolve()), IngestConfig(workers=config.data.workers),
+                               config.data.store_root, uri, parent)
+        trained = train_flow(ingested["store"], config.train.config(), work_root=config.train.work_root,
+                             tracking_uri=uri, parent_run_id=parent, register_as=config.registry.name)
+        tracking.set_tags(parent, {"dataset_hash": ingested["dataset_hash"],
+                                   "model_version": str(trained["model_version"])}, uri)
+        outcome = compare_and_promote(parent, ingested["store"], config.registry.name, str(trained["model_version"]),
+                                      config.registry.tolerance, uri)
+    except BaseException:
+        tracking.end_run(parent, "FAILED", uri)
+        raise
+    tracking.end_run(parent, uri=uri)
+    print(f"version {outcome['version']} -> {outcome['alias']}: {outcome['reason']}")
+    return {"run_id": parent, **outcome}
+
+
+def deployment(config_path: str | Path):  # noqa: ANN201 (a Prefect RunnerDeployment)
+    """The scheduled deployment `ecgproto serve` runs: the config's cron, the config file as parameter."""
+    path = str(Path(config_path).resolve())
+    cfg = RetrainConfig.load(path)
+    return retrain_flow.to_deployment(
+        name="ecgproto-retrain", schedules=[Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone)],
+        parameters={"config_path": path}, description="retrain on the current data; promote to champion if not worse")
