@@ -1,8 +1,9 @@
 """The whole pipeline as one flow and one parent MLflow run with a child run per stage.
 
 Stages: demo data (optional) -> ingest the training set -> ingest the external cohort -> train
-(branches, projection, fusion, baseline), evaluate on fold 10 and register the model -> associate
-the registered model's prototypes with the cohort's discharge phecodes.
+(branches, projection, fusion, baseline), evaluate on fold 10 and register the model -> promote it to
+the `champion` alias unless it is worse than the champion (else `challenger`) -> associate the
+model's prototypes with the cohort's discharge phecodes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ecgproto.train.config import TrainConfig
 from flows.associate import associate_flow
 from flows.demo_data import demo_data_flow
 from flows.ingest import ingest_flow
+from flows.retrain import compare_and_promote
 from flows.train import REGISTERED_NAME, train_flow
 
 
@@ -29,7 +31,8 @@ def pipeline_flow(train_root: str | None = None, cohort_root: str | None = None,
                   demo_config: DemoConfig | None = None, ingest_config: IngestConfig | None = None,
                   store_root: str | None = None, tracking_uri: str | None = None, train_model: bool = True,
                   train_config: TrainConfig | None = None, register_as: str | None = REGISTERED_NAME,
-                  hosp_root: str | None = None, study_config: StudyConfig | None = None) -> dict[str, str]:
+                  hosp_root: str | None = None, study_config: StudyConfig | None = None,
+                  tolerance: float = 0.005) -> dict[str, str]:
     """Run the stages; with demo=True the inputs are the (generated) demo datasets and the model is
     the CPU-sized one (`TrainConfig.small()`) unless `train_config` says otherwise."""
     parent = tracking.start_run("pipeline", uri=tracking_uri, tags={"prefect_flow_run_id": str(flow_run.id)})
@@ -58,8 +61,18 @@ def pipeline_flow(train_root: str | None = None, cohort_root: str | None = None,
                            register_as=register_as, planted=planted)
             out.update(train_run_id=t["run_id"], model_uri=t["model_uri"],
                        test_macro_auroc=f"{t['metrics']['fused.macro_auroc']:.4f}")
-            if t.get("model_version"):
+            if t.get("model_version") and register_as:
                 out["model_version"] = str(t["model_version"])
+                promote = tracking.start_run("promote", parent_run_id=parent, uri=tracking_uri,
+                                             tags={"prefect_flow_run_id": str(flow_run.id)})
+                try:
+                    decision = compare_and_promote(promote, train["store"], register_as, out["model_version"],
+                                                   tolerance, tracking_uri)
+                except BaseException:
+                    tracking.end_run(promote, "FAILED", tracking_uri)
+                    raise
+                tracking.end_run(promote, uri=tracking_uri)
+                out.update(promote_run_id=promote, model_alias=str(decision["alias"]))
             if cohort_root and hosp_root:
                 mm = Path(cohort_root) / "machine_measurements.csv"
                 a = associate_flow(out["cohort_store"], hosp_root, t["model_uri"], str(mm) if mm.exists() else None,

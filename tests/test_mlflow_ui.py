@@ -1,0 +1,149 @@
+"""End to end against a real `mlflow server` on 127.0.0.1: the demo pipeline (CI size) logs into it,
+the REST client finds the lineage a reviewer walks, and headless Chromium renders an artifact image
+on the run page (a screenshot is saved and logged to the pipeline run)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    log = (root / "server.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        try:
+            if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+        time.sleep(1)
+    yield SimpleNamespace(url=url, root=root)
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def demo_pipeline(mlflow_server: SimpleNamespace, prefect_server: None,
+                  tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    from ecgproto.data.demo.generate import DemoConfig
+    from ecgproto.phenotype.study import StudyConfig
+    from ecgproto.train.config import TrainConfig
+    from flows.pipeline import pipeline_flow
+
+    home = tmp_path_factory.mktemp("home")
+    train = TrainConfig.small()
+    train.joint.epochs = 2
+    train.baseline.enabled = False
+    train.bootstrap = 20
+    study = StudyConfig(min_cases=5, min_controls=5, targets={"401.1": "hypertension"})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ECGPROTO_HOME", str(home))
+        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+        out = pipeline_flow(demo=True, demo_config=DemoConfig(n_ptbxl=300, n_hr=10, n_mimic_subjects=150, workers=2),
+                            store_root=str(home / "store"), tracking_uri=mlflow_server.url, train_config=train,
+                            study_config=study)
+    return SimpleNamespace(out=out, home=home)
+
+
+@pytest.mark.slow
+def test_demo_pipeline_on_a_real_mlflow_server_leaves_the_lineage_a_reviewer_walks(
+        mlflow_server: SimpleNamespace, demo_pipeline: SimpleNamespace) -> None:
+    from mlflow import MlflowClient
+
+    c = MlflowClient(tracking_uri=mlflow_server.url)  # the REST API, as the UI uses it
+    out = demo_pipeline.out
+    parent = c.get_run(out["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    children = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    stages = sorted(r.data.tags["stage"] for r in children)
+    assert stages == ["associate", "demo-data", "ingest", "ingest", "promote", "train"]
+    train = next(r for r in children if r.data.tags["stage"] == "train")
+    assert train.data.tags["dataset_hash"] == out["dataset_hash"]
+    version = c.get_model_version_by_alias("ecgproto-protoecgnet", "champion")
+    assert str(version.version) == out["model_version"]
+    associate = next(r for r in children if r.data.tags["stage"] == "associate")
+    assert associate.data.tags["model_version"] == out["model_version"]  # the association names its model
+    assert associate.data.tags["train_run_id"] == train.info.run_id
+    files = {f.path for f in c.list_artifacts(associate.info.run_id, "association")}
+    assert {"association/results.parquet", "association/results.tsv"} <= files
+    figures = {f.path for f in c.list_artifacts(associate.info.run_id, "figures")}
+    assert "figures/roc_curves.png" in figures and any(p.startswith("figures/manhattan_") for p in figures)
+    grandchildren = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{train.info.run_id}'")
+    fusion = next(r for r in grandchildren if r.data.tags["stage"] == "fusion")
+    assert c.list_artifacts(fusion.info.run_id, "gallery")
+
+
+def _gallery_image(url: str, run_id: str) -> str:
+    from mlflow import MlflowClient
+
+    c = MlflowClient(tracking_uri=url)
+    path = "gallery"
+    while True:
+        entries = c.list_artifacts(run_id, path)
+        files = [e.path for e in entries if not e.is_dir and e.path.endswith(".png")]
+        if files:
+            return files[0]
+        path = next(e.path for e in entries if e.is_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed (.ci/run installs it)")
+def test_run_page_renders_a_prototype_image_in_headless_chromium(
+        mlflow_server: SimpleNamespace, demo_pipeline: SimpleNamespace) -> None:
+    from playwright.sync_api import sync_playwright
+
+    from mlflow import MlflowClient
+
+    c = MlflowClient(tracking_uri=mlflow_server.url)
+    parent = c.get_run(demo_pipeline.out["parent_run_id"])
+    exp = parent.info.experiment_id
+    train = c.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.stage = 'train'")[0]
+    fusion = c.search_runs([exp], f"tags.mlflow.parentRunId = '{train.info.run_id}' and tags.stage = 'fusion'")[0]
+    image = _gallery_image(mlflow_server.url, fusion.info.run_id)
+    page_url = f"{mlflow_server.url}/#/experiments/{exp}/runs/{fusion.info.run_id}/artifacts/{image}"
+    shot = demo_pipeline.home / "screenshots" / "run_page_artifact.png"
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.goto(page_url, wait_until="networkidle", timeout=120_000)
+        img = page.locator("img[src*='artifact']").first
+        img.wait_for(state="visible", timeout=60_000)
+        page.wait_for_function("(el) => el.complete && el.naturalWidth > 0", arg=img.element_handle(), timeout=60_000)
+        width = img.evaluate("el => el.naturalWidth")
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert width > 200  # the prototype figure itself, decoded by the browser
+    assert shot.stat().st_size > 10_000
+    c.log_artifact(parent.info.run_id, str(shot), "ui_check")
