@@ -137,11 +137,12 @@ def test_run_page_renders_a_prototype_image_in_headless_chromium(
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync"])
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
-        page.goto(page_url, wait_until="networkidle", timeout=120_000)
-        img = page.locator("img[src*='artifact']").first
-        img.wait_for(state="visible", timeout=60_000)
-        page.wait_for_function("(el) => el.complete && el.naturalWidth > 0", arg=img.element_handle(), timeout=60_000)
-        width = img.evaluate("el => el.naturalWidth")
+        page.goto(page_url, wait_until="domcontentloaded", timeout=120_000)  # the UI keeps polling: no networkidle
+        # The UI fetches the file through the server's artifact API and shows it from a blob: URL.
+        page.wait_for_function("() => Array.from(document.images).some("
+                               "i => i.src.startsWith('blob:') && i.complete && i.naturalWidth > 0)", timeout=90_000)
+        width = page.evaluate("() => Math.max(...Array.from(document.images)"
+                              ".filter(i => i.src.startsWith('blob:')).map(i => i.naturalWidth))")
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
     assert width > 200  # the prototype figure itself, decoded by the browser
