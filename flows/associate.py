@@ -7,19 +7,32 @@ are applied before anything is logged.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, task
 from prefect.runtime import flow_run
 
 from ecgproto import tracking
-from ecgproto.data.store import ArrayStore
+from ecgproto.data.store import ArrayStore, file_identity
 from ecgproto.phenotype.study import PhenotypeStudy, StudyConfig, StudyResult, study_report
 
 DEFAULT_MODEL = "models:/ecgproto-protoecgnet/latest"
 
 
-@task(name="run-study")
+def study_key(_context: Any, p: dict[str, Any]) -> str:
+    """Prefect cache key of a study: the cohort store's key, the hosp and report files' identities, the
+    resolved model version and the config. A pipeline re-run after a later failure reuses the study."""
+    hosp = sorted(Path(p["hosp"]).glob("*.csv*"))
+    mm = p["machine_measurements"]
+    payload = [ArrayStore.open(p["cohort_store"]).key, [(f.name, file_identity(f)) for f in hosp],
+               file_identity(Path(mm)) if mm else None, p["model_uri"], p["config"].model_dump()]
+    return "study-" + hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@task(name="run-study", cache_key_fn=study_key, persist_result=True)
 def run_study(cohort_store: str, hosp: str, model_uri: str | None, machine_measurements: str | None,
               config: StudyConfig, uri: str | None) -> StudyResult:
     model = tracking.load_model(model_uri, uri) if model_uri else None
@@ -46,8 +59,14 @@ def associate_flow(cohort_store: str, hosp: str, model_uri: str | None = DEFAULT
     lineage["cohort_dataset_hash"] = store.key
     run_id = tracking.start_run("associate", parent_run_id=parent_run_id, uri=tracking_uri,
                                 tags={"prefect_flow_run_id": str(flow_run.id), "cohort_dataset_hash": store.key})
+    # The logging run of the resolved version, never 'latest' or an alias (and unique across tracking
+    # stores), so the cache cannot hand back another model's study.
+    resolved = f"runs:/{lineage['model_run_id']}/model" if "model_run_id" in lineage else model_uri
     try:
-        result = run_study(cohort_store, hosp, model_uri, machine_measurements, config, tracking_uri)
+        state = run_study(cohort_store, hosp, resolved, machine_measurements, config, tracking_uri, return_state=True)
+        result = state.result()
+        cached = state.name == "Cached"
+        tracking.set_tags(run_id, {"study_cache_hit": str(cached).lower()}, tracking_uri)
         metrics = log_association(run_id, result, config, lineage, tracking_uri)
     except BaseException:
         tracking.end_run(run_id, "FAILED", tracking_uri)
@@ -56,4 +75,4 @@ def associate_flow(cohort_store: str, hosp: str, model_uri: str | None = DEFAULT
     significant = {k: v for k, v in metrics.items() if k.endswith(".significant_bonf")}
     print(f"association: {int(metrics['phecodes_tested'])} phecodes tested; Bonferroni-significant pairs "
           + ", ".join(f"{k.split('.')[0]} {int(v)}" for k, v in significant.items()))
-    return {"run_id": run_id, "metrics": metrics, "results": "association/results.parquet"}
+    return {"run_id": run_id, "metrics": metrics, "results": "association/results.parquet", "cached": cached}

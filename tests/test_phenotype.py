@@ -76,17 +76,19 @@ def test_unmatched_codes_fall_back_by_trimming_and_malformed_codes_are_reported(
 
 
 def test_exclusion_ranges_and_sex_restrictions_shape_the_controls(phecode12: PhecodeMap) -> None:
-    dx = pd.DataFrame({"hadm_id": [1, 2, 3, 4], "icd_version": [9, 9, 9, 9],
-                       "icd_code": ["42731", "42732", "185", "4019"]})  # AF, atrial flutter, prostate cancer, HTN
+    dx = pd.DataFrame({"hadm_id": [1, 2, 3, 4, 5], "icd_version": 9,  # AF, flutter, prostate cancer, HTN, AF
+                       "icd_code": ["42731", "42732", "185", "4019", "42731"]})
     pairs, _ = phecode12.map_diagnoses(dx)
-    male = np.array([True, False, True, False])
-    st = phecode_status(pd.Series([1, 2, 3, 4]), pairs, phecode12, male, min_cases=1, min_controls=1)
+    male = np.array([True, False, True, False, False])
+    st = phecode_status(pd.Series([1, 2, 3, 4, 5]), pairs, phecode12, male, min_cases=1, min_controls=1)
     col = {p: j for j, p in enumerate(st.phecodes["phecode"])}
-    af = st.status[:, col["427.21"]]
-    assert af.tolist() == [1, -1, 0, 0]  # flutter is in AF's exclusion range: neither case nor control
-    prostate = st.status[:, col["185"]]
-    assert prostate.tolist() == [0, -1, 1, -1]  # male-only phecode: women leave the cohort
-    assert st.phecodes.set_index("phecode").loc["185", "sex"] == "Male"
+    table = st.phecodes.set_index("phecode")
+    assert st.status[:, col["427.21"]].tolist() == [1, -1, 0, 0, 1]  # flutter is in AF's exclusion range
+    assert st.status[:, col["185"]].tolist() == [0, -1, 1, -1, -1]  # male-only phecode: women leave the cohort
+    assert table.loc["185", "sex"] == "Male" and not table.loc["185", "sex_from_cases"]
+    # hypertension is a "Both" phecode, but its only case is a woman: the men cannot inform it
+    assert st.status[:, col["401.1"]].tolist() == [-1, 0, -1, 1, 0] and table.loc["401.1", "sex_from_cases"]
+    assert table.loc["401.1", "sex"] == "Female (all cases)"
 
 
 def test_phecodes_below_the_case_minimum_are_listed_as_untested_with_the_reason(phecode12: PhecodeMap) -> None:
@@ -281,6 +283,11 @@ def test_associate_flow_logs_tables_and_figures_without_identifiers_or_small_cou
             numeric = pd.to_numeric(table[col], errors="coerce")
             assert ((numeric >= 10) | (numeric == 0) | table[col].eq("<10")).all(), col
     assert results["n_cases"].eq("<10").any()  # 3-9 cases happen in a 40-subject cohort, and are hidden
+    assert not out["cached"]
+    again = associate_flow(str(store.path), str(hosp), None, str(mimic / "machine_measurements.csv"), config,
+                           tracking_uri=mlflow_uri)
+    assert again["cached"]  # a re-run reuses the study (Prefect cache)
+    assert pd.Series(again["metrics"]).equals(pd.Series(out["metrics"]))
     ids = set(pd.read_csv(mimic / "record_list.csv", dtype=str)["subject_id"])
     text = "".join(p.read_text() for p in local.glob("*.tsv")) + "".join(p.read_text() for p in local.glob("*.csv"))
     assert not any(i in text for i in ids)

@@ -171,7 +171,7 @@ class AssociationEngine:
             if n_clusters < n:
                 self.cluster_ = sparse.csr_matrix((np.ones(n, np.float32), (codes.ravel(), np.arange(n))),
                                                   shape=(n_clusters, n))
-        sex_specific = status.phecodes["sex"].isin(["Male", "Female"]).to_numpy()
+        sex_specific = status.phecodes["sex"].astype(str).str.match(r"^(Male|Female)").to_numpy()
         # Sex also drops out where the cases (or the controls) are all of one sex, e.g. breast cancer's
         # parent phecode: its maximum-likelihood sex effect is infinite (separation).
         one_sex = np.zeros(status.status.shape[1], dtype=bool)
