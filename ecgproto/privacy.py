@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 MIN_CELL = 10
@@ -14,9 +15,11 @@ def suppress_count(n: int, min_cell: int = MIN_CELL) -> int | str:
 
 
 def suppress_counts(frame: pd.DataFrame, columns: list[str], min_cell: int = MIN_CELL) -> pd.DataFrame:
+    """Count columns as exported strings (see `suppress_count`), vectorised for million-row tables."""
     out = frame.copy()
     for c in columns:
-        out[c] = [suppress_count(int(v), min_cell) for v in out[c]]
+        n = out[c].to_numpy().astype(np.int64)
+        out[c] = np.where((n > 0) & (n < min_cell), f"<{min_cell}", n.astype(str))
         out[c] = out[c].astype(str)
     return out
 

@@ -55,6 +55,15 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return special.expit(x)  # overflow-free
 
 
+def _covariate_information(ZZ: np.ndarray, w: np.ndarray, drop: np.ndarray) -> np.ndarray:
+    """Per phecode Z' W Z (b, k, k) from ZZ (n, k*k) and weights w (n, b); a dropped covariate's row and
+    column become the identity's, so its coefficient stays 0 and the matrix stays invertible."""
+    k = drop.shape[1]
+    info = (ZZ.T @ w).T.reshape(-1, k, k)
+    dropped = drop[:, :, None] | drop[:, None, :]
+    return np.where(dropped, 0.0, info) + np.eye(k) * (drop[:, :, None] & drop[:, None, :])
+
+
 def _loglik(y: np.ndarray, eta: np.ndarray) -> np.ndarray:
     """Bernoulli log-likelihood per fit; eta (..., n)."""
     return (y * eta - np.logaddexp(0.0, eta)).sum(axis=-1)
@@ -213,7 +222,6 @@ class AssociationEngine:
         prevalence = np.clip(y.sum(0) / np.maximum(m.sum(0), 1), 1e-6, 1 - 1e-6)
         beta[:, 0] = np.log(prevalence / (1 - prevalence))
         converged = np.zeros(b, dtype=bool)
-        eye = np.eye(k)
         for _ in range(self.config.max_iter):
             todo = np.flatnonzero(~converged)  # only the phecodes still moving
             if len(todo) == 0:
@@ -221,15 +229,14 @@ class AssociationEngine:
             mu = _sigmoid(Z @ beta[todo].T)
             mt, dt = m[:, todo], drop[todo]
             grad = (Z.T @ (y[:, todo] - mt * mu)).T  # (t, k); y holds case counts, m at-risk counts
-            info = (ZZ.T @ (mt * mu * (1 - mu))).T.reshape(len(todo), k, k)
-            info = np.where(dt[:, :, None] | dt[:, None, :], 0.0, info) + eye * (dt[:, :, None] & dt[:, None, :])
+            info = _covariate_information(ZZ, mt * mu * (1 - mu), dt)
             grad = np.where(dt, 0.0, grad)
             step = (np.linalg.pinv(info) @ grad[..., None])[..., 0]
             beta[todo] += np.clip(step, -5, 5)
             converged[todo] = np.abs(step).max(axis=1) < self.config.tol
         return beta, converged
 
-    def _null_terms(self, cols: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def _null_terms(self, cols: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Residuals r, weights w (n, b) and the inverse null information (b, k, k) of a block."""
         Z = self.covariates_
         y, m = self._block(cols)
@@ -238,25 +245,23 @@ class AssociationEngine:
         k = Z.shape[1]
         drop = self.drop_[cols]
         ZZ = np.einsum("nk,nl->nkl", Z, Z).reshape(len(Z), k * k)
-        info = (ZZ.T @ w).T.reshape(-1, k, k)
         keep = ~(drop[:, :, None] | drop[:, None, :])
-        info = np.where(keep, info, 0.0) + np.eye(k) * ~keep
-        inv = np.linalg.inv(info) * keep
-        return m * (y - mu), w, inv, m
+        inv = np.linalg.inv(_covariate_information(ZZ, w, drop)) * keep
+        return m * (y - mu), w, inv
 
     def score_block(self, F: np.ndarray, F2: np.ndarray, cols: slice) -> tuple[np.ndarray, np.ndarray]:
         """Score statistic U and its variance V (m, b) for all features against a block of phecodes."""
         Z = self.covariates_
-        r, w, inv, _ = self._null_terms(cols)
+        r, w, inv = self._null_terms(cols)
         b, k = r.shape[1], Z.shape[1]
         dtype = F.dtype
         stacked = np.concatenate([r] + [w * Z[:, [c]] for c in range(k)], axis=1).astype(dtype)  # (n, (1+k) b)
         prod = (F.T @ stacked).astype(np.float64)  # (m, (1+k) b): the only O(n m b) products
         U = prod[:, :b]
         A = prod[:, b:].reshape(F.shape[1], k, b)  # A[:, c, j] = F' W_j z_c
-        V = (F2.T @ w.astype(dtype)).astype(np.float64) - np.einsum("mcj,jcd,mdj->mj", A, inv, A)
         if self.cluster_ is not None:
-            V = self._robust_score_variance(F, r, A, inv)
+            return U, self._robust_score_variance(F, r, A, inv)
+        V = (F2.T @ w.astype(dtype)).astype(np.float64) - np.einsum("mcj,jcd,mdj->mj", A, inv, A)
         return U, V
 
     def _robust_score_variance(self, F: np.ndarray, r: np.ndarray, A: np.ndarray, inv: np.ndarray) -> np.ndarray:

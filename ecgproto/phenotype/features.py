@@ -89,14 +89,18 @@ def zscore(x: np.ndarray) -> np.ndarray:
     return ((x - x.mean(axis=0)) / np.where(sd > 0, sd, 1.0)).astype(np.float32)
 
 
-def prototype_features(scores: Scores) -> FeatureSet:
-    t = scores.prototypes
-    feats = pd.DataFrame({
+def _prototype_columns(t: pd.DataFrame) -> pd.DataFrame:
+    """Feature id, label, branch and class of each listed prototype."""
+    return pd.DataFrame({
         "feature_id": [f"P{p:04d}" for p in t["prototype"]],
         "feature_label": [f"{c} prototype {r + 1} ({b})" for c, r, b in zip(t["class"], t["rank_in_class"], t["branch"],
                                                                            strict=True)],
         "branch": t["branch"], "prototype_class": t["class"]})
-    return FeatureSet("prototype", zscore(scores.similarities[:, t["prototype"].to_numpy()]), feats)
+
+
+def prototype_features(scores: Scores) -> FeatureSet:
+    t = scores.prototypes
+    return FeatureSet("prototype", zscore(scores.similarities[:, t["prototype"].to_numpy()]), _prototype_columns(t))
 
 
 def top1_features(scores: Scores) -> FeatureSet:
@@ -106,7 +110,7 @@ def top1_features(scores: Scores) -> FeatureSet:
         cols = t.loc[idx, "prototype"].to_numpy()
         best = cols[scores.similarities[:, cols].argmax(axis=1)]
         onehot[np.arange(len(onehot)), best] = 1.0
-    base = prototype_features(scores).features
+    base = _prototype_columns(t)
     return FeatureSet("prototype_top1", onehot[:, t["prototype"].to_numpy()], base.assign(feature_label=base["feature_label"] + " is top-1"))
 
 

@@ -216,7 +216,7 @@ def phecode_status(admissions: pd.Series, pairs: pd.DataFrame, phecode_map: Phec
     has[row_of[pairs["hadm_id"]].to_numpy(), [col_of[p] for p in pairs["phecode"]]] = True
 
     status = has.astype(np.int8)
-    restricted: list[str] = []
+    restricted: dict[str, str] = {}  # phecode -> the one sex of all its cases
     for j, p in enumerate(seen):
         ex = [col_of[e] for e in info.at[p, "exclude_range"] if e in col_of and e != p]
         if ex:
@@ -228,14 +228,13 @@ def phecode_status(admissions: pd.Series, pairs: pd.DataFrame, phecode_map: Phec
             # A "Both" phecode whose cases are all of one sex (a breast cancer parent code, say): the other
             # sex cannot inform it and would leave sex confounded, so it leaves the cohort as for 174.11.
             sex = "Male" if cases_male.all() else "Female"
-            restricted.append(p)
+            restricted[p] = sex
         if sex in ("Male", "Female"):
             status[male != (sex == "Male"), j] = -1
     table = info.loc[seen, ["phecode_string", "phecode_category", "sex"]].reset_index()
     table["sex_from_cases"] = table["phecode"].isin(restricted)  # restricted because every case is one sex
-    for p in restricted:
-        only_male = bool(male[has[:, col_of[p]]].all())
-        table.loc[table["phecode"] == p, "sex"] = "Male (all cases)" if only_male else "Female (all cases)"
+    for p, sex in restricted.items():
+        table.loc[table["phecode"] == p, "sex"] = f"{sex} (all cases)"
     table["n_cases"] = (status == 1).sum(axis=0)
     table["n_controls"] = (status == 0).sum(axis=0)
     table["n_excluded"] = (status == -1).sum(axis=0)
