@@ -13,6 +13,8 @@ from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from ecgproto.train.metrics import auroc_per_label
+
 TARGETS = {"427.21": "atrial fibrillation", "428": "heart failure", "994.2": "sepsis", "585": "renal failure"}
 
 
@@ -67,13 +69,8 @@ def feature_count_calibration(results: pd.DataFrame, features: dict[str, int], r
 
 
 def auc(y: np.ndarray, score: np.ndarray) -> float:
-    """ROC AUC as the Mann-Whitney statistic (ties count half): the same number as sklearn's, ~50x faster."""
-    pos = y.astype(bool)
-    n1, n0 = int(pos.sum()), int((~pos).sum())
-    if n1 == 0 or n0 == 0:
-        return float("nan")
-    ranks = stats.rankdata(score)
-    return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+    """ROC AUC of one target: the training metrics' rank (Mann-Whitney) AUROC, NaN without both classes."""
+    return float(auroc_per_label(np.asarray(y)[:, None], np.asarray(score)[:, None])[0])
 
 
 def grouped_folds(y: np.ndarray, groups: np.ndarray, folds: int = 5, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:

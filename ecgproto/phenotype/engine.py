@@ -25,6 +25,10 @@ RESULT_COLUMNS = ["feature_set", "feature_id", "feature_label", "branch", "proto
                   "beta", "standard_error", "odds_ratio", "ci_low", "ci_high", "p_value", "neg_log_p",
                   "bonferroni_threshold", "significant_bonf", "q_fdr", "significant_fdr", "method", "converged"]
 
+# Columns of few distinct values, stored as categories (a million-row table stays small).
+CATEGORY_COLUMNS = ("feature_set", "branch", "prototype_class", "phecode", "phecode_string", "phecode_category",
+                    "sex_restriction", "method")
+
 
 class EngineConfig(BaseModel):
     screen_p: float = Field(1e-3, gt=0, le=1, description="refit exactly where the score test p is at most this (1 = refit all)")
@@ -401,8 +405,7 @@ class AssociationEngine:
                 "q_fdr": q, "significant_fdr": q < self.config.alpha,
                 "method": method.ravel(), "converged": converged.ravel(),
             })
-        for col in ("feature_set", "branch", "prototype_class", "phecode", "phecode_string", "phecode_category",
-                    "sex_restriction", "method"):
+        for col in CATEGORY_COLUMNS:
             table[col] = table[col].astype("category")
         return table[RESULT_COLUMNS]
 

@@ -22,7 +22,7 @@ from ecgproto.data.store import ArrayStore
 from ecgproto.phenotype import compare
 from ecgproto.phenotype import figures as figs
 from ecgproto.phenotype.cohort import Cohort, CohortConfig, build_cohort
-from ecgproto.phenotype.engine import AssociationEngine, EngineConfig, FeatureSet
+from ecgproto.phenotype.engine import CATEGORY_COLUMNS, AssociationEngine, EngineConfig, FeatureSet
 from ecgproto.phenotype.features import (
     Scores,
     class_features,
@@ -97,8 +97,6 @@ class PhenotypeStudy:
         return cohort, status, mapping_report(detail)
 
     def feature_sets(self, scores: Scores | None, reports: pd.DataFrame | None) -> list[FeatureSet]:
-        if scores is not None and self.config.own_class_prototypes_only:
-            scores = own_class_only(scores)
         makers = {"prototype": prototype_features, "prototype_top1": top1_features,
                   "prototype_class": class_features, "class_prob": probability_features}
         out = []
@@ -119,6 +117,8 @@ class PhenotypeStudy:
                              f"cohort ({cohort.n} admissions); nothing to test")
         scores = score_cohort(model, store.signals, cohort.table["row"].to_numpy(), c.batch_size, c.device,
                               progress) if model is not None else None
+        if scores is not None and c.own_class_prototypes_only:
+            scores = own_class_only(scores)
         reports = None
         if machine_measurements is not None:
             mm = pd.read_csv(machine_measurements, dtype={"study_id": str}, low_memory=False)
@@ -131,8 +131,7 @@ class PhenotypeStudy:
                                                  cohort.table["male"].to_numpy(bool), status,
                                                  cohort.table["subject_id"].to_numpy() if clustered else None)
         results = pd.concat([engine.test(fs) for fs in sets], ignore_index=True)
-        for col in ("feature_set", "branch", "prototype_class", "phecode", "phecode_string", "phecode_category",
-                    "sex_restriction", "method"):
+        for col in CATEGORY_COLUMNS:  # concat of differing categories falls back to object
             results[col] = results[col].astype("category")
         shared = c.engine.alpha / max(int(results["p_value"].notna().sum()), 1)
         results["bonferroni_threshold_shared"] = shared
@@ -150,9 +149,8 @@ class PhenotypeStudy:
                 status.phecodes["phecode"].tolist(), cohort.table["subject_id"].to_numpy(), c.targets, c.seed)
         distances, summary = pd.DataFrame(), {}
         if scores is not None and model is not None:
-            listed = own_class_only(scores).prototypes if c.own_class_prototypes_only else scores.prototypes
             distances, summary = compare.mixed_significance_test(
-                results, compare.intra_class_distance(_prototype_vectors(model), listed), seed=c.seed)
+                results, compare.intra_class_distance(_prototype_vectors(model), scores.prototypes), seed=c.seed)
         return StudyResult(results, cohort, status, mapping, strength, compare.specificity(results), calibration,
                            prediction, distances, summary, curves, n_features)
 
