@@ -23,7 +23,7 @@ from flows.associate import associate_flow
 from flows.demo_data import demo_data_flow
 from flows.ingest import ingest_flow
 from flows.retrain import compare_and_promote
-from flows.train import REGISTERED_NAME, train_flow
+from flows.train import REGISTERED_NAME, run_stage, train_flow
 
 
 @flow(name="pipeline", log_prints=True)
@@ -63,16 +63,10 @@ def pipeline_flow(train_root: str | None = None, cohort_root: str | None = None,
                        test_macro_auroc=f"{t['metrics']['fused.macro_auroc']:.4f}")
             if t.get("model_version") and register_as:
                 out["model_version"] = str(t["model_version"])
-                promote = tracking.start_run("promote", parent_run_id=parent, uri=tracking_uri,
-                                             tags={"prefect_flow_run_id": str(flow_run.id)})
-                try:
-                    decision = compare_and_promote(promote, train["store"], register_as, out["model_version"],
-                                                   tolerance, tracking_uri)
-                except BaseException:
-                    tracking.end_run(promote, "FAILED", tracking_uri)
-                    raise
-                tracking.end_run(promote, uri=tracking_uri)
-                out.update(promote_run_id=promote, model_alias=str(decision["alias"]))
+                decision = run_stage("promote", parent, tracking_uri, None, lambda run_id: {
+                    "run_id": run_id, **compare_and_promote(run_id, train["store"], register_as, out["model_version"],
+                                                            tolerance, tracking_uri)})
+                out.update(promote_run_id=decision["run_id"], model_alias=str(decision["alias"]))
             if cohort_root and hosp_root:
                 mm = Path(cohort_root) / "machine_measurements.csv"
                 a = associate_flow(out["cohort_store"], hosp_root, t["model_uri"], str(mm) if mm.exists() else None,

@@ -39,7 +39,8 @@ def _curves(run_id: str, uri: str | None) -> Callable[[int, dict[str, float]], N
     return lambda epoch, m: tracking.log_metrics(run_id, m, step=epoch, uri=uri)
 
 
-def _run_stage(stage: str, parent: str, uri: str | None, branch: str | None, work: Callable[[str], Any]) -> Any:
+def run_stage(stage: str, parent: str, uri: str | None, branch: str | None, work: Callable[[str], Any]) -> Any:
+    """A child MLflow run around `work(run_id)`, ended FAILED if the work raises."""
     run_id = _child(stage, parent, uri, branch)
     try:
         out = work(run_id)
@@ -63,7 +64,7 @@ def fit_branch(store: str, config: TrainConfig, work_root: str, branch: str, sta
         result = _FITS[stage](ctx, branch, _curves(run_id, uri))
         tracking.log_report(run_id, fit_report(result, stage, branch), uri)
         return result.best_score
-    return _run_stage(stage, parent, uri, branch, work)
+    return run_stage(stage, parent, uri, branch, work)
 
 
 @task(name="projection", task_run_name="{branch}/projection", retries=1)
@@ -74,7 +75,7 @@ def projection(store: str, config: TrainConfig, work_root: str, branch: str, par
         provenance = stages.project(ctx, branch)
         tracking.log_report(run_id, projection_report(provenance), uri)
         return len(provenance)
-    return _run_stage("projection", parent, uri, branch, work)
+    return run_stage("projection", parent, uri, branch, work)
 
 
 @task(name="fusion", retries=1)
@@ -90,7 +91,7 @@ def fusion(store: str, config: TrainConfig, work_root: str, parent: str, uri: st
         if gallery:
             tracking.log_figures(run_id, prototype_gallery(model), uri)
         return result.best_score
-    return _run_stage("fusion", parent, uri, None, work)
+    return run_stage("fusion", parent, uri, None, work)
 
 
 @task(name="baseline", retries=1)
@@ -101,7 +102,7 @@ def baseline(store: str, config: TrainConfig, work_root: str, parent: str, uri: 
         result = stages.train_baseline(ctx, _curves(run_id, uri))
         tracking.log_report(run_id, fit_report(result, "baseline"), uri)
         return result.best_score
-    return _run_stage("baseline", parent, uri, None, work)
+    return run_stage("baseline", parent, uri, None, work)
 
 
 @task(name="evaluate-and-register")
@@ -117,7 +118,7 @@ def evaluate(store: str, config: TrainConfig, work_root: str, parent: str, uri: 
         example = ctx.splits["test"].signals(np.arange(1))
         logged = tracking.log_model(run_id, stages.load_model(ctx), example, register_as, uri)
         return {"metrics": report.metrics, **logged, "run_id": run_id}
-    return _run_stage("evaluate", parent, uri, None, work)
+    return run_stage("evaluate", parent, uri, None, work)
 
 
 @flow(name="train", log_prints=True)
