@@ -11,8 +11,15 @@ epoch over a PTB-XL-size training split (folds 1-8, 17,418 records) and the uppe
 training (every branch at the config's epoch limit; early stopping ends sooner).
 
 With --real (an unpacked PTB-XL folder, e.g. the shared 1,250-record subset) it also ingests it,
-trains the small model and the baseline through the real stages (folds 1-8 / 9 / 10) and prints
-both test-fold macro-AUROCs with bootstrap CIs.
+trains the model (--real-config, small by default) and the baseline through the real stages
+(folds 1-8 / 9 / 10) and prints both test-fold macro-AUROCs with bootstrap CIs.
+
+With --real and --ptbxl-size it also tiles the ingested records to PTB-XL's split sizes
+(17,418 / 2,183 / 2,198 records) and runs every stage of the reference config for --epochs epochs
+(default 1) through the real stage code (memmap reads, validation each epoch, projection over the
+whole training split, evaluation with bootstrap CIs), timing each; from those it prints the time
+of a full training on one device at the config's epoch limits (the upper bound) and at the
+median epochs early stopping took on the real subset.
 
 Last line: `proto_vs_resnet1d_train_throughput=<ratio>`: ECGs/s of a full prototype-model training
 step (three branches) over the baseline's, same batch, same device.
@@ -21,6 +28,8 @@ step (three branches) over the baseline's, same batch, same device.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
 import tempfile
 import time
@@ -29,10 +38,12 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
 from ecgproto.data.labels import BRANCHES, load_label_set
+from ecgproto.data.store import ArrayStore
 from ecgproto.model.baseline import ResNet1DClassifier
 from ecgproto.model.network import build_branch
 from ecgproto.train import losses
@@ -111,33 +122,122 @@ def variants(device: torch.device, name: str, try_compile: bool) -> dict[str, di
     return out
 
 
-def real_data_accuracy(root: Path, scratch: Path, device: str) -> dict[str, float]:
+PTBXL_SPLITS = {"train": PTBXL_TRAIN_RECORDS, "val": 2_183, "test": 2_198}  # folds 1-8 / 9 / 10
+
+
+def tile_store(src: ArrayStore, dst: Path, sizes: dict[str, int]) -> ArrayStore:
+    """A store of `sizes` records per split made by repeating `src`'s records of that split."""
+    parts = []
+    for split, n in sizes.items():
+        rows = src.manifest[src.manifest["split"] == split]
+        copy = np.arange(n) // len(rows)
+        part = rows.iloc[np.arange(n) % len(rows)].copy()
+        part["record_id"] = part["record_id"].astype(str) + "~" + copy.astype(str)
+        parts.append(part)
+    m = pd.concat(parts, ignore_index=True)
+    dst.mkdir(parents=True)
+    sig = np.lib.format.open_memmap(dst / "signals.npy", mode="w+", dtype=src.signals.dtype,
+                                    shape=(len(m), *src.signals.shape[1:]))
+    assert src.labels is not None
+    lab = np.empty((len(m), src.labels.shape[1]), dtype=src.labels.dtype)
+    for i in range(0, len(m), 4096):
+        rows = m["row"].to_numpy()[i:i + 4096]
+        sig[i:i + len(rows)] = src.signals[rows]
+        lab[i:i + len(rows)] = src.labels[rows]
+    sig.flush()
+    np.save(dst / "labels.npy", lab)
+    m["row"] = np.arange(len(m))
+    m.to_parquet(dst / "manifest.parquet")
+    src.quarantine.to_parquet(dst / "quarantine.parquet")
+    info = {**src.info, "cache_key": f"{src.key}-tiled-{len(m)}", "n_records": len(m), "shape": list(sig.shape)}
+    (dst / "store.json").write_text(json.dumps(info))
+    return ArrayStore.open(dst)
+
+
+def ptbxl_size_timing(store: ArrayStore, scratch: Path, device: str, epochs: int,
+                      typical: dict[str, float]) -> float:
+    """Seconds of a full reference training at PTB-XL size, extrapolated from timed stage epochs."""
+    from ecgproto.train import stages
+
+    big = tile_store(store, scratch / "ptbxl-size", PTBXL_SPLITS)
+    cfg = TrainConfig()
+    cfg.device = device
+    limits = {"joint": cfg.joint.epochs, "last_layer": cfg.last_layer.epochs, "fusion": cfg.fusion.epochs,
+              "baseline": cfg.baseline.stage.epochs}
+    for stage in (cfg.joint, cfg.last_layer, cfg.fusion, cfg.baseline.stage):
+        stage.epochs = epochs
+    ctx = stages.TrainContext.open(big.path, cfg, scratch / "work-ptbxl-size")
+    _ = ctx.splits, ctx.pos_weight, ctx.jaccard
+    timed: dict[str, float] = {}
+
+    def clock(key: str, fn: Callable[..., object], *args: object) -> None:
+        _sync(ctx.device)
+        t0 = time.perf_counter()
+        fn(*args)
+        _sync(ctx.device)
+        timed[key] = time.perf_counter() - t0
+
+    for name in BRANCHES:
+        clock(f"joint.{name}", stages.train_joint, ctx, name)
+        clock(f"project.{name}", stages.project, ctx, name)
+        clock(f"last_layer.{name}", stages.train_last_layer, ctx, name)
+    clock("fusion", stages.train_fusion, ctx)
+    clock("baseline", stages.train_baseline, ctx)
+    clock("evaluate", stages.evaluate, ctx, "test")
+    n = {s: len(ctx.splits[s]) for s in ("train", "val", "test")}
+    print(f"[ptbxl-size] {n['train']:,}/{n['val']:,}/{n['test']:,} records, reference config, {epochs} epoch(s) "
+          f"per stage on {ctx.device}:")
+    for key, sec in timed.items():
+        print(f"[ptbxl-size]   {key:32s} {sec:8.1f} s")
+
+    def total(epochs_of: dict[str, float]) -> float:
+        per_epoch = {k: timed[k] / epochs for k in timed if not k.startswith(("project", "evaluate"))}
+        t = sum(timed[k] for k in timed if k.startswith(("project", "evaluate")))
+        for k, sec in per_epoch.items():
+            t += sec * epochs_of[k.split(".")[0]]
+        return t
+
+    upper = total({k: float(v) for k, v in limits.items()})
+    print(f"[ptbxl-size] full training at the epoch limits ({limits}): {upper / 3600:.2f} h (upper bound)")
+    if typical:
+        est = total({k: typical.get(k, float(limits[k])) for k in limits})
+        shown = {k: round(v, 1) for k, v in typical.items()}
+        print(f"[ptbxl-size] full training at the epochs early stopping took on the real subset ({shown}): "
+              f"{est / 60:.1f} min")
+        return est
+    return upper
+
+
+def real_data_accuracy(root: Path, scratch: Path, device: str, config: str = "small"
+                       ) -> tuple[dict[str, float], ArrayStore, dict[str, float]]:
     from ecgproto.data.ingest import IngestConfig, ingest
     from ecgproto.train import stages
 
-    store = ingest(root, scratch / "store", IngestConfig(workers=2), progress=False).store
-    cfg = TrainConfig.small()
+    store = ingest(root, scratch / "store", IngestConfig(workers=os.cpu_count() or 2), progress=False).store
+    cfg = TrainConfig.small() if config == "small" else TrainConfig()
     cfg.device = device
     ctx = stages.TrainContext.open(store.path, cfg, scratch / "work")
     t0 = time.perf_counter()
+    epochs: dict[str, list[int]] = {"joint": [], "last_layer": [], "fusion": [], "baseline": []}
     for name in BRANCHES:
-        stages.train_joint(ctx, name)
+        epochs["joint"].append(len(stages.train_joint(ctx, name).history))
         stages.project(ctx, name)
-        stages.train_last_layer(ctx, name)
-    stages.train_fusion(ctx)
+        epochs["last_layer"].append(len(stages.train_last_layer(ctx, name).history))
+    epochs["fusion"].append(len(stages.train_fusion(ctx).history))
     proto_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    stages.train_baseline(ctx)
+    epochs["baseline"].append(len(stages.train_baseline(ctx).history))
     base_s = time.perf_counter() - t0
     metrics, _ = stages.evaluate(ctx, "test")
     n = {s: len(ctx.splits[s]) for s in ("train", "val", "test")}
-    print(f"[real] {root.name}: {n['train']}/{n['val']}/{n['test']} records (folds 1-8/9/10), small config; "
-          f"prototype model trained in {proto_s:.0f} s, baseline in {base_s:.0f} s")
+    print(f"[real] {root.name}: {n['train']}/{n['val']}/{n['test']} records (folds 1-8/9/10), {config} config "
+          f"on {ctx.device}; prototype model trained in {proto_s:.0f} s, baseline in {base_s:.0f} s; "
+          f"epochs run {epochs}")
     for key in ("fused", "baseline", *BRANCHES):
         print(f"[real]   {key:22s} test macro-AUROC {metrics[f'{key}.macro_auroc']:.4f} "
               f"[{metrics[f'{key}.macro_auroc_lo']:.4f}, {metrics[f'{key}.macro_auroc_hi']:.4f}], "
               f"macro-AUPRC {metrics[f'{key}.macro_auprc']:.4f}")
-    return metrics
+    return metrics, ctx.store, {k: float(np.median(v)) for k, v in epochs.items()}
 
 
 def main() -> None:
@@ -148,6 +248,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--compile", action="store_true", help="also try torch.compile (always tried on CUDA)")
     p.add_argument("--real", type=Path, help="an unpacked PTB-XL folder (e.g. the shared 1,250-record subset)")
+    p.add_argument("--real-config", choices=("small", "reference"), default="small")
+    p.add_argument("--ptbxl-size", action="store_true",
+                   help="with --real: time every stage of the reference config at PTB-XL size")
+    p.add_argument("--epochs", type=int, default=1, help="epochs per stage timed by --ptbxl-size")
+    p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args()
     if args.threads:
@@ -159,7 +264,7 @@ def main() -> None:
           f"config {args.config}, batch {batch}, {args.steps} timed steps per variant")
 
     best: dict[str, float] = {}
-    for name in (*BRANCHES, "baseline"):
+    for name in (*BRANCHES, "baseline") if not args.skip_throughput else ():
         rates = {}
         for label, v in variants(device, name, args.compile or device.type == "cuda").items():
             try:
@@ -171,25 +276,32 @@ def main() -> None:
         shown = ", ".join(f"{k} {r:,.0f}" for k, r in rates.items())
         print(f"{name:22s} train ECGs/s: {shown}  -> best {pick}")
 
-    # The three branches train one after the other, each over the whole split.
-    proto_rate = 1.0 / sum(1.0 / best[n] for n in BRANCHES)
-    epoch_min = PTBXL_TRAIN_RECORDS / proto_rate / 60
-    base_epoch_min = PTBXL_TRAIN_RECORDS / best["baseline"] / 60
-    print(f"full prototype model (3 branches, joint stage): {proto_rate:,.0f} ECGs/s; baseline {best['baseline']:,.0f}")
-    print(f"PTB-XL-size epoch ({PTBXL_TRAIN_RECORDS:,} records): prototype model {epoch_min:.1f} min "
-          f"(upper bound for a full training at {cfg.joint.epochs} joint epochs per branch: "
-          f"{epoch_min * cfg.joint.epochs / 60:.1f} h), baseline {base_epoch_min:.2f} min "
-          f"({base_epoch_min * cfg.baseline.stage.epochs:.1f} min for {cfg.baseline.stage.epochs} epochs)")
+    if best:
+        # The three branches train one after the other, each over the whole split.
+        proto_rate = 1.0 / sum(1.0 / best[n] for n in BRANCHES)
+        epoch_min = PTBXL_TRAIN_RECORDS / proto_rate / 60
+        base_epoch_min = PTBXL_TRAIN_RECORDS / best["baseline"] / 60
+        print(f"full prototype model (3 branches, joint stage): {proto_rate:,.0f} ECGs/s; "
+              f"baseline {best['baseline']:,.0f}")
+        print(f"PTB-XL-size epoch ({PTBXL_TRAIN_RECORDS:,} records): prototype model {epoch_min:.1f} min "
+              f"(upper bound for a full training at {cfg.joint.epochs} joint epochs per branch: "
+              f"{epoch_min * cfg.joint.epochs / 60:.1f} h), baseline {base_epoch_min:.2f} min "
+              f"({base_epoch_min * cfg.baseline.stage.epochs:.1f} min for {cfg.baseline.stage.epochs} epochs)")
 
+    last = f"proto_vs_resnet1d_train_throughput={proto_rate / best['baseline']:.3f}" if best else ""
     if args.real:
         scratch = Path(tempfile.mkdtemp(prefix="ecgproto-bench-train-"))
         try:
-            m = real_data_accuracy(args.real.resolve(), scratch, args.device)
+            m, store, typical = real_data_accuracy(args.real.resolve(), scratch, args.device, args.real_config)
             print(f"real_subset_macro_auroc_fused={m['fused.macro_auroc']:.4f} "
                   f"baseline={m['baseline.macro_auroc']:.4f}")
+            if args.ptbxl_size:
+                typical = typical if args.real_config == "reference" else {}
+                sec = ptbxl_size_timing(store, scratch, args.device, args.epochs, typical)
+                last = last or f"ptbxl_size_full_training_min={sec / 60:.1f}"
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-    print(f"proto_vs_resnet1d_train_throughput={proto_rate / best['baseline']:.3f}")
+    print(last or "proto_vs_resnet1d_train_throughput=nan")
 
 
 if __name__ == "__main__":

@@ -33,27 +33,28 @@ def project_prototypes(branch: Branch, train: SplitData, label_index: np.ndarray
     p = branch.n_prototypes
     cls = branch.prototype_class.cpu().numpy()
     has_pos = train.labels[:, label_index].any(axis=0)[cls]  # (P,) class has a positive record
-    best = {own: (torch.full((p,), -np.inf), torch.zeros(p, branch.prototype_dim), np.full(p, -1), np.zeros(p, int))
-            for own in (True, False)}
+    # Running best per prototype, kept on the device; only the winners' indices come back per batch.
+    best = {own: (torch.full((p,), -np.inf, device=device), torch.zeros(p, branch.prototype_dim, device=device),
+                  np.full(p, -1), np.zeros(p, int)) for own in (True, False)}
+    cls_t = torch.as_tensor(cls, device=device)
     for batch in train.batches(batch_size):
         windows = branch.latent_windows(batch.x.to(device)).float()  # (B, W, D)
-        sim = branch.prototypes.similarity_map(windows).cpu() / branch.scale  # cosine (B, W, P)
+        sim = branch.prototypes.similarity_map(windows) / branch.scale  # cosine (B, W, P)
         b, w, _ = sim.shape
-        eligible = batch.y[:, label_index][:, cls] > 0  # (B, P)
-        flat_windows = windows.reshape(b * w, -1).cpu()
+        eligible = batch.y[:, label_index].to(device)[:, cls_t] > 0  # (B, P)
+        flat_windows = windows.reshape(b * w, -1)
         for own in (True, False):
             masked = sim.masked_fill(~eligible.unsqueeze(1), -np.inf) if own else sim
             value, where = masked.reshape(b * w, p).max(dim=0)
             sim_best, latent, record, window = best[own]
             better = value > sim_best
-            if better.any():
-                sim_best[better] = value[better]
-                latent[better] = flat_windows[where[better]]
-                idx = where[better].numpy()
-                record[better.numpy()] = batch.index[idx // w]
-                window[better.numpy()] = idx % w
-    use_own = torch.as_tensor(has_pos)
-    sims = torch.where(use_own, best[True][0], best[False][0])
+            sim_best[better] = value[better]
+            latent[better] = flat_windows[where[better]]
+            hit, idx = better.cpu().numpy(), where.cpu().numpy()
+            record[hit] = batch.index[idx[hit] // w]
+            window[hit] = idx[hit] % w
+    use_own = torch.as_tensor(has_pos, device=device)
+    sims = torch.where(use_own, best[True][0], best[False][0]).cpu()
     latents = torch.where(use_own.unsqueeze(1), best[True][1], best[False][1])
     records = np.where(has_pos, best[True][2], best[False][2])
     windows_at = np.where(has_pos, best[True][3], best[False][3])

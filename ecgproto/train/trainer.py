@@ -56,8 +56,12 @@ def _schedule(opt: torch.optim.Optimizer, cfg: StageConfig, steps_per_epoch: int
 def fit(model: nn.Module, parameters: Iterable[nn.Parameter], loss_fn: Callable[[Any], torch.Tensor],
         batches: Callable[[int], Iterator[Any]], validate: Callable[[], float], cfg: StageConfig, *,
         steps_per_epoch: int, checkpoint: Path, seed: int, optimizer: str = "adam",
-        on_epoch: EpochCallback | None = None, after_step: Callable[[], None] | None = None) -> FitResult:
-    """Train `parameters` of `model`; keep the state with the best validation score (higher is better)."""
+        on_epoch: EpochCallback | None = None, after_step: Callable[[], None] | None = None,
+        main_process: bool = True) -> FitResult:
+    """Train `parameters` of `model`; keep the state with the best validation score (higher is better).
+
+    Under DDP every rank calls this with its share of each batch; only the main process writes the
+    checkpoint (every rank resumes from it)."""
     params = [p for p in parameters if p.requires_grad]
     opt_cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
     opt = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -79,7 +83,7 @@ def fit(model: nn.Module, parameters: Iterable[nn.Parameter], loss_fn: Callable[
     for epoch in range(start, cfg.epochs):
         torch.manual_seed(seed * 1009 + epoch)  # dropout and anything else drawn from torch's RNG
         model.train()
-        total, n = 0.0, 0
+        step_losses: list[torch.Tensor] = []  # kept on the device: no host sync per step
         for batch in batches(epoch):
             loss = loss_fn(batch)
             opt.zero_grad(set_to_none=True)
@@ -88,7 +92,7 @@ def fit(model: nn.Module, parameters: Iterable[nn.Parameter], loss_fn: Callable[
             sched.step()
             if after_step is not None:
                 after_step()
-            total, n = total + float(loss.detach()), n + 1
+            step_losses.append(loss.detach())
         model.eval()
         score = validate()
         improved = score > best
@@ -98,11 +102,13 @@ def fit(model: nn.Module, parameters: Iterable[nn.Parameter], loss_fn: Callable[
         else:
             bad += 1
         stopped = bad >= cfg.patience or epoch == cfg.epochs - 1
-        history.append({"epoch": epoch, "train_loss": total / max(n, 1), "val_macro_auroc": score,
+        train_loss = float(torch.stack(step_losses).double().mean()) if step_losses else 0.0
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_macro_auroc": score,
                         "lr": opt.param_groups[0]["lr"]})
-        save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     "epoch": epoch, "best": best, "best_epoch": best_epoch, "bad": bad, "best_state": best_state,
-                     "history": history, "stopped": stopped}, checkpoint)
+        if main_process:
+            save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                         "scheduler": sched.state_dict(), "epoch": epoch, "best": best, "best_epoch": best_epoch,
+                         "bad": bad, "best_state": best_state, "history": history, "stopped": stopped}, checkpoint)
         if on_epoch is not None:
             on_epoch(epoch, history[-1])
         if stopped:
