@@ -12,10 +12,10 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 
 .PHONY: demo test test-fast lint bench ui install clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,scale]'
 	touch $(STAMP)
 
 install: $(STAMP)

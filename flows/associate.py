@@ -18,6 +18,7 @@ from prefect.runtime import flow_run
 from ecgproto import tracking
 from ecgproto.data.store import ArrayStore, file_identity
 from ecgproto.phenotype.study import PhenotypeStudy, StudyConfig, StudyResult, study_report
+from ecgproto.scoring import ActivationStore, model_id
 
 DEFAULT_MODEL = "models:/ecgproto-protoecgnet/latest"
 
@@ -27,17 +28,24 @@ def study_key(_context: Any, p: dict[str, Any]) -> str:
     resolved model version and the config. A pipeline re-run after a later failure reuses the study."""
     hosp = sorted(Path(p["hosp"]).glob("*.csv*"))
     mm = p["machine_measurements"]
+    acts = p.get("activations")
     payload = [ArrayStore.open(p["cohort_store"]).key, [(f.name, file_identity(f)) for f in hosp],
-               file_identity(Path(mm)) if mm else None, p["model_uri"], p["config"].model_dump()]
+               file_identity(Path(mm)) if mm else None, p["model_uri"], p["config"].model_dump(),
+               ActivationStore.open(acts).info["key"] if acts else None]
     return "study-" + hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 @task(name="run-study", cache_key_fn=study_key, persist_result=True)
 def run_study(cohort_store: str, hosp: str, model_uri: str | None, machine_measurements: str | None,
-              config: StudyConfig, uri: str | None) -> StudyResult:
+              config: StudyConfig, uri: str | None, activations: str | None = None) -> StudyResult:
     model = tracking.load_model(model_uri, uri) if model_uri else None
-    return PhenotypeStudy(config).run(ArrayStore.open(cohort_store), Path(hosp), model,
-                                      Path(machine_measurements) if machine_measurements else None)
+    acts = ActivationStore.open(activations) if activations else None
+    if acts is not None and model is not None and acts.info["model"] != model_id(model):
+        raise ValueError(f"{acts.path}: these activations come from another model than {model_uri}; "
+                         f"score the cohort with it (`ecgproto score --model {model_uri}`)")
+    return PhenotypeStudy(config).run(ArrayStore.open(cohort_store), Path(hosp), None if acts else model,
+                                      Path(machine_measurements) if machine_measurements else None,
+                                      activations=acts)
 
 
 @task(name="log-association")
@@ -51,8 +59,12 @@ def log_association(run_id: str, result: StudyResult, config: StudyConfig, linea
 @flow(name="associate", log_prints=True)
 def associate_flow(cohort_store: str, hosp: str, model_uri: str | None = DEFAULT_MODEL,
                    machine_measurements: str | None = None, config: StudyConfig | None = None,
-                   tracking_uri: str | None = None, parent_run_id: str | None = None) -> dict[str, object]:
-    """Run the study; returns the MLflow run id, the headline metrics and the result table's artifact path."""
+                   tracking_uri: str | None = None, parent_run_id: str | None = None,
+                   activations: str | None = None) -> dict[str, object]:
+    """Run the study; returns the MLflow run id, the headline metrics and the result table's artifact path.
+
+    activations: an activation store of `model_uri` on `cohort_store` (`ecgproto score`, e.g. sharded on a
+    cluster); the study reads the cohort's scores from it instead of running the model."""
     config = config or StudyConfig()
     lineage = tracking.model_lineage(model_uri, tracking_uri) if model_uri else {}
     store = ArrayStore.open(cohort_store)
@@ -63,7 +75,8 @@ def associate_flow(cohort_store: str, hosp: str, model_uri: str | None = DEFAULT
     # stores), so the cache cannot hand back another model's study.
     resolved = f"runs:/{lineage['model_run_id']}/model" if "model_run_id" in lineage else model_uri
     try:
-        state = run_study(cohort_store, hosp, resolved, machine_measurements, config, tracking_uri, return_state=True)
+        state = run_study(cohort_store, hosp, resolved, machine_measurements, config, tracking_uri, activations,
+                          return_state=True)
         result = state.result()
         cached = state.name == "Cached"
         tracking.set_tags(run_id, {"study_cache_hit": str(cached).lower()}, tracking_uri)

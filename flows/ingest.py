@@ -8,7 +8,7 @@ from prefect import flow, task
 from prefect.runtime import flow_run
 
 from ecgproto import tracking
-from ecgproto.data.ingest import IngestConfig, ingest
+from ecgproto.data.ingest import IngestChunk, IngestConfig, ingest, ingest_chunk
 from ecgproto.data.store import ArrayStore
 from ecgproto.data.summary import ingest_report
 from ecgproto.settings import store_root as default_store_root
@@ -18,6 +18,21 @@ from ecgproto.settings import store_root as default_store_root
 def build_store(root: str, store_root: str, config: IngestConfig) -> tuple[str, bool, float]:
     """Returns (store path, cache hit, seconds). A retry resumes from the finished chunks."""
     result = ingest(root, store_root, config)
+    return str(result.store.path), result.cache_hit, result.seconds
+
+
+@task(name="ingest-chunk", retries=2, retry_delay_seconds=1)
+def ingest_chunk_task(chunk: IngestChunk) -> int:
+    """One chunk of records, on whichever worker the flow's task runner picks."""
+    return ingest_chunk(chunk)
+
+
+def build_store_sharded(root: str, store_root: str, config: IngestConfig) -> tuple[str, bool, float]:
+    """As build_store, with every chunk a task of this flow's task runner (e.g. a Dask cluster)."""
+    def run_chunks(chunks: list[IngestChunk]) -> None:
+        ingest_chunk_task.map(chunks).result()
+
+    result = ingest(root, store_root, config, run_chunks=run_chunks, progress=False)
     return str(result.store.path), result.cache_hit, result.seconds
 
 
@@ -31,13 +46,18 @@ def log_ingest_run(run_id: str, store_path: str, cache_hit: bool, seconds: float
 
 @flow(name="ingest", log_prints=True)
 def ingest_flow(root: str, config: IngestConfig | None = None, store_root: str | None = None,
-                tracking_uri: str | None = None, parent_run_id: str | None = None) -> dict[str, str]:
-    """Ingest a PTB-XL or MIMIC-IV-ECG folder; returns the store path and the MLflow run id."""
+                tracking_uri: str | None = None, parent_run_id: str | None = None,
+                sharded: bool = False) -> dict[str, str]:
+    """Ingest a PTB-XL or MIMIC-IV-ECG folder; returns the store path and the MLflow run id.
+
+    sharded: each chunk of records is a task of this flow's task runner; run it as
+    `ingest_flow.with_options(task_runner=flows.scale.runner("local:4"))(..., sharded=True)`."""
     config = config or IngestConfig()
     run_id = tracking.start_run("ingest", run_name=f"ingest {Path(root).name}", parent_run_id=parent_run_id,
                                 tags={"prefect_flow_run_id": str(flow_run.id)}, uri=tracking_uri)
     try:
-        path, hit, seconds = build_store(root, store_root or str(default_store_root()), config)
+        build = build_store_sharded if sharded else build_store
+        path, hit, seconds = build(root, store_root or str(default_store_root()), config)
         log_ingest_run(run_id, path, hit, seconds, config, tracking_uri)
     except BaseException:
         tracking.end_run(run_id, "FAILED", tracking_uri)

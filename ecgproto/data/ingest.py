@@ -14,7 +14,7 @@ import multiprocessing as mp
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -75,7 +75,7 @@ class IngestResult:
 
 
 @dataclass(frozen=True)
-class _Chunk:
+class IngestChunk:
     index: int
     partial: str
     root: str
@@ -90,7 +90,7 @@ def _chunk_file(partial: Path, index: int) -> Path:
     return partial / "chunks" / f"{index:06d}.json"
 
 
-def ingest_chunk(chunk: _Chunk) -> int:
+def ingest_chunk(chunk: IngestChunk) -> int:
     """Worker: read, check and preprocess one chunk; write its signal rows and its result table."""
     config = PreprocessConfig.model_validate(chunk.preprocess)
     partial = Path(chunk.partial)
@@ -141,9 +141,16 @@ def _workers(requested: int) -> int:
     return requested if requested > 0 else max(1, min(8, os.cpu_count() or 1))
 
 
+ChunkRunner = Callable[[list[IngestChunk]], None]
+
+
 def ingest(root: Path | str, store_root: Path | str, config: IngestConfig | None = None,
-           *, progress: bool = True) -> IngestResult:
-    """Ingest `root` (PTB-XL or MIMIC-IV-ECG layout) into `store_root`; a cache hit if already done."""
+           *, progress: bool = True, run_chunks: ChunkRunner | None = None) -> IngestResult:
+    """Ingest `root` (PTB-XL or MIMIC-IV-ECG layout) into `store_root`; a cache hit if already done.
+
+    `run_chunks` runs the pending chunks elsewhere (each `ingest_chunk(chunk)`, e.g. Prefect tasks on a
+    Dask cluster whose workers see `store_root`); by default a local process pool runs them. The store
+    is the same either way: each chunk writes its own rows and result file."""
     if mp.parent_process() is not None and mp.current_process().name.startswith(("ForkServer", "SpawnProcess")):
         raise RuntimeError(
             "ingest() ran inside an ingest worker: the calling script has no `if __name__ == '__main__':` "
@@ -169,8 +176,14 @@ def ingest(root: Path | str, store_root: Path | str, config: IngestConfig | None
         resumed = _prepare_partial(partial, key, listing, config)
         chunks = _plan_chunks(partial, listing, config)
         pending = [c for c in chunks if not _chunk_file(partial, c.index).exists()]
-        _run_chunks(pending, _workers(config.workers), config.start_method, progress, total=len(listing.records),
-                    done=sum(len(c.rows) for c in chunks) - sum(len(c.rows) for c in pending))
+        if run_chunks is not None:
+            run_chunks(pending)
+            if missing := [c.index for c in pending if not _chunk_file(partial, c.index).exists()]:
+                raise RuntimeError(f"{partial}: chunks {missing[:5]} were not written by the chunk runner")
+        else:
+            _run_chunks(pending, _workers(config.workers), config.start_method, progress,
+                        total=len(listing.records),
+                        done=sum(len(c.rows) for c in chunks) - sum(len(c.rows) for c in pending))
         _finish(partial, key, listing, config, payload, chunks)
         publish(partial, final)
     return IngestResult(ArrayStore.open(final), False, len(chunks) - len(pending) if resumed else 0,
@@ -196,7 +209,7 @@ def _prepare_partial(partial: Path, key: str, listing: DatasetListing, config: I
     return False
 
 
-def _plan_chunks(partial: Path, listing: DatasetListing, config: IngestConfig) -> list[_Chunk]:
+def _plan_chunks(partial: Path, listing: DatasetListing, config: IngestConfig) -> list[IngestChunk]:
     recs = listing.records
     # at least ~4 chunks per worker so the pool stays balanced, at most chunk_size records each
     size = max(1, min(config.chunk_size, -(-len(recs) // (4 * _workers(config.workers)))))
@@ -205,13 +218,13 @@ def _plan_chunks(partial: Path, listing: DatasetListing, config: IngestConfig) -
     ids = recs["record_id"].tolist()
     pre = config.preprocess.model_dump()
     return [
-        _Chunk(i // size, str(partial), str(listing.root), list(range(i, min(i + size, len(recs)))), ids[i:i + size],
+        IngestChunk(i // size, str(partial), str(listing.root), list(range(i, min(i + size, len(recs)))), ids[i:i + size],
                paths[i:i + size], files[i:i + size], pre)
         for i in range(0, len(recs), size)
     ]
 
 
-def _run_chunks(chunks: list[_Chunk], workers: int, start_method: str, progress: bool, total: int, done: int) -> None:
+def _run_chunks(chunks: list[IngestChunk], workers: int, start_method: str, progress: bool, total: int, done: int) -> None:
     bar = tqdm(total=total, initial=done, unit="rec", desc="ingest", disable=None if progress else True, leave=False)
     try:
         if workers <= 1 or len(chunks) <= 1:
@@ -229,7 +242,7 @@ def _run_chunks(chunks: list[_Chunk], workers: int, start_method: str, progress:
 
 
 def _finish(partial: Path, key: str, listing: DatasetListing, config: IngestConfig,
-            payload: dict[str, object], chunks: list[_Chunk]) -> None:
+            payload: dict[str, object], chunks: list[IngestChunk]) -> None:
     entries = [e for c in chunks for e in json.loads(_chunk_file(partial, c.index).read_bytes())]
     results = pd.DataFrame(entries, columns=None if entries else ["row", "record_id", "file", "reason", "message"])
     ok = results["reason"] == ""

@@ -10,15 +10,15 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
+from ecgproto.data.store import ArrayStore
 from ecgproto.phenotype.engine import FeatureSet
+from ecgproto.scoring import ActivationStore, score_rows
 
 HEDGES = ("possible", "probable", "consider", "borderline", "cannot rule out", "suggests", "likely", "questionable")
 _PUNCT = re.compile(r"[^a-z0-9+\-/ ]+")
@@ -34,31 +34,25 @@ class Scores:
     codes: tuple[str, ...]
 
 
-def _batches(signals: np.ndarray, rows: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    order = np.argsort(rows, kind="stable")  # read the memmap front to back
-    for lo in range(0, len(rows), batch_size):
-        take = order[lo:lo + batch_size]
-        yield take, np.asarray(signals[rows[take]], dtype=np.float32)
-
-
-@torch.no_grad()
-def score_cohort(model: torch.nn.Module, signals: np.ndarray, rows: np.ndarray, batch_size: int = 256,
-                 device: str = "cpu", progress: bool = True) -> Scores:
+def score_cohort(model: torch.nn.Module, store: ArrayStore, rows: np.ndarray, batch_size: int = 256,
+                 device: str = "cpu", progress: bool = True, workers: int = 0) -> Scores:
     """Run the model unchanged on the cohort's ECGs (store rows), in batches, streaming from the memmap."""
-    model = model.eval().to(device)
-    n, p, c = len(rows), model.n_prototypes, len(model.codes)
-    sims = np.zeros((n, p), dtype=np.float32)
-    probs = np.zeros((n, c), dtype=np.float32)
-    use_bf16 = device.startswith("cuda")
-    for take, x in tqdm(_batches(signals, np.asarray(rows), batch_size), total=-(-n // batch_size),
-                        desc="scoring cohort", unit="batch", disable=not progress):
-        xt = torch.from_numpy(x).to(device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-            s = model.similarities(xt)
-            pr = torch.sigmoid(model.fusion(s))
-        sims[take] = s.float().cpu().numpy()
-        probs[take] = pr.float().cpu().numpy()
+    sims, probs = score_rows(model, store, rows, batch_size=batch_size, device=device, workers=workers,
+                             progress=progress, desc="scoring cohort")
     return Scores(sims, probs, prototype_table(model), tuple(model.codes))
+
+
+def scores_from_activations(activations: ActivationStore, rows: np.ndarray) -> Scores:
+    """The scores of store `rows` read from an activation store (float16, written by `ecgproto score`)."""
+    position = pd.Series(activations.records["position"].to_numpy(), index=activations.records["row"].to_numpy())
+    missing = ~np.isin(rows, position.index)
+    if missing.any():
+        raise ValueError(f"{activations.path}: {int(missing.sum())} cohort ECGs were not scored "
+                         f"(store rows e.g. {rows[missing][:3].tolist()}); score the same store")
+    take = position.loc[rows].to_numpy()
+    sims = activations.matrix("similarities")[take].astype(np.float32)
+    probs = activations.matrix("probabilities")[take].astype(np.float32)
+    return Scores(sims, probs, activations.prototypes, tuple(activations.info["codes"]))
 
 
 def prototype_table(model: torch.nn.Module) -> pd.DataFrame:

@@ -31,6 +31,7 @@ from ecgproto.phenotype.features import (
     probability_features,
     prototype_features,
     score_cohort,
+    scores_from_activations,
     top1_features,
 )
 from ecgproto.phenotype.phecodes import (
@@ -42,6 +43,7 @@ from ecgproto.phenotype.phecodes import (
 )
 from ecgproto.privacy import MIN_CELL, drop_identifiers, suppress_counts
 from ecgproto.report import StageReport
+from ecgproto.scoring import ActivationStore
 
 ALL_SETS = ("prototype", "prototype_top1", "prototype_class", "class_prob", "nlp_concept")
 
@@ -109,14 +111,24 @@ class PhenotypeStudy:
         return out
 
     def run(self, store: ArrayStore, hosp: Path, model: Any | None = None,
-            machine_measurements: Path | None = None, progress: bool = True) -> StudyResult:
+            machine_measurements: Path | None = None, progress: bool = True,
+            activations: ActivationStore | None = None) -> StudyResult:
+        """`activations` (an activation store of `model` on `store`, from `ecgproto score`) replaces scoring."""
         c = self.config
         cohort, status, mapping = self.cohort(store, hosp)
         if status.status.shape[1] == 0:
             raise ValueError(f"no phecode has >= {c.min_cases} cases and >= {c.min_controls} controls in the "
                              f"cohort ({cohort.n} admissions); nothing to test")
-        scores = score_cohort(model, store.signals, cohort.table["row"].to_numpy(), c.batch_size, c.device,
-                              progress) if model is not None else None
+        rows = cohort.table["row"].to_numpy()
+        if activations is not None:
+            if activations.info["store"] != store.key:
+                raise ValueError(f"{activations.path}: scored another store ({activations.info['store'][:16]}), "
+                                 f"not {store.path} ({store.key[:16]})")
+            scores = scores_from_activations(activations, rows)
+        elif model is not None:
+            scores = score_cohort(model, store, rows, c.batch_size, c.device, progress)
+        else:
+            scores = None
         if scores is not None and c.own_class_prototypes_only:
             scores = own_class_only(scores)
         reports = None

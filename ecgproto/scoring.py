@@ -1,0 +1,258 @@
+"""Batched inference of a trained network over a memory-mapped store, and the activation store it writes.
+
+Scoring reads the store through a torch DataLoader whose items are whole batches (one slice of the
+memmap each, rows in file order), so loader workers read ahead while the model runs; on CUDA the
+batches are pinned, copied asynchronously and run under bf16 autocast.
+
+An activation store (a folder `activations-<key16>/`, published by one atomic rename) holds, per
+scored ECG, the pooled prototype similarities and the fused label probabilities as float16 shards:
+
+  similarities-000000.npy   (n_shard, P) float16
+  probabilities-000000.npy  (n_shard, C) float16
+  records.parquet           position, row (in the ECG store), record_id, shard
+  prototypes.parquet        one row per prototype: prototype, branch, class, index_in_branch, ...
+  activations.json          the plan: store key, model id, shard and batch size, shapes, label codes
+
+Shards are contiguous runs of the store's rows whose length is a multiple of the batch size, so
+every batch holds the same ECGs however the shards are spread over machines: a sharded run on a
+Dask cluster and a single-process run give the same arrays. A killed run keeps its finished
+shards in `.partial-activations-<key16>/` and the next run with the same plan scores only the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ecgproto.data.store import ArrayStore, atomic_write_bytes, atomic_write_parquet, publish
+
+ACTIVATIONS_FORMAT = 1
+
+
+class _StoreBatches(Dataset):
+    """Item i is batch i of `rows` (store rows, ascending), read as one slice of the signal memmap."""
+
+    def __init__(self, signals_path: Path, rows: np.ndarray, batch_size: int) -> None:
+        self.path, self.rows, self.batch_size = signals_path, rows, batch_size
+        self._signals: np.ndarray | None = None  # opened lazily: each loader worker maps the file itself
+
+    def __len__(self) -> int:
+        return -(-len(self.rows) // self.batch_size)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if self._signals is None:
+            self._signals = np.load(self.path, mmap_mode="r")
+        r = self.rows[i * self.batch_size:(i + 1) * self.batch_size]
+        if len(r) and r[-1] - r[0] == len(r) - 1:  # consecutive rows: one contiguous read
+            x = self._signals[r[0]:r[-1] + 1]
+        else:
+            x = self._signals[r]
+        return torch.from_numpy(np.array(x, dtype=np.float32))  # a private, writable copy
+
+
+def store_batches(store: ArrayStore, rows: np.ndarray, batch_size: int, device: str = "cpu",
+                  workers: int = 0) -> DataLoader:
+    """A DataLoader over `rows` (ascending) of `store`, one (B, 12, n) float32 batch per item.
+
+    Read-ahead workers are spawned, not forked: scoring often runs inside a Prefect flow or a Dask
+    worker whose threads a forked child would inherit half-way (a second of start-up per worker)."""
+    return DataLoader(_StoreBatches(store.path / "signals.npy", np.asarray(rows), batch_size), batch_size=None,
+                      shuffle=False, num_workers=workers, pin_memory=device.startswith("cuda"),
+                      prefetch_factor=4 if workers else None, multiprocessing_context="spawn" if workers else None)
+
+
+@torch.no_grad()
+def score_rows(model: torch.nn.Module, store: ArrayStore, rows: np.ndarray, *, batch_size: int = 256,
+               device: str = "cpu", workers: int = 0, progress: bool = False,
+               desc: str = "scoring") -> tuple[np.ndarray, np.ndarray]:
+    """Pooled similarities (n, P) and fused probabilities (n, C), float32, in the order of `rows`."""
+    rows = np.asarray(rows)
+    order = np.argsort(rows, kind="stable")  # read the memmap front to back
+    model = model.eval().to(device)
+    n = len(rows)
+    sims = np.empty((n, model.n_prototypes), dtype=np.float32)
+    probs = np.empty((n, len(model.codes)), dtype=np.float32)
+    cuda = device.startswith("cuda")
+    lo = 0
+    for x in tqdm(store_batches(store, rows[order], batch_size, device, workers), desc=desc, unit="batch",
+                  disable=not progress):
+        xt = x.to(device, non_blocking=cuda)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            s = model.similarities(xt)
+            p = torch.sigmoid(model.fusion(s))
+        take = order[lo:lo + len(x)]
+        sims[take] = s.float().cpu().numpy()
+        probs[take] = p.float().cpu().numpy()
+        lo += len(x)
+    return sims, probs
+
+
+def model_id(model: torch.nn.Module) -> str:
+    """Content hash of a network's weights: what decides its activations."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ScoringPlan:
+    """Which rows go in which shard, where the shards are written and where they will be published."""
+
+    store_path: str
+    partial: str
+    final: str
+    key: str
+    rows: tuple[tuple[int, int], ...]  # per shard: [start, end) positions into the store's manifest rows
+    batch_size: int
+    model: str  # model_id of the network
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.rows)
+
+    def shard_files(self, i: int) -> tuple[Path, Path]:
+        p = Path(self.partial)
+        return p / f"similarities-{i:06d}.npy", p / f"probabilities-{i:06d}.npy"
+
+    def done(self, i: int) -> bool:
+        return all(f.exists() for f in self.shard_files(i))
+
+    def pending(self) -> list[int]:
+        return [i for i in range(self.n_shards) if not self.done(i)]
+
+
+def plan_scoring(store: ArrayStore, model: torch.nn.Module, out_root: Path | str, *, shard_size: int = 65_536,
+                 batch_size: int = 256) -> ScoringPlan:
+    """Plan the activation store of `model` on every usable record of `store` (resumes a killed run)."""
+    shard_size = max(batch_size, shard_size // batch_size * batch_size)
+    mid = model_id(model)
+    key = hashlib.sha256(json.dumps({"format": ACTIVATIONS_FORMAT, "store": store.key, "model": mid,
+                                     "shard_size": shard_size, "batch_size": batch_size}).encode()).hexdigest()
+    out_root = Path(out_root).resolve()
+    final, partial = out_root / f"activations-{key[:16]}", out_root / f".partial-activations-{key[:16]}"
+    n = len(store.manifest)
+    bounds = tuple((lo, min(lo + shard_size, n)) for lo in range(0, n, shard_size))
+    plan = ScoringPlan(str(store.path), str(partial), str(final), key, bounds, batch_size, mid)
+    if not (final / "activations.json").exists():
+        marker = partial / "plan.json"
+        if not (marker.exists() and json.loads(marker.read_text()).get("key") == key):
+            if partial.exists():
+                for f in partial.iterdir():
+                    f.unlink()
+            partial.mkdir(parents=True, exist_ok=True)
+            torch.save(model.cpu(), partial / "model.pt")  # what every worker loads
+            atomic_write_bytes(marker, json.dumps({"key": key}).encode())
+    return plan
+
+
+def score_shard(plan: ScoringPlan, i: int, *, device: str = "cpu", workers: int = 0,
+                model: torch.nn.Module | None = None) -> int:
+    """Score shard i of `plan` and write its two float16 arrays atomically; returns its ECG count."""
+    if plan.done(i):
+        return plan.rows[i][1] - plan.rows[i][0]
+    store = ArrayStore.open(plan.store_path)
+    if model is None:
+        model = torch.load(Path(plan.partial) / "model.pt", map_location="cpu", weights_only=False)
+    lo, hi = plan.rows[i]
+    rows = np.sort(store.manifest["row"].to_numpy())[lo:hi]
+    sims, probs = score_rows(model, store, rows, batch_size=plan.batch_size, device=device, workers=workers)
+    for path, arr in zip(plan.shard_files(i), (sims, probs), strict=True):
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tmp.open("wb") as f:
+            np.save(f, arr.astype(np.float16))
+        tmp.rename(path)
+    return hi - lo
+
+
+def finish_scoring(plan: ScoringPlan, prototypes: pd.DataFrame, codes: tuple[str, ...]) -> ActivationStore:
+    """Write the record and prototype tables and the plan, then publish the store."""
+    final = Path(plan.final)
+    if (final / "activations.json").exists():
+        return ActivationStore.open(final)
+    if missing := plan.pending():
+        raise RuntimeError(f"{plan.partial}: shards {missing[:5]}{'...' if len(missing) > 5 else ''} not scored")
+    partial = Path(plan.partial)
+    store = ArrayStore.open(plan.store_path)
+    m = store.manifest.sort_values("row").reset_index(drop=True)
+    shard = np.zeros(len(m), dtype=np.int32)
+    for i, (lo, hi) in enumerate(plan.rows):
+        shard[lo:hi] = i
+    atomic_write_parquet(pd.DataFrame({"position": np.arange(len(m)), "row": m["row"].to_numpy(),
+                                       "record_id": m["record_id"].astype(str).to_numpy(), "shard": shard}),
+                         partial / "records.parquet")
+    atomic_write_parquet(prototypes, partial / "prototypes.parquet")
+    n_p = np.load(plan.shard_files(0)[0], mmap_mode="r").shape[1] if plan.rows else len(prototypes)
+    info = {"format": ACTIVATIONS_FORMAT, "key": plan.key, "store": store.key, "model": plan.model,
+            "store_path": plan.store_path,
+            "n": int(len(m)), "n_prototypes": int(n_p), "codes": list(codes), "dtype": "float16",
+            "batch_size": plan.batch_size, "shards": [list(b) for b in plan.rows]}
+    (partial / "model.pt").unlink(missing_ok=True)
+    (partial / "plan.json").unlink(missing_ok=True)
+    atomic_write_bytes(partial / "activations.json", json.dumps(info, indent=2).encode())
+    publish(partial, final)
+    return ActivationStore.open(final)
+
+
+ShardRunner = Callable[[ScoringPlan, list[int]], None]
+
+
+def score_store(store: ArrayStore, model: torch.nn.Module, out_root: Path | str, prototypes: pd.DataFrame, *,
+                shard_size: int = 65_536, batch_size: int = 256, device: str = "cpu", workers: int = 0,
+                run_shards: ShardRunner | None = None, progress: bool = False) -> ActivationStore:
+    """Score every record of `store` into an activation store; `run_shards` may spread the shards out
+    (e.g. Prefect tasks on a Dask cluster), by default they run here one after the other."""
+    plan = plan_scoring(store, model, out_root, shard_size=shard_size, batch_size=batch_size)
+    if not (Path(plan.final) / "activations.json").exists():
+        pending = plan.pending()
+        if run_shards is not None:
+            run_shards(plan, pending)
+        else:
+            for i in tqdm(pending, desc="scoring shards", unit="shard", disable=not progress):
+                score_shard(plan, i, device=device, workers=workers, model=model)
+    return finish_scoring(plan, prototypes, tuple(model.codes))
+
+
+@dataclass
+class ActivationStore:
+    """A published activation store, read shard by shard (memory-mapped) or whole."""
+
+    path: Path
+
+    @classmethod
+    def open(cls, path: Path | str) -> ActivationStore:
+        path = Path(path)
+        if not (path / "activations.json").exists():
+            raise FileNotFoundError(f"{path}: not an activation store (no activations.json); run `ecgproto score`")
+        return cls(path)
+
+    @cached_property
+    def info(self) -> dict:
+        return json.loads((self.path / "activations.json").read_text())
+
+    @cached_property
+    def records(self) -> pd.DataFrame:
+        return pd.read_parquet(self.path / "records.parquet")
+
+    @cached_property
+    def prototypes(self) -> pd.DataFrame:
+        return pd.read_parquet(self.path / "prototypes.parquet")
+
+    def shards(self, kind: str = "similarities") -> Iterator[np.ndarray]:
+        for i in range(len(self.info["shards"])):
+            yield np.load(self.path / f"{kind}-{i:06d}.npy", mmap_mode="r")
+
+    def matrix(self, kind: str = "similarities") -> np.ndarray:
+        """(n, P) or (n, C) float16, rows in the order of `records`."""
+        return np.concatenate(list(self.shards(kind)), axis=0) if self.info["shards"] else np.zeros((0, 0), np.float16)

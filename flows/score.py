@@ -1,0 +1,73 @@
+"""Score flow: a registered model run over every record of a store, into a float16 activation store.
+
+Each shard (a run of the store's rows) is a Prefect task, so with a Dask task runner the shards
+spread over a cluster (`ecgproto score STORE --dask local:4` or `--dask tcp://scheduler:8786`); the
+activation store is the same as a single-process run's. One MLflow run `score` holds the plan, the
+counts and the rate; nothing identifying (record ids stay in the local activation store).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prefect import flow, task, unmapped
+from prefect.runtime import flow_run
+
+from ecgproto import tracking
+from ecgproto.data.store import ArrayStore
+from ecgproto.phenotype.features import prototype_table
+from ecgproto.report import StageReport
+from ecgproto.scoring import ScoringPlan, score_shard, score_store
+from ecgproto.settings import store_root as default_store_root
+from ecgproto.train.stages import resolve_device
+
+DEFAULT_MODEL = "models:/ecgproto-protoecgnet/latest"
+
+
+@task(name="score-shard", retries=2, retry_delay_seconds=1)
+def score_shard_task(plan: ScoringPlan, index: int, device: str, loader_workers: int) -> int:
+    """One shard, on whichever worker the flow's task runner picks; a retry re-scores only this shard."""
+    return score_shard(plan, index, device=device, workers=loader_workers)
+
+
+@flow(name="score", log_prints=True)
+def score_flow(store: str, model_uri: str = DEFAULT_MODEL, out: str | None = None, shard_size: int = 65_536,
+               batch_size: int = 256, device: str = "auto", loader_workers: int = 0,
+               tracking_uri: str | None = None, parent_run_id: str | None = None) -> dict[str, object]:
+    """Write (or find) the activation store of `model_uri` on `store`; returns its path and the MLflow run id."""
+    s = ArrayStore.open(store)
+    lineage = tracking.model_lineage(model_uri, tracking_uri)
+    run_id = tracking.start_run("score", parent_run_id=parent_run_id, uri=tracking_uri,
+                                tags={"prefect_flow_run_id": str(flow_run.id), "cohort_dataset_hash": s.key})
+    dev = str(resolve_device(device))
+    try:
+        model = tracking.load_model(model_uri, tracking_uri)
+        shards: list[int] = []
+
+        def run_shards(plan: ScoringPlan, pending: list[int]) -> None:
+            shards.extend(pending)
+            score_shard_task.map(unmapped(plan), pending, unmapped(dev), unmapped(loader_workers)).result()
+
+        t0 = time.perf_counter()
+        acts = score_store(s, model, Path(out) if out else default_store_root(), prototype_table(model),
+                           shard_size=shard_size, batch_size=batch_size, device=dev, run_shards=run_shards)
+        seconds = time.perf_counter() - t0
+        info = acts.info
+        report = StageReport(
+            params={"model_uri": model_uri, "shard_size": shard_size, "batch_size": batch_size, "device": dev,
+                    "loader_workers": loader_workers, "activations_path": str(acts.path), **lineage},
+            metrics={"n_scored": info["n"], "n_prototypes": info["n_prototypes"], "n_shards": len(info["shards"]),
+                     "shards_scored_now": len(shards), "seconds": seconds},
+            tags={"activations_key": info["key"][:16], "cache_hit": str(not shards).lower(),
+                  **{k: v for k, v in lineage.items() if k in ("model_version", "train_run_id")}})
+        if shards:
+            report.metrics["ecgs_per_s"] = info["n"] / seconds
+        tracking.log_report(run_id, report, tracking_uri)
+    except BaseException:
+        tracking.end_run(run_id, "FAILED", tracking_uri)
+        raise
+    tracking.end_run(run_id, uri=tracking_uri)
+    print(f"score {'cache hit' if not shards else f'done ({len(shards)} shards)'}: {info['n']:,} ECGs x "
+          f"{info['n_prototypes']} prototypes -> {acts.path}")
+    return {"activations": str(acts.path), "run_id": run_id, "n": info["n"]}
