@@ -47,8 +47,30 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from ecgproto import tracking
     from flows.ingest import ingest_flow
 
-    out = ingest_flow(str(Path(args.root).resolve()), _ingest_config(args), args.store)
+    flow = ingest_flow
+    if args.dask:
+        from flows.scale import runner
+
+        flow = ingest_flow.with_options(task_runner=runner(args.dask))
+    out = flow(str(Path(args.root).resolve()), _ingest_config(args), args.store, sharded=bool(args.dask))
     print(f"store: {out['store']}\nMLflow run: {tracking.run_url(out['run_id'])}")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from ecgproto import tracking
+    from flows.score import score_flow
+
+    flow = score_flow
+    if args.dask:
+        from flows.scale import runner
+
+        flow = score_flow.with_options(task_runner=runner(args.dask))
+    store = Path(args.store).resolve()
+    out = flow(str(store), args.model, args.out or str(store.parent), shard_size=args.shard_size,
+               batch_size=args.batch_size, device=args.device, loader_workers=args.loader_workers)
+    print(f"activations: {out['activations']}\nMLflow run: {tracking.run_url(str(out['run_id']))}")
+    print(f"use them in a study: ecgproto associate {args.store} --hosp HOSP --activations {out['activations']}")
     return 0
 
 
@@ -86,7 +108,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         store = Path(ingest_flow(str(source), _ingest_config(args), args.store)["store"])
     config = TrainConfig.small() if args.small else TrainConfig()
-    updates = {"device": args.device, "seed": args.seed if args.seed is not None else config.seed}
+    updates = {"device": args.device, "seed": args.seed if args.seed is not None else config.seed,
+               "world_size": args.world_size}
     config = config.model_copy(update=updates)
     if args.epochs is not None:
         config.joint.epochs = args.epochs
@@ -139,7 +162,8 @@ def cmd_associate(args: argparse.Namespace) -> int:
     if args.no_nlp:
         config.feature_sets = tuple(f for f in config.feature_sets if f != "nlp_concept")
     out = associate_flow(str(store), str(Path(args.hosp).resolve()), args.model or None,
-                         str(mm) if mm else None, config)
+                         str(mm) if mm else None, config,
+                         activations=str(Path(args.activations).resolve()) if args.activations else None)
     print(f"MLflow run: {tracking.run_url(str(out['run_id']))}  (table: {out['results']}, figures under figures/)")
     return 0
 
@@ -223,7 +247,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="stored sample type")
     q.add_argument("--min-likelihood", type=float, default=0.0, help="scp code likelihood that counts as positive")
     q.add_argument("--workers", type=int, help="processes (default: one per core)")
+    q.add_argument("--dask", metavar="SPEC", help="shard the records over Dask: 'local', 'local:N' (N worker "
+                   "processes here) or a scheduler address tcp://HOST:8786 whose workers see ROOT and --store "
+                   "(needs the scale extra)")
     q.set_defaults(func=cmd_ingest)
+
+    q = sub.add_parser("score", help="score every ECG of a store with a registered model into float16 activation "
+                       "shards (prototype similarities, label probabilities); optionally on a Dask cluster")
+    q.add_argument("store", help="a store folder from `ecgproto ingest` (e.g. a MIMIC-IV-ECG cohort)")
+    q.add_argument("--model", default="models:/ecgproto-protoecgnet/latest",
+                   help="MLflow model URI: models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID/model")
+    q.add_argument("--out", help="folder for the activation store (default: the store folder's parent)")
+    q.add_argument("--shard-size", type=int, default=65_536, help="ECGs per shard: one task, one resume checkpoint")
+    q.add_argument("--batch-size", type=int, default=256, help="ECGs per forward pass")
+    q.add_argument("--device", default="auto", help="auto | cpu | cuda (bf16 autocast on CUDA)")
+    q.add_argument("--loader-workers", type=int, default=0, help="read-ahead processes per scoring task")
+    q.add_argument("--dask", metavar="SPEC", help="spread the shards: 'local', 'local:N' or tcp://HOST:8786 "
+                   "(workers must see the store and --out; needs the scale extra)")
+    q.set_defaults(func=cmd_score)
 
     q = sub.add_parser("demo", help="generate the demo data and run the whole pipeline on it")
     q.add_argument("--store", default=str(store_root()), help="store folder (default data/store)")
@@ -238,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="auto", help="auto | cpu | cuda (bf16 autocast on CUDA)")
     q.add_argument("--seed", type=int, help="random seed (default 20261123)")
     q.add_argument("--no-baseline", action="store_true", help="skip the black-box 1D ResNet baseline")
+    q.add_argument("--world-size", type=int, default=1, help="DDP ranks for the joint stages and the baseline "
+                   "(torchrun on this machine: one GPU each, or gloo on CPU); default 1 = one process")
     q.add_argument("--register", default="ecgproto-protoecgnet", help="MLflow registered model name ('' to skip)")
     q.add_argument("--store", default=str(store_root()), help="store folder when SOURCE is a dataset")
     q.add_argument("--layout", default="ptbxl", help=argparse.SUPPRESS)
@@ -269,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--strict", action="store_true", help="only ECGs inside [admittime, dischtime]")
     q.add_argument("--window-days", type=float, default=7.0, help="an ECG up to this many days before admission counts")
     q.add_argument("--device", default="cpu", help="cpu | cuda (bf16 autocast) for scoring the cohort")
+    q.add_argument("--activations", help="an activation store from `ecgproto score` of this model on this cohort "
+                   "store: used instead of scoring here")
     q.add_argument("--store", default=str(store_root()), help="store folder when COHORT is a dataset")
     q.add_argument("--workers", type=int, help=argparse.SUPPRESS)
     q.set_defaults(func=cmd_associate)

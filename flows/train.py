@@ -22,9 +22,10 @@ from ecgproto.data.labels import BRANCHES
 from ecgproto.explain import prototype_gallery
 from ecgproto.report import StageReport
 from ecgproto.settings import workdir
-from ecgproto.train import stages
+from ecgproto.train import distributed, stages
 from ecgproto.train.config import TrainConfig
 from ecgproto.train.report import evaluation_report, fit_report, projection_report
+from ecgproto.train.trainer import FitResult
 
 REGISTERED_NAME = "ecgproto-protoecgnet"
 
@@ -61,10 +62,24 @@ def fit_branch(store: str, config: TrainConfig, work_root: str, branch: str, sta
     ctx = stages.TrainContext.open(store, config, work_root)
 
     def work(run_id: str) -> float:
-        result = _FITS[stage](ctx, branch, _curves(run_id, uri))
+        if stage == "joint" and config.world_size > 1:
+            result = _data_parallel("joint", store, config, work_root, branch, ctx, run_id, uri)
+        else:
+            result = _FITS[stage](ctx, branch, _curves(run_id, uri))
         tracking.log_report(run_id, fit_report(result, stage, branch), uri)
         return result.best_score
     return run_stage(stage, parent, uri, branch, work)
+
+
+def _data_parallel(stage: str, store: str, config: TrainConfig, work_root: str, branch: str | None,
+                   ctx: stages.TrainContext, run_id: str, uri: str | None) -> FitResult:
+    """The stage on config.world_size DDP ranks (torchrun); its curves are logged once it is done."""
+    tracking.set_tags(run_id, {"world_size": str(config.world_size)}, uri)
+    distributed.launch(stage, store, config, work_root, branch)
+    result = stages.train_joint(ctx, branch) if stage == "joint" else stages.train_baseline(ctx)  # finished: loads
+    for h in result.history:
+        tracking.log_metrics(run_id, h, step=int(h["epoch"]), uri=uri)
+    return result
 
 
 @task(name="projection", task_run_name="{branch}/projection", retries=1)
@@ -99,7 +114,10 @@ def baseline(store: str, config: TrainConfig, work_root: str, parent: str, uri: 
     ctx = stages.TrainContext.open(store, config, work_root)
 
     def work(run_id: str) -> float:
-        result = stages.train_baseline(ctx, _curves(run_id, uri))
+        if config.world_size > 1:
+            result = _data_parallel("baseline", store, config, work_root, None, ctx, run_id, uri)
+        else:
+            result = stages.train_baseline(ctx, _curves(run_id, uri))
         tracking.log_report(run_id, fit_report(result, "baseline"), uri)
         return result.best_score
     return run_stage("baseline", parent, uri, None, work)

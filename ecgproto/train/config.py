@@ -50,6 +50,8 @@ class TrainConfig(BaseModel):
     threads: int = Field(0, description="torch CPU threads; 0 = torch's default")
     device: str = Field("auto", description="auto | cpu | cuda")
     amp: bool = Field(True, description="bf16 autocast on CUDA")
+    world_size: int = Field(1, ge=1, description="ranks for the joint stages and the baseline (torch DDP via "
+                            "torchrun: one GPU per rank, or gloo on CPU); 1 = one process")
 
     @classmethod
     def small(cls) -> TrainConfig:

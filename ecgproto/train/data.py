@@ -55,14 +55,22 @@ class SplitData:
         return out
 
     def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
-                time_roll: bool = False, label_index: np.ndarray | None = None) -> Iterator[Batch]:
+                time_roll: bool = False, label_index: np.ndarray | None = None,
+                part: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
+        """Batches of `batch_size` records; with part=(rank, world) only this rank's slice of each batch
+        (the same draws as one process makes, so `world` ranks together see exactly its batches)."""
+        rank, world = part
         rng = np.random.default_rng([seed, epoch])
         order = rng.permutation(len(self)) if shuffle else np.arange(len(self))
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
+            shifts = rng.integers(0, self.store.signals.shape[-1], len(idx)) if time_roll else None
+            if world > 1:
+                mine = np.array_split(np.arange(len(idx)), world)[rank]
+                idx = idx[mine]
+                shifts = shifts[mine] if shifts is not None else None
             x = self.signals(idx)
-            if time_roll:
-                shifts = rng.integers(0, x.shape[-1], len(idx))
+            if shifts is not None:
                 cols = (np.arange(x.shape[-1])[None, :] - shifts[:, None]) % x.shape[-1]
                 x = np.take_along_axis(x, cols[:, None, :], axis=-1)
             y = self.labels[idx] if label_index is None else self.labels[idx][:, label_index]

@@ -26,7 +26,7 @@ from ecgproto.model.baseline import ResNet1DClassifier
 from ecgproto.model.branch import Branch
 from ecgproto.model.network import ECGProtoNet, build_branch
 from ecgproto.projection import project_prototypes
-from ecgproto.train import losses
+from ecgproto.train import distributed, losses
 from ecgproto.train.config import TrainConfig
 from ecgproto.train.data import SplitData
 from ecgproto.train.metrics import evaluation_table, macro_auroc
@@ -43,7 +43,7 @@ def resolve_device(name: str) -> torch.device:
 
 def run_key(store: ArrayStore, cfg: TrainConfig) -> str:
     """What decides a training's result: the data and every setting except where it runs."""
-    payload = cfg.model_dump(exclude={"threads", "device", "eval_batch_size"})
+    payload = cfg.model_dump(exclude={"threads", "device", "eval_batch_size", "world_size"})
     return hashlib.sha256(json.dumps([store.key, payload], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -145,6 +145,8 @@ def train_joint(ctx: TrainContext, name: str, on_epoch: EpochCallback | None = N
     torch.manual_seed(cfg.seed)
     branch = build_branch(name, cfg.model, ctx.labels).to(ctx.device)
     branch.head.weight.requires_grad_(False)
+    net = distributed.wrap(branch, ctx.device)  # DDP under torchrun, else the branch itself
+    part = distributed.rank_world()
     idx = ctx.labels.branch_indices(name)
     identity = branch.class_identity().to(ctx.device)
     jac = torch.as_tensor(ctx.jaccard[np.ix_(idx, idx)], dtype=torch.float32, device=ctx.device)
@@ -154,7 +156,7 @@ def train_joint(ctx: TrainContext, name: str, on_epoch: EpochCallback | None = N
     def loss_fn(batch) -> torch.Tensor:  # noqa: ANN001
         x, y = batch.x.to(ctx.device), batch.y.to(ctx.device)
         with ctx.autocast():
-            logits, sims = branch(x)
+            logits, sims = net(x)
         return losses.joint_loss(logits, sims, branch.prototypes.prototypes, y, identity, jac, pw, w)
 
     def validate() -> float:
@@ -163,12 +165,15 @@ def train_joint(ctx: TrainContext, name: str, on_epoch: EpochCallback | None = N
 
     def batches(epoch: int) -> Iterator:
         return train.batches(cfg.joint.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
-                             time_roll=cfg.time_roll, label_index=idx)
+                             time_roll=cfg.time_roll, label_index=idx, part=part)
 
     result = fit(branch, branch.parameters(), loss_fn, batches, validate, cfg.joint,
                  steps_per_epoch=_steps(len(train), cfg.joint.batch_size), checkpoint=ckpt, seed=cfg.seed,
-                 on_epoch=on_epoch)
-    save_atomic(branch.cpu().state_dict(), out)
+                 on_epoch=on_epoch, main_process=distributed.is_main())
+    distributed.check_replicas(branch)
+    if distributed.is_main():
+        save_atomic(branch.cpu().state_dict(), out)
+    distributed.barrier()
     return result
 
 
@@ -197,7 +202,7 @@ def train_last_layer(ctx: TrainContext, name: str, on_epoch: EpochCallback | Non
     idx = ctx.labels.branch_indices(name)
     _, s_train = _branch_outputs(ctx, branch, "train")
     _, s_val = _branch_outputs(ctx, branch, "val")
-    head = branch.head.cpu()
+    head = branch.cpu().head  # the head trains on the cached similarities, on the CPU
     off = 1 - branch.class_identity().T
     pw = ctx.pos_weight[idx]
     x, y = torch.as_tensor(s_train), torch.as_tensor(ctx.splits["train"].labels[:, idx], dtype=torch.float32)
@@ -290,23 +295,29 @@ def train_baseline(ctx: TrainContext, on_epoch: EpochCallback | None = None) -> 
         return done
     torch.manual_seed(cfg.seed)
     net = ResNet1DClassifier(len(ctx.labels), b.widths, b.blocks).to(ctx.device)
+    forward = distributed.wrap(net, ctx.device)  # DDP under torchrun, else the network itself
+    part = distributed.rank_world()
     train, val = ctx.splits["train"], ctx.splits["val"]
 
     def loss_fn(batch) -> torch.Tensor:  # noqa: ANN001
         with ctx.autocast():
-            logits = net(batch.x.to(ctx.device))
+            logits = forward(batch.x.to(ctx.device))
         return nn.functional.binary_cross_entropy_with_logits(logits.float(), batch.y.to(ctx.device))
 
     def validate() -> float:
         return macro_auroc(val.labels, predict_baseline(ctx, net, "val"))
 
     def batches(epoch: int) -> Iterator:
-        return train.batches(b.stage.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, time_roll=cfg.time_roll)
+        return train.batches(b.stage.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, time_roll=cfg.time_roll,
+                             part=part)
 
     result = fit(net, net.parameters(), loss_fn, batches, validate, b.stage,
                  steps_per_epoch=_steps(len(train), b.stage.batch_size), checkpoint=ckpt,
-                 seed=cfg.seed, optimizer="adamw", on_epoch=on_epoch)
-    save_atomic(net.cpu(), out)
+                 seed=cfg.seed, optimizer="adamw", on_epoch=on_epoch, main_process=distributed.is_main())
+    distributed.check_replicas(net)
+    if distributed.is_main():
+        save_atomic(net.cpu(), out)
+    distributed.barrier()
     return result
 
 
