@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ecgproto.data.store import ArrayStore, atomic_write_bytes, atomic_write_parquet, publish
+from ecgproto.report import StageReport
 
 ACTIVATIONS_FORMAT = 1
 
@@ -222,6 +223,21 @@ def score_store(store: ArrayStore, model: torch.nn.Module, out_root: Path | str,
             for i in tqdm(pending, desc="scoring shards", unit="shard", disable=not progress):
                 score_shard(plan, i, device=device, workers=workers, model=model)
     return finish_scoring(plan, prototypes, tuple(model.codes))
+
+
+def scoring_report(acts: ActivationStore, seconds: float, shards_scored: int, lineage: dict[str, str],
+                   params: dict[str, object]) -> StageReport:
+    """What the `score` MLflow run shows: the plan, counts and rate; no record ids."""
+    info = acts.info
+    report = StageReport(
+        params={**params, "activations_path": str(acts.path), **lineage},
+        metrics={"n_scored": info["n"], "n_prototypes": info["n_prototypes"], "n_shards": len(info["shards"]),
+                 "shards_scored_now": shards_scored, "seconds": seconds},
+        tags={"activations_key": info["key"][:16], "cache_hit": str(not shards_scored).lower(),
+              **{k: v for k, v in lineage.items() if k in ("model_version", "train_run_id")}})
+    if shards_scored:
+        report.metrics["ecgs_per_s"] = info["n"] / seconds
+    return report
 
 
 @dataclass

@@ -249,6 +249,16 @@ def model_lineage(model_uri: str, uri: str | None = None) -> dict[str, str]:
     return out
 
 
+def version_run_id(name: str, version: str, uri: str | None = None) -> str | None:
+    """The run that logged version `version` of registered model `name`, or None if it is gone."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client(uri).get_model_version(name, version).run_id)
+    except MlflowException:
+        return None
+
+
 def alias_version(name: str, alias: str, uri: str | None = None) -> str | None:
     """The version a registered-model alias points at, or None (no such model or alias)."""
     from mlflow.exceptions import MlflowException

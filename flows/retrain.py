@@ -34,7 +34,7 @@ from pydantic import BaseModel, Field
 from ecgproto import tracking
 from ecgproto.data.ingest import IngestConfig
 from ecgproto.data.store import ArrayStore
-from ecgproto.promotion import decide, test_fold_auroc
+from ecgproto.promotion import PromotionDecision, decide, test_fold_auroc
 from ecgproto.report import StageReport
 from ecgproto.train.config import TrainConfig
 from flows.ingest import ingest_flow
@@ -102,11 +102,17 @@ def compare_and_promote(run_id: str, store: str, name: str, version: str, tolera
     challenger = test_fold_auroc(tracking.load_model(f"models:/{name}/{version}", uri), data)
     champion_version = tracking.alias_version(name, CHAMPION, uri)
     champion = None
-    if champion_version is not None and champion_version != version:
-        champion = test_fold_auroc(tracking.load_model(f"models:/{name}@{CHAMPION}", uri), data)
-    decision = decide(challenger, champion, tolerance)
-    alias = CHAMPION if decision.promote else CHALLENGER
-    tracking.set_alias(name, alias, version, uri, tags={"promotion": alias, "promotion_reason": decision.reason})
+    if champion_version == version:
+        # Unchanged data and config: training was a cache hit and registered nothing new.
+        decision = PromotionDecision(True, f"version {version} is already the champion (same data and config: "
+                                     "nothing retrained)", challenger, challenger, tolerance)
+        alias = CHAMPION
+    else:
+        if champion_version is not None:
+            champion = test_fold_auroc(tracking.load_model(f"models:/{name}@{CHAMPION}", uri), data)
+        decision = decide(challenger, champion, tolerance)
+        alias = CHAMPION if decision.promote else CHALLENGER
+        tracking.set_alias(name, alias, version, uri, tags={"promotion": alias, "promotion_reason": decision.reason})
     report = StageReport(
         metrics={"challenger_macro_auroc": challenger, **({"champion_macro_auroc": champion} if champion else {})},
         tags={"promotion": alias, "promotion_reason": decision.reason, "model_version": version,

@@ -17,8 +17,7 @@ from prefect.runtime import flow_run
 from ecgproto import tracking
 from ecgproto.data.store import ArrayStore
 from ecgproto.phenotype.features import prototype_table
-from ecgproto.report import StageReport
-from ecgproto.scoring import ScoringPlan, score_shard, score_store
+from ecgproto.scoring import ScoringPlan, score_shard, score_store, scoring_report
 from ecgproto.settings import store_root as default_store_root
 from ecgproto.train.stages import resolve_device
 
@@ -54,15 +53,9 @@ def score_flow(store: str, model_uri: str = DEFAULT_MODEL, out: str | None = Non
                            shard_size=shard_size, batch_size=batch_size, device=dev, run_shards=run_shards)
         seconds = time.perf_counter() - t0
         info = acts.info
-        report = StageReport(
-            params={"model_uri": model_uri, "shard_size": shard_size, "batch_size": batch_size, "device": dev,
-                    "loader_workers": loader_workers, "activations_path": str(acts.path), **lineage},
-            metrics={"n_scored": info["n"], "n_prototypes": info["n_prototypes"], "n_shards": len(info["shards"]),
-                     "shards_scored_now": len(shards), "seconds": seconds},
-            tags={"activations_key": info["key"][:16], "cache_hit": str(not shards).lower(),
-                  **{k: v for k, v in lineage.items() if k in ("model_version", "train_run_id")}})
-        if shards:
-            report.metrics["ecgs_per_s"] = info["n"] / seconds
+        report = scoring_report(acts, seconds, len(shards), lineage, {
+            "model_uri": model_uri, "shard_size": shard_size, "batch_size": batch_size, "device": dev,
+            "loader_workers": loader_workers})
         tracking.log_report(run_id, report, tracking_uri)
     except BaseException:
         tracking.end_run(run_id, "FAILED", tracking_uri)

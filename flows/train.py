@@ -8,6 +8,8 @@ half-trained stage resumes from its last epoch checkpoint. Task retries do the s
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from prefect.runtime import flow_run
 
 from ecgproto import tracking
 from ecgproto.data.labels import BRANCHES
+from ecgproto.data.store import atomic_write_bytes
 from ecgproto.explain import prototype_gallery
 from ecgproto.report import StageReport
 from ecgproto.settings import workdir
@@ -129,14 +132,50 @@ def evaluate(store: str, config: TrainConfig, work_root: str, parent: str, uri: 
     ctx = stages.TrainContext.open(store, config, work_root)
 
     def work(run_id: str) -> dict[str, Any]:
+        if (done := _registered_before(ctx, register_as, uri)) is not None:
+            # The same model.pt is already registered in this tracking store: no second version.
+            tracking.log_report(run_id, StageReport(metrics=done["metrics"], tags={
+                "cache_hit": "true", "model_version": str(done["version"]),
+                "evaluated_in_run": done["run_id"]}), uri)
+            tracking.log_report(parent, StageReport(metrics=done["metrics"]), uri)
+            return done
         metrics, tables = stages.evaluate(ctx, "test")
         report = evaluation_report(metrics, tables, planted)
         tracking.log_report(run_id, report, uri)
         tracking.log_report(parent, StageReport(metrics=report.metrics), uri)  # headline on the parent too
         example = ctx.splits["test"].signals(np.arange(1))
         logged = tracking.log_model(run_id, stages.load_model(ctx), example, register_as, uri)
-        return {"metrics": report.metrics, **logged, "run_id": run_id}
+        out = {"metrics": report.metrics, **logged, "run_id": run_id}
+        if register_as:
+            _record_registration(ctx, out, uri)
+        return out
     return run_stage("evaluate", parent, uri, None, work)
+
+
+def _registration_file(ctx: stages.TrainContext) -> Path:
+    return ctx.path("registered.json")
+
+
+def _model_digest(ctx: stages.TrainContext) -> str:
+    return hashlib.sha256(ctx.path("model.pt").read_bytes()).hexdigest()
+
+
+def _record_registration(ctx: stages.TrainContext, out: dict[str, Any], uri: str | None) -> None:
+    record = {**out, "model_sha256": _model_digest(ctx), "tracking_uri": tracking.tracking_uri(uri)}
+    atomic_write_bytes(_registration_file(ctx), json.dumps(record, default=float).encode())
+
+
+def _registered_before(ctx: stages.TrainContext, register_as: str | None, uri: str | None) -> dict[str, Any] | None:
+    """The evaluation and registration of this very model.pt, if this tracking store still holds that version."""
+    f = _registration_file(ctx)
+    if not register_as or not f.exists():
+        return None
+    record = json.loads(f.read_text())
+    if (record.get("registered_name") != register_as or record.get("tracking_uri") != tracking.tracking_uri(uri)
+            or record.get("model_sha256") != _model_digest(ctx)
+            or tracking.version_run_id(register_as, str(record.get("version")), uri) != record.get("run_id")):
+        return None
+    return {k: record[k] for k in ("metrics", "model_uri", "version", "registered_name", "run_id")}
 
 
 @flow(name="train", log_prints=True)
