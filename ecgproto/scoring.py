@@ -269,6 +269,18 @@ class ActivationStore:
         for i in range(len(self.info["shards"])):
             yield np.load(self.path / f"{kind}-{i:06d}.npy", mmap_mode="r")
 
+    def take(self, positions: np.ndarray, kind: str = "similarities") -> np.ndarray:
+        """float32 rows at `positions` (into `records`), read shard by shard from the memmaps."""
+        positions = np.asarray(positions)
+        out: np.ndarray | None = None
+        for (lo, hi), arr in zip(self.info["shards"], self.shards(kind), strict=True):
+            if out is None:
+                out = np.empty((len(positions), arr.shape[1]), dtype=np.float32)
+            mine = (positions >= lo) & (positions < hi)
+            if mine.any():
+                out[mine] = arr[positions[mine] - lo]
+        return out if out is not None else np.zeros((len(positions), 0), np.float32)
+
     def matrix(self, kind: str = "similarities") -> np.ndarray:
         """(n, P) or (n, C) float16, rows in the order of `records`."""
         return np.concatenate(list(self.shards(kind)), axis=0) if self.info["shards"] else np.zeros((0, 0), np.float16)

@@ -64,3 +64,25 @@ def test_a_failing_rank_fails_the_launch_with_its_error(ptbxl_store: ArrayStore,
     cfg = TrainConfig.small().model_copy(update={"world_size": 2, "device": "cpu"})
     with pytest.raises(RuntimeError, match="torchrun joint no_such_branch failed"):
         distributed.launch("joint", str(ptbxl_store.path), cfg, str(tmp_path), "no_such_branch")
+
+
+@pytest.mark.slow
+def test_training_flow_runs_its_joint_stages_on_the_world_size_it_is_given(
+        ptbxl_store: ArrayStore, prefect_server: None, mlflow_uri: str, tmp_path: Path) -> None:
+    from ecgproto import tracking
+    from flows.train import train_flow
+
+    cfg = TrainConfig.small()
+    cfg.joint.epochs, cfg.last_layer.epochs, cfg.fusion.epochs = 2, 3, 3
+    cfg.device, cfg.bootstrap, cfg.world_size = "cpu", 20, 2
+    cfg.baseline.enabled = False
+    out = train_flow(str(ptbxl_store.path), cfg, work_root=str(tmp_path / "work"), tracking_uri=mlflow_uri,
+                     register_as="ddp-test", gallery=False)
+    assert out["model_version"] == "1" and 0.0 < out["metrics"]["fused.macro_auroc"] <= 1.0
+    c = tracking.client(mlflow_uri)
+    joint = c.search_runs([c.get_run(out["run_id"]).info.experiment_id],
+                          f"tags.mlflow.parentRunId = '{out['run_id']}' and tags.stage = 'joint'")
+    assert len(joint) == 3
+    for run in joint:
+        assert run.data.tags["world_size"] == "2"
+        assert len(c.get_metric_history(run.info.run_id, "val_macro_auroc")) == 2  # curves from rank 0's history

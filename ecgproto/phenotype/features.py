@@ -50,8 +50,7 @@ def scores_from_activations(activations: ActivationStore, rows: np.ndarray) -> S
         raise ValueError(f"{activations.path}: {int(missing.sum())} cohort ECGs were not scored "
                          f"(store rows e.g. {rows[missing][:3].tolist()}); score the same store")
     take = position.loc[rows].to_numpy()
-    sims = activations.matrix("similarities")[take].astype(np.float32)
-    probs = activations.matrix("probabilities")[take].astype(np.float32)
+    sims, probs = activations.take(take, "similarities"), activations.take(take, "probabilities")
     return Scores(sims, probs, activations.prototypes, tuple(activations.info["codes"]))
 
 
