@@ -8,7 +8,16 @@ unchanged data and config registers nothing new.
 
 from __future__ import annotations
 
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -80,7 +89,74 @@ def test_retraining_promotes_a_model_that_is_not_worse_and_keeps_a_worse_one_as_
     assert third["previous_champion_version"] == first["version"]
     assert tracking.alias_version("retrain-test", "champion", mlflow_uri) == third["version"]
 
+    _serve_and_run(tmp_path / "c.toml", tmp_path, mlflow_uri, third["version"])
+
     d = deployment(tmp_path / "c.toml")
     schedule = d.schedules[0].schedule
     assert (schedule.cron, schedule.timezone) == ("30 2 * * 1", "Europe/Berlin")
     assert d.parameters == {"config_path": str((tmp_path / "c.toml").resolve())}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(what: str, check, timeout: float, procs: list[subprocess.Popen], logs: list[Path]):  # noqa: ANN001, ANN202
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if (out := check()) is not None:
+                return out
+        except Exception:  # noqa: BLE001 - the server is still starting
+            pass
+        if any(p.poll() is not None for p in procs):
+            break
+        time.sleep(1)
+    pytest.fail(f"{what} did not happen in {timeout:.0f} s:\n" + "\n".join(f.read_text()[-3000:] for f in logs))
+
+
+def _serve_and_run(config: Path, tmp_path: Path, uri: str, champion: str) -> None:
+    """`ecgproto serve` against a real Prefect server: the cron schedule is live (runs are scheduled at
+    02:30 Berlin time on Mondays) and a run of the served deployment completes and keeps the champion."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-server"), "PREFECT_API_URL": url,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"}
+    logs = [tmp_path / "prefect-server.log", tmp_path / "serve.log"]
+    bin_dir = Path(sys.executable).parent
+    server = subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=logs[0].open("w"), stderr=subprocess.STDOUT, env=env)
+    procs = [server]
+    try:
+        _wait("the Prefect server start", lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200
+              or None, 180, procs, logs)
+        served = subprocess.Popen([str(bin_dir / "ecgproto"), "serve", str(config)], stdout=logs[1].open("w"),
+                                  stderr=subprocess.STDOUT, env=env)
+        procs.append(served)
+        with temporary_settings({PREFECT_API_URL: url}):
+            async def scheduled() -> list | None:  # noqa: ANN202
+                async with get_client() as client:
+                    dep = await client.read_deployment_by_name("retrain/ecgproto-retrain")
+                    later = datetime.now(UTC) + timedelta(days=30)
+                    runs = await client.get_scheduled_flow_runs_for_deployments([dep.id], scheduled_before=later)
+                    return runs or None
+
+            runs = _wait("scheduled runs of the served deployment", lambda: asyncio.run(scheduled()), 120, procs, logs)
+            berlin = [r.expected_start_time.astimezone(ZoneInfo("Europe/Berlin")) for r in runs]
+            assert all((t.weekday(), t.hour, t.minute) == (0, 2, 30) for t in berlin), berlin
+            run = run_deployment("retrain/ecgproto-retrain", timeout=600)
+        assert run.state is not None and run.state.is_completed(), (run.state, logs[1].read_text()[-3000:])
+        assert tracking.alias_version("retrain-test", "champion", uri) == champion
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
