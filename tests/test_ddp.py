@@ -37,7 +37,7 @@ def test_ranks_split_each_global_batch_without_overlap_and_with_the_same_augment
 
 def test_joint_stage_on_two_gloo_ranks_trains_like_one_process(ptbxl_store: ArrayStore, tmp_path: Path) -> None:
     cfg = TrainConfig.small()
-    cfg.joint.epochs, cfg.device, cfg.threads = 3, "cpu", 1
+    cfg.joint.epochs, cfg.device, cfg.threads = 2, "cpu", 1
     one = stages.TrainContext.open(ptbxl_store.path, cfg, tmp_path / "one")
     r1 = stages.train_joint(one, "global_2d")
 
@@ -47,7 +47,7 @@ def test_joint_stage_on_two_gloo_ranks_trains_like_one_process(ptbxl_store: Arra
     assert two.workdir.name == one.workdir.name  # world size is how it runs, not what it trains
     assert (two.path("global_2d", "joint.pt")).exists()
     r2 = stages.train_joint(two, "global_2d")  # finished: read back from rank 0's files
-    assert len(r2.history) == len(r1.history) == 3
+    assert len(r2.history) == len(r1.history) == 2
 
     # Same global batches and averaged gradients; only batch-norm statistics come from half batches
     # (measured: train losses within 0.03%; the tiny validation fold's AUROC within 0.06).
@@ -73,7 +73,7 @@ def test_training_flow_runs_its_joint_stages_on_the_world_size_it_is_given(
     from flows.train import train_flow
 
     cfg = TrainConfig.small()
-    cfg.joint.epochs, cfg.last_layer.epochs, cfg.fusion.epochs = 2, 3, 3
+    cfg.joint.epochs, cfg.last_layer.epochs, cfg.fusion.epochs = 1, 2, 2
     cfg.device, cfg.bootstrap, cfg.world_size = "cpu", 20, 2
     cfg.baseline.enabled = False
     out = train_flow(str(ptbxl_store.path), cfg, work_root=str(tmp_path / "work"), tracking_uri=mlflow_uri,
@@ -85,4 +85,4 @@ def test_training_flow_runs_its_joint_stages_on_the_world_size_it_is_given(
     assert len(joint) == 3
     for run in joint:
         assert run.data.tags["world_size"] == "2"
-        assert len(c.get_metric_history(run.info.run_id, "val_macro_auroc")) == 2  # curves from rank 0's history
+        assert len(c.get_metric_history(run.info.run_id, "val_macro_auroc")) == 1  # curves from rank 0's history
