@@ -22,6 +22,7 @@ shards in `.partial-activations-<key16>/` and the next run with the same plan sc
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -170,10 +171,9 @@ def score_shard(plan: ScoringPlan, i: int, *, device: str = "cpu", workers: int 
     rows = np.sort(store.manifest["row"].to_numpy())[lo:hi]
     sims, probs = score_rows(model, store, rows, batch_size=plan.batch_size, device=device, workers=workers)
     for path, arr in zip(plan.shard_files(i), (sims, probs), strict=True):
-        tmp = path.with_name(f".{path.name}.tmp")
-        with tmp.open("wb") as f:
-            np.save(f, arr.astype(np.float16))
-        tmp.rename(path)
+        buf = io.BytesIO()
+        np.save(buf, arr.astype(np.float16))
+        atomic_write_bytes(path, buf.getvalue())
     return hi - lo
 
 

@@ -80,8 +80,9 @@ def _data_parallel(stage: str, store: str, config: TrainConfig, work_root: str, 
     tracking.set_tags(run_id, {"world_size": str(config.world_size)}, uri)
     distributed.launch(stage, store, config, work_root, branch)
     result = stages.train_joint(ctx, branch) if stage == "joint" else stages.train_baseline(ctx)  # finished: loads
+    curves = _curves(run_id, uri)
     for h in result.history:
-        tracking.log_metrics(run_id, h, step=int(h["epoch"]), uri=uri)
+        curves(int(h["epoch"]), h)
     return result
 
 
