@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+from servers import free_port, wait_for
 
 from ecgproto import tracking
 from ecgproto.promotion import decide
@@ -97,26 +96,6 @@ def test_retraining_promotes_a_model_that_is_not_worse_and_keeps_a_worse_one_as_
     assert d.parameters == {"config_path": str((tmp_path / "c.toml").resolve())}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait(what: str, check, timeout: float, procs: list[subprocess.Popen], logs: list[Path]):  # noqa: ANN001, ANN202
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if (out := check()) is not None:
-                return out
-        except Exception:  # noqa: BLE001 - the server is still starting
-            pass
-        if any(p.poll() is not None for p in procs):
-            break
-        time.sleep(1)
-    pytest.fail(f"{what} did not happen in {timeout:.0f} s:\n" + "\n".join(f.read_text()[-3000:] for f in logs))
-
-
 def _serve_and_run(config: Path, tmp_path: Path, uri: str, champion: str) -> None:
     """`ecgproto serve` against a real Prefect server: the cron schedule is live (runs are scheduled at
     02:30 Berlin time on Mondays) and a run of the served deployment completes and keeps the champion."""
@@ -124,7 +103,7 @@ def _serve_and_run(config: Path, tmp_path: Path, uri: str, champion: str) -> Non
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-server"), "PREFECT_API_URL": url,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"}
@@ -134,7 +113,7 @@ def _serve_and_run(config: Path, tmp_path: Path, uri: str, champion: str) -> Non
                               stdout=logs[0].open("w"), stderr=subprocess.STDOUT, env=env)
     procs = [server]
     try:
-        _wait("the Prefect server start", lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200
+        wait_for("the Prefect server start", lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200
               or None, 180, procs, logs)
         served = subprocess.Popen([str(bin_dir / "ecgproto"), "serve", str(config)], stdout=logs[1].open("w"),
                                   stderr=subprocess.STDOUT, env=env)
@@ -147,7 +126,7 @@ def _serve_and_run(config: Path, tmp_path: Path, uri: str, champion: str) -> Non
                     runs = await client.get_scheduled_flow_runs_for_deployments([dep.id], scheduled_before=later)
                     return runs or None
 
-            runs = _wait("scheduled runs of the served deployment", lambda: asyncio.run(scheduled()), 120, procs, logs)
+            runs = wait_for("scheduled runs of the served deployment", lambda: asyncio.run(scheduled()), 120, procs, logs)
             berlin = [r.expected_start_time.astimezone(ZoneInfo("Europe/Berlin")) for r in runs]
             assert all((t.weekday(), t.hour, t.minute) == (0, 2, 30) for t in berlin), berlin
             run = run_deployment("retrain/ecgproto-retrain", timeout=600)
