@@ -3,7 +3,9 @@
 An explanation ranks, for each predicted label, the prototypes by their contribution to the fused
 logit (fusion weight x normalised similarity) and shows each next to the window of the input that
 matched it: the window is the best window under the same pooling rule as training, widened to
-the samples and leads its receptive field really sees.
+the samples and leads its receptive field really sees. Under `lead_mean` pooling (the local
+branch's default) the similarity is the mean along that window's lead row over the whole strip,
+and the explanation says so (`pooling`, `pooled_span_s`).
 """
 
 from __future__ import annotations
@@ -52,10 +54,14 @@ def explain(model: ECGProtoNet, signal: np.ndarray, top_k: int = 3, max_labels: 
             branch = model.branches[branch_name]
             ext = branch.extent(int(windows[p]))
             prov = model.provenance[p] if model.provenance else {}
+            window = {"start_s": ext.start / model.fs, "end_s": ext.end / model.fs, "leads": list(ext.leads),
+                      "pooling": branch.prototypes.pool_mode}
+            if branch.prototypes.pool_mode == "lead_mean" and branch.kind == "local_2d":
+                window["pooled_span_s"] = [0.0, signal.shape[-1] / model.fs]  # the mean runs along the whole row
             evidence.append({
                 "prototype": int(p), "branch": branch_name, "class": prov.get("class"),
                 "contribution": float(contrib[li, p]), "weight": float(weight[li, p]), "similarity": float(cos[p]),
-                "input_window": {"start_s": ext.start / model.fs, "end_s": ext.end / model.fs, "leads": list(ext.leads)},
+                "input_window": window,
                 "prototype_source": {k: prov.get(k) for k in ("ecg_id", "start_s", "end_s", "leads", "source_labels")},
             })
         labels.append({"code": model.codes[li], "probability": float(prob[li]), "threshold": float(thresholds[li]),
@@ -70,8 +76,9 @@ def explanation_figure(model: ECGProtoNet, signal: np.ndarray, explanation: dict
     axes = fig.subplots(len(rows), 2, squeeze=False)
     for (lab, ev), (left, right) in zip(rows, axes, strict=True):
         w = ev["input_window"]
+        along = f" (mean along {','.join(w['leads'])}, best window shown)" if "pooled_span_s" in w else ""
         draw_ecg(left, signal, model.fs, f"{title} {lab['code']} p={lab['probability']:.2f}: "
-                 f"contribution {ev['contribution']:.2f} = w {ev['weight']:.2f} x sim {ev['similarity']:.2f}",
+                 f"contribution {ev['contribution']:.2f} = w {ev['weight']:.2f} x sim {ev['similarity']:.2f}{along}",
                  (w["start_s"], w["end_s"]), tuple(w["leads"]))
         src = ev["prototype_source"]
         prov = model.provenance[ev["prototype"]] if model.provenance else None

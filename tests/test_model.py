@@ -139,3 +139,21 @@ def test_focal_pooling_scores_a_local_match_and_ignores_a_match_everywhere() -> 
     assert layer.pool(everywhere).item() == pytest.approx(0.0)
     assert layer.pool(local).item() == pytest.approx(0.9 - 0.09)
     assert layer.best_window(local).item() == 3  # projection and explanation still show the best window
+
+
+def test_lead_mean_pooling_rewards_a_morphology_that_recurs_along_one_lead_row() -> None:
+    from ecgproto.model.prototypes import PrototypeLayer
+
+    layer = PrototypeLayer(2, 4, scale=1.0, pool="lead_mean", rows=3)
+    grid = torch.zeros(1, 3, 4, 2)  # (B, rows, time columns, prototypes)
+    grid[0, 0, 1, 0] = 1.0  # prototype 0: one strong window in row 0 ...
+    grid[0, 2, :, 0] = torch.tensor([0.5, 0.6, 0.9, 0.6])  # ... but it recurs along row 2
+    grid[0, 1, 3, 1] = 0.8  # prototype 1: a single match in row 1
+    sim_map = grid.reshape(1, 12, 2)
+    pooled = layer.pool(sim_map)[0]
+    assert pooled[0].item() == pytest.approx(0.65)  # row 2's mean beats row 0's lone window (0.25)
+    assert pooled[1].item() == pytest.approx(0.2)
+    # the window shown is the best column of the row that set the score, not the global best window
+    assert layer.best_window(sim_map)[0].tolist() == [2 * 4 + 2, 1 * 4 + 3]
+    with pytest.raises(ValueError, match="rows"):
+        layer.pool(torch.zeros(1, 10, 2))

@@ -56,8 +56,9 @@ class Branch(nn.Module):
         n_rows = len(CABRERA) if cfg.kind == "global_2d" else 1
         per_class = cfg.prototypes_per_class
         self.prototype_dim = d * self.window * self.window_leads * n_rows
+        rows = len(CABRERA) - self.window_leads + 1 if cfg.kind == "local_2d" else 1
         self.prototypes = PrototypeLayer(per_class * len(classes), self.prototype_dim, cfg.scale, cfg.pool, cfg.topk,
-                                         positive=cfg.latent == "sigmoid")
+                                         positive=cfg.latent == "sigmoid", rows=rows)
         self.register_buffer("prototype_class", torch.arange(len(classes)).repeat_interleave(per_class))
         self.head = nn.Linear(per_class * len(classes), len(classes), bias=False)
         self.reset_head(cfg.head_negative)

@@ -1,7 +1,15 @@
 """Prototype layers: scaled cosine similarity of latent windows to learned prototypes, pooled.
 
-One pooling rule (max, or mean of the top k windows) is used in training, projection and
-explanation alike, so the window an explanation shows is the window the loss saw.
+One pooling rule is used in training, projection and explanation alike, so the window an
+explanation shows is the window the loss saw:
+
+  max        the best window (ProtoPNet, the reference)
+  topk_mean  the mean of the k best windows
+  focal      the best window minus the average window
+  lead_mean  windows laid out as (rows, columns) of a lead x time grid: per lead row, the mean
+             over time; then the best row. A morphology recurs in every beat, so its evidence is
+             how well it matches along the whole strip of one lead group; the window shown is the
+             best window of that row.
 """
 
 from __future__ import annotations
@@ -13,13 +21,14 @@ from torch import nn
 
 class PrototypeLayer(nn.Module):
     def __init__(self, n_prototypes: int, dim: int, scale: float, pool: str = "max", topk: int = 3,
-                 positive: bool = False) -> None:
+                 positive: bool = False, rows: int = 1) -> None:
         super().__init__()
         init = torch.rand(n_prototypes, dim) if positive else torch.randn(n_prototypes, dim)  # where latents live
         self.prototypes = nn.Parameter(init)
         self.scale = scale
         self.pool_mode = pool
         self.topk = topk
+        self.rows = rows  # lead_mean: window index = row * (W // rows) + column
 
     def similarity_map(self, windows: torch.Tensor) -> torch.Tensor:
         """(B, W, D) latent windows -> (B, W, P) scaled cosine similarities."""
@@ -29,6 +38,8 @@ class PrototypeLayer(nn.Module):
         """(B, W, P) -> (B, P)."""
         if self.pool_mode == "max" or sim_map.shape[1] == 1:
             return sim_map.amax(dim=1)
+        if self.pool_mode == "lead_mean":
+            return self._rows(sim_map).mean(dim=2).amax(dim=1)
         if self.pool_mode == "focal":  # best window minus the average window: high only where the match is local
             return sim_map.amax(dim=1) - sim_map.mean(dim=1)
         k = min(self.topk, sim_map.shape[1])
@@ -36,7 +47,18 @@ class PrototypeLayer(nn.Module):
 
     def best_window(self, sim_map: torch.Tensor) -> torch.Tensor:
         """(B, W, P) -> (B, P) index of the best-matching window (the one a projection or an explanation shows)."""
-        return sim_map.argmax(dim=1)
+        if self.pool_mode != "lead_mean" or sim_map.shape[1] == 1:
+            return sim_map.argmax(dim=1)
+        grid = self._rows(sim_map)  # (B, R, T, P)
+        row = grid.mean(dim=2).argmax(dim=1)  # (B, P) the row that sets the pooled similarity
+        in_row = grid.gather(1, row[:, None, None, :].expand(-1, 1, grid.shape[2], -1)).squeeze(1)  # (B, T, P)
+        return row * grid.shape[2] + in_row.argmax(dim=1)
+
+    def _rows(self, sim_map: torch.Tensor) -> torch.Tensor:
+        b, w, p = sim_map.shape
+        if w % self.rows:
+            raise ValueError(f"{w} windows do not form {self.rows} rows")
+        return sim_map.view(b, self.rows, w // self.rows, p)
 
 
 def diversity(prototypes: torch.Tensor) -> torch.Tensor:
