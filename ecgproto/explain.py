@@ -55,8 +55,8 @@ def explain(model: ECGProtoNet, signal: np.ndarray, top_k: int = 3, max_labels: 
             ext = branch.extent(int(windows[p]))
             prov = model.provenance[p] if model.provenance else {}
             window = {"start_s": ext.start / model.fs, "end_s": ext.end / model.fs, "leads": list(ext.leads),
-                      "pooling": branch.prototypes.pool_mode}
-            if branch.prototypes.pool_mode == "lead_mean" and branch.kind == "local_2d":
+                      "pooling": branch.prototypes.pool_mode if branch.kind == "local_2d" else "time_mean"}
+            if window["pooling"] == "lead_mean":
                 window["pooled_span_s"] = [0.0, signal.shape[-1] / model.fs]  # the mean runs along the whole row
             evidence.append({
                 "prototype": int(p), "branch": branch_name, "class": prov.get("class"),

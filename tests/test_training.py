@@ -85,6 +85,13 @@ def test_every_projected_prototype_is_the_latent_of_a_real_training_segment_of_i
         assert 0 <= p["window_start"] < p["window_end"] <= 1000
         checked += 1
     assert checked >= len(PLANTED) * 3
+    # the prototypes of one class come from different ECGs (where the class has enough training records)
+    train = trained.store.manifest[trained.store.manifest["split"] == "train"]
+    n_pos = dict(zip(model.codes, np.asarray(trained.store.labels)[train["row"].to_numpy()].sum(axis=0), strict=True))
+    own = provenance[provenance["own_class_source"]]
+    for (_, code), group in own.groupby(["branch", "class"]):
+        if n_pos[code] >= len(group):
+            assert group["ecg_id"].nunique() == len(group), code
 
 
 @pytest.mark.slow
