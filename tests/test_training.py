@@ -140,6 +140,10 @@ def test_explain_command_writes_a_png_and_json_ranked_by_contribution(
             contributions = [e["contribution"] for e in label["evidence"]]
             assert contributions == sorted(contributions, reverse=True)
             assert all(e["input_window"]["leads"] for e in label["evidence"])
+            for e in label["evidence"]:  # says how the similarity was pooled: along a lead row, or the whole record
+                local = e["branch"] == "morphology_2d_local"
+                assert e["input_window"]["pooling"] == ("lead_mean" if local else "time_mean")
+                assert ("pooled_span_s" in e["input_window"]) == local
         probs[name] = result["probabilities"]["AFIB"]
     assert probs["afib"] > probs["normal"]
 
