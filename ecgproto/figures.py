@@ -38,7 +38,8 @@ def plot_ecg(signal: np.ndarray, fs: float, title: str = "", highlight: tuple[fl
 
 def draw_ecg(ax: plt.Axes, signal: np.ndarray, fs: float, title: str = "",
              highlight: tuple[float, float] | None = None, highlight_leads: tuple[str, ...] | None = None) -> None:
-    """Draw the paper layout (3 x 4 leads of 2.5 s, then a 10 s lead-II rhythm strip) on `ax`."""
+    """Draw the paper layout (3 x 4 leads of 2.5 s, then a 10 s rhythm strip: lead II, or the highlighted
+    window's middle lead when the window is not on lead II) on `ax`."""
     if signal.shape[0] != len(LEADS):
         raise ValueError(f"expected (12, n) in {LEADS} order, got {signal.shape}")
     n = signal.shape[1]
@@ -58,9 +59,12 @@ def draw_ecg(ax: plt.Axes, signal: np.ndarray, fs: float, title: str = "",
                 if lo < hi:
                     ax.axvspan(lo, hi, ymin=(y0 - ROW_MV / 2) / (rows * ROW_MV),
                                ymax=(y0 + ROW_MV / 2) / (rows * ROW_MV), color="tab:orange", alpha=0.25, lw=0)
+    # The 10 s strip is lead II, unless the window is on other leads: then the middle one of them, so a
+    # window the 2.5 s columns do not show (e.g. V5 at 2-4 s) is still visible on its own lead.
+    strip = "II" if not highlight_leads or "II" in highlight_leads else highlight_leads[len(highlight_leads) // 2]
     y0 = 0.5 * ROW_MV
-    ax.plot(t, signal[LEADS.index("II")] + y0, color="black", lw=0.6)
-    ax.text(0.05, y0 + 0.9, "II", fontsize=8, weight="bold")
+    ax.plot(t, signal[LEADS.index(strip)] + y0, color="black", lw=0.6)
+    ax.text(0.05, y0 + 0.9, strip, fontsize=8, weight="bold")
     if highlight:
         ax.axvspan(*highlight, ymin=0, ymax=1 / rows, color="tab:orange", alpha=0.25, lw=0)
     ax.set_title(title, fontsize=9, loc="left")

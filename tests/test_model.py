@@ -157,3 +157,21 @@ def test_lead_mean_pooling_rewards_a_morphology_that_recurs_along_one_lead_row()
     assert layer.best_window(sim_map)[0].tolist() == [2 * 4 + 2, 1 * 4 + 3]
     with pytest.raises(ValueError, match="rows"):
         layer.pool(torch.zeros(1, 10, 2))
+
+
+def test_the_rhythm_strip_shows_the_highlighted_window_on_its_own_lead() -> None:
+    from matplotlib.figure import Figure
+
+    from ecgproto.figures import draw_ecg
+
+    signal = np.zeros((12, 1000), dtype=np.float32)
+
+    def strip_label(leads: tuple[str, ...] | None) -> str:
+        ax = Figure().subplots()
+        draw_ecg(ax, signal, 100.0, highlight=(2.0, 4.5), highlight_leads=leads)
+        return min(ax.texts, key=lambda t: t.get_position()[1]).get_text()  # the lowest label: the 10 s strip
+
+    assert strip_label(None) == "II"
+    assert strip_label(("II", "aVF", "III")) == "II"
+    # V4-V6 are drawn at 7.5-10 s only, so a 2-4.5 s window there shows on a V5 strip, not on lead II
+    assert strip_label(("V4", "V5", "V6")) == "V5"
