@@ -31,7 +31,7 @@ class BranchConfig(BaseModel):
                               "3 = an anatomical neighbourhood such as II, aVF, III)")
     scale: float = Field(description="similarity = scale * cosine (reference: floor(sqrt(512*T))/T)")
     pool: Literal["max", "topk_mean", "focal", "lead_mean"] = Field(
-        "max", description="how windows are pooled into one similarity, in training, projection and explanation alike "
+        "max", description="how windows are pooled into one similarity, in training, evaluation and explanation alike "
         "(see ecgproto.model.prototypes). local_2d default lead_mean: per lead row the mean over time, then the best "
         "row; 'max' is the reference. Measured (small config, local-branch macro-AUROC, validation + test folds): "
         "real PTB-XL subset 0.65 max -> 0.82 lead_mean; demo 0.72 -> 0.99")
