@@ -62,7 +62,8 @@ def explain(model: ECGProtoNet, signal: np.ndarray, top_k: int = 3, max_labels: 
                 "prototype": int(p), "branch": branch_name, "class": prov.get("class"),
                 "contribution": float(contrib[li, p]), "weight": float(weight[li, p]), "similarity": float(cos[p]),
                 "input_window": window,
-                "prototype_source": {k: prov.get(k) for k in ("ecg_id", "start_s", "end_s", "leads", "source_labels")},
+                "prototype_source": {k: prov.get(k) for k in ("ecg_id", "start_s", "end_s", "leads", "source_labels",
+                                                                          "fidelity")},
             })
         labels.append({"code": model.codes[li], "probability": float(prob[li]), "threshold": float(thresholds[li]),
                        "logit_bias": float(model.fusion.bias[li]), "evidence": evidence})
@@ -98,7 +99,7 @@ def prototype_gallery(model: ECGProtoNet, only_projected_own_class: bool = True)
             continue
         title = (f"prototype {prov['prototype']} | {prov['branch']} | class {prov['class']} | ECG {prov['ecg_id']} "
                  f"[{prov['source_labels']}] | window {prov['start_s']:.2f}-{prov['end_s']:.2f} s, leads {prov['leads']} "
-                 f"| cos {prov['similarity']:.3f}")
+                 f"| cos {prov['similarity']:.3f}, fidelity {prov.get('fidelity', float('nan')):.2f}")
         fig = plot_ecg(model.source_signals[prov["source_index"]].float().numpy(), model.fs, title,
                        (prov["start_s"], prov["end_s"]), tuple(str(prov["leads"]).split(",")))
         yield f"gallery/{prov['branch']}/{prov['class']}/prototype_{prov['prototype']:04d}.png", fig

@@ -24,6 +24,7 @@ def projection_report(provenance: pd.DataFrame) -> StageReport:
     return StageReport(
         metrics={"n_prototypes": float(len(provenance)), "n_projected_on_own_class": float(own.sum()),
                  "mean_projection_cosine": float(provenance.loc[own, "similarity"].mean()) if own.any() else np.nan,
+                 "mean_projection_fidelity": float(provenance.loc[own, "fidelity"].mean()) if own.any() else np.nan,
                  "n_source_records": float(provenance["ecg_id"].nunique())},
         tables={"provenance": provenance})
 

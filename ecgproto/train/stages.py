@@ -186,7 +186,8 @@ def project(ctx: TrainContext, name: str) -> pd.DataFrame:
     offset = sum(ctx.config.model.branches[b].prototypes_per_class * len(ctx.labels.branch_indices(b))
                  for b in BRANCHES[:BRANCHES.index(name)])  # prototypes of the branches before this one
     provenance = project_prototypes(branch, ctx.splits["train"], ctx.labels.branch_indices(name), ctx.labels.codes,
-                                    ctx.config.model.fs, ctx.config.eval_batch_size, ctx.device, offset)
+                                    ctx.config.model.fs, ctx.config.eval_batch_size, ctx.device, offset,
+                                    seed=ctx.config.seed)
     atomic_write_parquet(provenance, table)
     save_atomic(branch.cpu().state_dict(), out)
     return provenance
