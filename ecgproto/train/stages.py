@@ -12,7 +12,7 @@ import hashlib
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from ecgproto.model.baseline import ResNet1DClassifier
 from ecgproto.model.branch import Branch
 from ecgproto.model.network import ECGProtoNet, build_branch
 from ecgproto.projection import project_prototypes
+from ecgproto.settings import reference_dir
 from ecgproto.train import distributed, losses
 from ecgproto.train.config import TrainConfig
 from ecgproto.train.data import SplitData
@@ -42,9 +43,23 @@ def resolve_device(name: str) -> torch.device:
 
 
 def run_key(store: ArrayStore, cfg: TrainConfig) -> str:
-    """What decides a training's result: the data and every setting except where it runs."""
+    """What decides a training's result: the data, every setting except where it runs, and the training code
+    (an upgraded ecgproto retrains instead of resuming from stage files its older self wrote)."""
     payload = cfg.model_dump(exclude={"threads", "device", "eval_batch_size", "world_size"})
-    return hashlib.sha256(json.dumps([store.key, payload], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([store.key, payload, _code_digest()], sort_keys=True,
+                                     default=str).encode()).hexdigest()[:16]
+
+
+@lru_cache(maxsize=1)
+def _code_digest() -> str:
+    """sha256 of the modules that decide what training produces: model, stages, losses, projection, labels."""
+    root = Path(__file__).resolve().parents[1]
+    files = sorted([*(root / "model").glob("*.py"), *(root / "train").glob("*.py"), root / "projection.py",
+                    root / "data" / "labels.py", reference_dir() / "scp_branches.csv"])
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
 
 
 @dataclass
