@@ -32,7 +32,7 @@ PROVENANCE_COLUMNS = ("prototype", "branch", "index_in_branch", "class", "ecg_id
 @torch.no_grad()
 def project_prototypes(branch: Branch, train: SplitData, label_index: np.ndarray, codes: tuple[str, ...],
                        fs: float, batch_size: int = 128, device: torch.device | None = None,
-                       offset: int = 0, candidates: int = 16, fidelity_records: int = 2048,
+                       offset: int = 0, candidates: int = 16, fidelity_records: int = 1024,
                        seed: int = 0) -> pd.DataFrame:
     """Replace `branch`'s prototypes in place; return one provenance row per prototype.
 
@@ -155,7 +155,10 @@ def _fidelity(branch: Branch, train: SplitData, candidates: torch.Tensor, batch_
     for i in range(0, len(index), step):
         x = torch.from_numpy(train.signals(index[i:i + step])).to(device)
         windows = torch.nn.functional.normalize(branch.latent_windows(x).float(), dim=-1)
-        pooled = layer.pool(windows @ unit.T).view(-1, p, 1 + k).double()  # (B, P, 1 + k)
+        # bf16 on a GPU: the reference local branch has ~17,800 (prototype, candidate) pairs x ~360 windows
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            sim = windows @ unit.T  # (B, W, P * (1 + k))
+        pooled = layer.pool(sim.float()).view(-1, p, 1 + k).double()  # (B, P, 1 + k)
         ref, cand = pooled[:, :, :1], pooled[:, :, 1:]
         sums += torch.stack([ref.expand_as(cand).sum(0), cand.sum(0), (ref ** 2).expand_as(cand).sum(0),
                              (cand ** 2).sum(0), (ref * cand).sum(0)])
