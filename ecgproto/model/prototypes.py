@@ -1,8 +1,9 @@
 """Prototype layers: scaled cosine similarity of latent windows to learned prototypes, pooled.
 
 One pooling rule is used in training, evaluation and explanation alike, so the window an
-explanation shows is the window the loss saw (projection moves each prototype onto the nearest
-real window, see ecgproto.projection):
+explanation shows is the window the loss saw (projection moves each prototype onto a real window:
+the nearest under max, the most faithful to the pooled similarities otherwise, see
+ecgproto.projection):
 
   max        the best window (ProtoPNet, the reference)
   topk_mean  the mean of the k best windows
