@@ -53,35 +53,24 @@ def project_prototypes(branch: Branch, train: SplitData, label_index: np.ndarray
     cls = branch.prototype_class.cpu().numpy()
     k = max(int(np.bincount(cls).max()), candidates)  # enough for every prototype of its class
     has_pos = train.labels[:, label_index].any(axis=0)[cls]  # (P,) class has a positive record
+    use_own = torch.as_tensor(has_pos, device=device)
     # Per prototype its k best candidates (one window per record), kept on the device.
-    best = {own: _Candidates(p, k, branch.prototype_dim, device) for own in (True, False)}
+    best = _Candidates(p, k, branch.prototype_dim, device)
     cls_t = torch.as_tensor(cls, device=device)
     for batch in train.batches(batch_size):
         windows = branch.latent_windows(batch.x.to(device)).float()  # (B, W, D)
         sim = branch.prototypes.similarity_map(windows) / branch.scale  # cosine (B, W, P)
-        eligible = batch.y[:, label_index].to(device)[:, cls_t] > 0  # (B, P)
+        # records positive for the prototype's class; any record where the class has none
+        eligible = (batch.y[:, label_index].to(device)[:, cls_t] > 0) | ~use_own  # (B, P)
         value, where = sim.max(dim=1)  # (B, P) each record's best window per prototype
-        records = torch.as_tensor(batch.index, device=device)
-        for own in (True, False):
-            best[own].add(value.masked_fill(~eligible, -np.inf) if own else value, where, records, windows)
-    fidelity = {own: _fidelity(branch, train, best[own].latent, batch_size, device, fidelity_records, seed)
-                for own in (True, False)}  # (P, k)
+        best.add(value.masked_fill(~eligible, -np.inf), where, torch.as_tensor(batch.index, device=device), windows)
+    fidelity = _fidelity(branch, train, best.latent, batch_size, device, fidelity_records, seed)  # (P, k)
     faithful = branch.prototypes.pool_mode != "max"  # an averaging pool: the nearest window is not the best stand-in
-    chosen = {own: best[own].assign(cls, fidelity[own] if faithful else None) for own in (True, False)}
-    use_own = torch.as_tensor(has_pos, device=device)
-
-    def pick(own: bool, name: str) -> torch.Tensor:
-        c = best[own]
-        slot = torch.as_tensor(chosen[own], device=device)
-        return getattr(c, name)[torch.arange(p, device=device), slot]
-
-    sims = torch.where(use_own, pick(True, "value"), pick(False, "value")).cpu()
-    slot = {own: chosen[own] for own in (True, False)}
-    fid = np.where(has_pos, fidelity[True][np.arange(p), slot[True]], fidelity[False][np.arange(p), slot[False]])
-    latents = torch.where(use_own.unsqueeze(1), pick(True, "latent"), pick(False, "latent"))
-    records = torch.where(use_own, pick(True, "record"), pick(False, "record")).cpu().numpy()
-    windows_at = torch.where(use_own, pick(True, "window"), pick(False, "window")).cpu().numpy()
-    branch.prototypes.prototypes.data.copy_(latents.to(branch.prototypes.prototypes.device))
+    slot = best.assign(cls, fidelity if faithful else None)  # (P,) the candidate each prototype takes
+    take = (torch.arange(p, device=device), torch.as_tensor(slot, device=device))
+    sims, records, windows_at = (t[take].cpu().numpy() for t in (best.value, best.record, best.window))
+    fid = fidelity[np.arange(p), slot]
+    branch.prototypes.prototypes.data.copy_(best.latent[take].to(branch.prototypes.prototypes.device))
 
     rows = []
     for j in range(p):
@@ -157,7 +146,7 @@ def _fidelity(branch: Branch, train: SplitData, candidates: torch.Tensor, batch_
         windows = torch.nn.functional.normalize(branch.latent_windows(x).float(), dim=-1)
         # bf16 on a GPU: the reference local branch has ~17,800 (prototype, candidate) pairs x ~360 windows
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            sim = windows @ unit.T  # (B, W, P * (1 + k))
+            sim = windows @ unit.T  # cosines (B, W, P * (1 + k))
         pooled = layer.pool(sim.float()).view(-1, p, 1 + k).double()  # (B, P, 1 + k)
         ref, cand = pooled[:, :, :1], pooled[:, :, 1:]
         sums += torch.stack([ref.expand_as(cand).sum(0), cand.sum(0), (ref ** 2).expand_as(cand).sum(0),

@@ -48,7 +48,7 @@ class PrototypeLayer(nn.Module):
         return sim_map.topk(k, dim=1).values.mean(dim=1)
 
     def best_window(self, sim_map: torch.Tensor) -> torch.Tensor:
-        """(B, W, P) -> (B, P) index of the best-matching window (the one a projection or an explanation shows)."""
+        """(B, W, P) -> (B, P) index of the best-matching window (the one an explanation shows)."""
         if self.pool_mode != "lead_mean" or sim_map.shape[1] == 1:
             return sim_map.argmax(dim=1)
         grid = self._rows(sim_map)  # (B, R, T, P)
