@@ -2,7 +2,7 @@
 
 One pooling rule is used in training, evaluation and explanation alike, so the window an
 explanation shows is the window the loss saw (projection moves each prototype onto a real window:
-the nearest under max, the most faithful to the pooled similarities otherwise, see
+the nearest under max over many windows, the most faithful to the pooled similarities otherwise, see
 ecgproto.projection):
 
   max        the best window (ProtoPNet, the reference)
