@@ -228,7 +228,7 @@ def real_data_accuracy(root: Path, scratch: Path, device: str, config: str = "sm
     t0 = time.perf_counter()
     epochs["baseline"].append(len(stages.train_baseline(ctx).history))
     base_s = time.perf_counter() - t0
-    metrics, _ = stages.evaluate(ctx, "test")
+    metrics, tables = stages.evaluate(ctx, "test")
     n = {s: len(ctx.splits[s]) for s in ("train", "val", "test")}
     print(f"[real] {root.name}: {n['train']}/{n['val']}/{n['test']} records (folds 1-8/9/10), {config} config "
           f"on {ctx.device}; prototype model trained in {proto_s:.0f} s, baseline in {base_s:.0f} s; "
@@ -237,6 +237,9 @@ def real_data_accuracy(root: Path, scratch: Path, device: str, config: str = "sm
         print(f"[real]   {key:22s} test macro-AUROC {metrics[f'{key}.macro_auroc']:.4f} "
               f"[{metrics[f'{key}.macro_auroc_lo']:.4f}, {metrics[f'{key}.macro_auroc_hi']:.4f}], "
               f"macro-AUPRC {metrics[f'{key}.macro_auprc']:.4f}")
+    by_branch = tables["side_by_side"].groupby("branch")[["auroc", "baseline_auroc"]].mean()
+    print("[real]   fused vs baseline, mean test AUROC over each branch's labels: " + "; ".join(
+        f"{b} {r.auroc:.3f} vs {r.baseline_auroc:.3f}" for b, r in by_branch.iterrows()))
     return metrics, ctx.store, {k: float(np.median(v)) for k, v in epochs.items()}
 
 
