@@ -34,7 +34,7 @@ def pipeline_flow(train_root: str | None = None, cohort_root: str | None = None,
                   hosp_root: str | None = None, study_config: StudyConfig | None = None,
                   tolerance: float = 0.005) -> dict[str, str]:
     """Run the stages; with demo=True the inputs are the (generated) demo datasets and the model is
-    the CPU-sized one (`TrainConfig.small()`) unless `train_config` says otherwise."""
+    the CPU-sized one on the demo's short schedule (`TrainConfig.demo()`) unless `train_config` says otherwise."""
     parent = tracking.start_run("pipeline", uri=tracking_uri, tags={"prefect_flow_run_id": str(flow_run.id)})
     out: dict[str, str] = {"parent_run_id": parent}
     try:
@@ -55,7 +55,7 @@ def pipeline_flow(train_root: str | None = None, cohort_root: str | None = None,
             out.update(cohort_store=cohort["store"], cohort_ingest_run_id=cohort["run_id"])
         tracking.set_tags(parent, {"dataset_hash": train["dataset_hash"]}, tracking_uri)
         if train_model:
-            config = train_config or (TrainConfig.small() if demo else TrainConfig())
+            config = train_config or (TrainConfig.demo() if demo else TrainConfig())
             planted = tuple(PLANTED_LABELS) if demo else ()
             t = train_flow(train["store"], config, tracking_uri=tracking_uri, parent_run_id=parent,
                            register_as=register_as, planted=planted)

@@ -1,6 +1,7 @@
 """Training configuration: the model, the optimisation of each stage, loss weights, the baseline.
 
-Defaults follow specs/model.md; `TrainConfig.small()` is the CPU-sized run of the demo and tests.
+Defaults follow specs/model.md; `TrainConfig.small()` is the CPU-sized run (real records on CPU, the tests),
+`TrainConfig.demo()` the same on the short schedule the generated demo data need.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ class TrainConfig(BaseModel):
 
     @classmethod
     def small(cls) -> TrainConfig:
-        """A few minutes on 2 CPU cores: the demo's and the tests' size."""
+        """Minutes on 2 CPU cores (~7 for the 1,250-record real PTB-XL subset): the CPU size of `--small` and the
+        tests."""
         return cls(
             model=ModelConfig.small(),
             # 12 epochs with patience 4 stopped every branch still improving on the real PTB-XL subset (joint
@@ -72,3 +74,13 @@ class TrainConfig(BaseModel):
                 epochs=30, lr=1e-2, weight_decay=1e-2, batch_size=64, patience=30, schedule="onecycle")),
             bootstrap=200,
         )
+
+    @classmethod
+    def demo(cls) -> TrainConfig:
+        """`small()` on the 12-epoch joint and baseline schedule the generated demo data need (their planted
+        signals converge within it: fused test macro-AUROC 0.986 at 12 epochs, 0.983 at 30), so `make demo`
+        takes ~7 minutes instead of ~12 on 2 cores. Real records get `small()`."""
+        c = cls.small()
+        c.joint = c.joint.model_copy(update={"epochs": 12, "patience": 4})
+        c.baseline.stage = c.baseline.stage.model_copy(update={"epochs": 12, "patience": 12})
+        return c
