@@ -70,13 +70,17 @@ def project_prototypes(branch: Branch, train: SplitData, label_index: np.ndarray
         value, where = sim.max(dim=1)  # (B, P) each record's best window per prototype
         best.add(value.masked_fill(~eligible, -np.inf), where, torch.as_tensor(batch.index, device=device), windows)
         n_windows = windows.shape[1]
-    fidelity = _fidelity(branch, train, best.latent, batch_size, device, fidelity_records, seed)  # (P, k)
     # an averaging pool, or one window per record: the nearest window is not the best stand-in
     faithful = branch.prototypes.pool_mode != "max" or n_windows == 1
-    slot = best.assign(cls, fidelity if faithful else None)  # (P,) the candidate each prototype takes
+    if faithful:  # every candidate's fidelity ranks the candidates
+        fidelity = _fidelity(branch, train, best.latent, batch_size, device, fidelity_records, seed)  # (P, k)
+        slot = best.assign(cls, fidelity)  # (P,) the candidate each prototype takes
+    else:  # nearest first; only the windows taken need their fidelity (for the provenance)
+        slot = best.assign(cls)
     take = (torch.arange(p, device=device), torch.as_tensor(slot, device=device))
     sims, records, windows_at = (t[take].cpu().numpy() for t in (best.value, best.record, best.window))
-    fid = fidelity[np.arange(p), slot]
+    fid = fidelity[np.arange(p), slot] if faithful else \
+        _fidelity(branch, train, best.latent[take].unsqueeze(1), batch_size, device, fidelity_records, seed)[:, 0]
     branch.prototypes.prototypes.data.copy_(best.latent[take].to(branch.prototypes.prototypes.device))
 
     rows = []
