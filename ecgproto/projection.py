@@ -61,7 +61,6 @@ def project_prototypes(branch: Branch, train: SplitData, label_index: np.ndarray
     # Per prototype its k best candidates (one window per record), kept on the device.
     best = _Candidates(p, k, branch.prototype_dim, device)
     cls_t = torch.as_tensor(cls, device=device)
-    n_windows = 0
     for batch in train.batches(batch_size):
         windows = branch.latent_windows(batch.x.to(device)).float()  # (B, W, D)
         sim = branch.prototypes.similarity_map(windows) / branch.scale  # cosine (B, W, P)
@@ -69,9 +68,8 @@ def project_prototypes(branch: Branch, train: SplitData, label_index: np.ndarray
         eligible = (batch.y[:, label_index].to(device)[:, cls_t] > 0) | ~use_own  # (B, P)
         value, where = sim.max(dim=1)  # (B, P) each record's best window per prototype
         best.add(value.masked_fill(~eligible, -np.inf), where, torch.as_tensor(batch.index, device=device), windows)
-        n_windows = windows.shape[1]
     # an averaging pool, or one window per record: the nearest window is not the best stand-in
-    faithful = branch.prototypes.pool_mode != "max" or n_windows == 1
+    faithful = branch.prototypes.pool_mode != "max" or branch.n_windows == 1
     if faithful:  # every candidate's fidelity ranks the candidates
         fidelity = _fidelity(branch, train, best.latent, batch_size, device, fidelity_records, seed)  # (P, k)
         slot = best.assign(cls, fidelity)  # (P,) the candidate each prototype takes

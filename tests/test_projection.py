@@ -32,7 +32,7 @@ def test_projection_keeps_the_trained_prototypes_pooled_behaviour(demo_root: Pat
     train, idx = SplitData(store, "train"), labels.branch_indices(name)
     with torch.no_grad():
         windows = F.normalize(branch.latent_windows(torch.from_numpy(train.signals(np.arange(len(train))))), dim=-1)
-    assert windows.shape[1] == n_windows
+    assert windows.shape[1] == n_windows == branch.n_windows  # what projection decides by
 
     def pooled(protos: torch.Tensor) -> np.ndarray:  # (N, P) pooled cosines over the training records
         with torch.no_grad():

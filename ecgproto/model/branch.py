@@ -69,6 +69,14 @@ class Branch(nn.Module):
         return int(self.prototype_class.numel())
 
     @property
+    def n_windows(self) -> int:
+        """Latent windows per record: 1 for the global branches (one whole-record latent), rows x columns for
+        local_2d."""
+        if self.kind != "local_2d":
+            return 1
+        return (len(CABRERA) - self.window_leads + 1) * (self._time_columns - self.window + 1)
+
+    @property
     def scale(self) -> float:
         return self.prototypes.scale
 
