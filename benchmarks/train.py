@@ -12,7 +12,10 @@ training (every branch at the config's epoch limit; early stopping ends sooner).
 
 With --real (an unpacked PTB-XL folder, e.g. the shared 1,250-record subset) it also ingests it,
 trains the model (--real-config, small by default) and the baseline through the real stages
-(folds 1-8 / 9 / 10) and prints both test-fold macro-AUROCs with bootstrap CIs.
+(folds 1-8 / 9 / 10) and prints both test-fold macro-AUROCs with bootstrap CIs. With --seeds S1,S2,..
+it trains once per seed and also prints the mean and standard deviation over the seeds of both
+figures and of their paired difference: on a 125-record test fold one seed moves the prototype
+model by a few hundredths, so a change is judged on several.
 
 With --real and --ptbxl-size it also tiles the ingested records to PTB-XL's split sizes
 (17,418 / 2,183 / 2,198 records) and runs every stage of the reference config for --epochs epochs
@@ -208,7 +211,7 @@ def ptbxl_size_timing(store: ArrayStore, scratch: Path, device: str, epochs: int
     return upper
 
 
-def real_data_accuracy(root: Path, scratch: Path, device: str, config: str = "small"
+def real_data_accuracy(root: Path, scratch: Path, device: str, config: str = "small", seed: int | None = None
                        ) -> tuple[dict[str, float], ArrayStore, dict[str, float]]:
     from ecgproto.data.ingest import IngestConfig, ingest
     from ecgproto.train import stages
@@ -216,6 +219,8 @@ def real_data_accuracy(root: Path, scratch: Path, device: str, config: str = "sm
     store = ingest(root, scratch / "store", IngestConfig(workers=os.cpu_count() or 2), progress=False).store
     cfg = TrainConfig.small() if config == "small" else TrainConfig()
     cfg.device = device
+    if seed is not None:
+        cfg.seed = seed
     ctx = stages.TrainContext.open(store.path, cfg, scratch / "work")
     t0 = time.perf_counter()
     epochs: dict[str, list[int]] = {"joint": [], "last_layer": [], "fusion": [], "baseline": []}
@@ -231,7 +236,7 @@ def real_data_accuracy(root: Path, scratch: Path, device: str, config: str = "sm
     metrics, tables = stages.evaluate(ctx, "test")
     n = {s: len(ctx.splits[s]) for s in ("train", "val", "test")}
     print(f"[real] {root.name}: {n['train']}/{n['val']}/{n['test']} records (folds 1-8/9/10), {config} config "
-          f"on {ctx.device}; prototype model trained in {proto_s:.0f} s, baseline in {base_s:.0f} s; "
+          f"on {ctx.device}, seed {cfg.seed}; prototype model trained in {proto_s:.0f} s, baseline in {base_s:.0f} s; "
           f"epochs run {epochs}")
     for key in ("fused", "baseline", *BRANCHES):
         print(f"[real]   {key:22s} test macro-AUROC {metrics[f'{key}.macro_auroc']:.4f} "
@@ -252,6 +257,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="also try torch.compile (always tried on CUDA)")
     p.add_argument("--real", type=Path, help="an unpacked PTB-XL folder (e.g. the shared 1,250-record subset)")
     p.add_argument("--real-config", choices=("small", "reference"), default="small")
+    p.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                   help="with --real: comma-separated training seeds (default: the config's); each is a full training")
     p.add_argument("--ptbxl-size", action="store_true",
                    help="with --real: time every stage of the reference config at PTB-XL size")
     p.add_argument("--epochs", type=int, default=1, help="epochs per stage timed by --ptbxl-size")
@@ -295,8 +302,19 @@ def main() -> None:
     if args.real:
         scratch = Path(tempfile.mkdtemp(prefix="ecgproto-bench-train-"))
         try:
-            m, store, typical = real_data_accuracy(args.real.resolve(), scratch, args.device, args.real_config)
-            real = f"real_subset_macro_auroc_fused={m['fused.macro_auroc']:.4f} baseline={m['baseline.macro_auroc']:.4f}"
+            runs = [real_data_accuracy(args.real.resolve(), scratch, args.device, args.real_config, seed)
+                    for seed in (args.seeds or [None])]
+            m, store, typical = runs[0]
+            fused = np.array([r[0]["fused.macro_auroc"] for r in runs])
+            base = np.array([r[0]["baseline.macro_auroc"] for r in runs])
+            real = f"real_subset_macro_auroc_fused={fused.mean():.4f} baseline={base.mean():.4f}"
+            if len(runs) > 1:
+                sd = {k: float(v.std(ddof=1)) for k, v in (("fused", fused), ("baseline", base),
+                                                            ("diff", fused - base))}
+                print(f"[real] over {len(runs)} seeds, mean +- sd: fused {fused.mean():.4f} +- {sd['fused']:.4f}, "
+                      f"baseline {base.mean():.4f} +- {sd['baseline']:.4f}, fused - baseline "
+                      f"{(fused - base).mean():+.4f} +- {sd['diff']:.4f}")
+                real += f" seeds={len(runs)}"
             if last or args.ptbxl_size:
                 print(real)
             else:  # accuracy alone (--skip-throughput): it is the headline
