@@ -304,7 +304,7 @@ def main() -> None:
         try:
             runs = [real_data_accuracy(args.real.resolve(), scratch, args.device, args.real_config, seed)
                     for seed in (args.seeds or [None])]
-            m, store, typical = runs[0]
+            _, store, typical = runs[0]  # the first seed's store and epochs serve --ptbxl-size
             fused = np.array([r[0]["fused.macro_auroc"] for r in runs])
             base = np.array([r[0]["baseline.macro_auroc"] for r in runs])
             real = f"real_subset_macro_auroc_fused={fused.mean():.4f} baseline={base.mean():.4f}"
