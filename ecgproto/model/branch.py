@@ -38,6 +38,7 @@ class Branch(nn.Module):
         self.window_leads = cfg.window_leads if cfg.kind == "local_2d" else 1
         self.backbone: Backbone1D | Backbone2D = Backbone1D(cfg.backbone, n_leads) if cfg.kind == "global_1d" \
             else Backbone2D(cfg.backbone)
+        self._time_columns = self._columns(n_leads, n_samples)  # feature columns of one record (no RNG drawn)
         c, d = self.backbone.out_channels, cfg.latent_dim
         conv = {"global_1d": nn.Linear, "local_2d": nn.Conv2d, "global_2d": nn.Conv1d}[cfg.kind]
 
@@ -56,25 +57,28 @@ class Branch(nn.Module):
         n_rows = len(CABRERA) if cfg.kind == "global_2d" else 1
         per_class = cfg.prototypes_per_class
         self.prototype_dim = d * self.window * self.window_leads * n_rows
-        rows = len(CABRERA) - self.window_leads + 1 if cfg.kind == "local_2d" else 1
         self.prototypes = PrototypeLayer(per_class * len(classes), self.prototype_dim, cfg.scale, cfg.pool, cfg.topk,
-                                         positive=cfg.latent == "sigmoid", rows=rows)
+                                         positive=cfg.latent == "sigmoid", rows=self.window_grid[0])
         self.register_buffer("prototype_class", torch.arange(len(classes)).repeat_interleave(per_class))
         self.head = nn.Linear(per_class * len(classes), len(classes), bias=False)
         self.reset_head(cfg.head_negative)
-        self._time_columns = self._columns(n_leads, n_samples)
 
     @property
     def n_prototypes(self) -> int:
         return int(self.prototype_class.numel())
 
     @property
-    def n_windows(self) -> int:
-        """Latent windows per record: 1 for the global branches (one whole-record latent), rows x columns for
-        local_2d."""
+    def window_grid(self) -> tuple[int, int]:
+        """(lead rows, time columns) of one record's latent windows, window index = row * columns + column;
+        (1, 1) for the global branches (one whole-record latent)."""
         if self.kind != "local_2d":
-            return 1
-        return (len(CABRERA) - self.window_leads + 1) * (self._time_columns - self.window + 1)
+            return 1, 1
+        return len(CABRERA) - self.window_leads + 1, self._time_columns - self.window + 1
+
+    @property
+    def n_windows(self) -> int:
+        rows, cols = self.window_grid
+        return rows * cols
 
     @property
     def scale(self) -> float:
@@ -120,8 +124,7 @@ class Branch(nn.Module):
         """Map a window index to the input samples and leads its receptive field covers."""
         if self.kind != "local_2d":
             return WindowExtent(0, self.n_samples, LEADS)
-        n_cols = self._time_columns - self.window + 1
-        row, col = divmod(int(window_index), n_cols)
+        row, col = divmod(int(window_index), self.window_grid[1])
         start, end = self.backbone.time_field.samples(col, self.window, self.n_samples)
         assert isinstance(self.backbone, Backbone2D)
         seen = {lead for r in range(row, row + self.window_leads) for lead in self.backbone.leads_seen(r)}
