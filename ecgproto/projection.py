@@ -63,7 +63,7 @@ def project_prototypes(branch: Branch, train: SplitData, label_index: np.ndarray
     cls_t = torch.as_tensor(cls, device=device)
     for batch in train.batches(batch_size):
         windows = branch.latent_windows(batch.x.to(device)).float()  # (B, W, D)
-        sim = branch.prototypes.similarity_map(windows) / branch.scale  # cosine (B, W, P)
+        sim = branch.prototypes.cosine_map(windows)  # (B, W, P); similarity increases with it
         # records positive for the prototype's class; any record where the class has none
         eligible = (batch.y[:, label_index].to(device)[:, cls_t] > 0) | ~use_own  # (B, P)
         value, where = sim.max(dim=1)  # (B, P) each record's best window per prototype
@@ -156,7 +156,7 @@ def _fidelity(branch: Branch, train: SplitData, candidates: torch.Tensor, batch_
         # bf16 on a GPU: the reference local branch has ~17,800 (prototype, candidate) pairs x ~360 windows
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             sim = windows @ unit.T  # cosines (B, W, P * (1 + k))
-        pooled = layer.pool(sim.float()).view(-1, p, 1 + k).double()  # (B, P, 1 + k)
+        pooled = layer.pool(layer.from_cosine(sim.float())).view(-1, p, 1 + k).double()  # (B, P, 1 + k)
         ref, cand = pooled[:, :, :1], pooled[:, :, 1:]
         sums += torch.stack([ref.expand_as(cand).sum(0), cand.sum(0), (ref ** 2).expand_as(cand).sum(0),
                              (cand ** 2).sum(0), (ref * cand).sum(0)])

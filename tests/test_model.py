@@ -141,6 +141,31 @@ def test_focal_pooling_scores_a_local_match_and_ignores_a_match_everywhere() -> 
     assert layer.best_window(local).item() == 3  # projection and explanation still show the best window
 
 
+def test_exp_cosine_similarity_rewards_nearness_and_keeps_the_cosine_ranking() -> None:
+    from ecgproto.model.prototypes import PrototypeLayer
+
+    torch.manual_seed(0)
+    cosine = PrototypeLayer(1, 8, scale=3.0)
+    near = PrototypeLayer(1, 8, scale=3.0, similarity="exp_cosine", sharpness=1.0)
+    near.prototypes.data.copy_(cosine.prototypes.data)
+    proto = torch.nn.functional.normalize(cosine.prototypes.data[0], dim=0)
+    other = torch.randn(8)
+    other = torch.nn.functional.normalize(other - (other @ proto) * proto, dim=0)  # orthogonal to the prototype
+    angles = torch.linspace(0, torch.pi, 7)
+    windows = (torch.cos(angles)[:, None] * proto + torch.sin(angles)[:, None] * other)[None]  # cos 1 .. -1
+    c = cosine.similarity_map(windows)[0, :, 0] / 3.0
+    e = near.similarity_map(windows)[0, :, 0]
+    assert torch.allclose(c, torch.cos(angles), atol=1e-5)
+    assert e[0].item() == pytest.approx(3.0, abs=1e-5)  # the prototype itself scores the full scale
+    assert (e.diff() < 0).all()  # same order as the cosine: projection's nearest window is unchanged
+    # the slope is steepest near the prototype and flat far from it (cosine: the same everywhere)
+    step = e.diff().abs() / torch.cos(angles).diff().abs()
+    assert step[0] > 2 * step[-1]
+    assert e[-1].item() == pytest.approx(3.0 * (2 * np.exp(-2.0) - 1), abs=1e-5)
+    with pytest.raises(ValueError, match="similarity"):
+        PrototypeLayer(1, 8, scale=1.0, similarity="euclid")
+
+
 def test_lead_mean_pooling_rewards_a_morphology_that_recurs_along_one_lead_row() -> None:
     from ecgproto.model.prototypes import PrototypeLayer
 

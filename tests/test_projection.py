@@ -34,9 +34,10 @@ def test_projection_keeps_the_trained_prototypes_pooled_behaviour(demo_root: Pat
         windows = F.normalize(branch.latent_windows(torch.from_numpy(train.signals(np.arange(len(train))))), dim=-1)
     assert windows.shape[1] == n_windows == branch.n_windows  # what projection decides by
 
-    def pooled(protos: torch.Tensor) -> np.ndarray:  # (N, P) pooled cosines over the training records
+    def pooled(protos: torch.Tensor) -> np.ndarray:  # (N, P) pooled similarities over the training records
+        layer = branch.prototypes
         with torch.no_grad():
-            return branch.prototypes.pool(windows @ F.normalize(protos, dim=-1).T).numpy()
+            return layer.pool(layer.from_cosine(windows @ F.normalize(protos, dim=-1).T)).numpy()
 
     def corr(a: np.ndarray, b: np.ndarray) -> float:
         return float(np.corrcoef(a, b)[0, 1])

@@ -58,7 +58,8 @@ class Branch(nn.Module):
         per_class = cfg.prototypes_per_class
         self.prototype_dim = d * self.window * self.window_leads * n_rows
         self.prototypes = PrototypeLayer(per_class * len(classes), self.prototype_dim, cfg.scale, cfg.pool, cfg.topk,
-                                         positive=cfg.latent == "sigmoid", rows=self.window_grid[0])
+                                         positive=cfg.latent == "sigmoid", rows=self.window_grid[0],
+                                         similarity=cfg.similarity, sharpness=cfg.sharpness)
         self.register_buffer("prototype_class", torch.arange(len(classes)).repeat_interleave(per_class))
         self.head = nn.Linear(per_class * len(classes), len(classes), bias=False)
         self.reset_head(cfg.head_negative)

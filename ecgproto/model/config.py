@@ -30,6 +30,12 @@ class BranchConfig(BaseModel):
     window_leads: int = Field(1, ge=1, le=12, description="local_2d: prototype height in lead rows (Cabrera order; "
                               "3 = an anatomical neighbourhood such as II, aVF, III)")
     scale: float = Field(description="similarity = scale * cosine (reference: floor(sqrt(512*T))/T)")
+    similarity: Literal["cosine", "exp_cosine"] = Field(
+        "cosine", description="'cosine' (reference): scale * c; 'exp_cosine': scale * (2 exp(sharpness (c - 1)) - 1), "
+        "which rewards nearness, so the trained prototypes stay near real latents and projection costs less (see "
+        "ecgproto.model.prototypes). For one-window branches; under lead_mean the mean of an exp over a strip is "
+        "dominated by its far windows")
+    sharpness: float = Field(1.0, gt=0, description="exp_cosine: k")
     pool: Literal["max", "topk_mean", "focal", "lead_mean"] = Field(
         "max", description="how windows are pooled into one similarity, in training, evaluation and explanation alike "
         "(see ecgproto.model.prototypes). local_2d default lead_mean: per lead row the mean over time, then the best "
@@ -56,7 +62,7 @@ class FusionConfig(BaseModel):
     mode: Literal["sparse_nonneg", "class_connected", "dense"] = Field(
         "sparse_nonneg", description="sparse_nonneg: weights >= 0 with L1 off the own class; class_connected: own "
         "class only; dense: the reference's signed dense layer")
-    normalise: bool = Field(True, description="divide each branch's similarities by its scale (cosine in [0, 1])")
+    normalise: bool = Field(True, description="divide each branch's similarities by its scale (each block in [-1, 1])")
 
 
 def _reference_branches() -> dict[str, BranchConfig]:

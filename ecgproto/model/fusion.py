@@ -1,7 +1,7 @@
 """Fusion over the frozen, projected branches: all prototype similarities -> the 71 labels.
 
-Blocks are normalised (each branch's similarities divided by its scale, so every block is a
-cosine in [0, 1]), and by default the weights are non-negative with an L1 penalty off the own
+Blocks are normalised (each branch's similarities divided by its scale, so every block lies in
+[-1, 1] and 1 means "this ECG is the prototype"), and by default the weights are non-negative with an L1 penalty off the own
 class: a prototype can only add evidence, and each case's evidence is weight x similarity.
 """
 

@@ -1,4 +1,13 @@
-"""Prototype layers: scaled cosine similarity of latent windows to learned prototypes, pooled.
+"""Prototype layers: similarity of latent windows to learned prototypes, pooled.
+
+Similarity, from the cosine c of a window with a prototype (either form lies in [-scale, scale]):
+
+  cosine      scale * c (the reference)
+  exp_cosine  scale * (2 exp(k (c - 1)) - 1): flat far from the prototype, steep near it, so a
+              record scores high only when its latent lies near the prototype. Under plain cosine a
+              one-window branch's similarity is linear in the prototype's direction, the joint stage
+              turns prototypes into discriminant directions that no real latent lies near, and the
+              projection onto real ECGs costs accuracy; rewarding nearness keeps them where the data is.
 
 One pooling rule is used in training, evaluation and explanation alike, so the window an
 explanation shows is the window the loss saw (projection moves each prototype onto a real window:
@@ -23,7 +32,7 @@ from torch import nn
 
 class PrototypeLayer(nn.Module):
     def __init__(self, n_prototypes: int, dim: int, scale: float, pool: str = "max", topk: int = 3,
-                 positive: bool = False, rows: int = 1) -> None:
+                 positive: bool = False, rows: int = 1, similarity: str = "cosine", sharpness: float = 1.0) -> None:
         super().__init__()
         init = torch.rand(n_prototypes, dim) if positive else torch.randn(n_prototypes, dim)  # where latents live
         self.prototypes = nn.Parameter(init)
@@ -31,10 +40,24 @@ class PrototypeLayer(nn.Module):
         self.pool_mode = pool
         self.topk = topk
         self.rows = rows  # lead_mean: window index = row * (W // rows) + column
+        if similarity not in ("cosine", "exp_cosine"):
+            raise ValueError(f"unknown similarity {similarity!r}; choose cosine or exp_cosine")
+        self.similarity = similarity
+        self.sharpness = sharpness
+
+    def cosine_map(self, windows: torch.Tensor) -> torch.Tensor:
+        """(B, W, D) latent windows -> (B, W, P) cosines with the prototypes."""
+        return F.normalize(windows, dim=-1) @ F.normalize(self.prototypes, dim=-1).T
+
+    def from_cosine(self, cos: torch.Tensor) -> torch.Tensor:
+        """Cosines -> similarities (increasing in the cosine, in [-scale, scale])."""
+        if self.similarity == "exp_cosine":
+            return self.scale * (2 * torch.exp(self.sharpness * (cos - 1)) - 1)
+        return self.scale * cos
 
     def similarity_map(self, windows: torch.Tensor) -> torch.Tensor:
-        """(B, W, D) latent windows -> (B, W, P) scaled cosine similarities."""
-        return self.scale * F.normalize(windows, dim=-1) @ F.normalize(self.prototypes, dim=-1).T
+        """(B, W, D) latent windows -> (B, W, P) similarities."""
+        return self.from_cosine(self.cosine_map(windows))
 
     def pool(self, sim_map: torch.Tensor) -> torch.Tensor:
         """(B, W, P) -> (B, P)."""
