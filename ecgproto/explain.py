@@ -38,7 +38,7 @@ def explain(model: ECGProtoNet, signal: np.ndarray, top_k: int = 3, max_labels: 
     s = torch.cat(sims, dim=1)
     prob = torch.sigmoid(model.fusion(s))[0].numpy()
     contrib = model.fusion.contributions(s)[0].numpy()  # (L, P)
-    cos = model.fusion.normalised(s)[0].numpy()
+    similarity = model.fusion.normalised(s)[0].numpy()  # in [-1, 1], 1 at the prototype
     weight = model.fusion.effective_weight().numpy()
     windows = torch.cat(best).numpy()
     thresholds = model.thresholds.numpy()
@@ -60,7 +60,7 @@ def explain(model: ECGProtoNet, signal: np.ndarray, top_k: int = 3, max_labels: 
                 window["pooled_span_s"] = [0.0, signal.shape[-1] / model.fs]  # the mean runs along the whole row
             evidence.append({
                 "prototype": int(p), "branch": branch_name, "class": prov.get("class"),
-                "contribution": float(contrib[li, p]), "weight": float(weight[li, p]), "similarity": float(cos[p]),
+                "contribution": float(contrib[li, p]), "weight": float(weight[li, p]), "similarity": float(similarity[p]),
                 "input_window": window,
                 "prototype_source": {k: prov.get(k) for k in ("ecg_id", "start_s", "end_s", "leads", "source_labels",
                                                                           "fidelity")},

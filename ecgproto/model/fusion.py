@@ -1,8 +1,9 @@
 """Fusion over the frozen, projected branches: all prototype similarities -> the 71 labels.
 
 Blocks are normalised (each branch's similarities divided by its scale, so every block lies in
-[-1, 1] and 1 means "this ECG is the prototype"), and by default the weights are non-negative with an L1 penalty off the own
-class: a prototype can only add evidence, and each case's evidence is weight x similarity.
+[-1, 1] and 1 means "this ECG is the prototype"), and by default the weights are non-negative with
+an L1 penalty off the own class: a prototype can only add evidence, and each case's evidence is
+weight x similarity.
 """
 
 from __future__ import annotations
