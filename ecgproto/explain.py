@@ -4,8 +4,9 @@ An explanation ranks, for each predicted label, the prototypes by their contribu
 logit (fusion weight x normalised similarity) and shows each next to the window of the input that
 matched it: the window is the best window under the same pooling rule as training, widened to
 the samples and leads its receptive field really sees. Under `lead_mean` pooling (the local
-branch's default) the similarity is the mean along that window's lead row over the whole strip,
-and the explanation says so (`pooling`, `pooled_span_s`).
+branch's reference default) the similarity is the mean along that window's lead row over the whole
+strip, and the explanation says so (`pooling`, `pooled_span_s`); under `row_latent` (the small
+config's local branch) the window is the best lead row's whole strip, whose mean latent was compared.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def explain(model: ECGProtoNet, signal: np.ndarray, top_k: int = 3, max_labels: 
             prov = model.provenance[p] if model.provenance else {}
             window = {"start_s": ext.start / model.fs, "end_s": ext.end / model.fs, "leads": list(ext.leads),
                       "pooling": branch.prototypes.pool_mode if branch.kind == "local_2d" else "time_mean"}
-            if window["pooling"] == "lead_mean":
+            if window["pooling"] in ("lead_mean", "row_latent"):
                 window["pooled_span_s"] = [0.0, signal.shape[-1] / model.fs]  # the mean runs along the whole row
             evidence.append({
                 "prototype": int(p), "branch": branch_name, "class": prov.get("class"),
@@ -77,7 +78,8 @@ def explanation_figure(model: ECGProtoNet, signal: np.ndarray, explanation: dict
     axes = fig.subplots(len(rows), 2, squeeze=False)
     for (lab, ev), (left, right) in zip(rows, axes, strict=True):
         w = ev["input_window"]
-        along = f" (mean along {','.join(w['leads'])}, best window shown)" if "pooled_span_s" in w else ""
+        along = {"lead_mean": f" (mean along {','.join(w['leads'])}, best window shown)",
+                 "row_latent": f" (mean latent along {','.join(w['leads'])})"}.get(w["pooling"], "")
         draw_ecg(left, signal, model.fs, f"{title} {lab['code']} p={lab['probability']:.2f}: "
                  f"contribution {ev['contribution']:.2f} = w {ev['weight']:.2f} x sim {ev['similarity']:.2f}{along}",
                  (w["start_s"], w["end_s"]), tuple(w["leads"]))

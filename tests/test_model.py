@@ -8,7 +8,7 @@ from sklearn.metrics import roc_auc_score
 from ecgproto.data.labels import load_label_set
 from ecgproto.data.leads import LEADS
 from ecgproto.model.backbones import CABRERA, Backbone1D, Backbone2D
-from ecgproto.model.config import BackboneConfig, FusionConfig, ModelConfig
+from ecgproto.model.config import BackboneConfig, BranchConfig, FusionConfig, ModelConfig
 from ecgproto.model.fusion import Fusion
 from ecgproto.model.network import build_branch
 from ecgproto.train import losses
@@ -182,6 +182,77 @@ def test_lead_mean_pooling_rewards_a_morphology_that_recurs_along_one_lead_row()
     assert layer.best_window(sim_map)[0].tolist() == [2 * 4 + 2, 1 * 4 + 3]
     with pytest.raises(ValueError, match="rows"):
         layer.pool(torch.zeros(1, 10, 2))
+
+
+def test_row_latent_compares_each_lead_rows_time_mean_and_shows_that_rows_whole_strip() -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig.small()
+    assert cfg.branches["morphology_2d_local"].pool == "row_latent"
+    branch = build_branch("morphology_2d_local", cfg, load_label_set()).eval()
+    assert branch.window_grid == (12, 1) and branch.n_windows == 12 and branch.prototype_dim == 64
+    # the same weights comparing one-column windows: a row latent is exactly their mean along the row
+    cfg.branches["morphology_2d_local"] = cfg.branches["morphology_2d_local"].model_copy(
+        update={"pool": "lead_mean", "window": 1})
+    windowed = build_branch("morphology_2d_local", cfg, load_label_set()).eval()
+    windowed.load_state_dict(branch.state_dict(), strict=True)
+    t = np.arange(1000)
+    beat = np.exp(-0.5 * ((t % 100 - 50) / 4.0) ** 2) - 0.3 * np.exp(-0.5 * ((t % 100 - 75) / 10.0) ** 2)
+    x = torch.as_tensor(np.stack([(1 + 0.2 * i) * beat for i in range(12)]), dtype=torch.float32)[None]
+    with torch.no_grad():
+        rows = branch.latent_windows(x)  # (1, 12, 64)
+        per_column = windowed.latent_windows(x).view(1, 12, -1, 64)
+        assert torch.allclose(rows, per_column.mean(dim=2), atol=1e-5)
+        # plant V1's row as a prototype: the record scores the full scale there, and the row shown is V1's strip
+        row = CABRERA.index("V1")
+        branch.prototypes.prototypes[0] = rows[0, row]
+        sim_map = branch.prototypes.similarity_map(rows)
+        assert branch.prototypes.pool(sim_map)[0, 0].item() == pytest.approx(branch.scale, abs=1e-4)
+        assert branch.prototypes.best_window(sim_map)[0, 0].item() == row
+        ext = branch.extent(row)
+        assert (ext.start, ext.end, ext.column) == (0, 1000, None) and "V1" in ext.leads
+    with pytest.raises(ValueError, match="row_latent"):
+        BranchConfig.model_validate({**cfg.branches["rhythm_1d"].model_dump(), "pool": "row_latent"})
+
+
+def _beats(n: int, inverted_t_in_v1: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+    """(n, 12, 1000) ECG-like beats at a random rate and phase per record; V1's T wave inverted where asked."""
+    t = np.arange(1000)
+    out = np.empty((n, 12, 1000), dtype=np.float32)
+    for i in range(n):
+        period, phase = rng.integers(70, 110), rng.integers(0, 100)
+        u = (t + phase) % period
+        qrs = np.exp(-0.5 * ((u - 20) / 2.5) ** 2)
+        twave = 0.35 * np.exp(-0.5 * ((u - 45) / 6.0) ** 2)
+        for lead in range(12):
+            sign = -1.0 if inverted_t_in_v1[i] and lead == LEADS.index("V1") else 1.0
+            out[i, lead] = (0.6 + 0.1 * lead) * qrs + sign * twave + 0.03 * rng.normal(size=1000)
+    return torch.from_numpy(out)
+
+
+def test_row_latent_branch_learns_a_morphology_planted_in_one_lead_and_points_at_that_lead() -> None:
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    branch = build_branch("morphology_2d_local", ModelConfig.small(), load_label_set())
+    y_train, y_test = rng.random(192) < 0.5, rng.random(96) < 0.5
+    x_train, x_test = _beats(192, y_train, rng), _beats(96, y_test, rng)
+    opt = torch.optim.Adam(branch.parameters(), lr=3e-3)
+    target = torch.as_tensor(y_train, dtype=torch.float32)
+    for _ in range(6):
+        for i in torch.randperm(192).split(32):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(branch(x_train[i])[0][:, 0], target[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    branch.eval()
+    with torch.no_grad():
+        logits, _ = branch(x_test)
+        sim_map = branch.prototypes.similarity_map(branch.latent_windows(x_test))
+    assert roc_auc_score(y_test, logits[:, 0].numpy()) > 0.95  # the T wave of one lead, at any rate and phase
+    # class 0's strongest prototype, on the positive records, scores best on V1's own row
+    j = int(branch.head.weight[0, :3].argmax())
+    rows = branch.prototypes.best_window(sim_map)[torch.as_tensor(y_test), j]
+    assert (rows == CABRERA.index("V1")).float().mean().item() > 0.9
+    assert "V1" in branch.extent(CABRERA.index("V1")).leads
 
 
 def test_the_rhythm_strip_shows_the_highlighted_window_on_its_own_lead() -> None:

@@ -142,8 +142,10 @@ def test_explain_command_writes_a_png_and_json_ranked_by_contribution(
             assert all(e["input_window"]["leads"] for e in label["evidence"])
             for e in label["evidence"]:  # says how the similarity was pooled: along a lead row, or the whole record
                 local = e["branch"] == "morphology_2d_local"
-                assert e["input_window"]["pooling"] == ("lead_mean" if local else "time_mean")
+                assert e["input_window"]["pooling"] == ("row_latent" if local else "time_mean")
                 assert ("pooled_span_s" in e["input_window"]) == local
+                if local:  # the whole strip of the best row, whose mean latent was compared
+                    assert (e["input_window"]["start_s"], e["input_window"]["end_s"]) == (0.0, 10.0)
         probs[name] = result["probabilities"]["AFIB"]
     assert probs["afib"] > probs["normal"]
 

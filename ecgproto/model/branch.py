@@ -1,7 +1,10 @@
 """A branch: backbone -> add-on layers -> prototype similarities -> class-connected head.
 
   global_1d  rhythm: 1D ResNet, time-averaged (shift-invariant) latent (D,), one window
-  local_2d   local morphology: 2D ResNet, windows of `window` feature columns on one lead row
+  local_2d   local morphology: 2D ResNet, windows of `window` feature columns on one lead row;
+             with pool="row_latent" one latent per lead row instead: the row's latent averaged over
+             time (a morphology recurs in every beat, so its evidence is the whole strip of a lead),
+             compared with the prototypes once, the best row scoring
   global_2d  global: 2D ResNet, time-averaged latent per lead row (D x 12): phase-invariant
 """
 
@@ -34,7 +37,8 @@ class Branch(nn.Module):
                  n_samples: int = 1000) -> None:
         super().__init__()
         self.name, self.kind, self.classes, self.n_samples = name, cfg.kind, tuple(classes), n_samples
-        self.window = cfg.window if cfg.kind == "local_2d" else 1
+        self.row_latent = cfg.pool == "row_latent"  # local_2d only (BranchConfig checks)
+        self.window = cfg.window if cfg.kind == "local_2d" and not self.row_latent else 1
         self.window_leads = cfg.window_leads if cfg.kind == "local_2d" else 1
         self.backbone: Backbone1D | Backbone2D = Backbone1D(cfg.backbone, n_leads) if cfg.kind == "global_1d" \
             else Backbone2D(cfg.backbone)
@@ -71,10 +75,11 @@ class Branch(nn.Module):
     @property
     def window_grid(self) -> tuple[int, int]:
         """(lead rows, time columns) of one record's latent windows, window index = row * columns + column;
-        (1, 1) for the global branches (one whole-record latent)."""
+        (1, 1) for the global branches (one whole-record latent), (rows, 1) under row_latent."""
         if self.kind != "local_2d":
             return 1, 1
-        return len(CABRERA) - self.window_leads + 1, self._time_columns - self.window + 1
+        rows = len(CABRERA) - self.window_leads + 1
+        return (rows, 1) if self.row_latent else (rows, self._time_columns - self.window + 1)
 
     @property
     def n_windows(self) -> int:
@@ -112,6 +117,9 @@ class Branch(nn.Module):
         if self.lead_embedding is not None:
             f = f + self.lead_embedding
         z = self.add_on(f)  # (B, D, 12, T)
+        if self.row_latent:  # (B, D, 12, T) -> time mean -> rows of window_leads leads -> (B, R', D * leads)
+            r = z.mean(dim=-1).unfold(2, self.window_leads, 1)  # (B, D, R', leads)
+            return r.permute(0, 2, 1, 3).flatten(2)
         w = z.unfold(2, self.window_leads, 1).unfold(3, self.window, 1)  # (B, D, R', T', leads, window)
         b, d, rows, cols, nl, win = w.shape
         return w.permute(0, 2, 3, 1, 4, 5).reshape(b, rows * cols, d * nl * win)  # index = row * T' + col
@@ -126,8 +134,9 @@ class Branch(nn.Module):
         if self.kind != "local_2d":
             return WindowExtent(0, self.n_samples, LEADS)
         row, col = divmod(int(window_index), self.window_grid[1])
-        start, end = self.backbone.time_field.samples(col, self.window, self.n_samples)
+        start, end = (0, self.n_samples) if self.row_latent else \
+            self.backbone.time_field.samples(col, self.window, self.n_samples)
         assert isinstance(self.backbone, Backbone2D)
         seen = {lead for r in range(row, row + self.window_leads) for lead in self.backbone.leads_seen(r)}
         leads = tuple(lead for lead in (c.lstrip("-") for c in CABRERA) if lead in seen)  # Cabrera order
-        return WindowExtent(start, end, leads, row, col)
+        return WindowExtent(start, end, leads, row, None if self.row_latent else col)

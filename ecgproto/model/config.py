@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 BranchKind = Literal["global_1d", "local_2d", "global_2d"]
 
@@ -26,21 +26,23 @@ class BranchConfig(BaseModel):
     kind: BranchKind
     prototypes_per_class: int = Field(ge=1)
     latent_dim: int = 512
-    window: int = Field(3, ge=1, description="local_2d: prototype length in feature columns")
+    window: int = Field(3, ge=1, description="local_2d: prototype length in feature columns (row_latent: the whole "
+                        "row, this is not used)")
     window_leads: int = Field(1, ge=1, le=12, description="local_2d: prototype height in lead rows (Cabrera order; "
                               "3 = an anatomical neighbourhood such as II, aVF, III)")
     scale: float = Field(description="similarity = scale * cosine (reference: floor(sqrt(512*T))/T)")
     similarity: Literal["cosine", "exp_cosine"] = Field(
         "cosine", description="'cosine' (reference): scale * c; 'exp_cosine': scale * (2 exp(sharpness (c - 1)) - 1), "
         "which rewards nearness, so the trained prototypes stay near real latents and projection costs less (see "
-        "ecgproto.model.prototypes). For one-window branches; under lead_mean the mean of an exp over a strip is "
-        "dominated by its far windows")
+        "ecgproto.model.prototypes). For branches with one window per record or per lead row (row_latent); under "
+        "lead_mean the mean of an exp over a strip is dominated by its far windows")
     sharpness: float = Field(1.0, gt=0, description="exp_cosine: k")
-    pool: Literal["max", "topk_mean", "focal", "lead_mean"] = Field(
+    pool: Literal["max", "topk_mean", "focal", "lead_mean", "row_latent"] = Field(
         "max", description="how windows are pooled into one similarity, in training, evaluation and explanation alike "
         "(see ecgproto.model.prototypes). local_2d default lead_mean: per lead row the mean over time, then the best "
         "row; 'max' is the reference. Measured (small config, local-branch macro-AUROC, validation + test folds): "
-        "real PTB-XL subset 0.65 max -> 0.82 lead_mean; demo 0.72 -> 0.99")
+        "real PTB-XL subset 0.65 max -> 0.82 lead_mean; demo 0.72 -> 0.99. 'row_latent' (local_2d only): per lead row "
+        "the time mean of the latent is compared with the prototypes once, then the best row (see ecgproto.model.branch)")
     topk: int = Field(3, ge=1)
     dropout: float = 0.0
     head_negative: float = Field(
@@ -56,6 +58,12 @@ class BranchConfig(BaseModel):
         True, description="local_2d: add a learned per-lead offset to the features so a local prototype knows "
         "which lead it is on (the per-lead convolutions share weights across leads)")
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+
+    @model_validator(mode="after")
+    def _row_latent_is_local(self) -> BranchConfig:
+        if self.pool == "row_latent" and self.kind != "local_2d":
+            raise ValueError(f"pool='row_latent' compares one latent per lead row: a local_2d option, not {self.kind}")
+        return self
 
 
 class FusionConfig(BaseModel):
@@ -92,8 +100,11 @@ class ModelConfig(BaseModel):
         c.branches["rhythm_1d"] = c.branches["rhythm_1d"].model_copy(
             update={"prototypes_per_class": 3, "latent_dim": 64, "backbone": narrow, "similarity": "exp_cosine",
                     "scale": 3.0})
+        # row_latent + exp_cosine on the local branch: a prototype is a real lead row's mean latent, not a
+        # direction no real window lies near (see README, "where we differ")
         c.branches["morphology_2d_local"] = c.branches["morphology_2d_local"].model_copy(
-            update={"prototypes_per_class": 3, "latent_dim": 64, "backbone": narrow_2d, "dropout": 0.1})
+            update={"prototypes_per_class": 3, "latent_dim": 64, "backbone": narrow_2d, "dropout": 0.1,
+                    "pool": "row_latent", "similarity": "exp_cosine", "scale": 3.0})
         c.branches["global_2d"] = c.branches["global_2d"].model_copy(
             update={"prototypes_per_class": 3, "latent_dim": 64, "backbone": narrow_2d, "dropout": 0.1})
         return c

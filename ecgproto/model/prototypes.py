@@ -21,6 +21,10 @@ ecgproto.projection):
              over time; then the best row. A morphology recurs in every beat, so its evidence is
              how well it matches along the whole strip of one lead group; the window shown is the
              best window of that row.
+  row_latent the branch hands one latent per lead row (its time mean, see ecgproto.model.branch),
+             and the best row scores: the strip is averaged before the comparison, not after, so
+             the prototype is a real row's mean latent, and what projection and an explanation
+             show is that row's whole strip.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ class PrototypeLayer(nn.Module):
 
     def pool(self, sim_map: torch.Tensor) -> torch.Tensor:
         """(B, W, P) -> (B, P)."""
-        if self.pool_mode == "max" or sim_map.shape[1] == 1:
+        if self.pool_mode in ("max", "row_latent") or sim_map.shape[1] == 1:
             return sim_map.amax(dim=1)
         if self.pool_mode == "lead_mean":
             return self._rows(sim_map).mean(dim=2).amax(dim=1)
