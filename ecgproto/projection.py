@@ -16,7 +16,8 @@ real subset, joint head: nearest 0.772, this 0.785, before projection 0.802). Th
 window per record (the global branches: the nearest whole-record latent is still far, and what the
 head uses is how the similarity ranks the records; rhythm-branch macro-AUROC after projection, real
 subset, joint head, mean over 7 trained checkpoints: val/test +0.027/+0.021 over the nearest, up to
-+0.09, never worse by more than 0.013).
++0.09, never worse by more than 0.013). Under row_latent (one mean latent per lead row) too; there the
+exp-cosine prototypes stay near real rows, and the most faithful row is often the nearest one.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def project_prototypes(branch: Branch, train: SplitData, label_index: np.ndarray
         eligible = (batch.y[:, label_index].to(device)[:, cls_t] > 0) | ~use_own  # (B, P)
         value, where = sim.max(dim=1)  # (B, P) each record's best window per prototype
         best.add(value.masked_fill(~eligible, -np.inf), where, torch.as_tensor(batch.index, device=device), windows)
-    # an averaging pool, or one window per record: the nearest window is not the best stand-in
+    # an averaging pool, row latents, or one window per record: the nearest window is not the best stand-in
     faithful = branch.prototypes.pool_mode != "max" or branch.n_windows == 1
     if faithful:  # every candidate's fidelity ranks the candidates
         fidelity = _fidelity(branch, train, best.latent, batch_size, device, fidelity_records, seed)  # (P, k)
