@@ -14,7 +14,12 @@ from ecgproto.model.config import BackboneConfig, BranchConfig, FusionConfig, Mo
 from ecgproto.model.fusion import Fusion
 from ecgproto.model.network import build_branch
 from ecgproto.train import losses
-from ecgproto.train.metrics import auroc_per_label, bootstrap_auroc, macro_auroc
+from ecgproto.train.metrics import (
+    auroc_per_label,
+    bootstrap_auroc,
+    macro_auroc,
+    paired_bootstrap_difference,
+)
 
 SMALL_BACKBONE = BackboneConfig(widths=(4, 8, 8, 16), blocks=(1, 1, 1, 1))
 
@@ -129,6 +134,22 @@ def test_whole_fold_auroc_matches_sklearn_and_bootstrap_brackets_it() -> None:
     assert macro_auroc(y, score) == pytest.approx(np.mean(auc[:4]))
     lo, hi, mlo, mhi = bootstrap_auroc(y, score, n_boot=300, seed=0)
     assert (lo[:4] < auc[:4]).all() and (auc[:4] < hi[:4]).all() and mlo[0] < macro_auroc(y, score) < mhi[0]
+
+
+def test_paired_difference_sees_a_small_consistent_gain_that_two_separate_cis_cannot() -> None:
+    rng = np.random.default_rng(2)
+    y = (rng.random((300, 6)) < 0.15).astype(np.uint8)
+    y[:, 5] = 0  # a label without positives is left out of both macros
+    b = rng.normal(size=y.shape) + 1.0 * y
+    a = b + 0.15 * y * rng.random(y.shape)  # the same model, a little better on every positive
+    d, lo, hi = paired_bootstrap_difference(y, a, b, n_boot=400, seed=0)
+    assert d == pytest.approx(macro_auroc(y, a) - macro_auroc(y, b), abs=1e-12)
+    assert 0 < lo < d < hi  # the gain is resolved ...
+    _, _, a_lo, _ = bootstrap_auroc(y, a, n_boot=400, seed=0)
+    _, _, _, b_hi = bootstrap_auroc(y, b, n_boot=400, seed=0)
+    assert a_lo[0] < b_hi[0]  # ... where the two models' own CIs overlap
+    assert paired_bootstrap_difference(y, b, b, n_boot=50, seed=0) == (0.0, 0.0, 0.0)
+    assert paired_bootstrap_difference(y, b, a, n_boot=400, seed=0) == pytest.approx((-d, -hi, -lo))
 
 
 def test_focal_pooling_scores_a_local_match_and_ignores_a_match_everywhere() -> None:

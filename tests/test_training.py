@@ -62,6 +62,9 @@ def test_short_cpu_training_learns_every_planted_label(trained: SimpleNamespace)
         assert t.loc[code, "n_pos"] > 0 and t.loc[code, "auroc_lo"] > 0.5, code  # beats chance, whole test fold
     assert m["baseline.macro_auroc"] > 0.9  # the black box is trained and shown side by side
     assert m["fused.macro_auroc_lo"] <= m["fused.macro_auroc"] <= m["fused.macro_auroc_hi"]
+    d = m["fused_minus_baseline.macro_auroc"]  # the two side by side, paired on the same test records
+    assert d == pytest.approx(m["fused.macro_auroc"] - m["baseline.macro_auroc"], abs=1e-9)
+    assert m["fused_minus_baseline.macro_auroc_lo"] <= d <= m["fused_minus_baseline.macro_auroc_hi"]
 
 
 @pytest.mark.slow

@@ -30,7 +30,7 @@ from ecgproto.settings import reference_dir
 from ecgproto.train import distributed, losses
 from ecgproto.train.config import TrainConfig
 from ecgproto.train.data import SplitData
-from ecgproto.train.metrics import evaluation_table, macro_auroc
+from ecgproto.train.metrics import evaluation_table, macro_auroc, paired_bootstrap_difference
 from ecgproto.train.trainer import EpochCallback, FitResult, fit, save_atomic
 
 SPLITS = ("train", "val", "test")
@@ -387,9 +387,14 @@ def evaluate(ctx: TrainContext, split: str = "test") -> tuple[dict[str, float], 
     baseline_file = ctx.path("baseline", "baseline.pt")
     if cfg.baseline.enabled and baseline_file.exists():
         net = torch.load(baseline_file, map_location="cpu", weights_only=False)
-        t, h = evaluation_table(y, predict_baseline(ctx, net, split), codes, cfg.bootstrap, cfg.seed)
+        baseline_scores = predict_baseline(ctx, net, split)
+        t, h = evaluation_table(y, baseline_scores, codes, cfg.bootstrap, cfg.seed)
         tables["baseline"] = t
         metrics.update({f"baseline.{k}": v for k, v in h.items()})
+        # Is the interpretable model worse than the black box on this fold? Paired over the same resamples.
+        d, lo, hi = paired_bootstrap_difference(y, scores["fused"], baseline_scores, cfg.bootstrap, cfg.seed)
+        metrics.update({"fused_minus_baseline.macro_auroc": d, "fused_minus_baseline.macro_auroc_lo": lo,
+                        "fused_minus_baseline.macro_auroc_hi": hi})
     side = tables["fused"][["code", "n_pos", "auroc", "auroc_lo", "auroc_hi"]].copy()
     if "baseline" in tables:
         side["baseline_auroc"] = tables["baseline"]["auroc"].to_numpy()
