@@ -61,6 +61,12 @@ def pipeline_flow(train_root: str | None = None, cohort_root: str | None = None,
                            register_as=register_as, planted=planted)
             out.update(train_run_id=t["run_id"], model_uri=t["model_uri"],
                        test_macro_auroc=f"{t['metrics']['fused.macro_auroc']:.4f}")
+            m = t["metrics"]
+            if "fused_minus_baseline.macro_auroc" in m:  # the black box on the same fold, paired 95% CI
+                out["baseline_macro_auroc"] = f"{m['baseline.macro_auroc']:.4f}"
+                out["fused_minus_baseline"] = (f"{m['fused_minus_baseline.macro_auroc']:+.4f} "
+                                               f"[{m['fused_minus_baseline.macro_auroc_lo']:+.4f}, "
+                                               f"{m['fused_minus_baseline.macro_auroc_hi']:+.4f}]")
             if t.get("model_version") and register_as:
                 out["model_version"] = str(t["model_version"])
                 decision = run_stage("promote", parent, tracking_uri, None, lambda run_id: {
