@@ -51,6 +51,7 @@ from ecgproto.model.baseline import ResNet1DClassifier
 from ecgproto.model.network import build_branch
 from ecgproto.train import losses
 from ecgproto.train.config import TrainConfig
+from ecgproto.train.metrics import difference_text
 
 PTBXL_TRAIN_RECORDS = 17_418
 
@@ -242,9 +243,7 @@ def real_data_accuracy(root: Path, scratch: Path, device: str, config: str = "sm
         print(f"[real]   {key:22s} test macro-AUROC {metrics[f'{key}.macro_auroc']:.4f} "
               f"[{metrics[f'{key}.macro_auroc_lo']:.4f}, {metrics[f'{key}.macro_auroc_hi']:.4f}], "
               f"macro-AUPRC {metrics[f'{key}.macro_auprc']:.4f}")
-    print(f"[real]   fused - baseline         {metrics['fused_minus_baseline.macro_auroc']:+.4f} "
-          f"[{metrics['fused_minus_baseline.macro_auroc_lo']:+.4f}, {metrics['fused_minus_baseline.macro_auroc_hi']:+.4f}]"
-          " (paired bootstrap over the test records)")
+    print(f"[real]   fused - baseline         {difference_text(metrics)} (paired bootstrap over the test records)")
     by_branch = tables["side_by_side"].groupby("branch")[["auroc", "baseline_auroc"]].mean()
     print("[real]   fused vs baseline, mean test AUROC over each branch's labels: " + "; ".join(
         f"{b} {r.auroc:.3f} vs {r.baseline_auroc:.3f}" for b, r in by_branch.iterrows()))

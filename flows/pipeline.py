@@ -19,6 +19,7 @@ from ecgproto.data.demo.generate import DemoConfig
 from ecgproto.data.ingest import IngestConfig
 from ecgproto.phenotype.study import StudyConfig
 from ecgproto.train.config import TrainConfig
+from ecgproto.train.metrics import difference_text
 from flows.associate import associate_flow
 from flows.demo_data import demo_data_flow
 from flows.ingest import ingest_flow
@@ -64,9 +65,7 @@ def pipeline_flow(train_root: str | None = None, cohort_root: str | None = None,
             m = t["metrics"]
             if "fused_minus_baseline.macro_auroc" in m:  # the black box on the same fold, paired 95% CI
                 out["baseline_macro_auroc"] = f"{m['baseline.macro_auroc']:.4f}"
-                out["fused_minus_baseline"] = (f"{m['fused_minus_baseline.macro_auroc']:+.4f} "
-                                               f"[{m['fused_minus_baseline.macro_auroc_lo']:+.4f}, "
-                                               f"{m['fused_minus_baseline.macro_auroc_hi']:+.4f}]")
+                out["fused_minus_baseline"] = difference_text(m)
             if t.get("model_version") and register_as:
                 out["model_version"] = str(t["model_version"])
                 decision = run_stage("promote", parent, tracking_uri, None, lambda run_id: {

@@ -27,6 +27,7 @@ from ecgproto.report import StageReport
 from ecgproto.settings import workdir
 from ecgproto.train import distributed, stages
 from ecgproto.train.config import TrainConfig
+from ecgproto.train.metrics import difference_text
 from ecgproto.train.report import evaluation_report, fit_report, projection_report
 from ecgproto.train.trainer import FitResult
 
@@ -208,9 +209,8 @@ def train_flow(store: str, config: TrainConfig | None = None, work_root: str | N
     m = result["metrics"]
     print(f"test fold macro-AUROC: fused {m['fused.macro_auroc']:.4f} "
           f"[{m['fused.macro_auroc_lo']:.4f}, {m['fused.macro_auroc_hi']:.4f}]"
-          + (f", baseline {m['baseline.macro_auroc']:.4f}; fused - baseline {m['fused_minus_baseline.macro_auroc']:+.4f} "
-             f"[{m['fused_minus_baseline.macro_auroc_lo']:+.4f}, {m['fused_minus_baseline.macro_auroc_hi']:+.4f}] "
-             "(paired)" if "baseline.macro_auroc" in m else ""))
+          + (f", baseline {m['baseline.macro_auroc']:.4f}; fused - baseline {difference_text(m)} (paired)"
+             if "baseline.macro_auroc" in m else ""))
     version = result.get("version")
     model_uri = f"models:/{register_as}/{version}" if register_as and version else result["model_uri"]
     return {"run_id": parent, "evaluate_run_id": result["run_id"], "model_uri": model_uri,
