@@ -39,12 +39,14 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
+from ecgproto.data.beats import BeatConfig, Beats, grid_beats
 from ecgproto.data.labels import BRANCHES, load_label_set
 from ecgproto.data.store import ArrayStore
 from ecgproto.model.baseline import ResNet1DClassifier
@@ -61,7 +63,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _step_fn(name: str, cfg: TrainConfig, device: torch.device, bf16: bool, channels_last: bool,
+def _step_fn(name: str, cfg: TrainConfig, device: torch.device, batch: int, bf16: bool, channels_last: bool,
              compiled: bool) -> tuple[Callable[[torch.Tensor, torch.Tensor], None], int]:
     """One training step of `name` (a branch or 'baseline') and its number of labels."""
     labels = load_label_set()
@@ -85,7 +87,8 @@ def _step_fn(name: str, cfg: TrainConfig, device: torch.device, bf16: bool, chan
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         with autocast:
-            out = forward(x)
+            # beat branches get their beats as a store holds them (one per second), not detected per step
+            out = forward(x) if name == "baseline" else forward(x, grid)
         if name == "baseline":
             loss = nn.functional.binary_cross_entropy_with_logits(out.float(), y)
         else:
@@ -94,13 +97,16 @@ def _step_fn(name: str, cfg: TrainConfig, device: torch.device, bf16: bool, chan
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    beat_cfg = BeatConfig()
+    grid = torch.as_tensor(Beats(grid_beats(cfg.model.n_samples, cfg.model.fs, beat_cfg), "grid").padded(
+        beat_cfg.max_beats), dtype=torch.long, device=device).expand(batch, -1)
     model.train()
     return step, n_out
 
 
 def throughput(name: str, cfg: TrainConfig, device: torch.device, batch: int, steps: int, **variant: bool) -> float:
     """ECGs per second of training steps after two warm-up steps (compilation excluded)."""
-    step, n_out = _step_fn(name, cfg, device, **variant)
+    step, n_out = _step_fn(name, cfg, device, batch, **variant)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, cfg.model.n_leads, cfg.model.n_samples, generator=g).to(device)
     y = (torch.rand(batch, n_out, generator=g) < 0.1).float().to(device)
@@ -150,6 +156,7 @@ def tile_store(src: ArrayStore, dst: Path, sizes: dict[str, int]) -> ArrayStore:
         lab[i:i + len(rows)] = src.labels[rows]
     sig.flush()
     np.save(dst / "labels.npy", lab)
+    np.save(dst / "beats.npy", np.asarray(src.beats)[m["row"].to_numpy()])
     m["row"] = np.arange(len(m))
     m.to_parquet(dst / "manifest.parquet")
     src.quarantine.to_parquet(dst / "quarantine.parquet")
@@ -212,41 +219,52 @@ def ptbxl_size_timing(store: ArrayStore, scratch: Path, device: str, epochs: int
     return upper
 
 
-def real_data_accuracy(root: Path, scratch: Path, device: str, config: str = "small", seed: int | None = None
-                       ) -> tuple[dict[str, float], ArrayStore, dict[str, float]]:
+def real_data_accuracy(root: Path, scratch: Path, device: str, config: str = "small", seed: int | None = None,
+                       split: str = "test") -> tuple[dict[str, float], ArrayStore, dict[str, float]]:
+    """Ingest `root`, train the model and the baseline through the real stages, score `split` (fold 10 = test,
+    fold 9 = val: designs are chosen on val); print every figure and the wall time of each stage."""
     from ecgproto.data.ingest import IngestConfig, ingest
     from ecgproto.train import stages
 
-    store = ingest(root, scratch / "store", IngestConfig(workers=os.cpu_count() or 2), progress=False).store
+    wall: dict[str, float] = {}
+
+    def clock(key: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        wall[key] = time.perf_counter() - t0
+        print(f"[real]   {key:34s} {wall[key]:7.0f} s", flush=True)
+        return out
+
+    store = clock("ingest", ingest, root, scratch / "store", IngestConfig(workers=os.cpu_count() or 2),
+                  progress=False).store
     cfg = TrainConfig.small() if config == "small" else TrainConfig()
     cfg.device = device
     if seed is not None:
         cfg.seed = seed
     ctx = stages.TrainContext.open(store.path, cfg, scratch / "work")
-    t0 = time.perf_counter()
     epochs: dict[str, list[int]] = {"joint": [], "last_layer": [], "fusion": [], "baseline": []}
     for name in BRANCHES:
-        epochs["joint"].append(len(stages.train_joint(ctx, name).history))
-        stages.project(ctx, name)
-        epochs["last_layer"].append(len(stages.train_last_layer(ctx, name).history))
-    epochs["fusion"].append(len(stages.train_fusion(ctx).history))
-    proto_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    epochs["baseline"].append(len(stages.train_baseline(ctx).history))
-    base_s = time.perf_counter() - t0
-    metrics, tables = stages.evaluate(ctx, "test")
+        epochs["joint"].append(len(clock(f"joint {name}", stages.train_joint, ctx, name).history))
+        clock(f"projection {name}", stages.project, ctx, name)
+        epochs["last_layer"].append(len(clock(f"last layer {name}", stages.train_last_layer, ctx, name).history))
+    epochs["fusion"].append(len(clock("fusion", stages.train_fusion, ctx).history))
+    proto_s = sum(v for k, v in wall.items() if k != "ingest")
+    epochs["baseline"].append(len(clock("baseline", stages.train_baseline, ctx).history))
+    metrics, tables = clock(f"evaluate ({split})", stages.evaluate, ctx, split)
     n = {s: len(ctx.splits[s]) for s in ("train", "val", "test")}
+    fold = {"test": "fold 10", "val": "fold 9"}[split]
     print(f"[real] {root.name}: {n['train']}/{n['val']}/{n['test']} records (folds 1-8/9/10), {config} config "
-          f"on {ctx.device}, seed {cfg.seed}; prototype model trained in {proto_s:.0f} s, baseline in {base_s:.0f} s; "
-          f"epochs run {epochs}")
+          f"on {ctx.device}, seed {cfg.seed}; prototype model trained in {proto_s / 60:.1f} min, baseline in "
+          f"{wall['baseline'] / 60:.1f} min; epochs run {epochs}; scored on {split} ({fold})")
     for key in ("fused", "baseline", *BRANCHES):
-        print(f"[real]   {key:22s} test macro-AUROC {metrics[f'{key}.macro_auroc']:.4f} "
+        print(f"[real]   {key:22s} {split} macro-AUROC {metrics[f'{key}.macro_auroc']:.4f} "
               f"[{metrics[f'{key}.macro_auroc_lo']:.4f}, {metrics[f'{key}.macro_auroc_hi']:.4f}], "
               f"macro-AUPRC {metrics[f'{key}.macro_auprc']:.4f}")
-    print(f"[real]   fused - baseline         {difference_text(metrics)} (paired bootstrap over the test records)")
+    print(f"[real]   fused - baseline         {difference_text(metrics)} (paired bootstrap over the {split} records)")
     by_branch = tables["side_by_side"].groupby("branch")[["auroc", "baseline_auroc"]].mean()
-    print("[real]   fused vs baseline, mean test AUROC over each branch's labels: " + "; ".join(
+    print("[real]   fused vs baseline, mean AUROC over each branch's labels: " + "; ".join(
         f"{b} {r.auroc:.3f} vs {r.baseline_auroc:.3f}" for b, r in by_branch.iterrows()))
+    metrics["prototype_model_min"], metrics["baseline_min"] = proto_s / 60, wall["baseline"] / 60
     return metrics, ctx.store, {k: float(np.median(v)) for k, v in epochs.items()}
 
 
@@ -259,6 +277,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="also try torch.compile (always tried on CUDA)")
     p.add_argument("--real", type=Path, help="an unpacked PTB-XL folder (e.g. the shared 1,250-record subset)")
     p.add_argument("--real-config", choices=("small", "reference"), default="small")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="with --real: the fold scored (test = fold 10; val = fold 9, where designs are chosen)")
     p.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=None,
                    help="with --real: comma-separated training seeds (default: the config's); each is a full training")
     p.add_argument("--ptbxl-size", action="store_true",
@@ -304,12 +324,16 @@ def main() -> None:
     if args.real:
         scratch = Path(tempfile.mkdtemp(prefix="ecgproto-bench-train-"))
         try:
-            runs = [real_data_accuracy(args.real.resolve(), scratch, args.device, args.real_config, seed)
+            runs = [real_data_accuracy(args.real.resolve(), scratch, args.device, args.real_config, seed, args.split)
                     for seed in (args.seeds or [None])]
             _, store, typical = runs[0]  # the first seed's store and epochs serve --ptbxl-size
             fused = np.array([r[0]["fused.macro_auroc"] for r in runs])
             base = np.array([r[0]["baseline.macro_auroc"] for r in runs])
-            real = f"real_subset_macro_auroc_fused={fused.mean():.4f} baseline={base.mean():.4f}"
+            first = runs[0][0]
+            name = f"real_{args.split}_macro_auroc" + ("_ptbxl_full" if len(store.manifest) > 20_000 else "")
+            real = (f"{name}_fused={fused.mean():.4f} baseline={base.mean():.4f} "
+                    f"paired_diff={difference_text(first).replace(' ', '')} "
+                    f"train_min={first['prototype_model_min'] + first['baseline_min']:.1f}")
             if len(runs) > 1:
                 sd = {k: float(v.std(ddof=1)) for k, v in (("fused", fused), ("baseline", base),
                                                             ("diff", fused - base))}

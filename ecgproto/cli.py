@@ -128,7 +128,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     model = tracking.load_model(args.model)
     signal = load_record_for_model(args.record)
-    result = explain(model, signal, top_k=args.top_k)
+    try:
+        result = explain(model, signal, top_k=args.top_k, codes=args.label or None)
+    except ValueError as exc:
+        print(f"ecgproto: explain: {exc}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = Path(args.record).name
@@ -296,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", default="models:/ecgproto-protoecgnet/latest",
                    help="MLflow model URI: models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID/model")
     q.add_argument("--top-k", type=int, default=3, help="prototypes shown per predicted label")
+    q.add_argument("--label", action="append", metavar="CODE",
+                   help="explain this SCP label (repeatable), predicted or not; default: the predicted labels")
     q.add_argument("--out", default="explanations", help="output folder")
     q.set_defaults(func=cmd_explain)
 

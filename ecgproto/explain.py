@@ -3,10 +3,12 @@
 An explanation ranks, for each predicted label, the prototypes by their contribution to the fused
 logit (fusion weight x normalised similarity) and shows each next to the window of the input that
 matched it: the window is the best window under the same pooling rule as training, widened to
-the samples and leads its receptive field really sees. Under `lead_mean` pooling (the local
-branch's reference default) the similarity is the mean along that window's lead row over the whole
-strip, and the explanation says so (`pooling`, `pooled_span_s`); under `row_latent` (the small
-config's local branch) the window is the best lead row's whole strip, whose mean latent was compared.
+the samples and leads its receptive field really sees. Under `beat` pooling (the small config's
+local branch) the similarity is that of the record's mean beat latent in the prototype's own lead
+group, and the window shown is the input's single best-matching beat in those leads (`pooling`,
+`n_beats`, `beat_similarity`); under `lead_mean` pooling (the reference's local default) the
+similarity is the mean along that window's lead row over the whole strip (`pooled_span_s`); under
+`row_latent` the window is the best lead row's whole strip, whose mean latent was compared.
 """
 
 from __future__ import annotations
@@ -26,24 +28,38 @@ from ecgproto.model.network import ECGProtoNet
 
 
 @torch.no_grad()
-def explain(model: ECGProtoNet, signal: np.ndarray, top_k: int = 3, max_labels: int = 5) -> dict[str, Any]:
-    """(12, n) preprocessed mV -> predicted labels, each with its top-k prototypes by contribution."""
+def explain(model: ECGProtoNet, signal: np.ndarray, top_k: int = 3, max_labels: int = 5,
+            codes: list[str] | tuple[str, ...] | None = None) -> dict[str, Any]:
+    """(12, n) preprocessed mV -> predicted labels, each with its top-k prototypes by contribution. `codes`: explain
+    these labels instead, predicted or not (why this label, or why not)."""
     model.eval()
-    x = torch.as_tensor(np.asarray(signal, dtype=np.float32)).unsqueeze(0)
+    x = torch.as_tensor(np.array(signal, dtype=np.float32)).unsqueeze(0)  # a writable copy
     offsets = model.prototype_offsets()
-    sims, best = [], []
+    sims, best, beat_at, beat_sim = [], [], [], []
+    beats = next((b.detect(x) for b in model.branches.values() if b.beat), None)
     for branch in model.branches.values():
-        sim_map = branch.prototypes.similarity_map(branch.latent_windows(x))  # (1, W, P)
+        sim_map = branch.prototypes.similarity_map(branch.latent_windows(x, beats))  # (1, W, P)
         sims.append(branch.prototypes.pool(sim_map))
         best.append(branch.prototypes.best_window(sim_map)[0])
+        where, value = best_beats(branch, x, beats)
+        beat_at.append(where)
+        beat_sim.append(value)
     s = torch.cat(sims, dim=1)
     prob = torch.sigmoid(model.fusion(s))[0].numpy()
     contrib = model.fusion.contributions(s)[0].numpy()  # (L, P)
     similarity = model.fusion.normalised(s)[0].numpy()  # in [-1, 1], 1 at the prototype
     weight = model.fusion.effective_weight().numpy()
     windows = torch.cat(best).numpy()
+    beat_at_all, beat_sim_all = np.concatenate(beat_at), np.concatenate(beat_sim)
+    n_beats = next((b.n_beats for b in model.branches.values() if b.beat), 0)
     thresholds = model.thresholds.numpy()
-    predicted = [int(i) for i in np.argsort(-prob) if prob[i] >= thresholds[i]][:max_labels]
+    if codes:
+        unknown = [c for c in codes if c not in model.codes]
+        if unknown:
+            raise ValueError(f"unknown label code(s) {unknown}; the model's labels are {', '.join(model.codes)}")
+        predicted = [model.codes.index(c) for c in codes]
+    else:
+        predicted = [int(i) for i in np.argsort(-prob) if prob[i] >= thresholds[i]][:max_labels]
     if not predicted:  # always explain something: the most likely label
         predicted = [int(np.argmax(prob))]
     names = list(offsets)
@@ -53,12 +69,14 @@ def explain(model: ECGProtoNet, signal: np.ndarray, top_k: int = 3, max_labels: 
         for p in np.argsort(-contrib[li])[:top_k]:
             branch_name = names[int(np.searchsorted(list(offsets.values()), p, side="right")) - 1]
             branch = model.branches[branch_name]
-            ext = branch.extent(int(windows[p]))
+            ext = branch.extent(int(windows[p]), int(beat_at_all[p]) if branch.beat else None)
             prov = model.provenance[p] if model.provenance else {}
             window = {"start_s": ext.start / model.fs, "end_s": ext.end / model.fs, "leads": list(ext.leads),
                       "pooling": branch.prototypes.pool_mode if branch.kind == "local_2d" else "time_mean"}
             if window["pooling"] in ("lead_mean", "row_latent"):
                 window["pooled_span_s"] = [0.0, signal.shape[-1] / model.fs]  # the mean runs along the whole row
+            if branch.beat:  # the pooled latent is the mean over n_beats beats; this beat alone matches so well
+                window.update(n_beats=n_beats, beat_similarity=float(beat_sim_all[p]) / branch.scale)
             evidence.append({
                 "prototype": int(p), "branch": branch_name, "class": prov.get("class"),
                 "contribution": float(contrib[li, p]), "weight": float(weight[li, p]), "similarity": float(similarity[p]),
@@ -71,6 +89,20 @@ def explain(model: ECGProtoNet, signal: np.ndarray, top_k: int = 3, max_labels: 
     return {"labels": labels, "probabilities": {c: float(p) for c, p in zip(model.codes, prob, strict=True)}}
 
 
+@torch.no_grad()
+def best_beats(branch: torch.nn.Module, x: torch.Tensor, beats: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
+    """Beat pooling: per prototype, the R peak of the record's (one record, x (1, 12, n)) best-matching single
+    beat in the prototype's lead group, and that beat's similarity; (-1, nan) for other branches."""
+    p = branch.n_prototypes
+    if not branch.beat:
+        return np.full(p, -1), np.full(p, np.nan)
+    z, pos = branch.beat_latents(x, beats)  # (1, M, G, D'), (1, M)
+    sim = branch.prototypes.similarity_map(z[0])  # (M, G, P)
+    own = sim.gather(1, branch.prototypes.group.view(1, 1, -1).expand(sim.shape[0], 1, -1)).squeeze(1)  # (M, P)
+    value, slot = own.max(dim=0)
+    return pos[0, slot].numpy(), value.numpy()
+
+
 def explanation_figure(model: ECGProtoNet, signal: np.ndarray, explanation: dict[str, Any], title: str = "") -> Figure:
     """One row per (label, prototype): the input with its matching window | the prototype's source window."""
     rows = [(lab, ev) for lab in explanation["labels"] for ev in lab["evidence"]]
@@ -79,7 +111,9 @@ def explanation_figure(model: ECGProtoNet, signal: np.ndarray, explanation: dict
     for (lab, ev), (left, right) in zip(rows, axes, strict=True):
         w = ev["input_window"]
         along = {"lead_mean": f" (mean along {','.join(w['leads'])}, best window shown)",
-                 "row_latent": f" (mean latent along {','.join(w['leads'])})"}.get(w["pooling"], "")
+                 "row_latent": f" (mean latent along {','.join(w['leads'])})",
+                 "beat": f" (mean of {w.get('n_beats')} beats in {','.join(w['leads'])}; best beat shown, "
+                         f"sim {w.get('beat_similarity', float('nan')):.2f})"}.get(w["pooling"], "")
         draw_ecg(left, signal, model.fs, f"{title} {lab['code']} p={lab['probability']:.2f}: "
                  f"contribution {ev['contribution']:.2f} = w {ev['weight']:.2f} x sim {ev['similarity']:.2f}{along}",
                  (w["start_s"], w["end_s"]), tuple(w["leads"]))

@@ -17,7 +17,9 @@ window per record (the global branches: the nearest whole-record latent is still
 head uses is how the similarity ranks the records; rhythm-branch macro-AUROC after projection, real
 subset, joint head, mean over 7 trained checkpoints: val/test +0.027/+0.021 over the nearest, up to
 +0.09, never worse by more than 0.013). Under row_latent (one mean latent per lead row) too; there the
-exp-cosine prototypes stay near real rows, and the most faithful row is often the nearest one.
+exp-cosine prototypes stay near real rows, and the most faithful row is often the nearest one. Under
+beat pooling the candidates are single beats of the prototype's own lead group (never a record's mean
+over beats), so a projected prototype is one real P-QRS-T in named leads, taken by fidelity as well.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from ecgproto.train.data import SplitData
 
 PROVENANCE_COLUMNS = ("prototype", "branch", "index_in_branch", "class", "ecg_id", "window_start", "window_end",
                       "start_s", "end_s", "leads", "row", "column", "similarity", "fidelity", "source_labels",
-                      "own_class_source")
+                      "own_class_source", "beat_source")
 
 
 @torch.no_grad()
@@ -63,12 +65,17 @@ def project_prototypes(branch: Branch, train: SplitData, label_index: np.ndarray
     best = _Candidates(p, k, branch.prototype_dim, device)
     cls_t = torch.as_tensor(cls, device=device)
     for batch in train.batches(batch_size):
-        windows = branch.latent_windows(batch.x.to(device)).float()  # (B, W, D)
+        windows, allowed, beat_at = branch.candidate_windows(batch.x.to(device), batch.beats.to(device))
+        windows = windows.float()  # (B, W, D)
         sim = branch.prototypes.cosine_map(windows)  # (B, W, P); similarity increases with it
+        if allowed is not None:  # beat windows: a prototype takes a beat of its own lead group only
+            sim = sim.masked_fill(~allowed, -np.inf)
         # records positive for the prototype's class; any record where the class has none
         eligible = (batch.y[:, label_index].to(device)[:, cls_t] > 0) | ~use_own  # (B, P)
         value, where = sim.max(dim=1)  # (B, P) each record's best window per prototype
-        best.add(value.masked_fill(~eligible, -np.inf), where, torch.as_tensor(batch.index, device=device), windows)
+        position = None if beat_at is None else beat_at.gather(1, where)  # (B, P) that window's beat
+        best.add(value.masked_fill(~eligible, -np.inf), where, torch.as_tensor(batch.index, device=device), windows,
+                 position)
     # an averaging pool, row latents, or one window per record: the nearest window is not the best stand-in
     faithful = branch.prototypes.pool_mode != "max" or branch.n_windows == 1
     if faithful:  # every candidate's fidelity ranks the candidates
@@ -77,14 +84,16 @@ def project_prototypes(branch: Branch, train: SplitData, label_index: np.ndarray
     else:  # nearest first; only the windows taken need their fidelity (for the provenance)
         slot = best.assign(cls)
     take = (torch.arange(p, device=device), torch.as_tensor(slot, device=device))
-    sims, records, windows_at = (t[take].cpu().numpy() for t in (best.value, best.record, best.window))
+    sims, records, windows_at, beats_at = (t[take].cpu().numpy() for t in (best.value, best.record, best.window,
+                                                                             best.position))
     fid = fidelity[np.arange(p), slot] if faithful else \
         _fidelity(branch, train, best.latent[take].unsqueeze(1), batch_size, device, fidelity_records, seed)[:, 0]
     branch.prototypes.prototypes.data.copy_(best.latent[take].to(branch.prototypes.prototypes.device))
 
+    sources = _beat_sources(train)
     rows = []
     for j in range(p):
-        ext = branch.extent(int(windows_at[j]))
+        ext = branch.extent(int(windows_at[j]), int(beats_at[j]) if branch.beat else None)
         rec = int(records[j])
         labels = [codes[i] for i in np.flatnonzero(train.labels[rec])]
         rows.append({"prototype": offset + j, "branch": branch.name, "index_in_branch": j,
@@ -93,8 +102,17 @@ def project_prototypes(branch: Branch, train: SplitData, label_index: np.ndarray
                      "leads": ",".join(ext.leads), "row": -1 if ext.row is None else ext.row,
                      "column": -1 if ext.column is None else ext.column, "window": int(windows_at[j]),
                      "similarity": float(sims[j]), "fidelity": float(fid[j]), "source_labels": ",".join(labels),
-                     "own_class_source": bool(has_pos[j]), "split_position": rec})
+                     "own_class_source": bool(has_pos[j]),
+                     "beat_source": sources[rec] if branch.beat else "", "split_position": rec})
     return pd.DataFrame(rows)
+
+
+def _beat_sources(train: SplitData) -> np.ndarray:
+    """Per training record, how its beats were found ('detected', or 'grid' where detection failed)."""
+    m = train.store.manifest.set_index("row")
+    if "beat_source" not in m:
+        return np.full(len(train), "", dtype=object)
+    return m.loc[train.rows, "beat_source"].astype(str).to_numpy()
 
 
 class _Candidates:
@@ -106,9 +124,12 @@ class _Candidates:
         self.latent = torch.zeros(p, k, dim, device=device)
         self.record = torch.full((p, k), -1, dtype=torch.long, device=device)
         self.window = torch.zeros(p, k, dtype=torch.long, device=device)
+        self.position = torch.full((p, k), -1, dtype=torch.long, device=device)  # beat windows: the beat's R peak
 
-    def add(self, value: torch.Tensor, where: torch.Tensor, records: torch.Tensor, windows: torch.Tensor) -> None:
-        """value, where (B, P): each record's best cosine and window; records (B,); windows (B, W, D)."""
+    def add(self, value: torch.Tensor, where: torch.Tensor, records: torch.Tensor, windows: torch.Tensor,
+            position: torch.Tensor | None = None) -> None:
+        """value, where (B, P): each record's best cosine and window; records (B,); windows (B, W, D);
+        position (B, P): the beat of that window, where windows are beats."""
         b = value.shape[0]
         top, idx = torch.cat([self.value, value.T], dim=1).topk(self.k, dim=1)  # (P, k); batches see new records
         new = idx >= self.k
@@ -119,6 +140,8 @@ class _Candidates:
             1, slot[..., None].expand(-1, -1, self.latent.shape[2])))
         self.record = torch.where(new, records[rec], self.record.gather(1, slot))
         self.window = torch.where(new, win, self.window.gather(1, slot))
+        if position is not None:
+            self.position = torch.where(new, position.T.gather(1, rec), self.position.gather(1, slot))
         self.value = top
 
     def assign(self, cls: np.ndarray, preference: np.ndarray | None = None) -> np.ndarray:
@@ -148,16 +171,19 @@ def _fidelity(branch: Branch, train: SplitData, candidates: torch.Tensor, batch_
     rng = np.random.default_rng(seed)
     index = np.arange(len(train)) if len(train) <= n_records else np.sort(rng.choice(len(train), n_records, False))
     protos = torch.cat([layer.prototypes.detach().to(device).unsqueeze(1), candidates], dim=1)  # (P, 1 + k, D)
+    # beat pooling: every candidate is compared with its prototype's lead group
+    group = layer.group.to(device).repeat_interleave(1 + k) if layer.pool_mode == "beat" else None
     unit = torch.nn.functional.normalize(protos.flatten(0, 1).float(), dim=-1)  # (P * (1 + k), D)
     sums = torch.zeros(5, p, k, dtype=torch.float64, device=device)  # sum x, y, xx, yy, xy
     step = max(1, batch_size // 4)  # a (B, W, P * (1 + k)) similarity map per step
     for i in range(0, len(index), step):
         x = torch.from_numpy(train.signals(index[i:i + step])).to(device)
-        windows = torch.nn.functional.normalize(branch.latent_windows(x).float(), dim=-1)
+        beats = torch.from_numpy(train.beats(index[i:i + step])).to(device)
+        windows = torch.nn.functional.normalize(branch.latent_windows(x, beats).float(), dim=-1)
         # bf16 on a GPU: the reference local branch has ~17,800 (prototype, candidate) pairs x ~360 windows
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             sim = windows @ unit.T  # cosines (B, W, P * (1 + k))
-        pooled = layer.pool(layer.from_cosine(sim.float())).view(-1, p, 1 + k).double()  # (B, P, 1 + k)
+        pooled = layer.pool(layer.from_cosine(sim.float()), group).view(-1, p, 1 + k).double()  # (B, P, 1 + k)
         ref, cand = pooled[:, :, :1], pooled[:, :, 1:]
         sums += torch.stack([ref.expand_as(cand).sum(0), cand.sum(0), (ref ** 2).expand_as(cand).sum(0),
                              (cand ** 2).sum(0), (ref * cand).sum(0)])

@@ -42,33 +42,34 @@ ACTIVATIONS_FORMAT = 1
 
 
 class _StoreBatches(Dataset):
-    """Item i is batch i of `rows` (store rows, ascending), read as one slice of the signal memmap."""
+    """Item i is batch i of `rows` (store rows, ascending): signals and beat positions, each read as one slice
+    of the store's memmaps."""
 
-    def __init__(self, signals_path: Path, rows: np.ndarray, batch_size: int) -> None:
-        self.path, self.rows, self.batch_size = signals_path, rows, batch_size
-        self._signals: np.ndarray | None = None  # opened lazily: each loader worker maps the file itself
+    def __init__(self, store_path: Path, rows: np.ndarray, batch_size: int) -> None:
+        self.path, self.rows, self.batch_size = store_path, rows, batch_size
+        self._arrays: tuple[np.ndarray, np.ndarray] | None = None  # opened lazily: each loader worker maps them
 
     def __len__(self) -> int:
         return -(-len(self.rows) // self.batch_size)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        if self._signals is None:
-            self._signals = np.load(self.path, mmap_mode="r")
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._arrays is None:
+            self._arrays = (np.load(self.path / "signals.npy", mmap_mode="r"),
+                            np.load(self.path / "beats.npy", mmap_mode="r"))
         r = self.rows[i * self.batch_size:(i + 1) * self.batch_size]
-        if len(r) and r[-1] - r[0] == len(r) - 1:  # consecutive rows: one contiguous read
-            x = self._signals[r[0]:r[-1] + 1]
-        else:
-            x = self._signals[r]
-        return torch.from_numpy(np.array(x, dtype=np.float32))  # a private, writable copy
+        take = slice(r[0], r[-1] + 1) if len(r) and r[-1] - r[0] == len(r) - 1 else r  # consecutive: one read
+        signals, beats = self._arrays
+        return (torch.from_numpy(np.array(signals[take], dtype=np.float32)),  # private, writable copies
+                torch.from_numpy(np.array(beats[take], dtype=np.int64)))
 
 
 def store_batches(store: ArrayStore, rows: np.ndarray, batch_size: int, device: str = "cpu",
                   workers: int = 0) -> DataLoader:
-    """A DataLoader over `rows` (ascending) of `store`, one (B, 12, n) float32 batch per item.
+    """A DataLoader over `rows` (ascending) of `store`, one ((B, 12, n) float32, (B, K) beats) batch per item.
 
     Read-ahead workers are spawned, not forked: scoring often runs inside a Prefect flow or a Dask
     worker whose threads a forked child would inherit half-way (a second of start-up per worker)."""
-    return DataLoader(_StoreBatches(store.path / "signals.npy", np.asarray(rows), batch_size), batch_size=None,
+    return DataLoader(_StoreBatches(store.path, np.asarray(rows), batch_size), batch_size=None,
                       shuffle=False, num_workers=workers, pin_memory=device.startswith("cuda"),
                       prefetch_factor=4 if workers else None, multiprocessing_context="spawn" if workers else None)
 
@@ -86,11 +87,11 @@ def score_rows(model: torch.nn.Module, store: ArrayStore, rows: np.ndarray, *, b
     probs = np.empty((n, len(model.codes)), dtype=np.float32)
     cuda = device.startswith("cuda")
     lo = 0
-    for x in tqdm(store_batches(store, rows[order], batch_size, device, workers), desc=desc, unit="batch",
-                  disable=not progress):
+    for x, beats in tqdm(store_batches(store, rows[order], batch_size, device, workers), desc=desc, unit="batch",
+                         disable=not progress):
         xt = x.to(device, non_blocking=cuda)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            s = model.similarities(xt)
+            s = model.similarities(xt, beats.to(device, non_blocking=cuda))
             p = torch.sigmoid(model.fusion(s))
         take = order[lo:lo + len(x)]
         sims[take] = s.float().cpu().numpy()

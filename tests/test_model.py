@@ -207,10 +207,17 @@ def test_lead_mean_pooling_rewards_a_morphology_that_recurs_along_one_lead_row()
         layer.pool(torch.zeros(1, 10, 2))
 
 
+def _row_latent_config() -> ModelConfig:
+    cfg = ModelConfig.small()
+    cfg.branches["morphology_2d_local"] = cfg.branches["morphology_2d_local"].model_copy(
+        update={"pool": "row_latent", "window_leads": 1, "prototypes_per_class": 3,
+                "backbone": cfg.branches["global_2d"].backbone})
+    return cfg
+
+
 def test_row_latent_compares_each_lead_rows_time_mean_and_shows_that_rows_whole_strip() -> None:
     torch.manual_seed(0)
-    cfg = ModelConfig.small()
-    assert cfg.branches["morphology_2d_local"].pool == "row_latent"
+    cfg = _row_latent_config()
     branch = build_branch("morphology_2d_local", cfg, load_label_set()).eval()
     assert branch.window_grid == (12, 1) and branch.n_windows == 12 and branch.prototype_dim == 64
     # the same weights comparing one-column windows: a row latent is exactly their mean along the row
@@ -243,20 +250,22 @@ def test_a_branch_pickled_before_row_latent_and_exp_cosine_existed_still_scores_
     x = torch.randn(2, 12, 1000)
     with torch.no_grad():
         expected = branch(x)[0]
-    for module, names in ((branch, ("row_latent",)), (branch.prototypes, ("similarity", "sharpness"))):
+    for module, names in ((branch, ("row_latent", "beat")), (branch.prototypes, ("similarity", "sharpness"))):
         for name in names:  # what an older ecgproto pickled: the instance never had these attributes
             del module.__dict__[name]
     torch.save(branch, tmp_path / "old.pt")
     old = torch.load(tmp_path / "old.pt", weights_only=False)
-    assert "row_latent" not in old.__dict__ and "similarity" not in old.prototypes.__dict__
+    assert "beat" not in old.__dict__ and "similarity" not in old.prototypes.__dict__
     with torch.no_grad():
         assert torch.equal(old(x)[0], expected)
 
 
-def _beats(n: int, inverted_t_in_v1: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-    """(n, 12, 1000) ECG-like beats at a random rate and phase per record; V1's T wave inverted where asked."""
+def _beats(n: int, inverted_t_in_v1: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, 12, 1000) ECG-like beats at a random rate and phase per record, V1's T wave inverted where asked, and
+    each record's R peaks (n, 16), -1 padded."""
     t = np.arange(1000)
     out = np.empty((n, 12, 1000), dtype=np.float32)
+    peaks = np.full((n, 16), -1, dtype=np.int64)
     for i in range(n):
         period, phase = rng.integers(70, 110), rng.integers(0, 100)
         u = (t + phase) % period
@@ -265,33 +274,81 @@ def _beats(n: int, inverted_t_in_v1: np.ndarray, rng: np.random.Generator) -> to
         for lead in range(12):
             sign = -1.0 if inverted_t_in_v1[i] and lead == LEADS.index("V1") else 1.0
             out[i, lead] = (0.6 + 0.1 * lead) * qrs + sign * twave + 0.03 * rng.normal(size=1000)
-    return torch.from_numpy(out)
+        r = t[(u == 20)]
+        peaks[i, :len(r)] = r[:16]
+    return torch.from_numpy(out), torch.from_numpy(peaks)
 
 
-def test_row_latent_branch_learns_a_morphology_planted_in_one_lead_and_points_at_that_lead() -> None:
+def _beat_branch(**update: object) -> torch.nn.Module:
+    cfg = ModelConfig.small()
+    assert cfg.branches["morphology_2d_local"].pool == "beat"
+    cfg.branches["morphology_2d_local"] = cfg.branches["morphology_2d_local"].model_copy(update=update)
+    return build_branch("morphology_2d_local", cfg, load_label_set())
+
+
+def test_beat_pooling_averages_beat_windows_and_compares_a_prototype_with_its_own_lead_group_only() -> None:
+    torch.manual_seed(0)
+    branch = _beat_branch().eval()
+    groups = [branch.group_leads(g) for g in range(branch.window_grid[0])]
+    assert groups == [("aVL", "I", "aVR"), ("II", "aVF", "III"), ("V1", "V2", "V3"), ("V4", "V5", "V6")]
+    assert branch.prototypes.group.tolist()[:8] == [0, 1, 2, 3, 0, 1, 2, 3]  # every class has one in each group
+    x, peaks = _beats(2, np.array([False, False]), np.random.default_rng(0))
+    with torch.no_grad():
+        z, pos = branch.beat_latents(x, peaks)  # (2, 8 beats, 4 groups, D')
+        assert z.shape[:3] == (2, branch.n_beats, 4)
+        assert set(pos[0].tolist()) <= set(peaks[0].tolist())  # windows sit on the record's own beats
+        assert torch.allclose(branch.latent_windows(x, peaks), z.mean(dim=1), atol=1e-6)  # mean over beats
+        before = branch(x, peaks)[1]
+        changed = x.clone()
+        changed[:, [LEADS.index(lead) for lead in ("V1", "V2", "V3")]] *= -1.0  # only group 2's leads change
+        after = branch(changed, peaks)[1]
+    in_group = branch.prototypes.group == 2
+    assert torch.equal(before[:, ~in_group], after[:, ~in_group])  # no other prototype sees V1-V3
+    assert (before[:, in_group] - after[:, in_group]).abs().max() > 1e-3
+    ext = branch.extent(5 * 4 + 1, beat_position=int(pos[0, 5]))  # beat slot 5, group 1
+    assert (ext.end - ext.start) / 100.0 <= 1.5 and ext.leads == ("II", "aVF", "III") and ext.column == 5
+    assert ext.start == int(pos[0, 5]) - branch.beat_pre  # the P-QRS-T window around the R peak
+
+
+def test_beat_windows_are_spread_over_the_record_and_fall_back_to_a_grid_without_beats() -> None:
+    branch = _beat_branch(beats=4).eval()
+    beats = torch.tensor([[20, 100, 200, 300, 400, 500, 600, 700, 800, 990],  # 20 and 990: no whole window
+                          [150, 450, -1, -1, -1, -1, -1, -1, -1, -1],
+                          [-1] * 10])
+    pos = branch.select_beats(beats, 1000)
+    assert pos[0].tolist() == [200, 400, 600, 800]  # evenly spread, never a window cut by the record's edge
+    assert sorted(pos[1].tolist()) == [150, 150, 450, 450]  # fewer beats than slots: each counts the same
+    assert pos[2].min() >= branch.beat_pre and pos[2].max() <= 1000 - branch.beat_post  # beat-scale grid
+    branch.train()
+    torch.manual_seed(0)
+    drawn = branch.select_beats(beats, 1000)
+    assert drawn.shape == (3, branch.train_beats)
+    assert ((drawn >= branch.beat_pre) & (drawn <= 1000 - branch.beat_post)).all()
+
+
+def test_beat_branch_learns_a_morphology_planted_in_one_lead_and_points_at_that_lead_group() -> None:
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    branch = build_branch("morphology_2d_local", ModelConfig.small(), load_label_set())
+    branch = _beat_branch()
     y_train, y_test = rng.random(192) < 0.5, rng.random(96) < 0.5
-    x_train, x_test = _beats(192, y_train, rng), _beats(96, y_test, rng)
+    (x_train, b_train), (x_test, b_test) = _beats(192, y_train, rng), _beats(96, y_test, rng)
     opt = torch.optim.Adam(branch.parameters(), lr=3e-3)
     target = torch.as_tensor(y_train, dtype=torch.float32)
     for _ in range(6):
         for i in torch.randperm(192).split(32):
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(branch(x_train[i])[0][:, 0], target[i])
+            logits = branch(x_train[i], b_train[i])[0][:, 0]
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target[i])
             opt.zero_grad()
             loss.backward()
             opt.step()
     branch.eval()
     with torch.no_grad():
-        logits, _ = branch(x_test)
-        sim_map = branch.prototypes.similarity_map(branch.latent_windows(x_test))
+        logits, sims = branch(x_test, b_test)
     assert roc_auc_score(y_test, logits[:, 0].numpy()) > 0.95  # the T wave of one lead, at any rate and phase
-    # class 0's strongest prototype, on the positive records, scores best on V1's own row
-    j = int(branch.head.weight[0, :3].argmax())
-    rows = branch.prototypes.best_window(sim_map)[torch.as_tensor(y_test), j]
-    assert (rows == CABRERA.index("V1")).float().mean().item() > 0.9
-    assert "V1" in branch.extent(CABRERA.index("V1")).leads
+    # of class 0's four prototypes (one per lead group), the one on V1-V3 tells the classes apart best
+    aucs = [roc_auc_score(y_test, sims[:, j].numpy()) for j in range(4)]
+    best = int(np.argmax(np.abs(np.array(aucs) - 0.5)))
+    assert branch.group_leads(int(branch.prototypes.group[best])) == ("V1", "V2", "V3"), aucs
 
 
 def test_the_rhythm_strip_shows_the_highlighted_window_on_its_own_lead() -> None:

@@ -83,3 +83,62 @@ def test_projection_keeps_the_trained_prototypes_pooled_behaviour(demo_root: Pat
     # ... and, over the prototypes, clearly more faithful than the nearest windows
     assert len(chosen) >= 6
     assert np.mean(chosen) > np.mean(nearest) + margin, (np.mean(chosen), np.mean(nearest))
+
+
+def test_beat_prototypes_become_single_real_beats_of_their_own_lead_group(demo_root: Path, tmp_path: Path) -> None:
+    """Beat pooling: what is projected is one beat window of a positive training record in the prototype's own
+    lead group (not a record's mean over beats), its provenance gives that beat's 1.28 s span and leads, and the
+    beat taken is at least as faithful as the nearest beat."""
+    store = ingest(demo_root / "ptbxl", tmp_path / "store", IngestConfig(workers=1), progress=False).store
+    labels = load_label_set()
+    torch.manual_seed(0)
+    branch = build_branch("morphology_2d_local", ModelConfig.small(), labels).eval()
+    assert branch.prototypes.pool_mode == "beat"
+    train, idx = SplitData(store, "train"), labels.branch_indices("morphology_2d_local")
+    trained = branch.prototypes.prototypes.detach().clone()
+    everyone = np.arange(len(train))
+    x_all, b_all = torch.from_numpy(train.signals(everyone)), torch.from_numpy(train.beats(everyone))
+    with torch.no_grad():
+        pooled_latents = F.normalize(branch.latent_windows(x_all, b_all), dim=-1)  # (N, 4 groups, D')
+        beat_latents = branch.beat_latents(x_all, b_all)[0]  # (N, 8 beats, 4 groups, D')
+
+    def pooled(protos: torch.Tensor) -> np.ndarray:  # (N, P) pooled similarities over the training records
+        layer = branch.prototypes
+        with torch.no_grad():
+            return layer.pool(layer.from_cosine(pooled_latents @ F.normalize(protos, dim=-1).T)).numpy()
+
+    before = pooled(trained)
+    provenance = project_prototypes(branch, train, idx, labels.codes, 100.0)
+    own = provenance[provenance["own_class_source"]]
+    assert len(own) >= 9 and set(own["beat_source"]) <= {"detected", "grid"}
+    cls = branch.prototype_class.numpy()
+    positives = train.labels[:, idx][:, cls].astype(bool)  # (N, P)
+    chosen, nearest = [], []
+    group_leads = {g: ",".join(branch.group_leads(g)) for g in range(4)}
+    for _, p in own.iterrows():
+        j = int(p["index_in_branch"])
+        group = int(branch.prototypes.group[j])
+        record = list(train.record_ids).index(p["ecg_id"])
+        assert train.labels[record, idx][branch.prototype_class[j]] == 1  # a record of the prototype's class
+        assert p["leads"] == group_leads[group] and p["row"] == group  # its own lead group, named
+        assert p["end_s"] - p["start_s"] <= 1.5  # one beat, P wave to T end
+        x = torch.from_numpy(train.signals(np.array([record])))
+        with torch.no_grad():
+            z, pos = branch.beat_latents(x, torch.from_numpy(train.beats(np.array([record]))))
+        slot = int(p["column"])
+        assert int(pos[0, slot]) - branch.beat_pre == p["window_start"]  # the window around that beat's R peak
+        assert torch.allclose(branch.prototypes.prototypes[j], z[0, slot, group], atol=1e-5)  # that beat's latent
+        assert int(pos[0, slot]) in set(train.beats(np.array([record]))[0].tolist())  # a detected (or grid) beat
+        # ProtoPNet's rule would take the nearest beat (of its group, of a positive record)
+        cos = F.normalize(beat_latents[:, :, group], dim=-1) @ F.normalize(trained[j], dim=0)  # (N, 8)
+        cos = cos.masked_fill(~torch.as_tensor(positives[:, j])[:, None], -2)
+        rec = int(cos.max(dim=1).values.argmax())
+        siblings = own[(own["class"] == p["class"]) & (own["index_in_branch"] != j)]
+        if str(train.record_ids[rec]) in set(siblings["ecg_id"]):
+            continue  # the nearest record went to another prototype of the class (one record per prototype)
+        near = trained.clone()
+        near[j] = beat_latents[rec, int(cos[rec].argmax()), group]
+        chosen.append(p["fidelity"])
+        nearest.append(float(np.corrcoef(before[:, j], pooled(near)[:, j])[0, 1]))
+        assert chosen[-1] >= nearest[-1] - 1e-3, (j, chosen[-1], nearest[-1])
+    assert len(chosen) >= 6 and np.mean(chosen) > np.mean(nearest)

@@ -48,7 +48,7 @@ def trained(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> S
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         out = train_flow(str(store.path), fast_config(), work_root=str(root / "work"), tracking_uri=uri,
                          planted=PLANTED)
-    return SimpleNamespace(out=out, store=store, uri=uri, demo=demo, root=root)
+    return SimpleNamespace(out=out, store=store, uri=uri, demo=demo, root=root, demo_seed=DemoConfig().seed)
 
 
 @pytest.mark.slow
@@ -80,12 +80,16 @@ def test_every_projected_prototype_is_the_latent_of_a_real_training_segment_of_i
         assert manifest.loc[p["ecg_id"], "split"] == "train"
         assert p["class"] in p["source_labels"].split(",")
         branch = model.branches[p["branch"]]
-        x = torch.as_tensor(np.array(trained.store.signals[manifest.loc[p["ecg_id"], "row"]], dtype=np.float32))
-        with torch.no_grad():
-            latent = branch.latent_windows(x[None])[0, int(p["window"])]
+        row = manifest.loc[p["ecg_id"], "row"]
+        x = torch.as_tensor(np.array(trained.store.signals[row], dtype=np.float32))
+        beats = torch.as_tensor(np.array(trained.store.beats[row], dtype=np.int64))
+        with torch.no_grad():  # a real window: of the local branch, one beat (not the record's mean over beats)
+            latent = branch.candidate_windows(x[None], beats[None])[0][0, int(p["window"])]
         proto = branch.prototypes.prototypes[p["prototype"] - offsets[p["branch"]]]
         assert torch.allclose(latent, proto, atol=1e-5), p["prototype"]
         assert 0 <= p["window_start"] < p["window_end"] <= 1000
+        if p["branch"] == "morphology_2d_local":
+            assert p["end_s"] - p["start_s"] <= 1.5 and p["beat_source"] in ("detected", "grid")
         checked += 1
     assert checked >= len(PLANTED) * 3
     # the prototypes of one class come from different ECGs (where the class has enough training records)
@@ -143,14 +147,46 @@ def test_explain_command_writes_a_png_and_json_ranked_by_contribution(
             contributions = [e["contribution"] for e in label["evidence"]]
             assert contributions == sorted(contributions, reverse=True)
             assert all(e["input_window"]["leads"] for e in label["evidence"])
-            for e in label["evidence"]:  # says how the similarity was pooled: along a lead row, or the whole record
+            for e in label["evidence"]:  # says how the similarity was pooled: over beats, or the whole record
                 local = e["branch"] == "morphology_2d_local"
-                assert e["input_window"]["pooling"] == ("row_latent" if local else "time_mean")
-                assert ("pooled_span_s" in e["input_window"]) == local
-                if local:  # the whole strip of the best row, whose mean latent was compared
-                    assert (e["input_window"]["start_s"], e["input_window"]["end_s"]) == (0.0, 10.0)
+                w = e["input_window"]
+                assert w["pooling"] == ("beat" if local else "time_mean")
+                if local:  # the input's best-matching beat in the prototype's own leads, beside the prototype's beat
+                    assert w["end_s"] - w["start_s"] <= 1.5 and w["n_beats"] == 8
+                    assert ",".join(w["leads"]) == e["prototype_source"]["leads"]
         probs[name] = result["probabilities"]["AFIB"]
     assert probs["afib"] > probs["normal"]
+
+
+@pytest.mark.slow
+def test_a_planted_local_morphology_is_shown_on_its_own_leads_and_on_a_real_beat(trained: SimpleNamespace) -> None:
+    """The demo plants inferior Q waves (IMI: II, III, aVF) and ST elevation (STE_: V1-V4) in every beat. Asked why
+    a test ECG has the label, the strongest local prototype matches on those leads and the input window shown is one
+    of the record's true beats (the generator's QRS onsets, re-drawn from the demo's seed)."""
+    from ecgproto.data.demo.beat_model import synthesize
+    from ecgproto.data.demo.generate import _seed
+    from ecgproto.data.labels import parse_scp_codes
+    from ecgproto.explain import explain
+
+    model = torch.load(Path(trained.out["work_dir"]) / "model.pt", weights_only=False).eval()
+    db = pd.read_csv(trained.demo.ptbxl / "ptbxl_database.csv").set_index("ecg_id")
+    m = trained.store.manifest
+    test = m[m["split"] == "test"]
+    for code, leads in (("IMI", ("II", "aVF", "III")), ("STE_", ("V1", "V2", "V3"))):
+        rows = test[test["labels_text"].str.split().apply(lambda labels, c=code: c in labels)]
+        assert len(rows) >= 5, code
+        on_leads = 0
+        for _, r in rows.iterrows():
+            result = explain(model, np.asarray(trained.store.signals[r["row"]]), top_k=model.n_prototypes, codes=[code])
+            local = [e for e in result["labels"][0]["evidence"] if e["branch"] == "morphology_2d_local"]
+            w = local[0]["input_window"]  # the local prototype that adds most to this label
+            on_leads += tuple(w["leads"]) == leads
+            labels = set(parse_scp_codes(db.loc[int(r["record_id"]), "scp_codes"]))
+            _, facts = synthesize(_seed(trained.demo_seed, 1, int(r["record_id"])), labels, fs=500.0)
+            r_peaks = np.asarray(facts["qrs_onsets_s"]) + 0.04
+            assert ((r_peaks >= w["start_s"]) & (r_peaks <= w["end_s"])).any(), (code, r["record_id"], w)
+            assert w["end_s"] - w["start_s"] <= 1.5
+        assert on_leads >= 0.8 * len(rows), (code, on_leads, len(rows))
 
 
 def _store(demo_root: Path, tmp_path: Path) -> ArrayStore:

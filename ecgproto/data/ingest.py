@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 
 import ecgproto
+from ecgproto.data.beats import BeatConfig, detect_batch
 from ecgproto.data.labels import load_label_set
 from ecgproto.data.layouts import QUARANTINE_COLUMNS, DatasetListing, list_records
 from ecgproto.data.leads import LEADS
@@ -48,6 +49,7 @@ class IngestConfig(BaseModel):
 
     layout: Literal["auto", "ptbxl", "mimic_ecg"] = "auto"
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    beats: BeatConfig = Field(default_factory=BeatConfig)
     min_likelihood: float = Field(0.0, description="an scp code counts when its likelihood >= this")
     workers: int = Field(0, description="processes; 0 = one per CPU core (at most 8), 1 = in-process")
     chunk_size: int = Field(256, ge=1, description="records per work unit (and per resume checkpoint)")
@@ -55,7 +57,8 @@ class IngestConfig(BaseModel):
         "fork", description="worker start method; fork starts in milliseconds (as torch's DataLoader does)")
 
     def content_fields(self) -> dict[str, object]:
-        return {"layout": self.layout, "preprocess": self.preprocess.model_dump(), "min_likelihood": self.min_likelihood}
+        return {"layout": self.layout, "preprocess": self.preprocess.model_dump(), "beats": self.beats.model_dump(),
+                "min_likelihood": self.min_likelihood}
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,7 @@ class IngestChunk:
     paths: list[str]
     files: list[str]
     preprocess: dict[str, object]
+    beats: dict[str, object]
 
 
 def _chunk_file(partial: Path, index: int) -> Path:
@@ -91,7 +95,7 @@ def _chunk_file(partial: Path, index: int) -> Path:
 
 
 def ingest_chunk(chunk: IngestChunk) -> int:
-    """Worker: read, check and preprocess one chunk; write its signal rows and its result table."""
+    """Worker: read, check and preprocess one chunk; write its signal and beat rows and its result table."""
     config = PreprocessConfig.model_validate(chunk.preprocess)
     partial = Path(chunk.partial)
     results, good_rows, batch = [], [], []
@@ -111,12 +115,18 @@ def ingest_chunk(chunk: IngestChunk) -> int:
         x = np.stack(batch)
         if config.highpass_hz:
             x = highpass(x, config.fs, config.highpass_hz, config.highpass_order, axis=-1)
-        signals = np.load(partial / "signals.npy", mmap_mode="r+")
+        beats, sources = detect_batch(x, config.fs, BeatConfig.model_validate(chunk.beats))
+        by_row = dict(zip(good_rows, sources, strict=True))
+        for entry in results:
+            if entry["row"] in by_row:
+                entry["beat_source"] = by_row[entry["row"]]
         rows = np.asarray(good_rows)
-        # rows of a chunk are consecutive, so this is one contiguous write
-        signals[rows] = x.astype(signals.dtype)
-        signals.flush()
-        del signals
+        # rows of a chunk are consecutive, so these are contiguous writes
+        for name, values in (("signals.npy", x), ("beats.npy", beats)):
+            out = np.load(partial / name, mmap_mode="r+")
+            out[rows] = values.astype(out.dtype)
+            out.flush()
+            del out
     # JSON, not parquet: keeps pandas and pyarrow (and their thread pools) out of forked workers
     atomic_write_bytes(_chunk_file(partial, chunk.index), json.dumps(results).encode())
     return len(results)
@@ -203,6 +213,10 @@ def _prepare_partial(partial: Path, key: str, listing: DatasetListing, config: I
     signals = np.lib.format.open_memmap(partial / "signals.npy", mode="w+", dtype=dtype,
                                         shape=(n, len(LEADS), config.preprocess.n_samples))
     del signals
+    beats = np.lib.format.open_memmap(partial / "beats.npy", mode="w+", dtype=np.int16,
+                                      shape=(n, config.beats.max_beats))
+    beats[:] = -1
+    del beats
     if listing.labels is not None:
         np.save(partial / "labels.npy", listing.labels)
     atomic_write_bytes(marker, json.dumps({"cache_key": key}).encode())
@@ -216,10 +230,10 @@ def _plan_chunks(partial: Path, listing: DatasetListing, config: IngestConfig) -
     paths = [os.path.join(listing.root, p) for p in recs["path"]]
     files = [f"{p}.dat" for p in recs["path"]]
     ids = recs["record_id"].tolist()
-    pre = config.preprocess.model_dump()
+    pre, beats = config.preprocess.model_dump(), config.beats.model_dump()
     return [
         IngestChunk(i // size, str(partial), str(listing.root), list(range(i, min(i + size, len(recs)))), ids[i:i + size],
-               paths[i:i + size], files[i:i + size], pre)
+               paths[i:i + size], files[i:i + size], pre, beats)
         for i in range(0, len(recs), size)
     ]
 
@@ -265,6 +279,7 @@ def _finish(partial: Path, key: str, listing: DatasetListing, config: IngestConf
         "n_listed": int(len(listing.records) + len(listing.quarantine)),
         "n_records": int(len(manifest)),
         "n_quarantined": int(len(quarantine)),
+        "n_beat_fallback": int((manifest["beat_source"] == "grid").sum()) if "beat_source" in manifest else 0,
         "shape": [int(len(listing.records)), len(LEADS), config.preprocess.n_samples],
         "dtype": config.preprocess.dtype,
         "leads": list(LEADS),

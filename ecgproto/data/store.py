@@ -3,6 +3,8 @@
 Layout of one store (a folder named `<layout>-<key16>`):
   signals.npy      (n_rows, 12, n_samples) float32/float16, memory-mappable, rows of quarantined
                    records are left as zero holes (manifest.row maps a record to its row)
+  beats.npy        (n_rows, max_beats) int16 beat positions in samples, -1 padded (ecgproto.data.beats);
+                   manifest.beat_source says whether they were detected or laid on the fallback grid
   labels.npy       (n_rows, n_labels) uint8 multi-hot (PTB-XL layout only)
   manifest.parquet one row per usable record: record_id, row, split, metadata, provenance
   quarantine.parquet one row per refused record: record_id, file, reason, message
@@ -23,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-STORE_FORMAT = 1
+STORE_FORMAT = 2  # 2: beats.npy
 
 
 def file_identity(path: Path) -> tuple[int, int] | None:
@@ -109,6 +111,11 @@ class ArrayStore:
     def signals(self) -> np.ndarray:
         """(n_rows, 12, n_samples) memmap; index it with manifest.row."""
         return np.load(self.path / "signals.npy", mmap_mode="r")
+
+    @cached_property
+    def beats(self) -> np.ndarray:
+        """(n_rows, max_beats) int16 memmap of beat positions (samples), -1 padded."""
+        return np.load(self.path / "beats.npy", mmap_mode="r")
 
     @cached_property
     def labels(self) -> np.ndarray | None:

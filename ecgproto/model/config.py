@@ -29,7 +29,8 @@ class BranchConfig(BaseModel):
     window: int = Field(3, ge=1, description="local_2d: prototype length in feature columns (row_latent: the whole "
                         "row, this is not used)")
     window_leads: int = Field(1, ge=1, le=12, description="local_2d: prototype height in lead rows (Cabrera order; "
-                              "3 = an anatomical neighbourhood such as II, aVF, III)")
+                              "3 = an anatomical neighbourhood such as II, aVF, III). Beat pooling: the size of "
+                              "the lead groups, which do not overlap (3: aVL-I-aVR, II-aVF-III, V1-V3, V4-V6)")
     scale: float = Field(description="similarity = scale * cosine (reference: floor(sqrt(512*T))/T)")
     similarity: Literal["cosine", "exp_cosine"] = Field(
         "cosine", description="'cosine' (reference): scale * c; 'exp_cosine': scale * (2 exp(sharpness (c - 1)) - 1), "
@@ -37,12 +38,20 @@ class BranchConfig(BaseModel):
         "ecgproto.model.prototypes). For branches with one window per record or per lead row (row_latent); under "
         "lead_mean the mean of an exp over a strip is dominated by its far windows")
     sharpness: float = Field(1.0, gt=0, description="exp_cosine: k")
-    pool: Literal["max", "topk_mean", "focal", "lead_mean", "row_latent"] = Field(
+    pool: Literal["max", "topk_mean", "focal", "lead_mean", "row_latent", "beat"] = Field(
         "max", description="how windows are pooled into one similarity, in training, evaluation and explanation alike "
-        "(see ecgproto.model.prototypes). local_2d default lead_mean: per lead row the mean over time, then the best "
-        "row; 'max' is the reference. Measured (small config, local-branch macro-AUROC, validation + test folds): "
-        "real PTB-XL subset 0.65 max -> 0.82 lead_mean; demo 0.72 -> 0.99. 'row_latent' (local_2d only): per lead row "
-        "the time mean of the latent is compared with the prototypes once, then the best row (see ecgproto.model.branch)")
+        "(see ecgproto.model.prototypes). 'max' is the reference; 'lead_mean': per lead row the mean over time, then "
+        "the best row; 'row_latent' (local_2d): per lead row the time mean of the latent, then the best row; 'beat' "
+        "(local_2d): the latent of each detected beat's window per lead group, averaged over the record's beats, each "
+        "prototype compared with its own lead group only (see ecgproto.model.branch)")
+    beat_window_s: tuple[float, float] = Field(
+        (0.48, 0.80), description="beat pooling: seconds before and after a beat's R peak that its window spans "
+        "(P-wave onset to T-wave end at usual PR and QT intervals)")
+    beats: int = Field(8, ge=1, description="beat pooling: beats per record, evenly spaced, whose latents are averaged")
+    train_beats: int = Field(
+        4, ge=1, description="beat pooling, joint stage: a random subset of this many beats per record and step "
+        "(half the cost of `beats`, and each step sees other beats of the record)")
+    beat_jitter_s: float = Field(0.02, ge=0, description="beat pooling, joint stage: random shift of each beat window")
     topk: int = Field(3, ge=1)
     dropout: float = 0.0
     head_negative: float = Field(
@@ -60,9 +69,14 @@ class BranchConfig(BaseModel):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
 
     @model_validator(mode="after")
-    def _row_latent_is_local(self) -> BranchConfig:
-        if self.pool == "row_latent" and self.kind != "local_2d":
-            raise ValueError(f"pool='row_latent' compares one latent per lead row: a local_2d option, not {self.kind}")
+    def _row_and_beat_pooling_are_local(self) -> BranchConfig:
+        if self.pool in ("row_latent", "beat") and self.kind != "local_2d":
+            raise ValueError(f"pool={self.pool!r} compares latents of lead rows: a local_2d option, not {self.kind}")
+        if self.pool == "beat" and 12 % self.window_leads:
+            raise ValueError(f"beat pooling splits the 12 leads into groups of window_leads; {self.window_leads} "
+                             "does not divide 12 (choose 1, 2, 3, 4, 6 or 12)")
+        if self.beat_window_s[0] < 0 or self.beat_window_s[1] <= 0:
+            raise ValueError(f"beat_window_s {self.beat_window_s}: both parts are seconds >= 0 around the R peak")
         return self
 
 
@@ -100,11 +114,11 @@ class ModelConfig(BaseModel):
         c.branches["rhythm_1d"] = c.branches["rhythm_1d"].model_copy(
             update={"prototypes_per_class": 3, "latent_dim": 64, "backbone": narrow, "similarity": "exp_cosine",
                     "scale": 3.0})
-        # row_latent + exp_cosine on the local branch: a prototype is a real lead row's mean latent, not a
-        # direction no real window lies near (see README, "where we differ")
+        # beat windows on the local branch: a prototype is one real beat in one lead group (docs/design.md)
         c.branches["morphology_2d_local"] = c.branches["morphology_2d_local"].model_copy(
-            update={"prototypes_per_class": 3, "latent_dim": 64, "backbone": narrow_2d, "dropout": 0.1,
-                    "pool": "row_latent", "similarity": "exp_cosine", "scale": 3.0})
+            update={"prototypes_per_class": 4, "latent_dim": 64, "dropout": 0.1, "pool": "beat", "window_leads": 3,
+                    "similarity": "exp_cosine", "scale": 3.0,
+                    "backbone": narrow_2d.model_copy(update={"lead_mixing_stages": 0})})
         c.branches["global_2d"] = c.branches["global_2d"].model_copy(
             update={"prototypes_per_class": 3, "latent_dim": 64, "backbone": narrow_2d, "dropout": 0.1})
         return c

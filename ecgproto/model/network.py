@@ -20,7 +20,7 @@ from ecgproto.model.fusion import Fusion
 
 def build_branch(name: str, cfg: ModelConfig, labels: LabelSet) -> Branch:
     classes = tuple(labels.codes[i] for i in labels.branch_indices(name))
-    return Branch(name, cfg.branches[name], classes, cfg.n_leads, cfg.n_samples)
+    return Branch(name, cfg.branches[name], classes, cfg.n_leads, cfg.n_samples, cfg.fs)
 
 
 class ECGProtoNet(nn.Module):
@@ -46,13 +46,16 @@ class ECGProtoNet(nn.Module):
     def n_prototypes(self) -> int:
         return int(self.prototype_label.numel())
 
-    def similarities(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 12, n) -> (B, 1037) pooled similarities of every prototype, branches in BRANCHES order."""
-        return torch.cat([branch(x)[1] for branch in self.branches.values()], dim=1)
+    def similarities(self, x: torch.Tensor, beats: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 12, n) -> (B, 1037) pooled similarities of every prototype, branches in BRANCHES order. `beats`
+        (B, K) R-peak positions, -1 padded (as a store holds them); found here when not given."""
+        if beats is None and any(b.beat for b in self.branches.values()):
+            beats = next(b for b in self.branches.values() if b.beat).detect(x)
+        return torch.cat([branch(x, beats)[1] for branch in self.branches.values()], dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, beats: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 12, n) float32 mV, LEADS order, model rate -> (B, 71) label probabilities."""
-        return torch.sigmoid(self.fusion(self.similarities(x)))
+        return torch.sigmoid(self.fusion(self.similarities(x, beats)))
 
     def prototype_offsets(self) -> dict[str, int]:
         """Where each branch's prototypes start in the concatenated similarity vector."""

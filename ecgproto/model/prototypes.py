@@ -25,6 +25,10 @@ ecgproto.projection):
              and the best row scores: the strip is averaged before the comparison, not after, so
              the prototype is a real row's mean latent, and what projection and an explanation
              show is that row's whole strip.
+  beat       the branch hands one latent per lead group: the mean over the record's beats of each
+             beat window's latent (see ecgproto.model.branch). Each prototype belongs to one lead
+             group (`group`) and is compared with that group only: a morphology in V1-V3 is never
+             matched to II, aVF, III. Projection makes the prototype one real beat of one record.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ class PrototypeLayer(nn.Module):
     sharpness: float = 1.0
 
     def __init__(self, n_prototypes: int, dim: int, scale: float, pool: str = "max", topk: int = 3,
-                 positive: bool = False, rows: int = 1, similarity: str = "cosine", sharpness: float = 1.0) -> None:
+                 positive: bool = False, rows: int = 1, similarity: str = "cosine", sharpness: float = 1.0,
+                 group: torch.Tensor | None = None) -> None:
         super().__init__()
         init = torch.rand(n_prototypes, dim) if positive else torch.randn(n_prototypes, dim)  # where latents live
         self.prototypes = nn.Parameter(init)
@@ -52,6 +57,10 @@ class PrototypeLayer(nn.Module):
             raise ValueError(f"unknown similarity {similarity!r}; choose cosine or exp_cosine")
         self.similarity = similarity
         self.sharpness = sharpness
+        if pool == "beat":
+            if group is None or group.shape != (n_prototypes,):
+                raise ValueError("beat pooling needs the lead group of every prototype")
+            self.register_buffer("group", group.long())  # (P,) the lead group each prototype is compared with
 
     def cosine_map(self, windows: torch.Tensor) -> torch.Tensor:
         """(B, W, D) latent windows -> (B, W, P) cosines with the prototypes."""
@@ -67,8 +76,12 @@ class PrototypeLayer(nn.Module):
         """(B, W, D) latent windows -> (B, W, P) similarities."""
         return self.from_cosine(self.cosine_map(windows))
 
-    def pool(self, sim_map: torch.Tensor) -> torch.Tensor:
-        """(B, W, P) -> (B, P)."""
+    def pool(self, sim_map: torch.Tensor, group: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, W, P) -> (B, P). Beat pooling: W are lead groups, each prototype takes its own (`group` (P,)
+        overrides the layer's, for prototypes other than its own, e.g. projection's candidates)."""
+        if self.pool_mode == "beat":
+            g = self.group if group is None else group
+            return sim_map.gather(1, g.view(1, 1, -1).expand(sim_map.shape[0], 1, -1)).squeeze(1)
         if self.pool_mode in ("max", "row_latent") or sim_map.shape[1] == 1:
             return sim_map.amax(dim=1)
         if self.pool_mode == "lead_mean":
@@ -80,6 +93,8 @@ class PrototypeLayer(nn.Module):
 
     def best_window(self, sim_map: torch.Tensor) -> torch.Tensor:
         """(B, W, P) -> (B, P) index of the best-matching window (the one an explanation shows)."""
+        if self.pool_mode == "beat":  # its own lead group (which beat of it: Branch.best_beat)
+            return self.group.view(1, -1).expand(sim_map.shape[0], -1)
         if self.pool_mode != "lead_mean" or sim_map.shape[1] == 1:
             return sim_map.argmax(dim=1)
         grid = self._rows(sim_map)  # (B, R, T, P)

@@ -21,6 +21,7 @@ class Batch:
     x: torch.Tensor  # (B, 12, n) float32 mV
     y: torch.Tensor  # (B, 71) float32 multi-hot
     index: np.ndarray  # positions in the split (0..len-1)
+    beats: torch.Tensor  # (B, K) int64 beat positions in samples, -1 padded (after the same time roll as x)
 
 
 class SplitData:
@@ -54,6 +55,10 @@ class SplitData:
         out[order] = self.store.signals[self.rows[index][order]]
         return out
 
+    def beats(self, index: np.ndarray) -> np.ndarray:
+        """(len(index), K) int64 beat positions of the records at `index`, -1 padded."""
+        return np.asarray(self.store.beats[self.rows[np.asarray(index)]], dtype=np.int64)
+
     def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
                 time_roll: bool = False, label_index: np.ndarray | None = None,
                 part: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
@@ -69,9 +74,15 @@ class SplitData:
                 mine = np.array_split(np.arange(len(idx)), world)[rank]
                 idx = idx[mine]
                 shifts = shifts[mine] if shifts is not None else None
-            x = self.signals(idx)
+            x, beats = self.signals(idx), self.beats(idx)
             if shifts is not None:
-                cols = (np.arange(x.shape[-1])[None, :] - shifts[:, None]) % x.shape[-1]
+                n = x.shape[-1]
+                cols = (np.arange(n)[None, :] - shifts[:, None]) % n
                 x = np.take_along_axis(x, cols[:, None, :], axis=-1)
+                # beats move with their samples (a window around one may now cross the wrap point: branches that
+                # crop beats train without the roll, see ecgproto.train.stages)
+                beats = np.where(beats >= 0, (beats + shifts[:, None]) % n, -1)
+                beats = np.sort(np.where(beats >= 0, beats, n), axis=1)
+                beats[beats == n] = -1
             y = self.labels[idx] if label_index is None else self.labels[idx][:, label_index]
-            yield Batch(torch.from_numpy(x), torch.from_numpy(y.astype(np.float32)), idx)
+            yield Batch(torch.from_numpy(x), torch.from_numpy(y.astype(np.float32)), idx, torch.from_numpy(beats))

@@ -114,7 +114,7 @@ def _branch_outputs(ctx: TrainContext, branch: Branch, split: str) -> tuple[np.n
     logits, sims = [], []
     for batch in ctx.splits[split].batches(ctx.config.eval_batch_size):
         with ctx.autocast():
-            lo, si = branch(batch.x.to(ctx.device))
+            lo, si = branch(batch.x.to(ctx.device), batch.beats.to(ctx.device))
         logits.append(lo.float().cpu())
         sims.append(si.float().cpu())
     return torch.cat(logits).numpy(), torch.cat(sims).numpy()
@@ -171,16 +171,16 @@ def train_joint(ctx: TrainContext, name: str, on_epoch: EpochCallback | None = N
     def loss_fn(batch) -> torch.Tensor:  # noqa: ANN001
         x, y = batch.x.to(ctx.device), batch.y.to(ctx.device)
         with ctx.autocast():
-            logits, sims = net(x)
+            logits, sims = net(x, batch.beats.to(ctx.device))
         return losses.joint_loss(logits, sims, branch.prototypes.prototypes, y, identity, jac, pw, w)
 
     def validate() -> float:
         logits, _ = _branch_outputs(ctx, branch, "val")
         return macro_auroc(val.labels[:, idx], logits)
 
-    def batches(epoch: int) -> Iterator:
+    def batches(epoch: int) -> Iterator:  # a beat window is the same crop at any roll: beat branches skip it
         return train.batches(cfg.joint.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
-                             time_roll=cfg.time_roll, label_index=idx, part=part)
+                             time_roll=cfg.time_roll and not branch.beat, label_index=idx, part=part)
 
     result = fit(branch, branch.parameters(), loss_fn, batches, validate, cfg.joint,
                  steps_per_epoch=_steps(len(train), cfg.joint.batch_size), checkpoint=ckpt, seed=cfg.seed,
@@ -353,11 +353,11 @@ def predict(ctx: TrainContext, model: ECGProtoNet, split: str) -> dict[str, np.n
     model.eval().to(ctx.device)
     fused, per_branch = [], {n: [] for n in BRANCHES}
     for batch in ctx.splits[split].batches(ctx.config.eval_batch_size):
-        x = batch.x.to(ctx.device)
+        x, beats = batch.x.to(ctx.device), batch.beats.to(ctx.device)
         sims = []
         with ctx.autocast():
             for n, branch in model.branches.items():
-                logits, s = branch(x)
+                logits, s = branch(x, beats)
                 per_branch[n].append(torch.sigmoid(logits.float()).cpu())
                 sims.append(s.float())
             fused.append(torch.sigmoid(model.fusion(torch.cat(sims, dim=1)).float()).cpu())

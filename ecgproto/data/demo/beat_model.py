@@ -82,15 +82,10 @@ class Person:
     rng: np.random.Generator = field(repr=False)
 
 
-def _person(rng: np.random.Generator, labels: set[str], noise: float) -> Person:
-    if "STACH" in labels:
-        hr = rng.uniform(105, 150)
-    elif "SBRAD" in labels:
-        hr = rng.uniform(40, 55)
-    elif "AFIB" in labels:
-        hr = rng.uniform(75, 130)
-    else:
-        hr = rng.uniform(58, 98)
+def _person(rng: np.random.Generator, labels: set[str], noise: float, hr: float | None = None) -> Person:
+    label_hr = (rng.uniform(105, 150) if "STACH" in labels else rng.uniform(40, 55) if "SBRAD" in labels
+                else rng.uniform(75, 130) if "AFIB" in labels else rng.uniform(58, 98))
+    hr = label_hr if hr is None else hr  # `hr`: a rate the labels would not give (detection tests)
     return Person(
         axis_deg=rng.normal(50, 18),
         r_amp=rng.lognormal(np.log(1.2), 0.2),
@@ -212,9 +207,11 @@ def _noise(p: Person, n: int, fs: float, mains_hz: float) -> np.ndarray:
 
 
 def synthesize(rng: np.random.Generator, labels: set[str], *, fs: float = 500.0, duration: float = 10.0,
-               noise: float = 1.0, mains_hz: float = 50.0) -> tuple[np.ndarray, dict[str, float]]:
-    """One 12-lead record (n, 12) in mV, LEADS order, and facts about it (rate, PR, QRS)."""
-    p = _person(rng, labels, noise)
+               noise: float = 1.0, mains_hz: float = 50.0, hr: float | None = None,
+               ) -> tuple[np.ndarray, dict[str, float | np.ndarray]]:
+    """One 12-lead record (n, 12) in mV, LEADS order, and facts about it (rate, PR, QRS, the QRS onsets in s).
+    `hr` overrides the rate the labels give."""
+    p = _person(rng, labels, noise, hr)
     n = int(round(fs * duration))
     t = np.arange(n) / fs
     dipole = np.zeros((n, 3))
@@ -235,5 +232,6 @@ def synthesize(rng: np.random.Generator, labels: set[str], *, fs: float = 500.0,
         dipole += fib[:, None] * f_dir
     signal = dipole @ lead_matrix().T + _noise(p, n, fs, mains_hz)
     facts = {"hr": p.hr, "pr_s": p.pr, "qrs_s": p.qrs, "n_beats": float(np.sum((onsets >= 0) & (onsets < duration))),
-             "n_ectopic": float(ectopic.sum()), "axis_deg": p.axis_deg}
+             "n_ectopic": float(ectopic.sum()), "axis_deg": p.axis_deg,
+             "qrs_onsets_s": onsets[(onsets >= 0) & (onsets < duration)]}
     return signal.astype(np.float32), facts
