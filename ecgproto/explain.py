@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from ecgproto.data.beats import detect_batch
 from ecgproto.data.preprocess import PreprocessConfig, highpass, prepare_record
 from ecgproto.data.wfdb_io import read_record
 from ecgproto.figures import draw_ecg, plot_ecg
@@ -36,7 +37,10 @@ def explain(model: ECGProtoNet, signal: np.ndarray, top_k: int = 3, max_labels: 
     x = torch.as_tensor(np.array(signal, dtype=np.float32)).unsqueeze(0)  # a writable copy
     offsets = model.prototype_offsets()
     sims, best, beat_at, beat_sim = [], [], [], []
-    beats = next((b.detect(x) for b in model.branches.values() if b.beat), None)
+    beats, beat_source = None, ""
+    if any(b.beat for b in model.branches.values()):
+        found, sources = detect_batch(x.numpy(), model.fs)
+        beats, beat_source = torch.as_tensor(found, dtype=torch.long), sources[0]
     for branch in model.branches.values():
         sim_map = branch.prototypes.similarity_map(branch.latent_windows(x, beats))  # (1, W, P)
         sims.append(branch.prototypes.pool(sim_map))
@@ -76,7 +80,8 @@ def explain(model: ECGProtoNet, signal: np.ndarray, top_k: int = 3, max_labels: 
             if window["pooling"] in ("lead_mean", "row_latent"):
                 window["pooled_span_s"] = [0.0, signal.shape[-1] / model.fs]  # the mean runs along the whole row
             if branch.beat:  # the pooled latent is the mean over n_beats beats; this beat alone matches so well
-                window.update(n_beats=n_beats, beat_similarity=float(beat_sim_all[p]) / branch.scale)
+                window.update(n_beats=n_beats, beat_similarity=float(beat_sim_all[p]) / branch.scale,
+                              beat_source=beat_source)  # 'grid': no beats detected, windows on a 1 s grid
             evidence.append({
                 "prototype": int(p), "branch": branch_name, "class": prov.get("class"),
                 "contribution": float(contrib[li, p]), "weight": float(weight[li, p]), "similarity": float(similarity[p]),
@@ -104,25 +109,39 @@ def best_beats(branch: torch.nn.Module, x: torch.Tensor, beats: torch.Tensor | N
 
 
 def explanation_figure(model: ECGProtoNet, signal: np.ndarray, explanation: dict[str, Any], title: str = "") -> Figure:
-    """One row per (label, prototype): the input with its matching window | the prototype's source window."""
+    """One row per (label, prototype): the input with its matching window | (beat prototypes: the input's beat
+    beside the prototype's beat, enlarged, in the prototype's leads) | the prototype's source ECG and window."""
+    from ecgproto.figures import draw_beats
+
     rows = [(lab, ev) for lab in explanation["labels"] for ev in lab["evidence"]]
-    fig = Figure(figsize=(20, 4.2 * len(rows)))
-    axes = fig.subplots(len(rows), 2, squeeze=False)
-    for (lab, ev), (left, right) in zip(rows, axes, strict=True):
+    fig = Figure(figsize=(24, 4.2 * len(rows)))
+    axes = fig.subplots(len(rows), 3, squeeze=False, width_ratios=[10, 4, 10])
+    for (lab, ev), (left, middle, right) in zip(rows, axes, strict=True):
         w = ev["input_window"]
         along = {"lead_mean": f" (mean along {','.join(w['leads'])}, best window shown)",
                  "row_latent": f" (mean latent along {','.join(w['leads'])})",
                  "beat": f" (mean of {w.get('n_beats')} beats in {','.join(w['leads'])}; best beat shown, "
-                         f"sim {w.get('beat_similarity', float('nan')):.2f})"}.get(w["pooling"], "")
+                         f"sim {w.get('beat_similarity', float('nan')):.2f}"
+                         + ("; no beats detected: 1 s grid windows" if w.get("beat_source") == "grid" else "")
+                         + ")"}.get(w["pooling"], "")
         draw_ecg(left, signal, model.fs, f"{title} {lab['code']} p={lab['probability']:.2f}: "
                  f"contribution {ev['contribution']:.2f} = w {ev['weight']:.2f} x sim {ev['similarity']:.2f}{along}",
                  (w["start_s"], w["end_s"]), tuple(w["leads"]))
         src = ev["prototype_source"]
         prov = model.provenance[ev["prototype"]] if model.provenance else None
+        middle.set_axis_off()
         if prov is not None and model.source_signals.numel():
-            draw_ecg(right, model.source_signals[prov["source_index"]].float().numpy(), model.fs,
+            source = model.source_signals[prov["source_index"]].float().numpy()
+            draw_ecg(right, source, model.fs,
                      f"prototype {ev['prototype']} ({ev['branch']}, class {ev['class']}) from ECG {src['ecg_id']} "
                      f"[{src['source_labels']}]", (src["start_s"], src["end_s"]), tuple(str(src["leads"]).split(",")))
+            if w["pooling"] == "beat":
+                middle.set_axis_on()
+                draw_beats(middle, [("input", signal, (w["start_s"], w["end_s"])),
+                                    (f"prototype {ev['prototype']}", source, (src["start_s"], src["end_s"]))],
+                           tuple(w["leads"]), model.fs)
+        else:
+            right.set_axis_off()
     fig.tight_layout()
     return fig
 
@@ -135,9 +154,11 @@ def prototype_gallery(model: ECGProtoNet, only_projected_own_class: bool = True)
             continue
         title = (f"prototype {prov['prototype']} | {prov['branch']} | class {prov['class']} | ECG {prov['ecg_id']} "
                  f"[{prov['source_labels']}] | window {prov['start_s']:.2f}-{prov['end_s']:.2f} s, leads {prov['leads']} "
-                 f"| cos {prov['similarity']:.3f}, fidelity {prov.get('fidelity', float('nan')):.2f}")
+                 f"| cos {prov['similarity']:.3f}, fidelity {prov.get('fidelity', float('nan')):.2f}"
+                 + (" | no beats detected: window on the fallback grid" if prov.get("beat_source") == "grid" else ""))
         fig = plot_ecg(model.source_signals[prov["source_index"]].float().numpy(), model.fs, title,
-                       (prov["start_s"], prov["end_s"]), tuple(str(prov["leads"]).split(",")))
+                       (prov["start_s"], prov["end_s"]), tuple(str(prov["leads"]).split(",")),
+                       beat=prov.get("beat_source", "") != "")
         yield f"gallery/{prov['branch']}/{prov['class']}/prototype_{prov['prototype']:04d}.png", fig
 
 

@@ -23,15 +23,21 @@ ROW_MV = 3.0  # vertical space per row (30 mm at 10 mm/mV)
 
 
 def plot_ecg(signal: np.ndarray, fs: float, title: str = "", highlight: tuple[float, float] | None = None,
-             highlight_leads: tuple[str, ...] | None = None) -> Figure:
+             highlight_leads: tuple[str, ...] | None = None, beat: bool = False) -> Figure:
     """(12, n) mV in LEADS order -> paper-style figure at 25 mm/s, 10 mm/mV.
 
-    `highlight` (start_s, end_s) shades a window, on `highlight_leads` only if given.
+    `highlight` (start_s, end_s) shades a window, on `highlight_leads` only if given; with `beat` the window is
+    also drawn alone, enlarged, in those leads (a beat-scale prototype: the beat itself, not just its place).
     """
     duration = signal.shape[1] / fs
-    fig = Figure(figsize=(duration * 1.25, (len(PAPER_GRID) + 1) * ROW_MV * 0.5 + 0.6))  # not kept by pyplot
-    ax = fig.subplots()
-    draw_ecg(ax, signal, fs, title, highlight, highlight_leads)
+    height = (len(PAPER_GRID) + 1) * ROW_MV * 0.5 + 0.6
+    zoom = beat and highlight is not None and bool(highlight_leads)
+    fig = Figure(figsize=(duration * 1.25 + (4.0 if zoom else 0), height))  # not kept by pyplot
+    axes = fig.subplots(1, 2, width_ratios=[duration * 1.25, 4.0]) if zoom else [fig.subplots()]
+    draw_ecg(axes[0], signal, fs, title, highlight, highlight_leads)
+    if zoom:
+        assert highlight is not None and highlight_leads is not None
+        draw_beats(axes[1], [("beat", signal, highlight)], highlight_leads, fs)
     fig.tight_layout()
     return fig
 
@@ -68,6 +74,26 @@ def draw_ecg(ax: plt.Axes, signal: np.ndarray, fs: float, title: str = "",
     if highlight:
         ax.axvspan(*highlight, ymin=0, ymax=1 / rows, color="tab:orange", alpha=0.25, lw=0)
     ax.set_title(title, fontsize=9, loc="left")
+
+
+def draw_beats(ax: plt.Axes, beats: list[tuple[str, np.ndarray, tuple[float, float]]], leads: tuple[str, ...],
+               fs: float) -> None:
+    """Beat windows side by side on ECG paper, one row per lead: `beats` = (caption, (12, n) mV signal,
+    (start_s, end_s)), e.g. an input's best-matching beat beside the prototype's source beat in the same leads."""
+    width = max(end - start for _, _, (start, end) in beats)
+    gap = 0.12
+    total = len(beats) * width + (len(beats) - 1) * gap
+    _paper(ax, total, len(leads) * ROW_MV)
+    ax.set_title("  |  ".join(f"{caption} {start:.2f}-{end:.2f} s" for caption, _, (start, end) in beats),
+                 fontsize=8, loc="left")
+    for b, (_, signal, (start, end)) in enumerate(beats):
+        x0 = b * (width + gap)
+        lo, hi = int(round(start * fs)), int(round(end * fs))
+        t = x0 + np.arange(hi - lo) / fs
+        for r, lead in enumerate(leads):
+            y0 = (len(leads) - r - 0.5) * ROW_MV
+            ax.plot(t, signal[LEADS.index(lead), lo:hi] + y0, color="black", lw=0.8)
+            ax.text(x0 + 0.02, y0 + 0.9, lead, fontsize=8, weight="bold")
 
 
 def _paper(ax: plt.Axes, duration: float, height_mv: float) -> None:
