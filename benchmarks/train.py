@@ -10,9 +10,17 @@ keeps the fastest variant per model. From the measured rates it prints the time 
 epoch over a PTB-XL-size training split (folds 1-8, 17,418 records) and the upper bound of a full
 training (every branch at the config's epoch limit; early stopping ends sooner).
 
-With --real (an unpacked PTB-XL folder, e.g. the shared 1,250-record subset) it also ingests it,
-trains the model (--real-config, small by default) and the baseline through the real stages
-(folds 1-8 / 9 / 10) and prints both test-fold macro-AUROCs with bootstrap CIs. With --seeds S1,S2,..
+With --real (an unpacked PTB-XL folder: the full PTB-XL, or the 1,250-record subset) it also ingests
+it, trains the model (--real-config, small by default: the CPU configuration) and the black-box
+baseline in the same run through the real stages (folds 1-8 / 9 / 10), and prints the whole-fold
+macro-AUROC with bootstrap CIs of the fused model, each branch and the baseline, macro-AUPRC, the
+paired fused-minus-baseline CI and the wall time of every stage. Fold 10 (--split test, the default)
+is for final candidates; choose designs on fold 9 (--split val). The full PTB-XL on 2 CPU cores:
+
+    python benchmarks/train.py --real PTBXL_DIR --skip-throughput --threads 2
+
+ends with `real_test_macro_auroc_ptbxl_full_fused=... baseline=... paired_diff=... train_min=...`.
+With --seeds S1,S2,..
 it trains once per seed and also prints the mean and standard deviation over the seeds of both
 figures and of their paired difference: on a 125-record test fold one seed moves the prototype
 model by a few hundredths, so a change is judged on several.
@@ -25,7 +33,8 @@ of a full training on one device at the config's epoch limits (the upper bound) 
 median epochs early stopping took on the real subset.
 
 Last line: `proto_vs_resnet1d_train_throughput=<ratio>`: ECGs/s of a full prototype-model training
-step (three branches) over the baseline's, same batch, same device.
+step (three branches) over the baseline's, same batch, same device; with --real and
+--skip-throughput the accuracy line above.
 """
 
 from __future__ import annotations

@@ -211,7 +211,7 @@ def _row_latent_config() -> ModelConfig:
     cfg = ModelConfig.small()
     cfg.branches["morphology_2d_local"] = cfg.branches["morphology_2d_local"].model_copy(
         update={"pool": "row_latent", "window_leads": 1, "prototypes_per_class": 3,
-                "backbone": cfg.branches["global_2d"].backbone})
+                "backbone": BackboneConfig(widths=(8, 16, 32, 64), blocks=(1, 1, 1, 1))})
     return cfg
 
 

@@ -38,11 +38,26 @@ class WindowExtent:
     column: int | None = None  # beat pooling: the beat's slot among the record's beats
 
 
+class GroupedLeads(nn.Module):
+    """(B, C, 12, T) -> (B, D, G, T): one latent per non-overlapping group of `size` lead rows (a kernel as tall as
+    the group, its stride the same), and with `whole` one more row that reads all 12 leads at once (patterns
+    spread over the leads: the axis, voltage summed across limb and chest leads)."""
+
+    def __init__(self, c: int, d: int, size: int, n_leads: int = 12) -> None:
+        super().__init__()
+        self.groups = nn.Conv2d(c, d, (size, 1), (size, 1))
+        self.whole = nn.Conv2d(c, d, (n_leads, 1))
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.groups(f), self.whole(f)], dim=2)
+
+
 class Branch(nn.Module):
     # Defaults of options added after models were registered: `mlflow.pytorch` pickles whole modules, and a
     # champion pickled before an option existed must still score (the promotion step scores it) as it did then.
     row_latent: bool = False
     beat: bool = False
+    whole_group: bool = False
 
     def __init__(self, name: str, cfg: BranchConfig, classes: tuple[str, ...], n_leads: int = 12,
                  n_samples: int = 1000, fs: float = 100.0) -> None:
@@ -52,6 +67,7 @@ class Branch(nn.Module):
         self.beat = cfg.pool == "beat"  # local_2d only
         self.window = cfg.window if cfg.kind == "local_2d" and not (self.row_latent or self.beat) else 1
         self.window_leads = cfg.window_leads if cfg.kind == "local_2d" else 1
+        self.whole_group = self.beat and cfg.whole_beat_group
         # beat windows: samples before / after the R peak, beats per record (evaluation / joint stage), jitter
         self.beat_pre, self.beat_post = (int(round(t * fs)) for t in cfg.beat_window_s)
         self.n_beats, self.train_beats = cfg.beats, cfg.train_beats
@@ -76,7 +92,8 @@ class Branch(nn.Module):
         last = norm(d, affine=False) if cfg.latent == "standardised" else nn.Sigmoid()
         # beat pooling: the first add-on layer reads a whole lead group (kernel = stride = its height), so a group's
         # latent combines its leads while groups stay apart
-        first = nn.Conv2d(c, d, (self.window_leads, 1), (self.window_leads, 1)) if self.beat else pointwise(c, d)
+        first = (GroupedLeads(c, d, self.window_leads) if self.whole_group else
+                 nn.Conv2d(c, d, (self.window_leads, 1), (self.window_leads, 1))) if self.beat else pointwise(c, d)
         self.add_on = nn.Sequential(first, nn.ReLU(), pointwise(d, d), last)
         n_rows = len(CABRERA) if cfg.kind == "global_2d" else 1
         per_class = cfg.prototypes_per_class
@@ -101,8 +118,8 @@ class Branch(nn.Module):
         (1, 1) for the global branches (one whole-record latent), (rows, 1) under row_latent."""
         if self.kind != "local_2d":
             return 1, 1
-        if self.beat:  # one pooled latent per lead group
-            return len(CABRERA) // self.window_leads, 1
+        if self.beat:  # one pooled latent per lead group (and one of all leads)
+            return len(CABRERA) // self.window_leads + int(self.whole_group), 1
         rows = len(CABRERA) - self.window_leads + 1
         return (rows, 1) if self.row_latent else (rows, self._time_columns - self.window + 1)
 
@@ -140,27 +157,44 @@ class Branch(nn.Module):
     def latent_windows(self, x: torch.Tensor, beats: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 12, n) -> (B, W, D') latent windows the prototypes are compared with. `beats` (B, K) R-peak
         positions, -1 padded, for beat pooling (detected here when not given)."""
+        return self._encode(x, beats)[0]
+
+    @property
+    def feature_dim(self) -> int:
+        """Size of the pooled backbone features `forward(..., features=True)` returns."""
+        c = self.backbone.out_channels
+        return c if self.kind == "global_1d" else c * len(CABRERA)
+
+    def _encode(self, x: torch.Tensor, beats: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent windows (B, W, D') and the backbone's features pooled over time (and beats), per lead row for
+        2D backbones: (B, C) or (B, C * 12)."""
         if self.beat:  # (B, M, G, D') per beat -> mean over the record's beats -> (B, G, D')
-            return self.beat_latents(x, beats)[0].mean(dim=1)
+            z, _, f = self._beats(x, beats)
+            return z.mean(dim=1), f
         f = self.dropout(self.backbone(x))
+        pooled = f.mean(dim=-1)  # (B, C) or (B, C, 12)
         if self.kind == "global_1d":  # (B, C, T) -> time mean -> (B, 1, D)
-            return self.add_on(f.mean(dim=-1)).unsqueeze(1)
+            return self.add_on(pooled).unsqueeze(1), pooled
         if self.kind == "global_2d":  # (B, C, 12, T) -> time mean -> (B, D, 12) -> (B, 1, D*12)
-            return self.add_on(f.mean(dim=-1)).flatten(1).unsqueeze(1)
+            return self.add_on(pooled).flatten(1).unsqueeze(1), pooled.flatten(1)
         if self.lead_embedding is not None:
             f = f + self.lead_embedding
         z = self.add_on(f)  # (B, D, 12, T)
         if self.row_latent:  # (B, D, 12, T) -> time mean -> rows of window_leads leads -> (B, R', D * leads)
             r = z.mean(dim=-1).unfold(2, self.window_leads, 1)  # (B, D, R', leads)
-            return r.permute(0, 2, 1, 3).flatten(2)
+            return r.permute(0, 2, 1, 3).flatten(2), pooled.flatten(1)
         w = z.unfold(2, self.window_leads, 1).unfold(3, self.window, 1)  # (B, D, R', T', leads, window)
         b, d, rows, cols, nl, win = w.shape
-        return w.permute(0, 2, 3, 1, 4, 5).reshape(b, rows * cols, d * nl * win)  # index = row * T' + col
+        return w.permute(0, 2, 3, 1, 4, 5).reshape(b, rows * cols, d * nl * win), pooled.flatten(1)
 
     def beat_latents(self, x: torch.Tensor, beats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Beat pooling: (B, 12, n) -> latents (B, M, G, D') of M beat windows per record in each lead group,
         and the windows' R-peak positions (B, M). In training a random subset of `train_beats` beats, jittered;
         in evaluation `beats` evenly spaced ones."""
+        z, pos, _ = self._beats(x, beats)
+        return z, pos
+
+    def _beats(self, x: torch.Tensor, beats: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if beats is None:
             beats = self.detect(x)
         pos = self.select_beats(beats.to(x.device), x.shape[-1])  # (B, M)
@@ -169,11 +203,12 @@ class Branch(nn.Module):
         t = t.clamp(0, x.shape[-1] - 1)  # only records shorter than one window reach past their ends
         crops = x.transpose(1, 2)[torch.arange(b, device=x.device).view(b, 1, 1), t]  # (B, M, L, 12)
         f = self.dropout(self.backbone(crops.permute(0, 1, 3, 2).flatten(0, 1)))  # (B*M, C, 12, T')
+        pooled = f.mean(dim=-1).view(b, m, -1).mean(dim=1)  # (B, C * 12): over time and beats
         if self.lead_embedding is not None:
             f = f + self.lead_embedding
         z = self.add_on(f)  # (B*M, D, G, T')
         z = z.permute(0, 2, 1, 3).flatten(2)  # (B*M, G, D*T')
-        return z.view(b, m, *z.shape[1:]), pos
+        return z.view(b, m, *z.shape[1:]), pos, pooled
 
     def detect(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 12, n) -> (B, K) beat positions found by ecgproto.data.beats (for records given without them)."""
@@ -200,15 +235,19 @@ class Branch(nn.Module):
             pos = pos.clamp(lo, max(hi, lo))
         return pos
 
-    def forward(self, x: torch.Tensor, beats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 12, n) -> logits (B, C), pooled similarities (B, P)."""
-        sims = self.prototypes.pool(self.prototypes.similarity_map(self.latent_windows(x, beats)))
-        return self.head(sims), sims
+    def forward(self, x: torch.Tensor, beats: torch.Tensor | None = None, features: bool = False
+                ) -> tuple[torch.Tensor, ...]:
+        """(B, 12, n) -> logits (B, C), pooled similarities (B, P) (and with `features` the pooled backbone
+        features, which the joint stage's auxiliary head reads)."""
+        windows, pooled = self._encode(x, beats)
+        sims = self.prototypes.pool(self.prototypes.similarity_map(windows))
+        return (self.head(sims), sims, pooled) if features else (self.head(sims), sims)
 
     def group_leads(self, group: int) -> tuple[str, ...]:
         """Beat pooling: the input leads of lead group `group` (Cabrera order)."""
         assert isinstance(self.backbone, Backbone2D)
-        rows = range(group * self.window_leads, (group + 1) * self.window_leads)
+        n = len(CABRERA) // self.window_leads
+        rows = range(len(CABRERA)) if group == n else range(group * self.window_leads, (group + 1) * self.window_leads)
         seen = {lead for r in rows for lead in self.backbone.leads_seen(r)}
         return tuple(lead for lead in (c.lstrip("-") for c in CABRERA) if lead in seen)
 

@@ -52,6 +52,9 @@ class BranchConfig(BaseModel):
         4, ge=1, description="beat pooling, joint stage: a random subset of this many beats per record and step "
         "(half the cost of `beats`, and each step sees other beats of the record)")
     beat_jitter_s: float = Field(0.02, ge=0, description="beat pooling, joint stage: random shift of each beat window")
+    whole_beat_group: bool = Field(
+        False, description="beat pooling: besides the lead groups, one group of all 12 leads, so a prototype can be "
+        "a whole 12-lead beat (the axis, or voltage summed over limb and chest leads, spans the groups)")
     topk: int = Field(3, ge=1)
     dropout: float = 0.0
     head_negative: float = Field(
@@ -109,16 +112,19 @@ class ModelConfig(BaseModel):
         c = cls()
         narrow = BackboneConfig(widths=(16, 32, 64, 96), blocks=(1, 1, 1, 1))
         narrow_2d = BackboneConfig(widths=(8, 16, 32, 64), blocks=(1, 1, 1, 1))
-        # exp_cosine on the rhythm branch: real PTB-XL subset, fused test macro-AUROC over seeds 20261123, 1, 2
-        # 0.824 -> 0.838 (+0.013..+0.015 on every seed); on the global 2D branch as well: 0.834, not adopted
+        # exp_cosine on the one-window branches: prototypes stay near real ECGs, so projection costs little
         c.branches["rhythm_1d"] = c.branches["rhythm_1d"].model_copy(
             update={"prototypes_per_class": 3, "latent_dim": 64, "backbone": narrow, "similarity": "exp_cosine",
                     "scale": 3.0})
-        # beat windows on the local branch: a prototype is one real beat in one lead group (docs/design.md)
+        # beat windows on the local branch: a prototype is one real beat in one lead group, or all 12 leads (see
+        # docs/design.md)
         c.branches["morphology_2d_local"] = c.branches["morphology_2d_local"].model_copy(
-            update={"prototypes_per_class": 4, "latent_dim": 64, "dropout": 0.1, "pool": "beat", "window_leads": 3,
-                    "similarity": "exp_cosine", "scale": 3.0,
+            update={"prototypes_per_class": 5, "latent_dim": 64, "dropout": 0.1, "pool": "beat", "window_leads": 3,
+                    "whole_beat_group": True, "similarity": "exp_cosine", "scale": 3.0,
                     "backbone": narrow_2d.model_copy(update={"lead_mixing_stages": 0})})
+        # the global branch (NORM, DIG, EL) on the 1D backbone: as accurate in the fused model as the 2D backbone at
+        # a quarter of its training time on a CPU (docs/experiments.md)
         c.branches["global_2d"] = c.branches["global_2d"].model_copy(
-            update={"prototypes_per_class": 3, "latent_dim": 64, "backbone": narrow_2d, "dropout": 0.1})
+            update={"kind": "global_1d", "prototypes_per_class": 3, "latent_dim": 64, "backbone": narrow,
+                    "similarity": "exp_cosine", "scale": 3.0, "dropout": 0.0})
         return c
