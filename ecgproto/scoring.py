@@ -69,6 +69,7 @@ def store_batches(store: ArrayStore, rows: np.ndarray, batch_size: int, device: 
 
     Read-ahead workers are spawned, not forked: scoring often runs inside a Prefect flow or a Dask
     worker whose threads a forked child would inherit half-way (a second of start-up per worker)."""
+    _ = store.beats  # a clear error here, not in a loader worker, for a store without beats
     return DataLoader(_StoreBatches(store.path, np.asarray(rows), batch_size), batch_size=None,
                       shuffle=False, num_workers=workers, pin_memory=device.startswith("cuda"),
                       prefetch_factor=4 if workers else None, multiprocessing_context="spawn" if workers else None)

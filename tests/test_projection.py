@@ -114,7 +114,7 @@ def test_beat_prototypes_become_single_real_beats_of_their_own_lead_group(demo_r
     cls = branch.prototype_class.numpy()
     positives = train.labels[:, idx][:, cls].astype(bool)  # (N, P)
     chosen, nearest = [], []
-    group_leads = {g: ",".join(branch.group_leads(g)) for g in range(4)}
+    group_leads = {g: ",".join(branch.group_leads(g)) for g in range(branch.window_grid[0])}
     for _, p in own.iterrows():
         j = int(p["index_in_branch"])
         group = int(branch.prototypes.group[j])

@@ -161,8 +161,8 @@ def test_explain_command_writes_a_png_and_json_ranked_by_contribution(
 @pytest.mark.slow
 def test_a_planted_local_morphology_is_shown_on_its_own_leads_and_on_a_real_beat(trained: SimpleNamespace) -> None:
     """The demo plants inferior Q waves (IMI: II, III, aVF) and ST elevation (STE_: V1-V4) in every beat. Asked why
-    a test ECG has the label, the strongest local prototype matches on those leads and the input window shown is one
-    of the record's true beats (the generator's QRS onsets, re-drawn from the demo's seed)."""
+    a test ECG has the label, the strongest lead-group prototype matches on those leads and the input window shown is
+    one of the record's true beats (the generator's QRS onsets, re-drawn from the demo's seed)."""
     from ecgproto.data.demo.beat_model import synthesize
     from ecgproto.data.demo.generate import _seed
     from ecgproto.data.labels import parse_scp_codes
@@ -178,8 +178,10 @@ def test_a_planted_local_morphology_is_shown_on_its_own_leads_and_on_a_real_beat
         on_leads = 0
         for _, r in rows.iterrows():
             result = explain(model, np.asarray(trained.store.signals[r["row"]]), top_k=model.n_prototypes, codes=[code])
-            local = [e for e in result["labels"][0]["evidence"] if e["branch"] == "morphology_2d_local"]
-            w = local[0]["input_window"]  # the local prototype that adds most to this label
+            # the lead-group prototype that adds most to this label (the groups of 3 leads, not the whole beat)
+            local = [e for e in result["labels"][0]["evidence"]
+                     if e["branch"] == "morphology_2d_local" and len(e["input_window"]["leads"]) == 3]
+            w = local[0]["input_window"]
             on_leads += tuple(w["leads"]) == leads
             labels = set(parse_scp_codes(db.loc[int(r["record_id"]), "scp_codes"]))
             _, facts = synthesize(_seed(trained.demo_seed, 1, int(r["record_id"])), labels, fs=500.0)

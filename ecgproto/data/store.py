@@ -115,7 +115,11 @@ class ArrayStore:
     @cached_property
     def beats(self) -> np.ndarray:
         """(n_rows, max_beats) int16 memmap of beat positions (samples), -1 padded."""
-        return np.load(self.path / "beats.npy", mmap_mode="r")
+        f = self.path / "beats.npy"
+        if not f.exists():
+            raise FileNotFoundError(f"{self.path}: no beats.npy (a store written by an older ecgproto); run "
+                                    "`ecgproto ingest` on its dataset again, which writes a new store with beats")
+        return np.load(f, mmap_mode="r")
 
     @cached_property
     def labels(self) -> np.ndarray | None:

@@ -39,9 +39,9 @@ class WindowExtent:
 
 
 class GroupedLeads(nn.Module):
-    """(B, C, 12, T) -> (B, D, G, T): one latent per non-overlapping group of `size` lead rows (a kernel as tall as
-    the group, its stride the same), and with `whole` one more row that reads all 12 leads at once (patterns
-    spread over the leads: the axis, voltage summed across limb and chest leads)."""
+    """(B, C, 12, T) -> (B, D, 12 / size + 1, T): one latent per non-overlapping group of `size` lead rows (a kernel
+    as tall as the group, its stride the same), then one that reads all 12 leads at once (findings spread over
+    the groups: the axis, voltage summed over limb and chest leads)."""
 
     def __init__(self, c: int, d: int, size: int, n_leads: int = 12) -> None:
         super().__init__()
@@ -99,7 +99,7 @@ class Branch(nn.Module):
         per_class = cfg.prototypes_per_class
         self.prototype_dim = d * self._time_columns if self.beat else d * self.window * self.window_leads * n_rows
         n_groups = self.window_grid[0]
-        # beat pooling: a class's prototypes take the lead groups in turn (4 per class and 4 groups: one each)
+        # beat pooling: a class's prototypes take the lead groups in turn (as many as groups: one in each)
         group = torch.arange(per_class).repeat(len(classes)) % n_groups if self.beat else None
         self.prototypes = PrototypeLayer(per_class * len(classes), self.prototype_dim, cfg.scale, cfg.pool, cfg.topk,
                                          positive=cfg.latent == "sigmoid", rows=n_groups,
