@@ -1,7 +1,7 @@
 """Projection on a real (ingested demo) training split: exact real windows that keep the prototype's behaviour.
 
-The cases where projection picks by fidelity instead of nearness: the local branch (row_latent: one latent per
-lead row; lead_mean: many windows pooled) and the rhythm branch (one whole-record window per ECG)."""
+The cases where projection picks by fidelity instead of nearness: the local branch (beat windows of its own lead
+group; lead_mean: many windows pooled) and the rhythm branch (one whole-record window per ECG)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,7 @@ from ecgproto.projection import project_prototypes
 from ecgproto.train.data import SplitData
 
 
-@pytest.mark.parametrize(("name", "pool", "n_windows", "margin"), [("morphology_2d_local", "row_latent", 12, 0.01),
-                                                                    ("morphology_2d_local", "lead_mean", 12 * 30, 0.05),
+@pytest.mark.parametrize(("name", "pool", "n_windows", "margin"), [("morphology_2d_local", "lead_mean", 12 * 30, 0.05),
                                                                     ("rhythm_1d", "max", 1, 0.01)])
 def test_projection_keeps_the_trained_prototypes_pooled_behaviour(demo_root: Path, tmp_path: Path, name: str,
                                                                   pool: str, n_windows: int, margin: float) -> None:
@@ -33,7 +32,7 @@ def test_projection_keeps_the_trained_prototypes_pooled_behaviour(demo_root: Pat
         reference = ModelConfig().branches[name]
         assert reference.pool == pool
         cfg.branches[name] = cfg.branches[name].model_copy(
-            update={k: getattr(reference, k) for k in ("pool", "similarity", "scale")})
+            update={k: getattr(reference, k) for k in ("pool", "similarity", "scale", "window_leads")})
     branch = build_branch(name, cfg, labels).eval()
     assert branch.prototypes.pool_mode == pool
     train, idx = SplitData(store, "train"), labels.branch_indices(name)

@@ -156,6 +156,13 @@ def test_explain_command_writes_a_png_and_json_ranked_by_contribution(
                     assert ",".join(w["leads"]) == e["prototype_source"]["leads"]
         probs[name] = result["probabilities"]["AFIB"]
     assert probs["afib"] > probs["normal"]
+    # asked about labels by name, predicted or not; an unknown code is one message, exit code 2
+    record = str(trained.demo.ptbxl / normal["filename_lr"])
+    assert main(["explain", record, "--model", trained.out["model_uri"], "--out", str(tmp_path), "--label", "LVH",
+                 "--label", "AFIB"]) == 0
+    asked = json.loads((tmp_path / f"{Path(normal['filename_lr']).name}.explanation.json").read_text())
+    assert [lab["code"] for lab in asked["labels"]] == ["LVH", "AFIB"]
+    assert main(["explain", record, "--model", trained.out["model_uri"], "--label", "XYZ"]) == 2
 
 
 @pytest.mark.slow

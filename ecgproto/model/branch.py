@@ -157,44 +157,27 @@ class Branch(nn.Module):
     def latent_windows(self, x: torch.Tensor, beats: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 12, n) -> (B, W, D') latent windows the prototypes are compared with. `beats` (B, K) R-peak
         positions, -1 padded, for beat pooling (detected here when not given)."""
-        return self._encode(x, beats)[0]
-
-    @property
-    def feature_dim(self) -> int:
-        """Size of the pooled backbone features `forward(..., features=True)` returns."""
-        c = self.backbone.out_channels
-        return c if self.kind == "global_1d" else c * len(CABRERA)
-
-    def _encode(self, x: torch.Tensor, beats: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latent windows (B, W, D') and the backbone's features pooled over time (and beats), per lead row for
-        2D backbones: (B, C) or (B, C * 12)."""
         if self.beat:  # (B, M, G, D') per beat -> mean over the record's beats -> (B, G, D')
-            z, _, f = self._beats(x, beats)
-            return z.mean(dim=1), f
+            return self.beat_latents(x, beats)[0].mean(dim=1)
         f = self.dropout(self.backbone(x))
-        pooled = f.mean(dim=-1)  # (B, C) or (B, C, 12)
         if self.kind == "global_1d":  # (B, C, T) -> time mean -> (B, 1, D)
-            return self.add_on(pooled).unsqueeze(1), pooled
+            return self.add_on(f.mean(dim=-1)).unsqueeze(1)
         if self.kind == "global_2d":  # (B, C, 12, T) -> time mean -> (B, D, 12) -> (B, 1, D*12)
-            return self.add_on(pooled).flatten(1).unsqueeze(1), pooled.flatten(1)
+            return self.add_on(f.mean(dim=-1)).flatten(1).unsqueeze(1)
         if self.lead_embedding is not None:
             f = f + self.lead_embedding
         z = self.add_on(f)  # (B, D, 12, T)
         if self.row_latent:  # (B, D, 12, T) -> time mean -> rows of window_leads leads -> (B, R', D * leads)
             r = z.mean(dim=-1).unfold(2, self.window_leads, 1)  # (B, D, R', leads)
-            return r.permute(0, 2, 1, 3).flatten(2), pooled.flatten(1)
+            return r.permute(0, 2, 1, 3).flatten(2)
         w = z.unfold(2, self.window_leads, 1).unfold(3, self.window, 1)  # (B, D, R', T', leads, window)
         b, d, rows, cols, nl, win = w.shape
-        return w.permute(0, 2, 3, 1, 4, 5).reshape(b, rows * cols, d * nl * win), pooled.flatten(1)
+        return w.permute(0, 2, 3, 1, 4, 5).reshape(b, rows * cols, d * nl * win)  # index = row * T' + col
 
     def beat_latents(self, x: torch.Tensor, beats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Beat pooling: (B, 12, n) -> latents (B, M, G, D') of M beat windows per record in each lead group,
         and the windows' R-peak positions (B, M). In training a random subset of `train_beats` beats, jittered;
         in evaluation `beats` evenly spaced ones."""
-        z, pos, _ = self._beats(x, beats)
-        return z, pos
-
-    def _beats(self, x: torch.Tensor, beats: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if beats is None:
             beats = self.detect(x)
         pos = self.select_beats(beats.to(x.device), x.shape[-1])  # (B, M)
@@ -203,12 +186,11 @@ class Branch(nn.Module):
         t = t.clamp(0, x.shape[-1] - 1)  # only records shorter than one window reach past their ends
         crops = x.transpose(1, 2)[torch.arange(b, device=x.device).view(b, 1, 1), t]  # (B, M, L, 12)
         f = self.dropout(self.backbone(crops.permute(0, 1, 3, 2).flatten(0, 1)))  # (B*M, C, 12, T')
-        pooled = f.mean(dim=-1).view(b, m, -1).mean(dim=1)  # (B, C * 12): over time and beats
         if self.lead_embedding is not None:
             f = f + self.lead_embedding
         z = self.add_on(f)  # (B*M, D, G, T')
         z = z.permute(0, 2, 1, 3).flatten(2)  # (B*M, G, D*T')
-        return z.view(b, m, *z.shape[1:]), pos, pooled
+        return z.view(b, m, *z.shape[1:]), pos
 
     def detect(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 12, n) -> (B, K) beat positions found by ecgproto.data.beats (for records given without them)."""
@@ -235,13 +217,10 @@ class Branch(nn.Module):
             pos = pos.clamp(lo, max(hi, lo))
         return pos
 
-    def forward(self, x: torch.Tensor, beats: torch.Tensor | None = None, features: bool = False
-                ) -> tuple[torch.Tensor, ...]:
-        """(B, 12, n) -> logits (B, C), pooled similarities (B, P) (and with `features` the pooled backbone
-        features, which the joint stage's auxiliary head reads)."""
-        windows, pooled = self._encode(x, beats)
-        sims = self.prototypes.pool(self.prototypes.similarity_map(windows))
-        return (self.head(sims), sims, pooled) if features else (self.head(sims), sims)
+    def forward(self, x: torch.Tensor, beats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 12, n) -> logits (B, C), pooled similarities (B, P)."""
+        sims = self.prototypes.pool(self.prototypes.similarity_map(self.latent_windows(x, beats)))
+        return self.head(sims), sims
 
     def group_leads(self, group: int) -> tuple[str, ...]:
         """Beat pooling: the input leads of lead group `group` (Cabrera order)."""

@@ -151,19 +151,6 @@ def load_branch(ctx: TrainContext, name: str, stage: str) -> Branch:
 
 # --- stages -----------------------------------------------------------------------------------
 
-class WithAuxiliary(nn.Module):
-    """A branch and the joint stage's auxiliary head over all labels (read from its pooled backbone features)."""
-
-    def __init__(self, branch: Branch, n_labels: int) -> None:
-        super().__init__()
-        self.branch = branch
-        self.aux = nn.Linear(branch.feature_dim, n_labels)
-
-    def forward(self, x: torch.Tensor, beats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits, sims, pooled = self.branch(x, beats, features=True)
-        return logits, sims, self.aux(pooled)
-
-
 def train_joint(ctx: TrainContext, name: str, on_epoch: EpochCallback | None = None) -> FitResult:
     """Backbone + add-on + prototypes; the head stays frozen at its initialisation (+1 own class)."""
     out, ckpt = ctx.path(name, "joint.pt"), ctx.path(name, "joint.ckpt")
@@ -173,9 +160,7 @@ def train_joint(ctx: TrainContext, name: str, on_epoch: EpochCallback | None = N
     torch.manual_seed(cfg.seed)
     branch = build_branch(name, cfg.model, ctx.labels).to(ctx.device)
     branch.head.weight.requires_grad_(False)
-    # with the auxiliary head, what trains (and what the checkpoints hold) is the branch and that head
-    trained: nn.Module = WithAuxiliary(branch, len(ctx.labels)).to(ctx.device) if w.aux_labels > 0 else branch
-    net = distributed.wrap(trained, ctx.device)  # DDP under torchrun, else the module itself
+    net = distributed.wrap(branch, ctx.device)  # DDP under torchrun, else the branch itself
     part = distributed.rank_world()
     idx = ctx.labels.branch_indices(name)
     identity = branch.class_identity().to(ctx.device)
@@ -184,13 +169,10 @@ def train_joint(ctx: TrainContext, name: str, on_epoch: EpochCallback | None = N
     train, val = ctx.splits["train"], ctx.splits["val"]
 
     def loss_fn(batch) -> torch.Tensor:  # noqa: ANN001
-        x, y = batch.x.to(ctx.device), batch.y.to(ctx.device)  # y: all labels
+        x, y = batch.x.to(ctx.device), batch.y.to(ctx.device)
         with ctx.autocast():
-            out = net(x, batch.beats.to(ctx.device))
-        loss = losses.joint_loss(out[0], out[1], branch.prototypes.prototypes, y[:, idx], identity, jac, pw, w)
-        if w.aux_labels > 0:
-            loss = loss + w.aux_labels * nn.functional.binary_cross_entropy_with_logits(out[2].float(), y)
-        return loss
+            logits, sims = net(x, batch.beats.to(ctx.device))
+        return losses.joint_loss(logits, sims, branch.prototypes.prototypes, y, identity, jac, pw, w)
 
     def validate() -> float:
         logits, _ = _branch_outputs(ctx, branch, "val")
@@ -198,12 +180,12 @@ def train_joint(ctx: TrainContext, name: str, on_epoch: EpochCallback | None = N
 
     def batches(epoch: int) -> Iterator:  # a beat window is the same crop at any roll: beat branches skip it
         return train.batches(cfg.joint.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
-                             time_roll=cfg.time_roll and not branch.beat, part=part)
+                             time_roll=cfg.time_roll and not branch.beat, label_index=idx, part=part)
 
-    result = fit(trained, trained.parameters(), loss_fn, batches, validate, cfg.joint,
+    result = fit(branch, branch.parameters(), loss_fn, batches, validate, cfg.joint,
                  steps_per_epoch=_steps(len(train), cfg.joint.batch_size), checkpoint=ckpt, seed=cfg.seed,
                  on_epoch=on_epoch, main_process=distributed.is_main())
-    distributed.check_replicas(trained)
+    distributed.check_replicas(branch)
     if distributed.is_main():
         save_atomic(branch.cpu().state_dict(), out)
     distributed.barrier()
@@ -347,7 +329,7 @@ def train_baseline(ctx: TrainContext, on_epoch: EpochCallback | None = None) -> 
 
     result = fit(net, net.parameters(), loss_fn, batches, validate, b.stage,
                  steps_per_epoch=_steps(len(train), b.stage.batch_size), checkpoint=ckpt,
-                 seed=cfg.seed, optimizer="adamw", on_epoch=on_epoch, main_process=distributed.is_main())
+                 seed=cfg.seed, on_epoch=on_epoch, main_process=distributed.is_main())
     distributed.check_replicas(net)
     if distributed.is_main():
         save_atomic(net.cpu(), out)

@@ -55,7 +55,7 @@ def _schedule(opt: torch.optim.Optimizer, cfg: StageConfig, steps_per_epoch: int
 
 def fit(model: nn.Module, parameters: Iterable[nn.Parameter], loss_fn: Callable[[Any], torch.Tensor],
         batches: Callable[[int], Iterator[Any]], validate: Callable[[], float], cfg: StageConfig, *,
-        steps_per_epoch: int, checkpoint: Path, seed: int, optimizer: str = "adam",
+        steps_per_epoch: int, checkpoint: Path, seed: int,
         on_epoch: EpochCallback | None = None, after_step: Callable[[], None] | None = None,
         main_process: bool = True) -> FitResult:
     """Train `parameters` of `model`; keep the state with the best validation score (higher is better).
@@ -63,7 +63,7 @@ def fit(model: nn.Module, parameters: Iterable[nn.Parameter], loss_fn: Callable[
     Under DDP every rank calls this with its share of each batch; only the main process writes the
     checkpoint (every rank resumes from it)."""
     params = [p for p in parameters if p.requires_grad]
-    opt_cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
+    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     opt = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = _schedule(opt, cfg, steps_per_epoch)
     state = load_checkpoint(checkpoint)
