@@ -160,8 +160,8 @@ def cmd_associate(args: argparse.Namespace) -> int:
         args.layout, args.fs, args.no_resample, args.dtype, args.min_likelihood = "mimic_ecg", 100, False, "float32", 0.0
         store = Path(ingest_flow(str(source), _ingest_config(args), args.store)["store"])
         mm = mm or (source / "machine_measurements.csv" if (source / "machine_measurements.csv").exists() else None)
-    config = StudyConfig(phecode_version=args.phecodes, device=args.device,
-                         cohort=CohortConfig(admissions=args.admissions, strict=args.strict,
+    config = StudyConfig(phecode_version=args.phecodes, device=args.device, min_cases=args.min_cases,
+                         min_controls=args.min_controls, cohort=CohortConfig(admissions=args.admissions, strict=args.strict,
                                              window_before_days=args.window_days))
     if args.no_nlp:
         config.feature_sets = tuple(f for f in config.feature_sets if f != "nlp_concept")
@@ -314,7 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-nlp", action="store_true", help="skip the NLP concept feature set")
     q.add_argument("--phecodes", choices=["1.2", "X"], default="1.2", help="Phecode 1.2 (default) or PhecodeX")
     q.add_argument("--admissions", choices=["first", "all"], default="first",
-                   help="first eligible admission per subject (default) or all admissions")
+                   help="first eligible admission per subject (default) or all admissions (then each subject is one "
+                   "row: its ECG features averaged, a case if any admission has the phecode)")
+    q.add_argument("--min-cases", type=int, default=20, help="test a phecode only with this many case subjects")
+    q.add_argument("--min-controls", type=int, default=20, help="... and this many control subjects")
     q.add_argument("--strict", action="store_true", help="only ECGs inside [admittime, dischtime]")
     q.add_argument("--window-days", type=float, default=7.0, help="an ECG up to this many days before admission counts")
     q.add_argument("--device", default="cpu", help="cpu | cuda (bf16 autocast) for scoring the cohort")

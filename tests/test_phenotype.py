@@ -153,24 +153,133 @@ def test_engine_beta_se_and_p_agree_with_statsmodels_logit(whole_years: bool) ->
         assert abs(fit.pvalues[1] - row["p_value"]) / fit.pvalues[1] < 1e-4
 
 
-def test_all_admissions_mode_gives_subject_clustered_errors_like_statsmodels() -> None:
-    d = _synthetic(seed=5, n=2400)
-    groups = np.arange(2400) // 3  # three admissions per subject
-    engine = AssociationEngine(EngineConfig(screen_p=1.0, firth_below_cases=0)).fit(d.age, d.male, d.st, groups)
-    table = engine.test(d.fs)
-    rng = np.random.default_rng(6)
-    for k in rng.choice(len(table), 15, replace=False):
-        row = table.iloc[k]
-        i, j = int(row["feature_id"]), int(row["phecode"])
-        keep = d.st.status[:, j] >= 0
-        cols = [np.ones(d.age.size), d.F[:, i], (d.age - 60) / 10] + ([d.male.astype(float)] if j < 11 else [])
-        fit = sm.Logit((d.st.status[keep, j] == 1).astype(float), np.column_stack(cols)[keep]).fit(
-            disp=0, tol=1e-12, cov_type="cluster", cov_kwds={"groups": groups[keep]})
-        assert abs(fit.params[1] - row["beta"]) < 1e-6
-        assert abs(fit.bse[1] - row["standard_error"]) / fit.bse[1] < 1e-6
-    score = AssociationEngine(EngineConfig(screen_p=1e-12)).fit(d.age, d.male, d.st, groups).test(d.fs)
-    null = score[score["phecode"].astype(int) >= 3]
-    assert 0.02 <= float((null["p_value"] < 0.05).mean()) <= 0.08  # the robust score test stays calibrated
+def _clustered_null(phecode12: PhecodeMap, seed: int) -> SimpleNamespace:
+    """Admissions nested in subjects (1-8 each), a subject-level frailty in every phecode and a subject-level
+    component in every feature (so both correlate within subject), rare phecodes, and binary features
+    that are 1 in every admission of 2-4% of subjects (many tables with no exposed case). No feature is
+    associated with any phecode."""
+    rng = np.random.default_rng(seed)
+    n_subjects = 1500
+    per = rng.choice([1, 1, 1, 2, 2, 3, 5, 8], n_subjects)
+    subject = np.repeat(np.arange(n_subjects), per)
+    n = len(subject)
+    codes = ["250.2", "272.1", "285.1", "296.22", "300.1", "327.3", "340", "365", "401.1", "411.4", "496", "530.11",
+             "555.2", "585.3", "599", "696.4", "714.1", "740.1"]
+    frailty = rng.normal(0, 1.5, n_subjects)[subject]
+    prevalence = rng.uniform(0.0015, 0.006, len(codes))
+    has = rng.random((n, len(codes))) < 1 / (1 + np.exp(-(np.log(prevalence / (1 - prevalence)) + frailty[:, None])))
+    rows, cols = np.nonzero(has)
+    pairs = pd.DataFrame({"hadm_id": rows, "phecode": np.asarray(codes)[cols]})
+    male = (rng.random(n_subjects) < 0.5)[subject]
+    age = rng.integers(20, 90, n_subjects)[subject].astype(float)
+    continuous = rng.normal(size=(n_subjects, 30))[subject] + rng.normal(size=(n, 30))
+    binary = (rng.random((n_subjects, 30)) < rng.uniform(0.02, 0.04, 30))[subject].astype(np.float32)
+    F = np.column_stack([continuous, binary]).astype(np.float32)
+    fs = FeatureSet("prototype_top1", F, pd.DataFrame({"feature_id": [f"f{i}" for i in range(60)],
+                                                       "feature_label": "x"}))
+    return SimpleNamespace(pairs=pairs, male=male, age=age, subject=subject, fs=fs, n_subjects=n_subjects)
+
+
+def _subject_level_test(d: SimpleNamespace, phecode12: PhecodeMap, min_cases: int = 20) -> pd.DataFrame:
+    """What the study does with every admission: one row per subject, features averaged, phecodes pooled.
+    The table gets `exposed_cases`: case subjects with a nonzero feature."""
+    from ecgproto.phenotype.study import pool_units
+
+    status = phecode_status(pd.Series(np.arange(len(d.subject))), d.pairs, phecode12, d.male, min_cases, 20,
+                            unit_of=d.subject)
+    first = np.searchsorted(d.subject, np.arange(d.n_subjects))
+    engine = AssociationEngine(EngineConfig()).fit(d.age[first], d.male[first], status)
+    pooled = pool_units(d.fs, d.subject, d.n_subjects)
+    exposed_cases = ((pooled.values != 0).T.astype(int) @ (status.status == 1).astype(int)).ravel()
+    return engine.test(pooled).assign(exposed_cases=exposed_cases)
+
+
+def test_every_admission_mode_is_calibrated_on_a_clustered_null_with_rare_phecodes_and_separation(
+        phecode12: PhecodeMap) -> None:
+    p_values, separated = [], 0
+    for seed in range(3):
+        d = _clustered_null(phecode12, seed)
+        table = _subject_level_test(d, phecode12)
+        assert len(table) > 600 and table["p_value"].notna().all() and table["n_cases"].min() <= 40
+        assert not table["significant_bonf"].any(), table.nsmallest(3, "p_value")
+        p_values.append(table["p_value"].to_numpy())
+        separated += int((table["exposed_cases"] == 0).sum())
+    assert separated > 100  # binary features no case subject has
+    p = np.concatenate(p_values)
+    assert 0.02 <= float((p < 0.05).mean()) <= 0.08
+    assert 0.001 <= float((p < 0.01).mean()) <= 0.02
+
+
+def test_a_separated_table_from_repeated_admissions_is_no_stronger_than_the_exact_test(phecode12: PhecodeMap) -> None:
+    """The null finding reported on the MIMIC demo: exposed admissions 0 cases / 33, unexposed 43 / 224
+    (Fisher's exact p = 0.002 ignoring that admissions share subjects); a Firth fit with a sandwich
+    variance gave p = 2e-18. Here the 33 exposed admissions come from 6 subjects."""
+    from scipy.stats import fisher_exact
+
+    rng = np.random.default_rng(7)
+    exposed_subjects = np.repeat(np.arange(6), [8, 7, 6, 5, 4, 3])  # 33 admissions
+    unexposed_subjects = 6 + np.repeat(np.arange(90), rng.multinomial(224 - 90, np.ones(90) / 90) + 1)
+    subject = np.concatenate([exposed_subjects, unexposed_subjects])
+    n = len(subject)
+    x = np.r_[np.ones(33), np.zeros(224)].astype(np.float32)
+    case = np.zeros(n, bool)
+    case[33 + rng.choice(224, 43, replace=False)] = True
+    d = SimpleNamespace(pairs=pd.DataFrame({"hadm_id": np.flatnonzero(case), "phecode": "530.11"}),
+                        male=(rng.random(96) < 0.5)[subject], age=rng.integers(30, 80, 96)[subject].astype(float),
+                        subject=subject, n_subjects=96,
+                        fs=FeatureSet("prototype_top1", x[:, None], pd.DataFrame({"feature_id": ["P0001"],
+                                                                                   "feature_label": "x"})))
+    exact = fisher_exact([[0, 33], [43, 181]]).pvalue
+    row = _subject_level_test(d, phecode12, min_cases=10).iloc[0]
+    assert row["beta"] < 0
+    assert row["p_value"] >= exact
+    assert row["n_cases"] == len(np.unique(subject[case]))  # counts are subjects
+
+
+def test_case_minimums_count_distinct_subjects(phecode12: PhecodeMap) -> None:
+    dx = pd.DataFrame({"hadm_id": np.arange(60), "icd_version": 9, "icd_code": ["2041"] * 20 + ["4019"] * 40})
+    pairs, _ = phecode12.map_diagnoses(dx)
+    unit_of = np.r_[np.zeros(20, int), np.arange(1, 41), np.arange(41, 100)]  # 20 leukemia admissions, 1 subject
+    st = phecode_status(pd.Series(np.arange(119)), pairs, phecode12, np.ones(119, bool), 20, 20, unit_of=unit_of)
+    untested = st.untested.set_index("phecode")
+    assert untested.loc["204.1", "reason"] == "fewer than 20 cases (distinct subjects)"
+    assert st.phecodes.set_index("phecode").loc["401.1", "n_cases"] == 40
+
+
+def test_phecodes_with_the_same_cases_are_one_condition_tested_at_the_most_specific_code(
+        phecode12: PhecodeMap) -> None:
+    dx = pd.DataFrame({"hadm_id": np.arange(60), "icd_version": 9, "icd_code": ["42731"] * 25 + ["4019"] * 35})
+    pairs, _ = phecode12.map_diagnoses(dx)
+    st = phecode_status(pd.Series(np.arange(80)), pairs, phecode12, np.arange(80) % 2 == 0, 10, 10)
+    tested = st.phecodes.set_index("phecode")
+    assert {"427.21", "401.1"} <= set(tested.index) and not {"427", "427.2", "401"} & set(tested.index)
+    assert tested.loc["427.21", "same_cases"] == "427, 427.2" and tested.loc["401.1", "same_cases"] == "401"
+    untested = st.untested.set_index("phecode")
+    assert untested.loc["427.2", "reason"] == "same cases as 427.21"
+    assert untested.loc["427", "same_cases_as"] == "427.21"
+
+
+def test_cohort_leaves_out_impossible_admissions_and_unreadable_ecg_times_with_a_flow_step(tmp_path: Path) -> None:
+    from ecgproto.phenotype.cohort import build_cohort
+
+    hosp = tmp_path / "hosp"
+    hosp.mkdir()
+    pd.DataFrame({"subject_id": [1, 2, 3], "gender": ["M", "F", "M"], "anchor_age": [60, 70, 50],
+                  "anchor_year": [2150] * 3}).to_csv(hosp / "patients.csv", index=False)
+    pd.DataFrame({"subject_id": [1, 1, 2, 3], "hadm_id": [10, 11, 20, 30],
+                  "admittime": ["2150-01-10", "2150-02-10", "2150-03-01", "2150-04-01"],
+                  "dischtime": ["2150-01-15", "2150-02-01", "2150-03-05", "2150-04-05"]}).to_csv(
+        hosp / "admissions.csv", index=False)  # 11 is discharged before it is admitted
+    pd.DataFrame({"subject_id": [1, 1, 2, 3], "hadm_id": [10, 11, 20, 30], "icd_code": "4019",
+                  "icd_version": 9}).to_csv(hosp / "diagnoses_icd.csv", index=False)
+    manifest = pd.DataFrame({"record_id": ["a", "b", "c", "d"], "subject_id": ["1", "1", "2", "3"], "row": range(4),
+                             "ecg_time": ["2150-01-11", "2150-02-10", "2150-03-02", "not a time"]})
+    cohort = build_cohort(manifest, hosp, CohortConfig(admissions="all"))
+    assert set(cohort.table["hadm_id"]) == {10, 20}
+    flow = cohort.flow.set_index("step")
+    assert flow.loc["ECGs with a readable ecg_time (others left out)", "n"] == 3
+    assert flow.loc["dischtime not before admittime", "n"] == 3
+    assert flow.loc["subjects analysed (one row each)", "unit"] == "subjects"
 
 
 def test_score_screen_refits_only_hits_and_matches_the_score_test_of_statsmodels() -> None:
@@ -242,9 +351,11 @@ def test_planted_associations_are_recovered_and_null_pairs_are_calibrated(demo_c
     result = PhenotypeStudy(config).run(demo_cohort.store, demo_cohort.demo.mimic_hosp, None,
                                         demo_cohort.demo.mimic_ecg / "machine_measurements.csv")
     r = result.results
+    same = result.status.untested.set_index("phecode")["same_cases_as"]
     for dx in PLANTED:
         phrase = PATTERN_PHRASE[dx.pattern]
-        hits = r[(r["phecode"] == dx.phecode) & r["feature_label"].str.startswith(phrase)]
+        code = same.get(dx.phecode) or dx.phecode  # 428 has only 428.1's cases here: tested as 428.1
+        hits = r[(r["phecode"] == code) & r["feature_label"].str.startswith(phrase)]
         assert hits["significant_bonf"].any(), (dx.name, hits[["feature_label", "p_value"]])
         assert (hits.loc[hits["significant_bonf"], "beta"] > 0).all()  # right sign
     null_codes = {dx.phecode for dx in NULL}
@@ -279,7 +390,7 @@ def test_associate_flow_logs_tables_and_figures_without_identifiers_or_small_cou
     assert len(results) > 0
     assert not set(results.columns) & {"subject_id", "hadm_id", "study_id", "record_id"}
     for table in [results] + [pd.read_csv(f, dtype=str, keep_default_na=False) for f in local.glob("*.csv")]:
-        for col in set(table.columns) & {"n_cases", "n_controls", "n_excluded", "admissions", "rows", "mapped"}:
+        for col in set(table.columns) & {"n_cases", "n_controls", "n_excluded", "n", "rows", "mapped"}:
             numeric = pd.to_numeric(table[col], errors="coerce")
             assert ((numeric >= 10) | (numeric == 0) | table[col].eq("<10")).all(), col
     assert results["n_cases"].eq("<10").any()  # 3-9 cases happen in a 40-subject cohort, and are hidden
@@ -291,3 +402,14 @@ def test_associate_flow_logs_tables_and_figures_without_identifiers_or_small_cou
     ids = set(pd.read_csv(mimic / "record_list.csv", dtype=str)["subject_id"])
     text = "".join(p.read_text() for p in local.glob("*.tsv")) + "".join(p.read_text() for p in local.glob("*.csv"))
     assert not any(i in text for i in ids)
+
+    # A cohort too small for any phecode: a finished run that says so, with the cohort flow and the untested list
+    small = StudyConfig(feature_sets=("nlp_concept",), min_cases=500, min_controls=3, predict=False)
+    out = associate_flow(str(store.path), str(hosp), None, str(mimic / "machine_measurements.csv"), small,
+                         tracking_uri=mlflow_uri)
+    run = tracking.describe(str(out["run_id"]), mlflow_uri)
+    assert run["status"] == "FINISHED"
+    for artifact in ("association/nothing_tested.json", "association/phecodes_untested.csv",
+                     "association/cohort_flow.csv"):
+        assert artifact in run["artifacts"], artifact
+    assert out["metrics"]["phecodes_tested"] == 0

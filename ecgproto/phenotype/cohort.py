@@ -4,6 +4,13 @@ An ECG belongs to an admission when its time lies in [admittime - window, discht
 falls in two admissions' windows goes to the one it lies inside, else to the next admission, ties
 by hadm_id. One ECG per admission: the earliest. Age from anchor_age/anchor_year (90+ top-coded),
 sex from gender; adults with at least one diagnosis code; by default one admission per subject.
+
+With every admission (`admissions="all"`) the analysis unit is still the subject: `unit_of` maps each
+admission to its subject, whose ECG features are averaged and whose phecodes are pooled over its
+admissions, so the association tests see independent rows (see docs/design.md).
+
+Admissions whose dischtime precedes admittime, or whose times do not parse, and ECGs whose
+ecg_time does not parse are left out with a step of their own in `flow`.
 """
 
 from __future__ import annotations
@@ -35,7 +42,9 @@ class Cohort:
 
     table: pd.DataFrame  # hadm_id, subject_id, record_id, row, ecg_time, age, age_top_coded, male
     diagnoses: pd.DataFrame  # the cohort admissions' rows of diagnoses_icd
-    flow: pd.DataFrame  # step, admissions left (a CONSORT-style count table)
+    flow: pd.DataFrame  # step, n, unit: what is left after each step (a CONSORT-style count table)
+    units: pd.DataFrame  # one row per analysis unit (subject): subject_id, age (first ECG), male, admissions
+    unit_of: np.ndarray  # (n,) the unit (row of `units`) of each admission
 
     @property
     def n(self) -> int:
@@ -57,9 +66,9 @@ def read_table(hosp: Path, name: str, columns: list[str]) -> pd.DataFrame:
 
 def link_ecgs(ecgs: pd.DataFrame, admissions: pd.DataFrame, config: CohortConfig) -> pd.DataFrame:
     """ecgs (record_id, subject_id, ecg_time, row) x admissions -> one ECG per admission (the earliest)."""
-    e = ecgs.assign(ecg_time=pd.to_datetime(ecgs["ecg_time"]))
-    a = admissions.assign(admittime=pd.to_datetime(admissions["admittime"]),
-                          dischtime=pd.to_datetime(admissions["dischtime"]))
+    e = ecgs.assign(ecg_time=pd.to_datetime(ecgs["ecg_time"], errors="coerce"))
+    a = admissions.assign(admittime=pd.to_datetime(admissions["admittime"], errors="coerce"),
+                          dischtime=pd.to_datetime(admissions["dischtime"], errors="coerce"))
     start = a["admittime"] - pd.Timedelta(days=0 if config.strict else config.window_before_days)
     a = a.assign(window_start=start)
     m = e.merge(a[["subject_id", "hadm_id", "admittime", "dischtime", "window_start"]], on="subject_id")
@@ -81,24 +90,38 @@ def build_cohort(manifest: pd.DataFrame, hosp: Path, config: CohortConfig | None
     diagnoses = read_table(hosp, "diagnoses_icd", ["subject_id", "hadm_id", "icd_code", "icd_version"])
     ecgs = manifest[["record_id", "subject_id", "ecg_time", "row"]].copy()
     ecgs["subject_id"] = pd.to_numeric(ecgs["subject_id"], errors="raise").astype("int64")
-    steps = [("admissions in hosp", len(admissions))]
+    steps = [("ECGs in the store", len(ecgs), "ECGs")]
+    ecgs = ecgs[pd.to_datetime(ecgs["ecg_time"], errors="coerce").notna()]
+    steps.append(("ECGs with a readable ecg_time (others left out)", len(ecgs), "ECGs"))
+    steps.append(("admissions in hosp", len(admissions), "admissions"))
+    admit = pd.to_datetime(admissions["admittime"], errors="coerce")
+    disch = pd.to_datetime(admissions["dischtime"], errors="coerce")
+    admissions = admissions[admit.notna() & disch.notna()]
+    steps.append(("with readable admittime and dischtime", len(admissions), "admissions"))
+    admissions = admissions[disch[admissions.index] >= admit[admissions.index]]
+    steps.append(("dischtime not before admittime", len(admissions), "admissions"))
 
     linked = link_ecgs(ecgs, admissions, config)
-    steps.append(("with a usable ECG in the window", len(linked)))
+    steps.append(("with a usable ECG in the window", len(linked), "admissions"))
     linked = linked.merge(patients[["subject_id", "gender", "anchor_age", "anchor_year"]], on="subject_id", how="inner")
     age = linked["anchor_age"] + pd.to_datetime(linked["ecg_time"]).dt.year - linked["anchor_year"]
     linked["age_top_coded"] = (linked["anchor_age"] >= 91) | (age >= 90)  # MIMIC stores every 89+ as 91
     linked["age"] = np.minimum(age, 90).astype(float)
     linked["male"] = linked["gender"].astype(str).str.upper().str.startswith("M")
     linked = linked[linked["age"] >= config.min_age]
-    steps.append((f"age >= {config.min_age:g}", len(linked)))
+    steps.append((f"age >= {config.min_age:g}", len(linked), "admissions"))
     coded = set(diagnoses["hadm_id"])
     linked = linked[linked["hadm_id"].isin(coded)]
-    steps.append(("with >= 1 diagnosis code", len(linked)))
+    steps.append(("with >= 1 diagnosis code", len(linked), "admissions"))
     if config.admissions == "first":
         linked = linked.sort_values(["subject_id", "admittime", "hadm_id"]).drop_duplicates("subject_id")
-        steps.append(("first eligible admission per subject", len(linked)))
+        steps.append(("first eligible admission per subject", len(linked), "admissions"))
     table = linked.sort_values("hadm_id")[["hadm_id", "subject_id", "record_id", "row", "ecg_time", "age",
                                            "age_top_coded", "male"]].reset_index(drop=True)
+    subjects, unit_of = np.unique(table["subject_id"].to_numpy(), return_inverse=True)
+    first = table.assign(_unit=unit_of).sort_values(["_unit", "ecg_time", "hadm_id"]).drop_duplicates("_unit")
+    units = pd.DataFrame({"subject_id": subjects, "age": first["age"].to_numpy(), "male": first["male"].to_numpy(),
+                          "admissions": np.bincount(unit_of, minlength=len(subjects))})
+    steps.append(("subjects analysed (one row each)", len(units), "subjects"))
     dx = diagnoses[diagnoses["hadm_id"].isin(set(table["hadm_id"]))].reset_index(drop=True)
-    return Cohort(table, dx, pd.DataFrame(steps, columns=["step", "admissions"]))
+    return Cohort(table, dx, pd.DataFrame(steps, columns=["step", "n", "unit"]), units, unit_of.ravel())

@@ -6,6 +6,10 @@ with per-phecode weight and residual columns. Pairs whose score p passes `screen
 exactly: Newton-Raphson with Wald inference, or Firth's penalised likelihood (p from the penalised
 likelihood ratio) when cases are few or the ordinary fit separates or does not converge.
 
+Rows are independent units (subjects): a study that uses several admissions per subject pools them
+into one row per subject first (`ecgproto.phenotype.study`), so no test here relies on a
+cluster-robust variance, which is badly biased for rare phecodes and separated features.
+
     logit P(case) = b0 + b * x + g1 * age + g2 * sex      (sex dropped for sex-specific phecodes)
 """
 
@@ -163,13 +167,10 @@ class AssociationEngine:
     status_: PhecodeStatus | None = None
     drop_: np.ndarray | None = None
     null_beta_: np.ndarray | None = None  # (J, k)
-    cluster_: sparse.csr_matrix | None = None  # (clusters, n) membership, when admissions share subjects
     null_converged_: np.ndarray | None = None
 
-    def fit(self, age: np.ndarray, male: np.ndarray, status: PhecodeStatus,
-            groups: np.ndarray | None = None) -> AssociationEngine:
-        """`groups` (n,): subject of each admission when a subject has several; then every variance is
-        cluster-robust (score test and Wald refits use the subject-clustered sandwich)."""
+    def fit(self, age: np.ndarray, male: np.ndarray, status: PhecodeStatus) -> AssociationEngine:
+        """Null models of every phecode. Rows must be independent (one per subject)."""
         n = len(age)
         if status.status.shape[0] != n or len(male) != n:
             raise ValueError(f"age ({n}), sex ({len(male)}) and phecode status ({status.status.shape[0]}) rows differ")
@@ -177,13 +178,6 @@ class AssociationEngine:
             raise ValueError("age has missing values; drop those admissions from the cohort first")
         self.covariates_ = np.column_stack([np.ones(n), (age - 60.0) / 10.0, male.astype(float)])
         self.status_ = status
-        self.cluster_ = None
-        if groups is not None:
-            _, codes = np.unique(np.asarray(groups), return_inverse=True)
-            n_clusters = int(codes.max()) + 1
-            if n_clusters < n:
-                self.cluster_ = sparse.csr_matrix((np.ones(n, np.float32), (codes.ravel(), np.arange(n))),
-                                                  shape=(n_clusters, n))
         sex_specific = status.phecodes["sex"].astype(str).str.match(r"^(Male|Female)").to_numpy()
         # Sex also drops out where the cases (or the controls) are all of one sex, e.g. breast cancer's
         # parent phecode: its maximum-likelihood sex effect is infinite (separation).
@@ -263,22 +257,8 @@ class AssociationEngine:
         prod = (F.T @ stacked).astype(np.float64)  # (m, (1+k) b): the only O(n m b) products
         U = prod[:, :b]
         A = prod[:, b:].reshape(F.shape[1], k, b)  # A[:, c, j] = F' W_j z_c
-        if self.cluster_ is not None:
-            return U, self._robust_score_variance(F, r, A, inv)
         V = (F2.T @ w.astype(dtype)).astype(np.float64) - np.einsum("mcj,jcd,mdj->mj", A, inv, A)
         return U, V
-
-    def _robust_score_variance(self, F: np.ndarray, r: np.ndarray, A: np.ndarray, inv: np.ndarray) -> np.ndarray:
-        """Subject-clustered variance of the score: sum over subjects of (sum of residualised f * r)^2,
-        with the C/(C-1) small-sample factor. Costs one (n x m) pass per phecode."""
-        Z, G = self.covariates_, self.cluster_
-        n_clusters = G.shape[0]
-        V = np.empty((F.shape[1], r.shape[1]))
-        for j in range(r.shape[1]):
-            B = (inv[j] @ A[:, :, j].T).astype(F.dtype)  # (k, m): F~ = F - Z B residualises on the null fit
-            sums = G @ (F * r[:, [j]].astype(F.dtype)) - (G @ (Z * r[:, [j]])).astype(F.dtype) @ B  # (C, m)
-            V[:, j] = (sums.astype(np.float64) ** 2).sum(axis=0) * n_clusters / max(n_clusters - 1, 1)
-        return V
 
     def test(self, fs: FeatureSet) -> pd.DataFrame:
         """All (feature, phecode) pairs of one feature set -> the result table (RESULT_COLUMNS)."""
@@ -334,8 +314,6 @@ class AssociationEngine:
             if score_beta is not None:
                 start[:, -1] = np.nan_to_num(np.clip(score_beta[idx], -5, 5))
             b, cov, conv = newton_logit(X, y, self.config.max_iter, self.config.tol, start)
-            if self.cluster_ is not None:
-                cov = self._sandwich(X, y, b, cov, rows)
             for t, i in enumerate(idx):
                 bx, vx = b[t, -1], cov[t, -1, -1]
                 if not conv[t] or not np.isfinite(bx) or abs(bx) > 15 or not vx > 0:
@@ -348,30 +326,10 @@ class AssociationEngine:
             for i in np.flatnonzero(firth):
                 X1 = np.column_stack([Z, xs[:, i]])
                 b, cov, value, conv = firth_logit(X1, y)
-                if self.cluster_ is not None:  # no clustered penalised LR: Firth estimate, sandwich Wald
-                    se = float(np.sqrt(max(self._sandwich(X1[None], y, b[None], cov[None], rows)[0, -1, -1], 0.0)))
-                    out[i] = RefitResult(float(b[-1]), se, float(2 * stats.norm.sf(abs(b[-1] / se))) if se > 0
-                                         else float("nan"), "firth_cluster", bool(conv))
-                    continue
                 lr = max(2 * (value - null_value), 0.0)
                 out[i] = RefitResult(float(b[-1]), float(np.sqrt(max(cov[-1, -1], 0.0))),
                                      float(stats.chi2.sf(lr, 1)), "firth", bool(conv and null_conv))
         return [r for r in out if r is not None]
-
-    def _sandwich(self, X: np.ndarray, y: np.ndarray, beta: np.ndarray, bread: np.ndarray,
-                  rows: np.ndarray) -> np.ndarray:
-        """Subject-clustered covariance (H, p, p) of batched fits, with statsmodels' default small-sample
-        factor (C/(C-1)) * ((n-1)/(n-p))."""
-        G = self.cluster_[:, rows]
-        G = G[np.asarray(G.sum(axis=1)).ravel() > 0]
-        n, p = X.shape[1], X.shape[2]
-        c = G.shape[0]
-        mu = _sigmoid(np.einsum("hnp,hp->hn", X, beta))
-        out = np.empty_like(bread)
-        for h in range(X.shape[0]):
-            s = G @ (X[h] * (y - mu[h])[:, None])  # (C, p) per-subject score sums
-            out[h] = bread[h] @ (s.T @ s) @ bread[h]
-        return out * (c / max(c - 1, 1)) * ((n - 1) / max(n - p, 1))
 
     def _table(self, fs: FeatureSet, beta: np.ndarray, se: np.ndarray, p: np.ndarray, method: np.ndarray,
                converged: np.ndarray) -> pd.DataFrame:

@@ -190,19 +190,28 @@ def mapping_report(detail: pd.DataFrame) -> MappingReport:
 
 @dataclass
 class PhecodeStatus:
-    """Per admission and phecode: 1 case, 0 control, -1 excluded (exclusion range or other sex)."""
+    """Per analysis unit (a subject) and phecode: 1 case, 0 control, -1 excluded (exclusion range or other sex)."""
 
-    status: np.ndarray  # (n_admissions, n_phecodes) int8
-    phecodes: pd.DataFrame  # phecode, phecode_string, phecode_category, sex, n_cases, n_controls, n_excluded
-    untested: pd.DataFrame  # phecode, phecode_string, reason
+    status: np.ndarray  # (n_units, n_phecodes) int8
+    phecodes: pd.DataFrame  # phecode, phecode_string, phecode_category, sex, n_cases, n_controls, n_excluded, ...
+    untested: pd.DataFrame  # phecode, phecode_string, phecode_category, reason, same_cases_as
 
 
 def phecode_status(admissions: pd.Series, pairs: pd.DataFrame, phecode_map: PhecodeMap, male: np.ndarray,
-                   min_cases: int = 20, min_controls: int = 20) -> PhecodeStatus:
+                   min_cases: int = 20, min_controls: int = 20, unit_of: np.ndarray | None = None) -> PhecodeStatus:
     """Cases, controls and exclusions for every phecode seen in the cohort's codes.
 
-    admissions: the cohort's hadm_ids in row order; male: (n,) bool. A phecode is tested only with
-    >= min_cases cases and >= min_controls controls; the others are listed with the reason.
+    admissions: the cohort's hadm_ids in row order; male: (n,) bool. `unit_of` (n,): the analysis unit
+    (subject) of each admission, 0..U-1, when a subject contributes several admissions: a subject is a
+    case when any of its admissions has the phecode, excluded when it is not a case and any admission
+    has a code of the exclusion range; rows of the result are then subjects. Minimums count units, so
+    always distinct subjects. A phecode is tested only with >= min_cases cases and >= min_controls
+    controls; the others are listed with the reason.
+
+    Phecodes with the same case set (a parent whose only cases are those of one child: 427, 427.2,
+    427.21) are one condition in this cohort: only the most specific is tested, and the others are
+    listed as untested with `same_cases_as` naming it (and in its `same_cases` column), so a hit is
+    counted and shown once.
     """
     row_of = pd.Series(np.arange(len(admissions)), index=pd.Index(admissions.to_numpy()))
     pairs = pairs[pairs["hadm_id"].isin(row_of.index)]
@@ -214,6 +223,17 @@ def phecode_status(admissions: pd.Series, pairs: pd.DataFrame, phecode_map: Phec
     col_of = {p: j for j, p in enumerate(seen)}
     has = np.zeros((len(admissions), len(seen)), dtype=bool)
     has[row_of[pairs["hadm_id"]].to_numpy(), [col_of[p] for p in pairs["phecode"]]] = True
+    male = np.asarray(male, dtype=bool)
+    if unit_of is not None:
+        unit_of = np.asarray(unit_of)
+        if len(unit_of) != len(admissions):
+            raise ValueError(f"unit_of has {len(unit_of)} entries for {len(admissions)} admissions")
+        n_units = int(unit_of.max()) + 1 if len(unit_of) else 0
+        pooled = np.zeros((n_units, len(seen)), dtype=bool)
+        np.logical_or.at(pooled, unit_of, has)
+        unit_male = np.zeros(n_units, dtype=bool)
+        unit_male[unit_of] = male
+        has, male = pooled, unit_male
 
     status = has.astype(np.int8)
     restricted: dict[str, str] = {}  # phecode -> the one sex of all its cases
@@ -238,11 +258,32 @@ def phecode_status(admissions: pd.Series, pairs: pd.DataFrame, phecode_map: Phec
     table["n_cases"] = (status == 1).sum(axis=0)
     table["n_controls"] = (status == 0).sum(axis=0)
     table["n_excluded"] = (status == -1).sum(axis=0)
-    reason = np.where(table["n_cases"] < min_cases, f"fewer than {min_cases} cases",
-                      np.where(table["n_controls"] < min_controls, f"fewer than {min_controls} controls", ""))
+    counted = " (distinct subjects)" if unit_of is not None else ""
+    reason = np.where(table["n_cases"] < min_cases, f"fewer than {min_cases} cases{counted}",
+                      np.where(table["n_controls"] < min_controls, f"fewer than {min_controls} controls{counted}", ""))
+    same_as = _same_case_sets(table["phecode"].to_numpy(), status == 1, reason == "")
+    codes = table["phecode"].to_numpy()
+    table["same_cases"] = [", ".join(sorted(codes[same_as == c])) for c in codes]
+    reason = np.where(same_as != "", "same cases as " + same_as.astype(str), reason)
     table["tested"] = reason == ""
     untested = table.loc[~table["tested"], ["phecode", "phecode_string", "phecode_category"]].assign(
-        reason=reason[~table["tested"].to_numpy()])
+        reason=reason[~table["tested"].to_numpy()], same_cases_as=same_as[~table["tested"].to_numpy()])
     keep = table["tested"].to_numpy()
     return PhecodeStatus(status[:, keep], table.loc[keep].drop(columns="tested").reset_index(drop=True),
                          untested.reset_index(drop=True))
+
+
+def _same_case_sets(codes: np.ndarray, cases: np.ndarray, testable: np.ndarray) -> np.ndarray:
+    """For each phecode, the testable phecode with the same case set that is kept in its place ('' for
+    the kept ones and those without a twin): the most specific (longest code), then the first."""
+    out = np.full(len(codes), "", dtype=object)
+    groups: dict[bytes, list[int]] = {}
+    for j in np.flatnonzero(testable):
+        groups.setdefault(np.packbits(cases[:, j]).tobytes(), []).append(j)
+    for members in groups.values():
+        if len(members) > 1:
+            kept = max(members, key=lambda j: (len(str(codes[j])), -j))
+            for j in members:
+                if j != kept:
+                    out[j] = str(codes[kept])
+    return out

@@ -22,7 +22,13 @@ from ecgproto.data.store import ArrayStore
 from ecgproto.phenotype import compare
 from ecgproto.phenotype import figures as figs
 from ecgproto.phenotype.cohort import Cohort, CohortConfig, build_cohort
-from ecgproto.phenotype.engine import CATEGORY_COLUMNS, AssociationEngine, EngineConfig, FeatureSet
+from ecgproto.phenotype.engine import (
+    CATEGORY_COLUMNS,
+    RESULT_COLUMNS,
+    AssociationEngine,
+    EngineConfig,
+    FeatureSet,
+)
 from ecgproto.phenotype.features import (
     Scores,
     class_features,
@@ -33,6 +39,7 @@ from ecgproto.phenotype.features import (
     score_cohort,
     scores_from_activations,
     top1_features,
+    zscore,
 )
 from ecgproto.phenotype.phecodes import (
     MappingReport,
@@ -81,6 +88,7 @@ class StudyResult:
     distance_summary: dict[str, float]
     curves: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     n_features: dict[str, int] = field(default_factory=dict)
+    message: str = ""  # why nothing was tested, and what would make phecodes testable
 
 
 class PhenotypeStudy:
@@ -95,7 +103,7 @@ class PhenotypeStudy:
         pmap = PhecodeMap.load(self.config.phecode_version)  # type: ignore[arg-type]
         pairs, detail = pmap.map_diagnoses(cohort.diagnoses)
         status = phecode_status(cohort.table["hadm_id"], pairs, pmap, cohort.table["male"].to_numpy(),
-                                self.config.min_cases, self.config.min_controls)
+                                self.config.min_cases, self.config.min_controls, unit_of=cohort.unit_of)
         return cohort, status, mapping_report(detail)
 
     def feature_sets(self, scores: Scores | None, reports: pd.DataFrame | None) -> list[FeatureSet]:
@@ -117,8 +125,7 @@ class PhenotypeStudy:
         c = self.config
         cohort, status, mapping = self.cohort(store, hosp)
         if status.status.shape[1] == 0:
-            raise ValueError(f"no phecode has >= {c.min_cases} cases and >= {c.min_controls} controls in the "
-                             f"cohort ({cohort.n} admissions); nothing to test")
+            return self._nothing_testable(cohort, status, mapping)
         rows = cohort.table["row"].to_numpy()
         if activations is not None:
             if activations.info["store"] != store.key:
@@ -135,13 +142,12 @@ class PhenotypeStudy:
         if machine_measurements is not None:
             mm = pd.read_csv(machine_measurements, dtype={"study_id": str}, low_memory=False)
             reports = cohort.table[["record_id"]].merge(mm, left_on="record_id", right_on="study_id", how="left")
-        sets = self.feature_sets(scores, reports)
+        sets = [pool_units(fs, cohort.unit_of, len(cohort.units)) for fs in self.feature_sets(scores, reports)]
         if not sets:
             raise ValueError("no feature set to test: give a model and/or machine_measurements.csv")
-        clustered = c.cohort.admissions == "all"  # several admissions of a subject: subject-clustered errors
-        engine = AssociationEngine(c.engine).fit(cohort.table["age"].to_numpy(float),
-                                                 cohort.table["male"].to_numpy(bool), status,
-                                                 cohort.table["subject_id"].to_numpy() if clustered else None)
+        # one row per subject (a subject's admissions pooled), so the rows are independent
+        engine = AssociationEngine(c.engine).fit(cohort.units["age"].to_numpy(float),
+                                                 cohort.units["male"].to_numpy(bool), status)
         results = pd.concat([engine.test(fs) for fs in sets], ignore_index=True)
         for col in CATEGORY_COLUMNS:  # concat of differing categories falls back to object
             results[col] = results[col].astype("category")
@@ -154,17 +160,53 @@ class PhenotypeStudy:
         calibration = compare.feature_count_calibration(results, n_features, seed=c.seed) \
             if "prototype" in n_features else pd.DataFrame()
         prediction, curves = pd.DataFrame(), {}
-        covariates = np.column_stack([cohort.table["age"].to_numpy(float), cohort.table["male"].to_numpy(float)])
+        covariates = np.column_stack([cohort.units["age"].to_numpy(float), cohort.units["male"].to_numpy(float)])
         if c.predict:
             prediction, curves = compare.prediction_table(
                 {fs.name: fs.values for fs in sets if fs.name != "prototype_top1"}, covariates, status.status,
-                status.phecodes["phecode"].tolist(), cohort.table["subject_id"].to_numpy(), c.targets, c.seed)
+                status.phecodes["phecode"].tolist(), np.arange(len(cohort.units)), resolve_targets(c.targets, status),
+                c.seed)
         distances, summary = pd.DataFrame(), {}
         if scores is not None and model is not None:
             distances, summary = compare.mixed_significance_test(
                 results, compare.intra_class_distance(_prototype_vectors(model), scores.prototypes), seed=c.seed)
         return StudyResult(results, cohort, status, mapping, strength, compare.specificity(results), calibration,
                            prediction, distances, summary, curves, n_features)
+
+    def _nothing_testable(self, cohort: Cohort, status: PhecodeStatus, mapping: MappingReport) -> StudyResult:
+        """A cohort too small for any phecode: a finished study with the cohort flow, the untested list
+        and a message saying what would make phecodes testable (no scoring, no tests)."""
+        c = self.config
+        n_units = len(cohort.units)
+        below = status.untested["reason"].astype(str)
+        message = (f"no phecode is testable: each needs >= {c.min_cases} case and >= {c.min_controls} control "
+                   f"subjects, and this cohort has {n_units if n_units >= c.min_cell else f'<{c.min_cell}'} subjects"
+                   f" ({int(below.str.startswith('fewer than').sum())} phecodes seen, all below). Link more ECGs "
+                   "(a larger cohort, --admissions all, a wider window) or lower --min-cases/--min-controls.")
+        empty = pd.DataFrame(columns=RESULT_COLUMNS + ["bonferroni_threshold_shared", "significant_bonf_shared"])
+        return StudyResult(empty, cohort, status, mapping, pd.DataFrame(), pd.DataFrame(), pd.DataFrame(),
+                           pd.DataFrame(), pd.DataFrame(), {}, message=message)
+
+
+def resolve_targets(targets: dict[str, str], status: PhecodeStatus) -> dict[str, str]:
+    """A target phecode tested under a more specific code with the same cases (428 as 428.1) -> that code."""
+    same = status.untested.set_index("phecode")["same_cases_as"] if len(status.untested) else pd.Series(dtype=str)
+    return {(same.get(code) or code): name for code, name in targets.items()}
+
+
+ZSCORED = ("prototype", "prototype_class", "class_prob")  # per-SD features; the others are 0/1 indicators
+
+
+def pool_units(fs: FeatureSet, unit_of: np.ndarray, n_units: int) -> FeatureSet:
+    """Admission rows -> one row per analysis unit (subject): the mean of its ECGs' features (for an
+    indicator, the share of its ECGs that show it); per-SD features are standardised again over units."""
+    if n_units == len(unit_of) and (unit_of == np.arange(n_units)).all():
+        return fs
+    counts = np.bincount(unit_of, minlength=n_units).astype(np.float64)
+    sums = np.zeros((n_units, fs.values.shape[1]))
+    np.add.at(sums, unit_of, fs.values.astype(np.float64))
+    values = sums / counts[:, None]
+    return FeatureSet(fs.name, zscore(values) if fs.name in ZSCORED else values.astype(np.float32), fs.features)
 
 
 def _prototype_vectors(model: Any) -> np.ndarray:
@@ -186,8 +228,8 @@ def study_report(result: StudyResult, config: StudyConfig, lineage: dict[str, st
         is_proto, "gallery/" + results["branch"].astype(str) + "/" + results["prototype_class"].astype(str)
         + "/prototype_" + results["feature_id"].astype(str).str[1:] + ".png", "")
     results["gallery_run_id"] = np.where(is_proto, gallery, "")
-    exported = suppress_counts(results, counts, config.min_cell)
-    hits = exported[exported["significant_bonf"]].sort_values("p_value").head(top)
+    exported = suppress_counts(results, counts, config.min_cell) if len(results) else results
+    hits = exported[exported["significant_bonf"].astype(bool)].sort_values("p_value").head(top)
 
     r = StageReport()
     r.params = {"study": config.model_dump(), **{f"lineage.{k}": v for k, v in lineage.items()}}
@@ -197,7 +239,7 @@ def study_report(result: StudyResult, config: StudyConfig, lineage: dict[str, st
         "association/top_hits": hits,
         "association/phecodes_tested": suppress_counts(result.status.phecodes, counts, config.min_cell),
         "association/phecodes_untested": result.status.untested,
-        "association/cohort_flow": suppress_counts(result.cohort.flow, ["admissions"], config.min_cell),
+        "association/cohort_flow": suppress_counts(result.cohort.flow, ["n"], config.min_cell),
         "association/mapping_by_version": suppress_counts(result.mapping.by_version,
                                                           ["rows", "mapped", "exact", "trimmed"], config.min_cell),
         "association/mapping_by_chapter": suppress_counts(result.mapping.by_chapter,
@@ -206,6 +248,11 @@ def study_report(result: StudyResult, config: StudyConfig, lineage: dict[str, st
         "comparison/specificity": result.specificity,
     }
     r.formats = {"association/results": ("parquet", "tsv"), "association/top_hits": ("tsv", "csv")}
+    if result.message:  # nothing tested: the cohort flow, the untested list and why
+        r.documents["association/nothing_tested.json"] = {"message": result.message}
+        for name in ("association/results", "association/top_hits", "association/phecodes_tested",
+                     "comparison/strength_by_category", "comparison/specificity"):
+            del r.tables[name]
     if len(result.calibration):
         r.tables["comparison/feature_count_calibration"] = result.calibration
     if len(result.prediction):
@@ -221,6 +268,7 @@ def study_report(result: StudyResult, config: StudyConfig, lineage: dict[str, st
         "aim": ">= 0.97 of rows outside V/Z (supplementary) and E/V-Y (external cause) chapters"}
 
     m: dict[str, float] = {"cohort_admissions": float(result.cohort.n),
+                           "cohort_subjects": float(len(result.cohort.units)),
                            "phecodes_tested": float(len(result.status.phecodes)),
                            "phecodes_untested": float(len(result.status.untested)),
                            "mapping_rate_outside_supplementary": result.mapping.rate_outside_supplementary}
@@ -230,11 +278,16 @@ def study_report(result: StudyResult, config: StudyConfig, lineage: dict[str, st
         m[f"{fs}.tests"] = float(g["p_value"].notna().sum())
         m[f"{fs}.significant_bonf"] = float(g["significant_bonf"].sum())
         m[f"{fs}.significant_fdr"] = float(g["significant_fdr"].sum())
+        # distinct conditions: phecodes sharing a case set were collapsed to one before testing
+        m[f"{fs}.significant_phecodes"] = float(g.loc[g["significant_bonf"], "phecode"].nunique())
     for _, row in result.prediction.iterrows():
         m[f"auc.{row['phecode']}.{row['model']}"] = float(row["auc"])
-    if result.cohort.n < config.min_cell:
-        m["cohort_admissions"] = float("nan")
+    for key in ("cohort_admissions", "cohort_subjects"):
+        if m[key] < config.min_cell:
+            m[key] = float("nan")
     r.metrics = m
+    if result.message:  # nothing was tested: no figures
+        return r
 
     for fs, g in result.results.groupby("feature_set", observed=True):
         r.figures[f"figures/manhattan_{fs}.png"] = figs.manhattan(g, f"{fs}: {g['p_value'].notna().sum()} tests")
