@@ -5,7 +5,8 @@
     result.results  # one row per (feature set, feature, phecode), RESULT_COLUMNS
 
 `study_report` turns a result into what MLflow receives, applying the credentialed-data rules: no
-subject/admission/record ids, every exported count below 10 shown as "<10".
+subject/admission/record ids, no exported count below 10 and none derivable from the other exported numbers
+(`ecgproto.phenotype.disclosure`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ecgproto.data.store import ArrayStore
 from ecgproto.phenotype import compare
 from ecgproto.phenotype import figures as figs
 from ecgproto.phenotype.cohort import Cohort, CohortConfig, build_cohort
+from ecgproto.phenotype.disclosure import protect_study_counts
 from ecgproto.phenotype.engine import (
     CATEGORY_COLUMNS,
     RESULT_COLUMNS,
@@ -48,7 +50,7 @@ from ecgproto.phenotype.phecodes import (
     mapping_report,
     phecode_status,
 )
-from ecgproto.privacy import MIN_CELL, drop_identifiers, suppress_counts
+from ecgproto.privacy import MIN_CELL, drop_identifiers
 from ecgproto.report import StageReport
 from ecgproto.scoring import ActivationStore
 
@@ -228,7 +230,11 @@ def study_report(result: StudyResult, config: StudyConfig, lineage: dict[str, st
         is_proto, "gallery/" + results["branch"].astype(str) + "/" + results["prototype_class"].astype(str)
         + "/prototype_" + results["feature_id"].astype(str).str[1:] + ".png", "")
     results["gallery_run_id"] = np.where(is_proto, gallery, "")
-    exported = suppress_counts(results, counts, config.min_cell) if len(results) else results
+    protected = protect_study_counts(result.cohort.flow, result.status.phecodes, result.mapping.by_version,
+                                     result.mapping.by_chapter, result.prediction, config.min_cell)
+    exported = results
+    if len(results):
+        exported[counts] = protected.counts_of(results["phecode"]).to_numpy()
     hits = exported[exported["significant_bonf"].astype(bool)].sort_values("p_value").head(top)
 
     r = StageReport()
@@ -237,13 +243,11 @@ def study_report(result: StudyResult, config: StudyConfig, lineage: dict[str, st
     r.tables = {
         "association/results": exported,
         "association/top_hits": hits,
-        "association/phecodes_tested": suppress_counts(result.status.phecodes, counts, config.min_cell),
+        "association/phecodes_tested": protected.phecodes,
         "association/phecodes_untested": result.status.untested,
-        "association/cohort_flow": suppress_counts(result.cohort.flow, ["n"], config.min_cell),
-        "association/mapping_by_version": suppress_counts(result.mapping.by_version,
-                                                          ["rows", "mapped", "exact", "trimmed"], config.min_cell),
-        "association/mapping_by_chapter": suppress_counts(result.mapping.by_chapter,
-                                                          ["rows", "mapped", "exact", "trimmed"], config.min_cell),
+        "association/cohort_flow": protected.flow,
+        "association/mapping_by_version": protected.by_version,
+        "association/mapping_by_chapter": protected.by_chapter,
         "comparison/strength_by_category": result.strength,
         "comparison/specificity": result.specificity,
     }
@@ -256,8 +260,7 @@ def study_report(result: StudyResult, config: StudyConfig, lineage: dict[str, st
     if len(result.calibration):
         r.tables["comparison/feature_count_calibration"] = result.calibration
     if len(result.prediction):
-        r.tables["comparison/prediction_auc"] = suppress_counts(result.prediction, ["n_cases", "n_controls"],
-                                                                config.min_cell)
+        r.tables["comparison/prediction_auc"] = protected.prediction
     if len(result.distances):
         r.tables["comparison/intra_class_distance"] = result.distances
         r.documents["comparison/intra_class_distance_test.json"] = result.distance_summary
@@ -267,12 +270,12 @@ def study_report(result: StudyResult, config: StudyConfig, lineage: dict[str, st
         "rate_outside_supplementary_chapters": result.mapping.rate_outside_supplementary,
         "aim": ">= 0.97 of rows outside V/Z (supplementary) and E/V-Y (external cause) chapters"}
 
-    m: dict[str, float] = {"cohort_admissions": float(result.cohort.n),
-                           "cohort_subjects": float(len(result.cohort.units)),
+    m: dict[str, float] = {"cohort_admissions": protected.cohort_admissions,
+                           "cohort_subjects": protected.cohort_subjects,
                            "phecodes_tested": float(len(result.status.phecodes)),
                            "phecodes_untested": float(len(result.status.untested)),
                            "mapping_rate_outside_supplementary": result.mapping.rate_outside_supplementary}
-    for version, row in result.mapping.by_version.set_index("icd_version").iterrows():
+    for version, row in protected.by_version.set_index("icd_version").iterrows():
         m[f"mapping_rate_icd{int(version)}"] = float(row["mapping_rate"])
     for fs, g in result.results.groupby("feature_set", observed=True):
         m[f"{fs}.tests"] = float(g["p_value"].notna().sum())
@@ -282,9 +285,6 @@ def study_report(result: StudyResult, config: StudyConfig, lineage: dict[str, st
         m[f"{fs}.significant_phecodes"] = float(g.loc[g["significant_bonf"], "phecode"].nunique())
     for _, row in result.prediction.iterrows():
         m[f"auc.{row['phecode']}.{row['model']}"] = float(row["auc"])
-    for key in ("cohort_admissions", "cohort_subjects"):
-        if m[key] < config.min_cell:
-            m[key] = float("nan")
     r.metrics = m
     if result.message:  # nothing was tested: no figures
         return r
