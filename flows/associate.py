@@ -43,9 +43,11 @@ def run_study(cohort_store: str, hosp: str, model_uri: str | None, machine_measu
     if acts is not None and model is not None and acts.info["model"] != model_id(model):
         raise ValueError(f"{acts.path}: these activations come from another model than {model_uri}; "
                          f"score the cohort with it (`ecgproto score --model {model_uri}`)")
-    return PhenotypeStudy(config).run(ArrayStore.open(cohort_store), Path(hosp), None if acts else model,
-                                      Path(machine_measurements) if machine_measurements else None,
-                                      activations=acts)
+    result = PhenotypeStudy(config).run(ArrayStore.open(cohort_store), Path(hosp), None if acts else model,
+                                        Path(machine_measurements) if machine_measurements else None,
+                                        activations=acts)
+    # Prefect persists this (for the cache): no subject, admission or record ids in it
+    return result.without_identifiers()
 
 
 @task(name="log-association")

@@ -1,5 +1,6 @@
 """Real Prefect flow runs against a real MLflow sqlite store, queried back through the client."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,9 @@ def test_demo_pipeline_makes_a_parent_run_with_child_stage_runs_and_no_mimic_ide
     assert not any(a.startswith("examples/") for a in cohort["artifacts"])  # no patient waveforms
     q = Path(c.download_artifacts(out["cohort_ingest_run_id"], "quarantine.csv", str(tmp_path)))
     assert "record_id" not in q.read_text() and "subject_id" not in q.read_text()
+    info = json.loads(Path(c.download_artifacts(out["cohort_ingest_run_id"], "store.json", str(tmp_path))).read_text())
+    listed, stored, quarantined = (str(info[k]) for k in ("n_listed", "n_records", "n_quarantined"))
+    assert quarantined.isdigit() or quarantined in ("<10", "suppressed")
+    if listed.isdigit() and stored.isdigit():  # the quarantined cannot come back by subtraction
+        assert not 0 < int(listed) - int(stored) < 10
+    assert "shape" not in info

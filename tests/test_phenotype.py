@@ -434,6 +434,18 @@ def test_associate_flow_logs_tables_and_figures_without_identifiers_or_small_cou
     text = "".join(p.read_text() for p in local.glob("*.tsv")) + "".join(p.read_text() for p in local.glob("*.csv"))
     assert not any(i in text for i in ids)
 
+    # What Prefect persists for its cache holds no identifiers (nor diagnosis rows)
+    from dataclasses import fields
+
+    from flows.associate import run_study
+
+    persisted = run_study.fn(str(store.path), str(hosp), None, str(mimic / "machine_measurements.csv"), config,
+                             mlflow_uri)
+    frames = [getattr(persisted, f.name) for f in fields(persisted)] + [persisted.cohort.table, persisted.cohort.units]
+    for frame in (f for f in frames if isinstance(f, pd.DataFrame)):
+        assert not set(frame.columns) & {"subject_id", "hadm_id", "record_id", "study_id", "ecg_time"}
+    assert persisted.cohort.diagnoses.empty and len(persisted.results) == len(results)
+
     # A cohort too small for any phecode: a finished run that says so, with the cohort flow and the untested list
     small = StudyConfig(feature_sets=("nlp_concept",), min_cases=500, min_controls=3, predict=False)
     out = associate_flow(str(store.path), str(hosp), None, str(mimic / "machine_measurements.csv"), small,

@@ -51,12 +51,12 @@ def manifest_summary(store: ArrayStore) -> pd.DataFrame:
 
 
 def quarantine_table(store: ArrayStore) -> pd.DataFrame:
-    """Per record for open data; counts per reason ('<10' below the limit) for credentialed data."""
+    """Per record for open data; counts per reason for credentialed data (small ones hidden, with the
+    complements that keep them hidden, see `credentialed_counts`)."""
     q = store.quarantine
     if not store.info.get("credentialed"):
         return q
-    counts = q.groupby("reason").size().rename("n_records").reset_index()
-    return suppress_counts(counts, ["n_records"])
+    return credentialed_counts(store.info, q)[1]
 
 
 def example_records(store: ArrayStore, per_label: int = 1, max_figures: int = 8) -> list[tuple[int, str, str]]:
@@ -76,26 +76,53 @@ def example_records(store: ArrayStore, per_label: int = 1, max_figures: int = 8)
     return picks
 
 
+def credentialed_counts(info: dict, quarantine: pd.DataFrame) -> tuple[dict, pd.DataFrame]:
+    """What a credentialed store may export: records listed = stored + quarantined, and the quarantine
+    reasons add up to the quarantined, so each is hidden below 10 with complements (`Disclosure`)."""
+    from ecgproto.privacy import Disclosure
+
+    d = Disclosure(MIN_CELL)
+    listed, stored = d.cell(info["n_listed"], keep=1), d.cell(info["n_records"], keep=1)
+    quarantined = d.cell(info["n_quarantined"])
+    d.total(listed, [stored, quarantined])
+    per_reason = quarantine.groupby("reason").size().rename("n_records").reset_index()
+    reasons = [d.cell(int(n)) for n in per_reason["n_records"]]
+    if reasons:
+        d.total(quarantined, reasons)
+    fallback = d.cell(info.get("n_beat_fallback", 0))
+    hidden = d.protect()
+    listed_s, stored_s, quarantined_s, fallback_s = d.shown([listed, stored, quarantined, fallback], hidden)
+    shown = {k: v for k, v in info.items() if k != "shape"}  # the array's rows are the records listed
+    shown.update(n_listed=listed_s, n_records=stored_s, n_quarantined=quarantined_s, n_beat_fallback=fallback_s)
+    return shown, per_reason.assign(n_records=d.shown(reasons, hidden))
+
+
 def ingest_report(store: ArrayStore, *, cache_hit: bool, seconds: float, config: dict[str, object]) -> StageReport:
     info = store.info
     credentialed = bool(info.get("credentialed"))
     q = store.quarantine
+    document, reasons = credentialed_counts(info, q) if credentialed else (info, None)
+    counts = {k: float(v) if str(v).isdigit() else float("nan")
+              for k, v in document.items() if k in ("n_listed", "n_records", "n_quarantined")}
     report = StageReport(
         params={"config": config, "layout": info["layout"], "store_path": str(store.path),
-                "store_dtype": info["dtype"], "store_shape": info["shape"]},
-        metrics={"n_listed": info["n_listed"], "n_records": info["n_records"], "seconds": seconds,
-                 "cache_hit": float(cache_hit)},
+                "store_dtype": info["dtype"], **({} if credentialed else {"store_shape": info["shape"]})},
+        metrics={**counts, "seconds": seconds, "cache_hit": float(cache_hit)},
         tags={"dataset_hash": store.key, "layout": info["layout"], "credentialed": str(credentialed).lower()},
-        documents={"store.json": info},
+        documents={"store.json": document},
     )
-    if not credentialed or len(q) == 0 or len(q) >= MIN_CELL:
-        report.metrics["n_quarantined"] = len(q)
     if not credentialed:
         for reason, n in q.groupby("reason").size().items():
             report.metrics[f"quarantined.{reason}"] = int(n)
-    if not cache_hit and seconds > 0:
+    if not cache_hit and seconds > 0 and not credentialed:
         report.metrics["records_per_s"] = info["n_listed"] / seconds
-    report.tables["manifest_summary"] = manifest_summary(store) if len(store.manifest) else pd.DataFrame()
+    summary = manifest_summary(store) if len(store.manifest) else pd.DataFrame()
+    if credentialed and len(summary):  # one split: its records are the store's; subjects hidden below 10
+        summary["n_records"] = document["n_records"] if len(summary) == 1 else suppress_counts(
+            summary, ["n_records"])["n_records"]
+        if "n_subjects" in summary:
+            summary = suppress_counts(summary, ["n_subjects"])
+    report.tables["manifest_summary"] = summary
     report.tables["quarantine"] = quarantine_table(store)
     if store.labels is not None:
         prevalence = label_prevalence(store)

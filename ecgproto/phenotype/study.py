@@ -92,6 +92,17 @@ class StudyResult:
     n_features: dict[str, int] = field(default_factory=dict)
     message: str = ""  # why nothing was tested, and what would make phecodes testable
 
+    def without_identifiers(self) -> StudyResult:
+        """The same result with no subject, admission or record id and no diagnosis rows (what the
+        Prefect result store may keep); the tables, counts and figures it reports are unchanged."""
+        from dataclasses import replace
+
+        private = ("hadm_id", "subject_id", "record_id", "row", "ecg_time")
+        cohort = Cohort(self.cohort.table.drop(columns=[c for c in private if c in self.cohort.table]),
+                        self.cohort.diagnoses.iloc[:0, :0], self.cohort.flow,
+                        self.cohort.units.drop(columns=["subject_id"], errors="ignore"), self.cohort.unit_of)
+        return replace(self, cohort=cohort)
+
 
 class PhenotypeStudy:
     def __init__(self, config: StudyConfig | None = None) -> None:
