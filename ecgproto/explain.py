@@ -26,6 +26,7 @@ from ecgproto.data.preprocess import PreprocessConfig, highpass, prepare_record
 from ecgproto.data.wfdb_io import read_record
 from ecgproto.figures import draw_ecg, plot_ecg
 from ecgproto.model.network import ECGProtoNet
+from ecgproto.projection import gallery_path, prototype_name
 
 
 @torch.no_grad()
@@ -83,7 +84,8 @@ def explain(model: ECGProtoNet, signal: np.ndarray, top_k: int = 3, max_labels: 
                 window.update(n_beats=n_beats, beat_similarity=float(beat_sim_all[p]) / branch.scale,
                               beat_source=beat_source)  # 'grid': no beats detected, windows on a 1 s grid
             evidence.append({
-                "prototype": int(p), "branch": branch_name, "class": prov.get("class"),
+                "prototype": int(p), "name": prototype_name(int(p), str(prov.get("class")), branch_name),
+                "branch": branch_name, "class": prov.get("class"),
                 "contribution": float(contrib[li, p]), "weight": float(weight[li, p]), "similarity": float(similarity[p]),
                 "input_window": window,
                 "prototype_source": {k: prov.get(k) for k in ("ecg_id", "start_s", "end_s", "leads", "source_labels",
@@ -133,12 +135,12 @@ def explanation_figure(model: ECGProtoNet, signal: np.ndarray, explanation: dict
         if prov is not None and model.source_signals.numel():
             source = model.source_signals[prov["source_index"]].float().numpy()
             draw_ecg(right, source, model.fs,
-                     f"prototype {ev['prototype']} ({ev['branch']}, class {ev['class']}) from ECG {src['ecg_id']} "
+                     f"{prototype_name(ev['prototype'], ev['class'], ev['branch'])} from ECG {src['ecg_id']} "
                      f"[{src['source_labels']}]", (src["start_s"], src["end_s"]), tuple(str(src["leads"]).split(",")))
             if w["pooling"] == "beat":
                 middle.set_axis_on()
                 draw_beats(middle, [("input", signal, (w["start_s"], w["end_s"])),
-                                    (f"prototype {ev['prototype']}", source, (src["start_s"], src["end_s"]))],
+                                    (f"P{ev['prototype']:04d}", source, (src["start_s"], src["end_s"]))],
                            tuple(w["leads"]), model.fs)
         else:
             right.set_axis_off()
@@ -147,19 +149,19 @@ def explanation_figure(model: ECGProtoNet, signal: np.ndarray, explanation: dict
 
 
 def prototype_gallery(model: ECGProtoNet, only_projected_own_class: bool = True) -> Iterator[tuple[str, Figure]]:
-    """One figure per prototype, ('gallery/<branch>/<class>/prototype_<id>.png', Figure), made one at a time
+    """One figure per prototype, ('gallery/<branch>/<class>/P0207.png', Figure), made one at a time
     (a thousand prototype figures would not fit in memory together)."""
     for prov in model.provenance:
         if only_projected_own_class and not prov["own_class_source"]:
             continue
-        title = (f"prototype {prov['prototype']} | {prov['branch']} | class {prov['class']} | ECG {prov['ecg_id']} "
+        title = (f"{prototype_name(prov['prototype'], prov['class'], prov['branch'])} | ECG {prov['ecg_id']} "
                  f"[{prov['source_labels']}] | window {prov['start_s']:.2f}-{prov['end_s']:.2f} s, leads {prov['leads']} "
                  f"| cos {prov['similarity']:.3f}, fidelity {prov.get('fidelity', float('nan')):.2f}"
                  + (" | no beats detected: window on the fallback grid" if prov.get("beat_source") == "grid" else ""))
         fig = plot_ecg(model.source_signals[prov["source_index"]].float().numpy(), model.fs, title,
                        (prov["start_s"], prov["end_s"]), tuple(str(prov["leads"]).split(",")),
                        beat=prov.get("beat_source", "") != "")
-        yield f"gallery/{prov['branch']}/{prov['class']}/prototype_{prov['prototype']:04d}.png", fig
+        yield gallery_path(prov["prototype"], prov["class"], prov["branch"]), fig
 
 
 def load_record_for_model(path: str | Path, config: PreprocessConfig | None = None) -> np.ndarray:

@@ -31,12 +31,23 @@ import torch
 from ecgproto.model.branch import Branch
 from ecgproto.train.data import SplitData
 
-PROVENANCE_COLUMNS = ("prototype", "branch", "index_in_branch", "class", "ecg_id", "window_start", "window_end",
+PROVENANCE_COLUMNS = ("prototype", "name", "branch", "index_in_branch", "class", "ecg_id", "window_start", "window_end",
                       "start_s", "end_s", "leads", "row", "column", "similarity", "fidelity", "source_labels",
                       "own_class_source", "beat_source")
 
 
 @torch.no_grad()
+def prototype_name(index: int, cls: str, branch: str) -> str:
+    """The one name of a prototype in tables, figures, gallery files and explanations: 'P0207 NORM (global_2d)'
+    (P + its index in the model, its class, its branch)."""
+    return f"P{int(index):04d} {cls} ({branch})"
+
+
+def gallery_path(index: int, cls: str, branch: str) -> str:
+    """Its gallery figure in the fusion run: gallery/<branch>/<class>/P0207.png."""
+    return f"gallery/{branch}/{cls}/P{int(index):04d}.png"
+
+
 def project_prototypes(branch: Branch, train: SplitData, label_index: np.ndarray, codes: tuple[str, ...],
                        fs: float, batch_size: int = 128, device: torch.device | None = None,
                        offset: int = 0, candidates: int = 16, fidelity_records: int = 1024,
@@ -96,7 +107,8 @@ def project_prototypes(branch: Branch, train: SplitData, label_index: np.ndarray
         ext = branch.extent(int(windows_at[j]), int(beats_at[j]) if branch.beat else None)
         rec = int(records[j])
         labels = [codes[i] for i in np.flatnonzero(train.labels[rec])]
-        rows.append({"prototype": offset + j, "branch": branch.name, "index_in_branch": j,
+        rows.append({"prototype": offset + j, "name": prototype_name(offset + j, branch.classes[cls[j]], branch.name),
+                     "branch": branch.name, "index_in_branch": j,
                      "class": branch.classes[cls[j]], "ecg_id": str(train.record_ids[rec]),
                      "window_start": ext.start, "window_end": ext.end, "start_s": ext.start / fs, "end_s": ext.end / fs,
                      "leads": ",".join(ext.leads), "row": -1 if ext.row is None else ext.row,

@@ -18,6 +18,7 @@ import torch
 
 from ecgproto.data.store import ArrayStore
 from ecgproto.phenotype.engine import FeatureSet
+from ecgproto.projection import prototype_name
 from ecgproto.scoring import ActivationStore, score_rows
 
 HEDGES = ("possible", "probable", "consider", "borderline", "cannot rule out", "suggests", "likely", "questionable")
@@ -83,11 +84,11 @@ def zscore(x: np.ndarray) -> np.ndarray:
 
 
 def _prototype_columns(t: pd.DataFrame) -> pd.DataFrame:
-    """Feature id, label, branch and class of each listed prototype."""
+    """Feature id, label (the prototype's one name, `prototype_name`), branch and class of each listed prototype."""
     return pd.DataFrame({
         "feature_id": [f"P{p:04d}" for p in t["prototype"]],
-        "feature_label": [f"{c} prototype {r + 1} ({b})" for c, r, b in zip(t["class"], t["rank_in_class"], t["branch"],
-                                                                           strict=True)],
+        "feature_label": [prototype_name(p, c, b) for p, c, b in zip(t["prototype"], t["class"], t["branch"],
+                                                                      strict=True)],
         "branch": t["branch"], "prototype_class": t["class"]})
 
 

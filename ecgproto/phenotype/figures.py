@@ -10,33 +10,64 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+FEATURE_SETS = {  # what a feature set's odds ratio is per, for titles
+    "prototype": "prototype similarity; OR per SD",
+    "prototype_top1": "prototype is its branch's best match (share of a subject's ECGs); OR all vs none",
+    "prototype_class": "a class's best prototype similarity; OR per SD",
+    "class_prob": "fused class log-odds; OR per SD",
+    "nlp_concept": "machine-report statement; OR present vs absent",
+}
 
-def manhattan(results: pd.DataFrame, title: str) -> Figure:
-    """Phecodes on x grouped by category, -log10 p on y, triangles up/down by effect sign, Bonferroni line."""
+
+def manhattan(results: pd.DataFrame, feature_set: str, alpha: float = 0.05, top: int = 8) -> Figure:
+    """Phecodes on x grouped by category (named under the axis), -log10 p on y, triangles up/down for
+    OR above/below 1, Bonferroni and BH-FDR lines; the strongest hits numbered, named in a side table
+    (labels on the points would overlap)."""
     r = results.dropna(subset=["p_value"]).copy()
     r["phecode_num"] = pd.to_numeric(r["phecode"].astype(str).str.extract(r"([\d.]+)")[0], errors="coerce")
-    order = r.drop_duplicates("phecode").sort_values(["phecode_category", "phecode_num"])["phecode"].astype(str).tolist()
-    x_of = {p: i for i, p in enumerate(order)}
-    fig = Figure(figsize=(12, 4.5))
-    ax = fig.subplots()
-    cats = sorted(r["phecode_category"].astype(str).unique())
-    colours = matplotlib.colormaps["tab20"](np.linspace(0, 1, max(len(cats), 1)))
-    for cat, colour in zip(cats, colours, strict=True):
+    order = r.drop_duplicates("phecode").sort_values(["phecode_category", "phecode_num"])
+    x_of = {p: i for i, p in enumerate(order["phecode"].astype(str))}
+    fig = Figure(figsize=(14, 5.5))
+    ax, side = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3.2, 1]})
+    cats = list(dict.fromkeys(order["phecode_category"].astype(str)))
+    palette = ["#1f4e79", "#7f7f7f"]  # alternating, so neighbouring categories part visibly
+    ticks, names = [], []
+    for k, cat in enumerate(cats):
         g = r[r["phecode_category"].astype(str) == cat]
         x = g["phecode"].astype(str).map(x_of).to_numpy()
         up = g["beta"].to_numpy() > 0
-        ax.scatter(x[up], g["neg_log_p"].to_numpy()[up], marker="^", s=14, color=colour, label=cat)
+        colour = palette[k % 2]
+        ax.scatter(x[up], g["neg_log_p"].to_numpy()[up], marker="^", s=14, color=colour)
         ax.scatter(x[~up], g["neg_log_p"].to_numpy()[~up], marker="v", s=14, color=colour)
+        ticks.append(float(np.mean([x_of[p] for p in g["phecode"].astype(str).unique()])))
+        names.append(cat)
+    ax.set_xticks(ticks, names, rotation=60, ha="right", fontsize=7)
+    handles = [ax.scatter([], [], marker="^", color="black", s=14, label="OR > 1"),
+               ax.scatter([], [], marker="v", color="black", s=14, label="OR < 1")]
+    lines = []
     if len(r):
-        ax.axhline(-np.log10(r["bonferroni_threshold"].iloc[0]), color="red", lw=1, ls="--", label="Bonferroni")
-        top = r.sort_values("p_value").drop_duplicates("phecode").head(8)
-        for _, t in top[top["significant_bonf"]].iterrows():
-            ax.annotate(f"{t['phecode_string']}\n{t['feature_label']}", (x_of[str(t["phecode"])], t["neg_log_p"]),
-                        fontsize=6, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("phecode (grouped by category)")
+        bonf = float(r["bonferroni_threshold"].iloc[0])
+        lines.append(ax.axhline(-np.log10(bonf), color="red", lw=1, ls="--", label=f"Bonferroni (p < {bonf:.1e})"))
+        n_fdr = int((r["q_fdr"] < alpha).sum())
+        if n_fdr:  # the Benjamini-Hochberg critical p of the last significant rank
+            lines.append(ax.axhline(-np.log10(n_fdr * alpha / len(r)), color="orange", lw=1, ls=":",
+                                    label=f"FDR {alpha:g} (BH; {n_fdr} pairs)"))
+    ax.legend(handles=handles + lines, fontsize=7, loc="upper left")
     ax.set_ylabel("-log10 p")
-    ax.set_title(title)
-    ax.legend(fontsize=6, ncol=2, loc="upper right")
+    n_phecodes = r["phecode"].nunique()
+    ax.set_title(f"{feature_set}: {FEATURE_SETS.get(feature_set, feature_set)}\n{len(r):,} tests ({r['feature_id'].nunique()} "
+                 f"features x {n_phecodes} phecodes), logistic regression on age and sex", fontsize=9)
+    side.set_axis_off()
+    hits = r.sort_values("p_value").drop_duplicates("phecode").head(top)
+    hits = hits[hits["significant_bonf"].astype(bool)]
+    rows = []
+    for i, (_, t) in enumerate(hits.iterrows(), 1):
+        ax.annotate(str(i), (x_of[str(t["phecode"])], t["neg_log_p"]), fontsize=7, xytext=(2, 2),
+                    textcoords="offset points", fontweight="bold")
+        rows.append(f"{i}. {t['phecode']} {str(t['phecode_string'])[:40]}\n    {str(t['feature_label'])[:40]}\n"
+                    f"    OR {t['odds_ratio']:.2f}, p {t['p_value']:.1e}")
+    side.text(0, 1, "strongest Bonferroni-significant hit per phecode\n\n" + ("\n".join(rows) if rows else "none"),
+              va="top", ha="left", fontsize=7, family="monospace", transform=side.transAxes)
     fig.tight_layout()
     return fig
 

@@ -239,7 +239,7 @@ def study_report(result: StudyResult, config: StudyConfig, lineage: dict[str, st
     is_proto = results["feature_set"].isin(["prototype", "prototype_top1"])
     results["gallery_image"] = np.where(
         is_proto, "gallery/" + results["branch"].astype(str) + "/" + results["prototype_class"].astype(str)
-        + "/prototype_" + results["feature_id"].astype(str).str[1:] + ".png", "")
+        + "/" + results["feature_id"].astype(str) + ".png", "")  # = projection.gallery_path
     results["gallery_run_id"] = np.where(is_proto, gallery, "")
     protected = protect_study_counts(result.cohort.flow, result.status.phecodes, result.mapping.by_version,
                                      result.mapping.by_chapter, result.prediction, config.min_cell)
@@ -301,7 +301,7 @@ def study_report(result: StudyResult, config: StudyConfig, lineage: dict[str, st
         return r
 
     for fs, g in result.results.groupby("feature_set", observed=True):
-        r.figures[f"figures/manhattan_{fs}.png"] = figs.manhattan(g, f"{fs}: {g['p_value'].notna().sum()} tests")
+        r.figures[f"figures/manhattan_{fs}.png"] = figs.manhattan(g, str(fs), config.engine.alpha)
     if "prototype" in result.n_features:
         r.figures["figures/prototype_phecode_heatmap.png"] = figs.heatmap(
             result.results[result.results["feature_set"] == "prototype"])
