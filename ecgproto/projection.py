@@ -36,7 +36,6 @@ PROVENANCE_COLUMNS = ("prototype", "name", "branch", "index_in_branch", "class",
                       "own_class_source", "beat_source")
 
 
-@torch.no_grad()
 def prototype_name(index: int, cls: str, branch: str) -> str:
     """The one name of a prototype in tables, figures, gallery files and explanations: 'P0207 NORM (global_2d)'
     (P + its index in the model, its class, its branch)."""
@@ -48,6 +47,7 @@ def gallery_path(index: int, cls: str, branch: str) -> str:
     return f"gallery/{branch}/{cls}/P{int(index):04d}.png"
 
 
+@torch.no_grad()
 def project_prototypes(branch: Branch, train: SplitData, label_index: np.ndarray, codes: tuple[str, ...],
                        fs: float, batch_size: int = 128, device: torch.device | None = None,
                        offset: int = 0, candidates: int = 16, fidelity_records: int = 1024,
