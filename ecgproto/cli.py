@@ -24,6 +24,7 @@ def _ingest_config(args: argparse.Namespace):  # noqa: ANN202
     from ecgproto.data.preprocess import PreprocessConfig
 
     return IngestConfig(layout=args.layout, workers=args.workers or 0, min_likelihood=args.min_likelihood,
+                        allow_outside_root=getattr(args, "allow_outside_root", False),
                         preprocess=PreprocessConfig(fs=args.fs, allow_resample=not args.no_resample, dtype=args.dtype))
 
 
@@ -140,7 +141,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     explanation_figure(model, signal, result, title=name).savefig(out / f"{name}.explanation.png", dpi=80)
     for lab in result["labels"]:
         print(f"{lab['code']:6s} p={lab['probability']:.2f}  " + ", ".join(
-            f"proto {e['prototype']} ({e['class']}, {e['contribution']:+.2f})" for e in lab["evidence"]))
+            f"{e['name']} {e['contribution']:+.2f}" for e in lab["evidence"]))
     print(f"written: {out / (name + '.explanation.png')} and .json")
     return 0
 
@@ -250,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-resample", action="store_true", help="quarantine records at other rates instead of resampling")
     q.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="stored sample type")
     q.add_argument("--min-likelihood", type=float, default=0.0, help="scp code likelihood that counts as positive")
+    q.add_argument("--allow-outside-root", action="store_true",
+                   help="read records whose index path leads outside the dataset folder (default: quarantined)")
     q.add_argument("--workers", type=int, help="processes (default: one per core)")
     q.add_argument("--dask", metavar="SPEC", help="shard the records over Dask: 'local', 'local:N' (N worker "
                    "processes here) or a scheduler address tcp://HOST:8786 whose workers see ROOT and --store "

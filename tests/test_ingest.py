@@ -148,3 +148,36 @@ def test_real_ptbxl_subset_ingests_without_quarantine(tmp_path: Path) -> None:
     lr_row = store.manifest.set_index("record_id").loc[first["record_id"], "row"]
     down = resample(np.asarray(hr.signals[first["row"]]).T, 500, 100)  # (1000, 12)
     assert np.corrcoef(down[:, 1], store.signals[lr_row][1])[0, 1] > 0.95  # same ECG, lead II
+
+
+def test_bad_cells_and_paths_outside_the_dataset_quarantine_their_record_only(ptbxl_copy: Path, tmp_path: Path) -> None:
+    index = ptbxl_copy / "ptbxl_database.csv"
+    db = pd.read_csv(index, dtype=str, keep_default_na=False)
+    n_rows = len(db)
+    ids = db["ecg_id"].tolist()
+    db.loc[0, "scp_codes"] = "{'NORM': " + "1" * 100_000 + "}"  # a 100,000-character cell
+    db.loc[1, "scp_codes"] = "{'NORM': " + "1+" * 900 + "1}"  # short, but nested too deep for the parser
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    record = Path(db.loc[4, "filename_lr"]).name
+    for ext in (".hea", ".dat"):  # a valid WFDB record, but not in the dataset folder
+        (outside / (record + ext)).write_bytes((ptbxl_copy / (db.loc[4, "filename_lr"] + ext)).read_bytes())
+    db.loc[4, "filename_lr"] = os.path.relpath(outside / record, ptbxl_copy)  # ../outside/<record>
+    db.loc[5, "filename_lr"] = str(outside / record)  # an absolute path
+    db.to_csv(index, index=False)
+    lines = index.read_bytes().split(b"\n")
+    lines[3] = lines[3].replace(b",", b",\xe9", 1)  # a latin-1 byte in the record's first text cell (row 2)
+    lines[4] = lines[4] + b",an extra field"  # a ragged row (row 3)
+    index.write_bytes(b"\n".join(lines))
+
+    store = ingest(ptbxl_copy, tmp_path / "store", SERIAL, progress=False).store
+    q = store.quarantine.set_index("record_id")
+    assert q.loc[ids[0], "reason"] == "malformed_scp_codes" and "100,0" in q.loc[ids[0], "message"]
+    assert q.loc[ids[1], "reason"] == "malformed_scp_codes" and "dict literal" in q.loc[ids[1], "message"]
+    assert q.loc[ids[2], "reason"] == "bad_encoding" and "UTF-8" in q.loc[ids[2], "message"]
+    assert q.loc[ids[3], "reason"] == "ragged_row" and "fields" in q.loc[ids[3], "message"]
+    assert q.loc[ids[4], "reason"] == "outside_root" and q.loc[ids[5], "reason"] == "outside_root"
+    assert len(store.manifest) + len(store.quarantine) == n_rows  # every other record is in the store
+    allowed = ingest(ptbxl_copy, tmp_path / "store", IngestConfig(workers=1, allow_outside_root=True),
+                     progress=False).store
+    assert {ids[4], ids[5]} <= set(allowed.manifest["record_id"]), allowed.quarantine.to_string()

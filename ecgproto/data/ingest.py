@@ -51,14 +51,17 @@ class IngestConfig(BaseModel):
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     beats: BeatConfig = Field(default_factory=BeatConfig)
     min_likelihood: float = Field(0.0, description="an scp code counts when its likelihood >= this")
+    allow_outside_root: bool = Field(False, description="read records whose index path leads outside the dataset "
+                                     "folder (otherwise quarantined as outside_root)")
     workers: int = Field(0, description="processes; 0 = one per CPU core (at most 8), 1 = in-process")
     chunk_size: int = Field(256, ge=1, description="records per work unit (and per resume checkpoint)")
     start_method: Literal["fork", "forkserver", "spawn"] = Field(
         "fork", description="worker start method; fork starts in milliseconds (as torch's DataLoader does)")
 
     def content_fields(self) -> dict[str, object]:
-        return {"layout": self.layout, "preprocess": self.preprocess.model_dump(), "beats": self.beats.model_dump(),
-                "min_likelihood": self.min_likelihood}
+        fields = {"layout": self.layout, "preprocess": self.preprocess.model_dump(), "beats": self.beats.model_dump(),
+                  "min_likelihood": self.min_likelihood}
+        return fields | ({"allow_outside_root": True} if self.allow_outside_root else {})  # default: earlier keys
 
 
 @dataclass(frozen=True)
@@ -168,7 +171,8 @@ def ingest(root: Path | str, store_root: Path | str, config: IngestConfig | None
         )
     t0 = time.perf_counter()
     config = config or IngestConfig()
-    listing = list_records(Path(root), config.layout, model_fs=config.preprocess.fs, min_likelihood=config.min_likelihood)
+    listing = list_records(Path(root), config.layout, model_fs=config.preprocess.fs, min_likelihood=config.min_likelihood,
+                           allow_outside_root=config.allow_outside_root)
     record_paths = [listing.root / p for p in listing.records["path"]]
     payload = {
         **config.content_fields(),

@@ -58,13 +58,18 @@ def load_label_set(path: Path | None = None) -> LabelSet:
     )
 
 
+MAX_SCP_CODES_CHARS = 2000
+
+
 def parse_scp_codes(text: object) -> dict[str, float]:
     """Read PTB-XL's `scp_codes` ("{'NORM': 100.0, 'SR': 0.0}") into a dict; raise LabelError otherwise."""
     if not isinstance(text, str) or not text.strip():
         raise LabelError(f"scp_codes is empty or not text: {text!r}")
+    if len(text) > MAX_SCP_CODES_CHARS:  # PTB-XL's longest is ~100 characters; a huge cell would exhaust memory
+        raise LabelError(f"scp_codes is {len(text):,} characters long (at most {MAX_SCP_CODES_CHARS:,}): {text[:40]!r}...")
     try:
         value = ast.literal_eval(text)
-    except (ValueError, SyntaxError) as exc:
+    except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError) as exc:  # nested or huge expressions
         raise LabelError(f"scp_codes is not a Python dict literal: {text[:80]!r}") from exc
     if not isinstance(value, dict):
         raise LabelError(f"scp_codes is a {type(value).__name__}, not a dict: {text[:80]!r}")

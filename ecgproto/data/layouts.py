@@ -46,16 +46,72 @@ def detect_layout(root: Path) -> Layout:
 
 
 def list_records(root: Path, layout: Layout | Literal["auto"] = "auto", *, model_fs: int = 100,
-                 min_likelihood: float = 0.0, labels: LabelSet | None = None) -> DatasetListing:
+                 min_likelihood: float = 0.0, labels: LabelSet | None = None,
+                 allow_outside_root: bool = False) -> DatasetListing:
+    """`allow_outside_root`: accept record paths that lead outside `root` (otherwise quarantined as
+    outside_root: an index file should not make ingest read files elsewhere on the machine)."""
     root = Path(root).resolve()
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset folder does not exist")
     layout = detect_layout(root) if layout == "auto" else layout
     if layout == "ptbxl":
-        return _ptbxl(root, model_fs, min_likelihood, labels or load_label_set())
-    if layout == "mimic_ecg":
-        return _mimic_ecg(root)
-    raise DatasetError(f"unknown layout {layout!r}; use 'ptbxl', 'mimic_ecg' or 'auto'")
+        listing = _ptbxl(root, model_fs, min_likelihood, labels or load_label_set())
+    elif layout == "mimic_ecg":
+        listing = _mimic_ecg(root)
+    else:
+        raise DatasetError(f"unknown layout {layout!r}; recognised layouts: 'ptbxl' (ptbxl_database.csv), "
+                           "'mimic_ecg' (record_list.csv), or 'auto'")
+    out = outside_root(listing.records, root, allow_outside_root).to_numpy()
+    if out.any():
+        refused = _refuse(listing.records, pd.Series(out, index=listing.records.index), "path", "outside_root",
+                          "the record path leads outside the dataset folder; move the record into it, or allow "
+                          "this with --allow-outside-root")
+        listing.quarantine = pd.concat([listing.quarantine, refused], ignore_index=True)
+        listing.records = listing.records.loc[~out].reset_index(drop=True)
+        if listing.labels is not None:
+            listing.labels = listing.labels[~out]
+    return listing
+
+
+def read_index(file: Path, dtype: dict[str, type]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """An index CSV -> (rows, refused rows). A row with more fields than the header, or with bytes that are
+    not UTF-8, is refused with the line number (its record is quarantined), not the whole file; a file
+    that is not CSV at all is a DatasetError naming the file."""
+    bad_lines: list[tuple[int, list[str]]] = []
+
+    def keep_aside(fields: list[str]) -> None:  # python engine: a row of the wrong width
+        bad_lines.append((0, fields))
+
+    try:
+        table = pd.read_csv(file, dtype=dtype, encoding_errors="replace")
+    except pd.errors.ParserError:
+        table = pd.read_csv(file, dtype=dtype, encoding_errors="replace", engine="python", on_bad_lines=keep_aside)
+    except (UnicodeError, ValueError, OSError) as exc:
+        raise DatasetError(f"{file}: cannot be read as CSV ({exc}); is this the original file?") from exc
+    id_column = {"ptbxl_database.csv": "ecg_id", "record_list.csv": "study_id"}.get(file.name, table.columns[0])
+    header = list(table.columns)
+    refused = [{"record_id": str(f[header.index(id_column)] if id_column in header and len(f) > header.index(id_column)
+                                 else "?").strip(),
+                "file": file.name, "reason": "ragged_row",
+                "message": f"a row of {file.name} has {len(f)} fields, the header {len(header)}; fix that row"}
+               for _, f in bad_lines]
+    text = table.select_dtypes(include=["object", "string"])
+    garbled = text.apply(lambda c: c.astype(str).str.contains("\ufffd", regex=False)).any(axis=1) if len(text.columns) \
+        else pd.Series(False, index=table.index)
+    for i in np.flatnonzero(garbled.to_numpy()):
+        cols = [c for c in text.columns if "\ufffd" in str(text.iloc[i][c])]
+        refused.append({"record_id": str(table.iloc[i].get(id_column, "?")).strip(), "file": file.name,
+                        "reason": "bad_encoding", "message": f"column(s) {cols} of {file.name} line {i + 2} hold "
+                        "bytes that are not UTF-8; re-save the file as UTF-8"})
+    return table.loc[~garbled.to_numpy()].reset_index(drop=True), pd.DataFrame(refused, columns=QUARANTINE_COLUMNS)
+
+
+def outside_root(frame: pd.DataFrame, root: Path, allow: bool) -> pd.Series:
+    """Rows whose record path leads outside the dataset folder ('../x', an absolute path), unless allowed."""
+    if allow:
+        return pd.Series(False, index=frame.index)
+    base = root.resolve()
+    return frame["path"].astype(str).map(lambda p: not (base / p).resolve().is_relative_to(base))
 
 
 def _require(table: pd.DataFrame, columns: list[str], file: Path) -> None:
@@ -76,13 +132,13 @@ def _refuse(frame: pd.DataFrame, mask: pd.Series, file_col: str, reason: str, me
 
 def _ptbxl(root: Path, model_fs: int, min_likelihood: float, labels: LabelSet) -> DatasetListing:
     index_file = root / "ptbxl_database.csv"
-    db = pd.read_csv(index_file, dtype={"ecg_id": str})
+    db, unreadable = read_index(index_file, {"ecg_id": str})
     _require(db, ["ecg_id", "patient_id", "age", "sex", "scp_codes", "strat_fold", "filename_lr", "filename_hr"], index_file)
     db = db.rename(columns={"ecg_id": "record_id"})
     db["record_id"] = db["record_id"].str.strip()
     column = "filename_lr" if model_fs <= 100 else "filename_hr"
     db["path"] = db[column].astype("string")
-    refused = []
+    refused = [unreadable]
 
     dup = db["record_id"].duplicated(keep=False)
     counts = db["record_id"].map(db["record_id"].value_counts())
@@ -130,13 +186,13 @@ def _ptbxl(root: Path, model_fs: int, min_likelihood: float, labels: LabelSet) -
 
 def _mimic_ecg(root: Path) -> DatasetListing:
     index_file = root / "record_list.csv"
-    rl = pd.read_csv(index_file, dtype={"subject_id": str, "study_id": str})
+    rl, unreadable = read_index(index_file, {"subject_id": str, "study_id": str})
     _require(rl, ["subject_id", "study_id", "ecg_time", "path"], index_file)
     rl = rl.rename(columns={"study_id": "record_id"})
     dup = rl["record_id"].duplicated(keep=False)
     counts = rl["record_id"].map(rl["record_id"].value_counts())
-    refused = [_refuse(rl, dup, "path", "duplicate_id",
-                       "study_id appears " + counts.astype(str) + f" times in {index_file.name}")]
+    refused = [unreadable, _refuse(rl, dup, "path", "duplicate_id",
+                                   "study_id appears " + counts.astype(str) + f" times in {index_file.name}")]
     rl = rl.loc[~dup].reset_index(drop=True)
     records = pd.DataFrame({
         "record_id": rl["record_id"].astype(str),
