@@ -196,8 +196,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    from flows.retrain import retrain_flow
+    from flows.retrain import RetrainConfig, retrain_flow
 
+    RetrainConfig.load(args.config)  # a bad config fails here, in one line, before any flow starts
     out = retrain_flow(config_path=str(Path(args.config).resolve()))
     print(f"model version {out['version']} is now '{out['alias']}': {out['reason']}")
     return 0
@@ -224,10 +225,29 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+RETRAIN_EXAMPLE = """example retrain.toml (every key is checked; an unknown one is an error):
+
+    [data]
+    ptbxl = "/data/physionet.org/files/ptb-xl/1.0.3"
+    [train]
+    size = "reference"          # or "small"
+    device = "cuda"             # auto | cpu | cuda[:N] | mps
+    epochs = 30                 # optional upper bound on joint-stage epochs
+    [registry]
+    name = "ecgproto-protoecgnet"
+    tolerance = 0.005           # promote unless worse than the champion by more (AUROC)
+    [schedule]
+    cron = "0 3 * * 1"          # Mondays 03:00 (for `ecgproto serve`)
+    timezone = "UTC"
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ecgproto", description=(
         "Interpretable prototype models and digital phenotypes for 12-lead ECGs. "
         "Every stage runs as a Prefect flow and logs an MLflow run (see `ecgproto ui`)."))
+    p.add_argument("--debug", action="store_true",
+                   help="show the full traceback (and Prefect's error logs) when a command fails; also ECGPROTO_DEBUG=1")
     sub = p.add_subparsers(dest="command", required=True)
 
     def demo_options(q: argparse.ArgumentParser) -> None:
@@ -340,12 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--store", default=str(store_root()), help="store folder (default data/store)")
     q.set_defaults(func=cmd_run)
 
-    q = sub.add_parser("retrain", help="retrain once from a config file and apply the champion/challenger rule")
-    q.add_argument("config", help="retraining config (TOML; see flows/retrain.py)")
+    q = sub.add_parser("retrain", help="retrain once from a config file and apply the champion/challenger rule",
+                       epilog=RETRAIN_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("config", help="retraining config (TOML; see `ecgproto retrain --help`)")
     q.set_defaults(func=cmd_retrain)
 
     q = sub.add_parser("serve", help="serve scheduled retraining (Prefect deployment on the config's cron)")
-    q.add_argument("config", help="retraining config (TOML; see flows/retrain.py)")
+    q.add_argument("config", help="retraining config (TOML; see `ecgproto retrain --help`)")
     q.set_defaults(func=cmd_serve)
 
     q = sub.add_parser("ui", help="serve the MLflow UI for the local tracking store on 127.0.0.1")
@@ -357,13 +378,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     configure_environment()
     args = build_parser().parse_args(argv)
-    from ecgproto.data.layouts import DatasetError
+    from ecgproto import errors
 
+    debug = errors.debug_requested(args.debug)
+    if not debug:
+        errors.quiet_engine_errors()
     try:
         return int(args.func(args) or 0)
-    except DatasetError as exc:
-        print(f"ecgproto: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("ecgproto: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001  one line for the user; the traceback with --debug
+        if debug:
+            raise
+        code, text = errors.describe(exc)
+        print(f"ecgproto: {text}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -51,6 +51,10 @@ def configure_environment() -> None:
         "PREFECT_LOGGING_LEVEL": "WARNING",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DO_NOT_TRACK": "true",
+        # an unreachable tracking server fails in seconds, not after minutes of retries with backoff
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)

@@ -29,11 +29,12 @@ from typing import Any, Literal
 from prefect import flow, task
 from prefect.runtime import flow_run
 from prefect.schedules import Cron
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ecgproto import tracking
 from ecgproto.data.ingest import IngestConfig
 from ecgproto.data.store import ArrayStore
+from ecgproto.errors import ConfigError
 from ecgproto.promotion import PromotionDecision, decide, test_fold_auroc
 from ecgproto.report import StageReport
 from ecgproto.train.config import TrainConfig
@@ -43,20 +44,24 @@ from flows.train import REGISTERED_NAME, train_flow
 CHAMPION, CHALLENGER = "champion", "challenger"
 
 
-class DataSection(BaseModel):
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a silent default
+
+
+class DataSection(_Section):
     ptbxl: str = Field(description="PTB-XL-layout folder to (re)train on")
     store_root: str | None = None
-    workers: int = 0
+    workers: int = Field(0, ge=0)
 
 
-class TrainSection(BaseModel):
+class TrainSection(_Section):
     size: Literal["small", "reference"] = "reference"
-    epochs: int | None = Field(None, description="upper bound on joint-stage epochs per branch")
-    device: str = "auto"
+    epochs: int | None = Field(None, ge=1, description="upper bound on joint-stage epochs per branch")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", description="auto | cpu | cuda[:N] | mps")
     seed: int | None = None
     baseline: bool = True
     work_root: str | None = None
-    bootstrap: int | None = None
+    bootstrap: int | None = Field(None, ge=10)
 
     def config(self) -> TrainConfig:
         c = TrainConfig.small() if self.size == "small" else TrainConfig()
@@ -69,17 +74,41 @@ class TrainSection(BaseModel):
         return c
 
 
-class RegistrySection(BaseModel):
-    name: str = REGISTERED_NAME
-    tolerance: float = Field(0.005, description="promote unless worse than the champion by more than this")
+class RegistrySection(_Section):
+    name: str = Field(REGISTERED_NAME, min_length=1)
+    tolerance: float = Field(0.005, ge=-0.5, le=0.5, allow_inf_nan=False,
+                             description="promote unless worse than the champion by more than this (AUROC)")
 
 
-class ScheduleSection(BaseModel):
+class ScheduleSection(_Section):
     cron: str = "0 3 * * 1"
     timezone: str = "UTC"
 
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        from prefect.client.schemas.schedules import CronSchedule
 
-class RetrainConfig(BaseModel):
+        try:
+            CronSchedule(cron=value)  # the parser `ecgproto serve` will use
+        except ValidationError as exc:
+            raise ValueError(f"{value!r} is not a cron expression (minute hour day month weekday, "
+                             "e.g. '0 3 * * 1')") from exc
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo
+
+        try:
+            ZoneInfo(value)
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"{value!r} is not a time zone name (e.g. 'UTC', 'Europe/Berlin')") from exc
+        return value
+
+
+class RetrainConfig(_Section):
     data: DataSection
     train: TrainSection = Field(default_factory=TrainSection)
     registry: RegistrySection = Field(default_factory=RegistrySection)
@@ -90,8 +119,16 @@ class RetrainConfig(BaseModel):
     def load(cls, path: str | Path) -> RetrainConfig:
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"{path}: retraining config not found")
-        return cls.model_validate(tomllib.loads(path.read_text()))
+            raise ConfigError(f"{path}: retraining config not found - write one (see `ecgproto retrain --help`)")
+        try:
+            return cls.model_validate(tomllib.loads(path.read_text()))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML ({exc}) - fix that line") from exc
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: "
+                                 + ("unknown key" if e["type"] == "extra_forbidden" else e["msg"])
+                                 for e in exc.errors()[:5])
+            raise ConfigError(f"{path}: {problems} - see `ecgproto retrain --help`") from exc
 
 
 @task(name="compare-and-promote")
