@@ -181,3 +181,40 @@ def test_bad_cells_and_paths_outside_the_dataset_quarantine_their_record_only(pt
     allowed = ingest(ptbxl_copy, tmp_path / "store", IngestConfig(workers=1, allow_outside_root=True),
                      progress=False).store
     assert {ids[4], ids[5]} <= set(allowed.manifest["record_id"]), allowed.quarantine.to_string()
+
+
+def test_a_killed_parallel_ingest_leaves_no_orphan_workers_and_no_lock(demo_root: Path, tmp_path: Path) -> None:
+    """SIGKILL of the main process while its pool workers are busy: the workers die with it, the next
+    ingest of the same folder does not wait on a lock, resumes and builds the same store."""
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    script = textwrap.dedent(f"""
+        import os, signal, time
+        import ecgproto.data.ingest as ing
+        real = ing.ingest_chunk
+        def busy(chunk):
+            (__import__('pathlib').Path({str(pids)!r}) / str(os.getpid())).touch()
+            if chunk.index == 4:
+                os.kill(os.getppid(), signal.SIGKILL)  # the main process dies; this worker is mid-chunk
+                time.sleep(60)  # an orphan would keep running (and holding the lock) this long
+            return real(chunk)
+        ing.ingest_chunk = busy
+        ing.ingest({str(demo_root / 'ptbxl')!r}, {str(tmp_path / 'killed')!r},
+                   ing.IngestConfig(workers=2, chunk_size=20, start_method="fork"), progress=False)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    workers = [int(p.name) for p in pids.iterdir()]
+    deadline = time.time() + 10
+    alive = workers
+    while alive and time.time() < deadline:
+        alive = [p for p in alive if Path(f"/proc/{p}").exists() and "Z" not in
+                 Path(f"/proc/{p}/stat").read_text().split()[2]]
+        time.sleep(0.1)
+    assert not alive, f"orphan workers still running: {alive}"
+    start = time.time()
+    resumed = ingest(demo_root / "ptbxl", tmp_path / "killed", IngestConfig(workers=2, chunk_size=20),
+                     progress=False)
+    assert time.time() - start < 60 and resumed.resumed_chunks > 0
+    clean = ingest(demo_root / "ptbxl", tmp_path / "clean", IngestConfig(workers=1, chunk_size=20), progress=False)
+    np.testing.assert_array_equal(np.asarray(resumed.store.signals), np.asarray(clean.store.signals))

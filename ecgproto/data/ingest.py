@@ -13,6 +13,8 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -141,13 +143,38 @@ def _relative(file: str, root: str) -> str:
 
 @contextmanager
 def _lock(path: Path) -> Iterator[None]:
+    """One ingest of a dataset at a time. flock dies with its holder (a killed run leaves no stale lock:
+    its workers die with it, see `_die_with_parent`); a second run says whom it waits for."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    with path.open("a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            print(f"ecgproto: waiting for another ingest of this dataset (pid {holder}, lock {path})", file=sys.stderr,
+                  flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: a worker gets SIGKILL when the process that started it dies (Linux), so a
+    killed ingest leaves no orphan holding the store lock or writing chunks."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the line above ran
+        os._exit(1)
 
 
 def _workers(requested: int) -> int:
@@ -252,7 +279,10 @@ def _run_chunks(chunks: list[IngestChunk], workers: int, start_method: str, prog
         ctx = mp.get_context(start_method)
         if start_method == "forkserver":
             ctx.set_forkserver_preload(["ecgproto.data.ingest"])
-        with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=ctx) as pool:
+        parent = os.getpid() if start_method == "fork" else None
+        with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=ctx,
+                                 initializer=_die_with_parent if parent else None,
+                                 initargs=(parent,) if parent else ()) as pool:
             for future in as_completed([pool.submit(ingest_chunk, c) for c in chunks]):
                 bar.update(future.result())
     finally:
