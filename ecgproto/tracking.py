@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -80,11 +81,42 @@ def git_commit() -> str:
 def start_run(stage: str, *, tags: dict[str, str] | None = None, parent_run_id: str | None = None,
               uri: str | None = None, experiment: str | None = None, run_name: str | None = None) -> str:
     """Create a run for a stage and return its id. Tags: stage, git commit, parent, and the caller's."""
-    all_tags = {"stage": stage, "git_commit": git_commit(), "mlflow.runName": run_name or stage, **(tags or {})}
+    all_tags = {"stage": stage, "git_commit": git_commit(), "mlflow.runName": run_name or stage,
+                "ecgproto.host": socket.gethostname(), "ecgproto.pid": str(os.getpid()), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = client(uri).create_run(experiment_id(experiment, uri), tags=all_tags, run_name=run_name or stage)
+    exp = experiment_id(experiment, uri)
+    end_orphaned_runs(stage, exp, uri)
+    run = client(uri).create_run(exp, tags=all_tags, run_name=run_name or stage)
     return run.info.run_id
+
+
+def end_orphaned_runs(stage: str, experiment: str, uri: str | None = None) -> list[str]:
+    """Runs of `stage` still RUNNING whose process on this machine is gone (killed before it could end
+    them) are ended as KILLED, so the UI does not show them running forever. Returns their ids."""
+    c = client(uri)
+    host = socket.gethostname()
+    ended = []
+    for run in c.search_runs([experiment], f"tags.stage = '{stage}' and attributes.status = 'RUNNING'",
+                             max_results=200):
+        t = run.data.tags
+        if t.get("ecgproto.host") != host or not t.get("ecgproto.pid", "").isdigit():
+            continue
+        if not _alive(int(t["ecgproto.pid"])):
+            c.set_tag(run.info.run_id, "ended_by", f"a later {stage} run: its process {t['ecgproto.pid']} was gone")
+            c.set_terminated(run.info.run_id, "KILLED")
+            ended.append(run.info.run_id)
+    return ended
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def end_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> None:

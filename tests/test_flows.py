@@ -66,3 +66,17 @@ def test_demo_pipeline_makes_a_parent_run_with_child_stage_runs_and_no_mimic_ide
     if listed.isdigit() and stored.isdigit():  # the quarantined cannot come back by subtraction
         assert not 0 < int(listed) - int(stored) < 10
     assert "shape" not in info
+
+
+def test_a_run_left_running_by_a_killed_process_is_ended_at_the_next_run_of_its_stage(mlflow_uri: str) -> None:
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = gone.stdout.strip()  # a process that has exited: what a kill -9 leaves behind
+    orphan = tracking.start_run("ingest", tags={"ecgproto.pid": dead_pid}, uri=mlflow_uri)
+    live = tracking.start_run("ingest", uri=mlflow_uri)  # this process: alive, so left alone below
+    assert tracking.describe(orphan, mlflow_uri)["status"] == "KILLED"
+    tracking.start_run("ingest", uri=mlflow_uri)
+    assert tracking.describe(live, mlflow_uri)["status"] == "RUNNING"
+    assert "ended_by" in tracking.describe(orphan, mlflow_uri)["tags"]
