@@ -76,7 +76,7 @@ class TrainSection(_Section):
 
 class RegistrySection(_Section):
     name: str = Field(REGISTERED_NAME, min_length=1)
-    tolerance: float = Field(0.005, ge=-0.5, le=0.5, allow_inf_nan=False,
+    tolerance: float = Field(0.005, ge=-1.0, le=1.0, allow_inf_nan=False,
                              description="promote unless worse than the champion by more than this (AUROC)")
 
 
