@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ecgproto.data.store import ArrayStore, atomic_write_bytes, atomic_write_parquet, publish
+from ecgproto.model import persist
 from ecgproto.report import StageReport
 
 ACTIVATIONS_FORMAT = 1
@@ -156,7 +157,7 @@ def plan_scoring(store: ArrayStore, model: torch.nn.Module, out_root: Path | str
                 for f in partial.iterdir():
                     f.unlink()
             partial.mkdir(parents=True, exist_ok=True)
-            torch.save(model.cpu(), partial / "model.pt")  # what every worker loads
+            persist.save(model.cpu(), partial / "model.pt")  # what every worker loads (weights + description)
             atomic_write_bytes(marker, json.dumps({"key": key}).encode())
     return plan
 
@@ -168,7 +169,7 @@ def score_shard(plan: ScoringPlan, i: int, *, device: str = "cpu", workers: int 
         return plan.rows[i][1] - plan.rows[i][0]
     store = ArrayStore.open(plan.store_path)
     if model is None:
-        model = torch.load(Path(plan.partial) / "model.pt", map_location="cpu", weights_only=False)
+        model = persist.load(Path(plan.partial) / "model.pt")
     lo, hi = plan.rows[i]
     rows = np.sort(store.manifest["row"].to_numpy())[lo:hi]
     sims, probs = score_rows(model, store, rows, batch_size=plan.batch_size, device=device, workers=workers)

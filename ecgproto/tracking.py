@@ -215,22 +215,27 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0, uri: str 
 
 def log_model(run_id: str, model: Any, input_example: Any, registered_name: str | None,
               uri: str | None = None) -> dict[str, str]:
-    """Log a torch model with `mlflow.pytorch` and a signature; register it under `registered_name`."""
-    import mlflow.pytorch
+    """Log a network as an MLflow `python_function` model whose loader is `ecgproto.mlflow_model`: the
+    artifact holds its weights and JSON description, no pickle. Register it under `registered_name`."""
+    import mlflow.pyfunc
     import numpy as np
     import torch
     from mlflow.models import infer_signature
 
     import mlflow
+    from ecgproto.mlflow_model import WEIGHTS
+    from ecgproto.model import persist
 
     mlflow.set_tracking_uri(tracking_uri(uri))
     with torch.no_grad():
         output = model(torch.as_tensor(input_example)).numpy()
     signature = infer_signature(np.asarray(input_example), output)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(model, name="model", signature=signature, registered_model_name=registered_name,
-                                        serialization_format="pickle",
-                                        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "ecgproto"])
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+        data = Path(tmp) / "ecgproto"
+        persist.save(model.cpu(), data / WEIGHTS)
+        info = mlflow.pyfunc.log_model(name="model", loader_module="ecgproto.mlflow_model", data_path=str(data),
+                                       signature=signature, registered_model_name=registered_name,
+                                       pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "ecgproto"])
     out = {"model_uri": info.model_uri}
     if registered_name:
         versions = client(uri).search_model_versions(f"name = '{registered_name}' and run_id = '{run_id}'")
@@ -240,13 +245,23 @@ def log_model(run_id: str, model: Any, input_example: Any, registered_name: str 
 
 
 def load_model(model_uri: str, uri: str | None = None) -> Any:
-    """A logged model by URI: 'models:/<name>/<version>', 'models:/<name>@<alias>' or 'runs:/<id>/model'."""
-    import mlflow.pytorch
+    """A logged model by URI: 'models:/<name>/<version>', 'models:/<name>@<alias>' or 'runs:/<id>/model'.
+    Rebuilt from its weights and description (`ecgproto.model.persist`); nothing in it is unpickled."""
+    import yaml
 
     import mlflow
+    from ecgproto.mlflow_model import load_from_data
+    from ecgproto.model.persist import ModelFileError
 
     mlflow.set_tracking_uri(tracking_uri(uri))
-    return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        flavor = (yaml.safe_load((local / "MLmodel").read_text()) or {}).get("flavors", {}).get("python_function", {})
+        if flavor.get("loader_module") != "ecgproto.mlflow_model":
+            raise ModelFileError(
+                f"{model_uri}: registered by an older ecgproto as a pickled torch model, which is no longer loaded "
+                "(unpickling can run code) - train and register it again (`ecgproto train`, or `ecgproto retrain`)")
+        return load_from_data(local / flavor["data"])
 
 
 def model_lineage(model_uri: str, uri: str | None = None) -> dict[str, str]:

@@ -1,5 +1,5 @@
 """Training flow: per branch joint -> projection -> last layer, then fusion, the baseline and the
-test-fold evaluation; the model is logged with `mlflow.pytorch` and registered.
+test-fold evaluation; the model is logged as an MLflow python_function model (weights + JSON, no pickle) and registered.
 
 One parent MLflow run with a child run per branch and stage. Stages write result files in a work
 folder keyed by (dataset, config): re-running after a kill redoes only unfinished work and a

@@ -1,6 +1,5 @@
 """Model pieces: losses, receptive fields, lead localisation, strict loading, whole-fold metrics."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -242,22 +241,6 @@ def test_row_latent_compares_each_lead_rows_time_mean_and_shows_that_rows_whole_
         assert (ext.start, ext.end, ext.column) == (0, 1000, None) and "V1" in ext.leads
     with pytest.raises(ValueError, match="row_latent"):
         BranchConfig.model_validate({**cfg.branches["rhythm_1d"].model_dump(), "pool": "row_latent"})
-
-
-def test_a_branch_pickled_before_row_latent_and_exp_cosine_existed_still_scores_as_it_did(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    branch = build_branch("morphology_2d_local", ModelConfig(), load_label_set()).eval()  # lead_mean, cosine
-    x = torch.randn(2, 12, 1000)
-    with torch.no_grad():
-        expected = branch(x)[0]
-    for module, names in ((branch, ("row_latent", "beat")), (branch.prototypes, ("similarity", "sharpness"))):
-        for name in names:  # what an older ecgproto pickled: the instance never had these attributes
-            del module.__dict__[name]
-    torch.save(branch, tmp_path / "old.pt")
-    old = torch.load(tmp_path / "old.pt", weights_only=False)
-    assert "beat" not in old.__dict__ and "similarity" not in old.prototypes.__dict__
-    with torch.no_grad():
-        assert torch.equal(old(x)[0], expected)
 
 
 def _beats(n: int, inverted_t_in_v1: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,6 +22,7 @@ from ecgproto.data.demo.beat_model import PLANTED_LABELS
 from ecgproto.data.demo.generate import DemoConfig, generate_demo
 from ecgproto.data.ingest import IngestConfig, ingest
 from ecgproto.data.store import ArrayStore
+from ecgproto.model import persist
 from ecgproto.train import stages
 from ecgproto.train.config import TrainConfig
 
@@ -70,7 +71,7 @@ def test_short_cpu_training_learns_every_planted_label(trained: SimpleNamespace)
 @pytest.mark.slow
 def test_every_projected_prototype_is_the_latent_of_a_real_training_segment_of_its_class(
         trained: SimpleNamespace) -> None:
-    model = torch.load(Path(trained.out["work_dir"]) / "model.pt", weights_only=False).eval()
+    model = persist.load(Path(trained.out["work_dir"]) / "model.pt")
     manifest = trained.store.manifest.set_index("record_id")
     provenance = pd.DataFrame(model.provenance)
     assert len(provenance) == model.n_prototypes
@@ -175,7 +176,7 @@ def test_a_planted_local_morphology_is_shown_on_its_own_leads_and_on_a_real_beat
     from ecgproto.data.labels import parse_scp_codes
     from ecgproto.explain import explain
 
-    model = torch.load(Path(trained.out["work_dir"]) / "model.pt", weights_only=False).eval()
+    model = persist.load(Path(trained.out["work_dir"]) / "model.pt")
     db = pd.read_csv(trained.demo.ptbxl / "ptbxl_database.csv").set_index("ecg_id")
     m = trained.store.manifest
     test = m[m["split"] == "test"]

@@ -53,12 +53,6 @@ class GroupedLeads(nn.Module):
 
 
 class Branch(nn.Module):
-    # Defaults of options added after models were registered: `mlflow.pytorch` pickles whole modules, and a
-    # champion pickled before an option existed must still score (the promotion step scores it) as it did then.
-    row_latent: bool = False
-    beat: bool = False
-    whole_group: bool = False
-
     def __init__(self, name: str, cfg: BranchConfig, classes: tuple[str, ...], n_leads: int = 12,
                  n_samples: int = 1000, fs: float = 100.0) -> None:
         super().__init__()

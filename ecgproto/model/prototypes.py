@@ -39,10 +39,6 @@ from torch import nn
 
 
 class PrototypeLayer(nn.Module):
-    # Defaults of options added after models were registered (a pickled champion scores as it did then).
-    similarity: str = "cosine"
-    sharpness: float = 1.0
-
     def __init__(self, n_prototypes: int, dim: int, scale: float, pool: str = "max", topk: int = 3,
                  positive: bool = False, rows: int = 1, similarity: str = "cosine", sharpness: float = 1.0,
                  group: torch.Tensor | None = None) -> None:

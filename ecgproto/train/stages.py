@@ -22,6 +22,7 @@ from torch import nn
 
 from ecgproto.data.labels import BRANCHES, LabelSet, load_label_set
 from ecgproto.data.store import ArrayStore, atomic_write_parquet
+from ecgproto.model import persist
 from ecgproto.model.baseline import ResNet1DClassifier
 from ecgproto.model.branch import Branch
 from ecgproto.model.network import ECGProtoNet, build_branch
@@ -31,7 +32,7 @@ from ecgproto.train import distributed, losses
 from ecgproto.train.config import TrainConfig
 from ecgproto.train.data import SplitData
 from ecgproto.train.metrics import evaluation_table, macro_auroc, paired_bootstrap_difference
-from ecgproto.train.trainer import EpochCallback, FitResult, fit, save_atomic
+from ecgproto.train.trainer import EpochCallback, FitResult, fit, load_checkpoint, save_atomic
 
 SPLITS = ("train", "val", "test")
 
@@ -137,15 +138,15 @@ def finished(checkpoint: Path, output: Path) -> FitResult | None:
     """The result of a stage that already ran to its end (its output and final checkpoint exist)."""
     if not output.exists() or not checkpoint.exists():
         return None
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    if not state.get("stopped"):
+    state = load_checkpoint(checkpoint)
+    if state is None or not state.get("stopped"):
         return None
     return FitResult(state["best_epoch"], state["best"], state["history"], state["epoch"] + 1)
 
 
 def load_branch(ctx: TrainContext, name: str, stage: str) -> Branch:
     branch = build_branch(name, ctx.config.model, ctx.labels)
-    branch.load_state_dict(torch.load(ctx.path(name, f"{stage}.pt"), map_location="cpu"), strict=True)
+    branch.load_state_dict(persist.load_weights(ctx.path(name, f"{stage}.pt")), strict=True)
     return branch
 
 
@@ -282,13 +283,14 @@ def train_fusion(ctx: TrainContext, on_epoch: EpochCallback | None = None) -> Fi
     with torch.no_grad():
         model.thresholds.copy_(torch.as_tensor(best_f1_thresholds(y_val, torch.sigmoid(
             fusion(torch.as_tensor(sims["val"]))).numpy()), dtype=torch.float32))
-    save_atomic(model.cpu(), out)
+    persist.save(model.cpu(), out)  # weights + model.json: rebuilt through the constructor, never unpickled
     return result
 
 
 def load_model(ctx: TrainContext) -> ECGProtoNet:
-    model = torch.load(ctx.path("model.pt"), map_location="cpu", weights_only=False)
-    return model.eval()
+    model = persist.load(ctx.path("model.pt"))
+    assert isinstance(model, ECGProtoNet)
+    return model
 
 
 def best_f1_thresholds(y: np.ndarray, prob: np.ndarray) -> np.ndarray:
@@ -332,7 +334,7 @@ def train_baseline(ctx: TrainContext, on_epoch: EpochCallback | None = None) -> 
                  seed=cfg.seed, on_epoch=on_epoch, main_process=distributed.is_main())
     distributed.check_replicas(net)
     if distributed.is_main():
-        save_atomic(net.cpu(), out)
+        persist.save(net.cpu(), out)
     distributed.barrier()
     return result
 
@@ -386,7 +388,7 @@ def evaluate(ctx: TrainContext, split: str = "test") -> tuple[dict[str, float], 
         metrics[f"fused_on_{n}.macro_auroc"] = macro_auroc(y[:, idx], scores["fused"][:, idx])
     baseline_file = ctx.path("baseline", "baseline.pt")
     if cfg.baseline.enabled and baseline_file.exists():
-        net = torch.load(baseline_file, map_location="cpu", weights_only=False)
+        net = persist.load(baseline_file)
         baseline_scores = predict_baseline(ctx, net, split)
         t, h = evaluation_table(y, baseline_scores, codes, cfg.bootstrap, cfg.seed)
         tables["baseline"] = t

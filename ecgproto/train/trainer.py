@@ -39,7 +39,10 @@ def save_atomic(obj: Any, path: Path) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
-    return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+    """A stage checkpoint (tensors and plain values only; anything else is refused unread)."""
+    from ecgproto.model.persist import load_weights
+
+    return load_weights(path) if path.exists() else None
 
 
 def _schedule(opt: torch.optim.Optimizer, cfg: StageConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
