@@ -35,6 +35,7 @@ from ecgproto import tracking
 from ecgproto.data.ingest import IngestConfig
 from ecgproto.data.store import ArrayStore
 from ecgproto.errors import ConfigError
+from ecgproto.model.persist import ModelFileError
 from ecgproto.promotion import PromotionDecision, decide, test_fold_auroc
 from ecgproto.report import StageReport
 from ecgproto.train.config import TrainConfig
@@ -145,9 +146,17 @@ def compare_and_promote(run_id: str, store: str, name: str, version: str, tolera
                                      "nothing retrained)", challenger, challenger, tolerance)
         alias = CHAMPION
     else:
+        unreadable = None
         if champion_version is not None:
-            champion = test_fold_auroc(tracking.load_model(f"models:/{name}@{CHAMPION}", uri), data)
+            try:
+                champion = test_fold_auroc(tracking.load_model(f"models:/{name}@{CHAMPION}", uri), data)
+            except ModelFileError as exc:  # saved by an older ecgproto (a pickle): never loaded, so not comparable
+                unreadable = str(exc)
         decision = decide(challenger, champion, tolerance)
+        if unreadable:
+            decision = PromotionDecision(True, f"the champion (version {champion_version}) cannot be loaded safely "
+                                         f"(saved by an older ecgproto); replaced: {unreadable}", challenger, None,
+                                         tolerance)
         alias = CHAMPION if decision.promote else CHALLENGER
         tracking.set_alias(name, alias, version, uri, tags={"promotion": alias, "promotion_reason": decision.reason})
     report = StageReport(
