@@ -55,6 +55,7 @@ def configure_environment() -> None:
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
         "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # loading a model is not a download the user asked for
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
