@@ -7,7 +7,13 @@ import os
 import sys
 from pathlib import Path
 
-from ecgproto.settings import configure_environment, demo_dir, store_root
+from ecgproto.settings import (
+    DEFAULT_MODEL_URI,
+    MODEL_NAME,
+    configure_environment,
+    demo_dir,
+    store_root,
+)
 
 
 def _demo_config(args: argparse.Namespace):  # noqa: ANN202
@@ -242,6 +248,15 @@ RETRAIN_EXAMPLE = """example retrain.toml (every key is checked; an unknown one 
 """
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in --help (`(default: ...)`; not for flags and options without one), epilogs as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or isinstance(action, argparse._StoreTrueAction):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ecgproto", description=(
         "Interpretable prototype models and digital phenotypes for 12-lead ECGs. "
@@ -282,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("score", help="score every ECG of a store with a registered model into float16 activation "
                        "shards (prototype similarities, label probabilities); optionally on a Dask cluster")
     q.add_argument("store", help="a store folder from `ecgproto ingest` (e.g. a MIMIC-IV-ECG cohort)")
-    q.add_argument("--model", default="models:/ecgproto-protoecgnet/latest",
+    q.add_argument("--model", default=DEFAULT_MODEL_URI,
                    help="MLflow model URI: models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID/model")
     q.add_argument("--out", help="folder for the activation store (default: the store folder's parent)")
     q.add_argument("--shard-size", type=int, default=65_536, help="ECGs per shard: one task, one resume checkpoint")
@@ -308,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-baseline", action="store_true", help="skip the black-box 1D ResNet baseline")
     q.add_argument("--world-size", type=int, default=1, help="DDP ranks for the joint stages and the baseline "
                    "(torchrun on this machine: one GPU each, or gloo on CPU); default 1 = one process")
-    q.add_argument("--register", default="ecgproto-protoecgnet", help="MLflow registered model name ('' to skip)")
+    q.add_argument("--register", default=MODEL_NAME, help="MLflow registered model name ('' to skip)")
     q.add_argument("--store", default=str(store_root()), help="store folder when SOURCE is a dataset")
     q.add_argument("--layout", default="ptbxl", help=argparse.SUPPRESS)
     q.add_argument("--fs", type=int, default=100, help=argparse.SUPPRESS)
@@ -320,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("explain", help="explain one ECG: predicted labels and the prototypes behind them (PNG + JSON)")
     q.add_argument("record", help="a WFDB record path without extension (e.g. records100/00000/00001_lr)")
-    q.add_argument("--model", default="models:/ecgproto-protoecgnet/latest",
+    q.add_argument("--model", default=DEFAULT_MODEL_URI,
                    help="MLflow model URI: models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID/model")
     q.add_argument("--top-k", type=int, default=3, help="prototypes shown per predicted label")
     q.add_argument("--label", action="append", metavar="CODE",
@@ -331,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("associate", help="associate a model's prototypes with discharge phecodes in a MIMIC-IV cohort")
     q.add_argument("cohort", help="a MIMIC-IV-ECG folder (holds record_list.csv; ingested first) or its store folder")
     q.add_argument("--hosp", required=True, help="the MIMIC-IV hosp folder (patients, admissions, diagnoses_icd)")
-    q.add_argument("--model", default="models:/ecgproto-protoecgnet/latest",
+    q.add_argument("--model", default=DEFAULT_MODEL_URI,
                    help="MLflow model URI (models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/model); '' = NLP only")
     q.add_argument("--machine-measurements", help="machine_measurements.csv for NLP concepts (default: in the cohort folder)")
     q.add_argument("--no-nlp", action="store_true", help="skip the NLP concept feature set")
@@ -372,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("ui", help="serve the MLflow UI for the local tracking store on 127.0.0.1")
     q.add_argument("--port", type=int, default=5000)
     q.set_defaults(func=cmd_ui)
+    for parser in (p, *sub.choices.values()):  # --help shows every default; examples keep their layout
+        parser.formatter_class = _HelpFormatter
     return p
 
 

@@ -29,6 +29,10 @@ def store_root() -> Path:
     return Path(os.environ.get("ECGPROTO_STORE_ROOT", workdir() / "data" / "store")).resolve()
 
 
+MODEL_NAME = "ecgproto-protoecgnet"  # the registered model every command uses by default
+DEFAULT_MODEL_URI = f"models:/{MODEL_NAME}@champion"  # falls back to the latest version (tracking.resolve_model_uri)
+
+
 def mlflow_dir() -> Path:
     return workdir() / "mlflow"
 

@@ -24,7 +24,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from ecgproto.report import StageReport, flatten
-from ecgproto.settings import default_tracking_uri, mlflow_dir
+from ecgproto.settings import DEFAULT_MODEL_URI, MODEL_NAME, default_tracking_uri, mlflow_dir  # noqa: F401
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -244,6 +244,24 @@ def log_model(run_id: str, model: Any, input_example: Any, registered_name: str 
     return out
 
 
+def resolve_model_uri(model_uri: str, uri: str | None = None) -> str:
+    """`models:/NAME@champion` when that alias exists; else, with a warning on stderr, `models:/NAME/latest`
+    (a registry where nothing was promoted yet). Other URIs unchanged."""
+    if not model_uri.endswith("@champion") or not model_uri.startswith("models:/"):
+        return model_uri
+    from mlflow.exceptions import MlflowException
+
+    name = model_uri.removeprefix("models:/").removesuffix("@champion")
+    try:
+        client(uri).get_model_version_by_alias(name, "champion")
+        return model_uri
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise  # the server, not the alias: say so (e.g. unreachable)
+    print(f"ecgproto: warning: {name} has no 'champion' version yet; using its latest version", file=sys.stderr)
+    return f"models:/{name}/latest"
+
+
 def load_model(model_uri: str, uri: str | None = None) -> Any:
     """A logged model by URI: 'models:/<name>/<version>', 'models:/<name>@<alias>' or 'runs:/<id>/model'.
     Rebuilt from its weights and description (`ecgproto.model.persist`); nothing in it is unpickled."""
@@ -254,6 +272,7 @@ def load_model(model_uri: str, uri: str | None = None) -> Any:
     from ecgproto.model.persist import ModelFileError
 
     mlflow.set_tracking_uri(tracking_uri(uri))
+    model_uri = resolve_model_uri(model_uri, uri)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
         flavor = (yaml.safe_load((local / "MLmodel").read_text()) or {}).get("flavors", {}).get("python_function", {})
@@ -268,6 +287,7 @@ def model_lineage(model_uri: str, uri: str | None = None) -> dict[str, str]:
     """Where a registered model came from: its version, the run that logged it, the training run and
     the run holding the prototype gallery (the training's `fusion` child)."""
     c = client(uri)
+    model_uri = resolve_model_uri(model_uri, uri)
     out = {"model_uri": model_uri}
     if model_uri.startswith("models:/"):
         ref = model_uri.removeprefix("models:/")

@@ -20,7 +20,7 @@ from ecgproto.data.store import ArrayStore, file_identity
 from ecgproto.phenotype.study import PhenotypeStudy, StudyConfig, StudyResult, study_report
 from ecgproto.scoring import ActivationStore, model_id
 
-DEFAULT_MODEL = "models:/ecgproto-protoecgnet/latest"
+DEFAULT_MODEL = tracking.DEFAULT_MODEL_URI
 
 
 def study_key(_context: Any, p: dict[str, Any]) -> str:

@@ -21,7 +21,7 @@ from ecgproto.scoring import ScoringPlan, score_shard, score_store, scoring_repo
 from ecgproto.settings import store_root as default_store_root
 from ecgproto.train.stages import resolve_device
 
-DEFAULT_MODEL = "models:/ecgproto-protoecgnet/latest"
+DEFAULT_MODEL = tracking.DEFAULT_MODEL_URI
 
 
 @task(name="score-shard", retries=2, retry_delay_seconds=1)

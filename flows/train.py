@@ -31,7 +31,7 @@ from ecgproto.train.metrics import difference_text
 from ecgproto.train.report import evaluation_report, fit_report, projection_report
 from ecgproto.train.trainer import FitResult
 
-REGISTERED_NAME = "ecgproto-protoecgnet"
+REGISTERED_NAME = tracking.MODEL_NAME
 
 
 def _child(stage: str, parent: str, uri: str | None, branch: str | None = None) -> str:

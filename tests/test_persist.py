@@ -79,6 +79,10 @@ def test_the_registered_model_is_weights_not_a_pickle_and_pyfunc_still_scores(ml
         np.testing.assert_allclose(loaded(x).numpy(), expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(mlflow.pyfunc.load_model(out["model_uri"]).predict(x.numpy()), expected,
                                rtol=1e-5, atol=1e-6)
+    # the commands' default, @champion, falls back to the latest version (with a warning) until one is promoted
+    assert tracking.resolve_model_uri("models:/ecgproto-test@champion", mlflow_uri) == "models:/ecgproto-test/latest"
+    tracking.set_alias("ecgproto-test", "champion", out["version"], mlflow_uri)
+    assert tracking.resolve_model_uri("models:/ecgproto-test@champion", mlflow_uri) == "models:/ecgproto-test@champion"
     artifacts = Path(tracking.client(mlflow_uri).get_run(run).info.artifact_uri.removeprefix("file://"))
     assert not list(artifacts.rglob("*.pkl")) and not list(artifacts.rglob("*.pth"))
 
