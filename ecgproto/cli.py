@@ -162,10 +162,11 @@ def cmd_associate(args: argparse.Namespace) -> int:
     store = source
     mm = Path(args.machine_measurements) if args.machine_measurements else None
     if not (source / "store.json").exists():  # a MIMIC-IV-ECG folder: ingest it first (a cache hit if done before)
+        from ecgproto.data.ingest import IngestConfig
         from flows.ingest import ingest_flow
 
-        args.layout, args.fs, args.no_resample, args.dtype, args.min_likelihood = "mimic_ecg", 100, False, "float32", 0.0
-        store = Path(ingest_flow(str(source), _ingest_config(args), args.store)["store"])
+        cohort = IngestConfig(layout="mimic_ecg", workers=args.workers or 0)  # the model's rate and sample type
+        store = Path(ingest_flow(str(source), cohort, args.store)["store"])
         mm = mm or (source / "machine_measurements.csv" if (source / "machine_measurements.csv").exists() else None)
     config = StudyConfig(phecode_version=args.phecodes, device=args.device, min_cases=args.min_cases,
                          min_controls=args.min_controls, cohort=CohortConfig(admissions=args.admissions, strict=args.strict,

@@ -41,7 +41,7 @@ def manhattan(results: pd.DataFrame, feature_set: str, alpha: float = 0.05, top:
         ax.scatter(x[~up], g["neg_log_p"].to_numpy()[~up], marker="v", s=14, color=colour)
         ticks.append(float(np.mean([x_of[p] for p in g["phecode"].astype(str).unique()])))
         names.append(cat)
-    ax.set_xticks(ticks, names, rotation=60, ha="right", fontsize=7)
+    ax.set_xticks(ticks, names, rotation=60, ha="right", rotation_mode="anchor", fontsize=7)
     handles = [ax.scatter([], [], marker="^", color="black", s=14, label="OR > 1"),
                ax.scatter([], [], marker="v", color="black", s=14, label="OR < 1")]
     lines = []
@@ -52,7 +52,7 @@ def manhattan(results: pd.DataFrame, feature_set: str, alpha: float = 0.05, top:
         if n_fdr:  # the Benjamini-Hochberg critical p of the last significant rank
             lines.append(ax.axhline(-np.log10(n_fdr * alpha / len(r)), color="orange", lw=1, ls=":",
                                     label=f"FDR {alpha:g} (BH; {n_fdr} pairs)"))
-    ax.legend(handles=handles + lines, fontsize=7, loc="upper left")
+    side.legend(handles=handles + lines, fontsize=7, loc="lower left")  # beside the plot, never over a point
     ax.set_ylabel("-log10 p")
     n_phecodes = r["phecode"].nunique()
     ax.set_title(f"{feature_set}: {FEATURE_SETS.get(feature_set, feature_set)}\n{len(r):,} tests ({r['feature_id'].nunique()} "
