@@ -176,7 +176,9 @@ def cmd_associate(args: argparse.Namespace) -> int:
     out = associate_flow(str(store), str(Path(args.hosp).resolve()), args.model or None,
                          str(mm) if mm else None, config,
                          activations=str(Path(args.activations).resolve()) if args.activations else None)
-    print(f"MLflow run: {tracking.run_url(str(out['run_id']))}  (table: {out['results']}, figures under figures/)")
+    print(out["summary"])
+    print(f"MLflow run: {tracking.run_url(str(out['run_id']))}  (" + ("table: association/results.parquet, figures "
+          "under figures/)" if out["tested"] else "cohort_flow.csv, phecodes_untested.csv, nothing_tested.json)"))
     return 0
 
 

@@ -88,10 +88,12 @@ def associate_flow(cohort_store: str, hosp: str, model_uri: str | None = DEFAULT
         raise
     tracking.end_run(run_id, uri=tracking_uri)
     if result.message:
-        print(f"association: {result.message}")
+        summary = f"association: {result.message}"
     else:
         significant = {k.split(".")[0]: (int(v), int(metrics[k.replace("_bonf", "_phecodes")]))
                        for k, v in metrics.items() if k.endswith(".significant_bonf")}
-        print(f"association: {int(metrics['phecodes_tested'])} phecodes tested; Bonferroni-significant pairs "
-              "(distinct phecodes): " + ", ".join(f"{k} {v} ({c})" for k, (v, c) in significant.items()))
-    return {"run_id": run_id, "metrics": metrics, "results": "association/results.parquet", "cached": cached}
+        summary = (f"association: {int(metrics['phecodes_tested'])} phecodes tested; Bonferroni-significant pairs "
+                   "(distinct phecodes): " + ", ".join(f"{k} {v} ({c})" for k, (v, c) in significant.items()))
+    print(summary)
+    return {"run_id": run_id, "metrics": metrics, "cached": cached, "summary": summary, "tested": not result.message,
+            "results": "association/results.parquet" if not result.message else "association/nothing_tested.json"}
