@@ -54,7 +54,8 @@ def protect_study_counts(flow: pd.DataFrame, phecodes: pd.DataFrame, by_version:
 
     row_cells = {}
     for _, row in phecodes.iterrows():
-        cells = [d.cell(int(row[c])) for c in COUNTS]
+        # a complement hides the controls (or the excluded) before the cases, which a reader needs most
+        cells = [d.cell(int(row[c]), keep=1 if c == "n_cases" else 0) for c in COUNTS]
         d.total(subjects, cells)
         row_cells[str(row["phecode"])] = cells
 
