@@ -37,8 +37,10 @@ def describe(exc: BaseException) -> tuple[int, str]:
     """(exit code, one line) for an exception that reached the command line."""
     if isinstance(exc, _user_error_types()):
         text = str(exc).strip().splitlines()
-        if type(exc).__name__ == "ValidationError":  # pydantic: name each bad field
-            errors = exc.errors()  # type: ignore[attr-defined]
+        from pydantic import ValidationError
+
+        if isinstance(exc, ValidationError):  # pydantic: name each bad field
+            errors = exc.errors()
             text = ["; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:5])]
         if isinstance(exc, OSError) and getattr(exc, "filename", None):
             text = [f"{exc.filename}: {exc.strerror or exc}"]

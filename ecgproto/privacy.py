@@ -36,7 +36,7 @@ def drop_identifiers(frame: pd.DataFrame) -> pd.DataFrame:
 # removed) with the linear relations among them, and hides further counts until no relation lets
 # a reader compute a count, or a sum of hidden counts, between 1 and min_cell - 1.
 
-PRIMARY, SECONDARY = f"<{MIN_CELL}", "suppressed"
+SECONDARY = "suppressed"  # a hidden complement (a hidden small count shows as "<min_cell")
 
 
 class Disclosure:
@@ -79,7 +79,7 @@ class Disclosure:
         """Hidden mask over cells: the small published counts, and the fewest further counts (smallest
         first) so that no relation gives a small count or a small sum of hidden counts."""
         v = np.asarray(self.values, dtype=np.int64)
-        hidden = ~np.asarray(self.published, dtype=bool) | ((v > 0) & (v < self.min_cell))
+        hidden = ~np.asarray(self.published, dtype=bool) | np.array([self.small(x) for x in self.values], dtype=bool)
         for _ in range(len(v) + 1):
             changed = False
             for r, (cells, coefs) in enumerate(self.relations):

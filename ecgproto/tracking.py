@@ -24,7 +24,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from ecgproto.report import StageReport, flatten
-from ecgproto.settings import DEFAULT_MODEL_URI, MODEL_NAME, default_tracking_uri, mlflow_dir  # noqa: F401
+from ecgproto.settings import default_tracking_uri, mlflow_dir
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

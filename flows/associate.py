@@ -19,8 +19,9 @@ from ecgproto import tracking
 from ecgproto.data.store import ArrayStore, file_identity
 from ecgproto.phenotype.study import PhenotypeStudy, StudyConfig, StudyResult, study_report
 from ecgproto.scoring import ActivationStore, model_id
+from ecgproto.settings import DEFAULT_MODEL_URI
 
-DEFAULT_MODEL = tracking.DEFAULT_MODEL_URI
+DEFAULT_MODEL = DEFAULT_MODEL_URI
 
 
 def study_key(_context: Any, p: dict[str, Any]) -> str:

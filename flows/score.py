@@ -18,10 +18,11 @@ from ecgproto import tracking
 from ecgproto.data.store import ArrayStore
 from ecgproto.phenotype.features import prototype_table
 from ecgproto.scoring import ScoringPlan, score_shard, score_store, scoring_report
+from ecgproto.settings import DEFAULT_MODEL_URI
 from ecgproto.settings import store_root as default_store_root
 from ecgproto.train.stages import resolve_device
 
-DEFAULT_MODEL = tracking.DEFAULT_MODEL_URI
+DEFAULT_MODEL = DEFAULT_MODEL_URI
 
 
 @task(name="score-shard", retries=2, retry_delay_seconds=1)
@@ -41,7 +42,7 @@ def score_flow(store: str, model_uri: str = DEFAULT_MODEL, out: str | None = Non
                                 tags={"prefect_flow_run_id": str(flow_run.id), "cohort_dataset_hash": s.key})
     dev = str(resolve_device(device))
     try:
-        model = tracking.load_model(model_uri, tracking_uri)
+        model = tracking.load_model(lineage["model_uri"], tracking_uri)
         shards: list[int] = []
 
         def run_shards(plan: ScoringPlan, pending: list[int]) -> None:

@@ -24,14 +24,14 @@ from ecgproto.data.labels import BRANCHES
 from ecgproto.data.store import atomic_write_bytes
 from ecgproto.explain import prototype_gallery
 from ecgproto.report import StageReport
-from ecgproto.settings import workdir
+from ecgproto.settings import MODEL_NAME, workdir
 from ecgproto.train import distributed, stages
 from ecgproto.train.config import TrainConfig
 from ecgproto.train.metrics import difference_text
 from ecgproto.train.report import evaluation_report, fit_report, projection_report
 from ecgproto.train.trainer import FitResult
 
-REGISTERED_NAME = tracking.MODEL_NAME
+REGISTERED_NAME = MODEL_NAME
 
 
 def _child(stage: str, parent: str, uri: str | None, branch: str | None = None) -> str:

@@ -49,16 +49,22 @@ def describe(model: nn.Module) -> dict[str, Any]:
     raise TypeError(f"cannot save a {type(model).__name__}")
 
 
-def save(model: nn.Module, path: Path) -> None:
-    """Weights at `path`, description at `path.with_suffix('.json')`; each written atomically."""
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to a temporary name, then rename: a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = path.with_suffix(".json")
-    for target, write in ((path, lambda t: torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, t)),
-                          (meta, lambda t: t.write_text(json.dumps(describe(model), default=_plain)))):
-        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-        write(tmp)
-        os.replace(tmp, target)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save(model: nn.Module, path: Path) -> None:
+    """Weights at `path`, description at `path.with_suffix('.json')`; each written atomically."""
+    from ecgproto.data.store import atomic_write_bytes
+
+    path = Path(path)
+    save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+    atomic_write_bytes(path.with_suffix(".json"), json.dumps(describe(model), default=_plain).encode())
 
 
 def load_weights(path: Path) -> dict[str, Any]:

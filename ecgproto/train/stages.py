@@ -32,7 +32,7 @@ from ecgproto.train import distributed, losses
 from ecgproto.train.config import TrainConfig
 from ecgproto.train.data import SplitData
 from ecgproto.train.metrics import evaluation_table, macro_auroc, paired_bootstrap_difference
-from ecgproto.train.trainer import EpochCallback, FitResult, fit, load_checkpoint, save_atomic
+from ecgproto.train.trainer import EpochCallback, FitResult, fit, load_checkpoint
 
 SPLITS = ("train", "val", "test")
 
@@ -188,7 +188,7 @@ def train_joint(ctx: TrainContext, name: str, on_epoch: EpochCallback | None = N
                  on_epoch=on_epoch, main_process=distributed.is_main())
     distributed.check_replicas(branch)
     if distributed.is_main():
-        save_atomic(branch.cpu().state_dict(), out)
+        persist.save_atomic(branch.cpu().state_dict(), out)
     distributed.barrier()
     return result
 
@@ -205,7 +205,7 @@ def project(ctx: TrainContext, name: str) -> pd.DataFrame:
                                     ctx.config.model.fs, ctx.config.eval_batch_size, ctx.device, offset,
                                     seed=ctx.config.seed)
     atomic_write_parquet(provenance, table)
-    save_atomic(branch.cpu().state_dict(), out)
+    persist.save_atomic(branch.cpu().state_dict(), out)
     return provenance
 
 
@@ -235,7 +235,7 @@ def train_last_layer(ctx: TrainContext, name: str, on_epoch: EpochCallback | Non
     result = fit(head, head.parameters(), loss_fn, _tensor_batches(x, y, cfg.last_layer.batch_size, cfg.seed),
                  validate, cfg.last_layer, steps_per_epoch=_steps(len(x), cfg.last_layer.batch_size),
                  checkpoint=ckpt, seed=cfg.seed, on_epoch=on_epoch)
-    save_atomic(branch.cpu().state_dict(), out)
+    persist.save_atomic(branch.cpu().state_dict(), out)
     return result
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ecgproto.model.persist import load_weights, save_atomic
 from ecgproto.train.config import StageConfig
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -31,17 +31,8 @@ class FitResult:
     resumed_from: int = 0
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
     """A stage checkpoint (tensors and plain values only; anything else is refused unread)."""
-    from ecgproto.model.persist import load_weights
-
     return load_weights(path) if path.exists() else None
 
 
