@@ -52,14 +52,17 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from ecgproto import tracking
+    from ecgproto.data.layouts import check_root
     from flows.ingest import ingest_flow
 
+    config = _ingest_config(args)
+    check_root(Path(args.root), config.layout)  # a typo in the path is one line, before a flow run starts
     flow = ingest_flow
     if args.dask:
         from flows.scale import runner
 
         flow = ingest_flow.with_options(task_runner=runner(args.dask))
-    out = flow(str(Path(args.root).resolve()), _ingest_config(args), args.store, sharded=bool(args.dask))
+    out = flow(str(Path(args.root).resolve()), config, args.store, sharded=bool(args.dask))
     print(f"store: {out['store']}\nMLflow run: {tracking.run_url(out['run_id'])}")
     return 0
 

@@ -74,8 +74,15 @@ class _NoEngineTracebacks(logging.Filter):
 ENGINE_LOGGERS = ("prefect.flow_runs", "prefect.task_runs", "prefect.flow_engine", "prefect.task_engine")
 
 
+# MLflow announces at INFO that it creates or migrates its SQLite tables: noise on a command's console
+STORE_SETUP_LOGGERS = ("mlflow.store.db.utils", "alembic.runtime.migration")
+
+
 def quiet_engine_errors() -> None:
-    """Filter Prefect's run loggers themselves: Prefect sets up its console handler later, at the first flow."""
+    """Filter Prefect's run loggers themselves: Prefect sets up its console handler later, at the first flow.
+    Also keeps the tracking store's table set-up messages off the console."""
+    for name in STORE_SETUP_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     for name in ENGINE_LOGGERS:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _NoEngineTracebacks) for f in logger.filters):

@@ -8,6 +8,7 @@ artifacts under `mlflow/artifacts`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import socket
@@ -15,7 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -121,6 +123,39 @@ def _alive(pid: int) -> bool:
 
 def end_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> None:
     client(uri).set_terminated(run_id, status)
+
+
+@contextmanager
+def stage_run(stage: str, *, tags: dict[str, str] | None = None, parent_run_id: str | None = None,
+              uri: str | None = None, run_name: str | None = None, error_detail: bool = True) -> Iterator[str]:
+    """A run around a block: yields its id; ends it FINISHED, or FAILED (KILLED on Ctrl-C) with the error.
+
+    error_detail: put the error's text on the run (tag `error`, artifact `error.txt`). False for stages that
+    read credentialed cohorts, whose messages may name a record: then only the error's type is kept."""
+    run_id = start_run(stage, tags=tags, parent_run_id=parent_run_id, uri=uri, run_name=run_name)
+    try:
+        yield run_id
+    except BaseException as exc:
+        fail_run(run_id, exc, uri, detail=error_detail)
+        raise
+    end_run(run_id, uri=uri)
+
+
+def fail_run(run_id: str, exc: BaseException, uri: str | None = None, *, detail: bool = True) -> None:
+    """End a run FAILED (KILLED for an interrupt) and say why on it; never masks `exc` if MLflow fails too."""
+    killed = isinstance(exc, (KeyboardInterrupt, SystemExit))
+    text = str(exc).strip()
+    summary = type(exc).__name__ + (f": {text.splitlines()[0][:480]}" if detail and text else "")
+    try:
+        set_tags(run_id, {"error": summary}, uri)
+        if detail and text:
+            client(uri).log_text(run_id, f"{type(exc).__name__}: {text}\n", "error.txt")
+    except Exception as e:  # noqa: BLE001 - the original error is the one to report
+        logging.getLogger(__name__).warning("could not record the error on run %s: %s", run_id, e)
+    try:
+        end_run(run_id, "KILLED" if killed else "FAILED", uri)
+    except Exception as e:  # noqa: BLE001
+        logging.getLogger(__name__).warning("could not end run %s: %s", run_id, e)
 
 
 def set_tags(run_id: str, tags: dict[str, str], uri: str | None = None) -> None:

@@ -72,22 +72,18 @@ def associate_flow(cohort_store: str, hosp: str, model_uri: str | None = DEFAULT
     lineage = tracking.model_lineage(model_uri, tracking_uri) if model_uri else {}
     store = ArrayStore.open(cohort_store)
     lineage["cohort_dataset_hash"] = store.key
-    run_id = tracking.start_run("associate", parent_run_id=parent_run_id, uri=tracking_uri,
-                                tags={"prefect_flow_run_id": str(flow_run.id), "cohort_dataset_hash": store.key})
     # The logging run of the resolved version, never 'latest' or an alias (and unique across tracking
     # stores), so the cache cannot hand back another model's study.
     resolved = f"runs:/{lineage['model_run_id']}/model" if "model_run_id" in lineage else model_uri
-    try:
+    with tracking.stage_run("associate", parent_run_id=parent_run_id, uri=tracking_uri, error_detail=False,
+                            tags={"prefect_flow_run_id": str(flow_run.id),
+                                  "cohort_dataset_hash": store.key}) as run_id:
         state = run_study(cohort_store, hosp, resolved, machine_measurements, config, tracking_uri, activations,
                           return_state=True)
         result = state.result()
         cached = state.name == "Cached"
         tracking.set_tags(run_id, {"study_cache_hit": str(cached).lower()}, tracking_uri)
         metrics = log_association(run_id, result, config, lineage, tracking_uri)
-    except BaseException:
-        tracking.end_run(run_id, "FAILED", tracking_uri)
-        raise
-    tracking.end_run(run_id, uri=tracking_uri)
     if result.message:
         summary = f"association: {result.message}"
     else:

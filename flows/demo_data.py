@@ -29,12 +29,11 @@ def demo_data_flow(out: str | None = None, config: DemoConfig | None = None, tra
                    parent_run_id: str | None = None) -> dict[str, str]:
     config = config or DemoConfig()
     out = out or str(demo_dir())
-    run_id = tracking.start_run("demo-data", parent_run_id=parent_run_id, uri=tracking_uri,
-                                tags={"prefect_flow_run_id": str(flow_run.id)})
-    root, seconds, reused = write_demo_data(out, config)
-    report = demo_report(Path(root) / "ground_truth.json", Path(root) / "ptbxl", seconds)
-    report.metrics["reused"] = float(reused)
-    tracking.log_report(run_id, report, tracking_uri)
-    tracking.end_run(run_id, uri=tracking_uri)
+    with tracking.stage_run("demo-data", parent_run_id=parent_run_id, uri=tracking_uri,
+                            tags={"prefect_flow_run_id": str(flow_run.id)}) as run_id:
+        root, seconds, reused = write_demo_data(out, config)
+        report = demo_report(Path(root) / "ground_truth.json", Path(root) / "ptbxl", seconds)
+        report.metrics["reused"] = float(reused)
+        tracking.log_report(run_id, report, tracking_uri)
     print(f"demo data {'reused' if reused else f'written in {seconds:.1f} s'}: {root}")
     return {"root": root, "run_id": run_id}

@@ -9,6 +9,7 @@ from prefect.runtime import flow_run
 
 from ecgproto import tracking
 from ecgproto.data.ingest import IngestChunk, IngestConfig, ingest, ingest_chunk
+from ecgproto.data.layouts import check_root
 from ecgproto.data.store import ArrayStore
 from ecgproto.data.summary import ingest_report
 from ecgproto.settings import store_root as default_store_root
@@ -53,16 +54,14 @@ def ingest_flow(root: str, config: IngestConfig | None = None, store_root: str |
     sharded: each chunk of records is a task of this flow's task runner; run it as
     `ingest_flow.with_options(task_runner=flows.scale.runner("local:4"))(..., sharded=True)`."""
     config = config or IngestConfig()
-    run_id = tracking.start_run("ingest", run_name=f"ingest {Path(root).name}", parent_run_id=parent_run_id,
-                                tags={"prefect_flow_run_id": str(flow_run.id)}, uri=tracking_uri)
-    try:
+    check_root(Path(root), config.layout)  # a wrong path fails here, before it leaves an empty FAILED run
+    # MIMIC-IV-ECG record paths name a subject: a failed ingest keeps only the error's type on its run
+    with tracking.stage_run("ingest", run_name=f"ingest {Path(root).name}", parent_run_id=parent_run_id,
+                            tags={"prefect_flow_run_id": str(flow_run.id)}, uri=tracking_uri,
+                            error_detail=False) as run_id:
         build = build_store_sharded if sharded else build_store
         path, hit, seconds = build(root, store_root or str(default_store_root()), config)
         log_ingest_run(run_id, path, hit, seconds, config, tracking_uri)
-    except BaseException:
-        tracking.end_run(run_id, "FAILED", tracking_uri)
-        raise
-    tracking.end_run(run_id, uri=tracking_uri)
     store = ArrayStore.open(path)
     print(f"ingest {'cache hit' if hit else 'done'}: {store.info['n_records']} records, "
           f"{store.info['n_quarantined']} quarantined -> {path}")

@@ -36,9 +36,10 @@ def pipeline_flow(train_root: str | None = None, cohort_root: str | None = None,
                   tolerance: float = 0.005) -> dict[str, str]:
     """Run the stages; with demo=True the inputs are the (generated) demo datasets and the model is
     the CPU-sized one on the demo's short schedule (`TrainConfig.demo()`) unless `train_config` says otherwise."""
-    parent = tracking.start_run("pipeline", uri=tracking_uri, tags={"prefect_flow_run_id": str(flow_run.id)})
-    out: dict[str, str] = {"parent_run_id": parent}
-    try:
+    # the stage runs below carry their errors; this one only the type (a cohort's messages may name a record)
+    with tracking.stage_run("pipeline", uri=tracking_uri, tags={"prefect_flow_run_id": str(flow_run.id)},
+                            error_detail=False) as parent:
+        out: dict[str, str] = {"parent_run_id": parent}
         if demo:
             d = demo_data_flow(config=demo_config, tracking_uri=tracking_uri, parent_run_id=parent)
             out["demo_run_id"] = d["run_id"]
@@ -78,8 +79,4 @@ def pipeline_flow(train_root: str | None = None, cohort_root: str | None = None,
                                    study_config, tracking_uri, parent)
                 out["associate_run_id"] = str(a["run_id"])
                 out["significant_prototype_pairs"] = str(int(a["metrics"].get("prototype.significant_bonf", 0)))
-    except BaseException:
-        tracking.end_run(parent, "FAILED", tracking_uri)
-        raise
-    tracking.end_run(parent, uri=tracking_uri)
     return out

@@ -177,8 +177,9 @@ def retrain_flow(config_path: str | None = None, config: RetrainConfig | None = 
             raise ValueError("give config_path (a retrain TOML file) or config")
         config = RetrainConfig.load(config_path)
     uri = config.tracking_uri
-    parent = tracking.start_run("retrain", uri=uri, tags={"prefect_flow_run_id": str(flow_run.id)})
-    try:
+    # the stage runs below carry their errors; this one only the type (ingest messages may name a record)
+    with tracking.stage_run("retrain", uri=uri, tags={"prefect_flow_run_id": str(flow_run.id)},
+                            error_detail=False) as parent:
         tracking.log_report(parent, StageReport(params={"retrain": config.model_dump()}), uri)
         ingested = ingest_flow(str(Path(config.data.ptbxl).resolve()), IngestConfig(workers=config.data.workers),
                                config.data.store_root, uri, parent)
@@ -188,10 +189,6 @@ def retrain_flow(config_path: str | None = None, config: RetrainConfig | None = 
                                    "model_version": str(trained["model_version"])}, uri)
         outcome = compare_and_promote(parent, ingested["store"], config.registry.name, str(trained["model_version"]),
                                       config.registry.tolerance, uri)
-    except BaseException:
-        tracking.end_run(parent, "FAILED", uri)
-        raise
-    tracking.end_run(parent, uri=uri)
     print(f"version {outcome['version']} -> {outcome['alias']}: {outcome['reason']}")
     return {"run_id": parent, **outcome}
 

@@ -38,10 +38,9 @@ def score_flow(store: str, model_uri: str = DEFAULT_MODEL, out: str | None = Non
     """Write (or find) the activation store of `model_uri` on `store`; returns its path and the MLflow run id."""
     s = ArrayStore.open(store)
     lineage = tracking.model_lineage(model_uri, tracking_uri)
-    run_id = tracking.start_run("score", parent_run_id=parent_run_id, uri=tracking_uri,
-                                tags={"prefect_flow_run_id": str(flow_run.id), "cohort_dataset_hash": s.key})
     dev = str(resolve_device(device))
-    try:
+    with tracking.stage_run("score", parent_run_id=parent_run_id, uri=tracking_uri, error_detail=False,
+                            tags={"prefect_flow_run_id": str(flow_run.id), "cohort_dataset_hash": s.key}) as run_id:
         model = tracking.load_model(lineage["model_uri"], tracking_uri)
         shards: list[int] = []
 
@@ -58,10 +57,6 @@ def score_flow(store: str, model_uri: str = DEFAULT_MODEL, out: str | None = Non
             "model_uri": model_uri, "shard_size": shard_size, "batch_size": batch_size, "device": dev,
             "loader_workers": loader_workers})
         tracking.log_report(run_id, report, tracking_uri)
-    except BaseException:
-        tracking.end_run(run_id, "FAILED", tracking_uri)
-        raise
-    tracking.end_run(run_id, uri=tracking_uri)
     print(f"score {'cache hit' if not shards else f'done ({len(shards)} shards)'}: {info['n']:,} ECGs x "
           f"{info['n_prototypes']} prototypes -> {acts.path}")
     return {"activations": str(acts.path), "run_id": run_id, "n": info["n"]}

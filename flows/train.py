@@ -34,10 +34,6 @@ from ecgproto.train.trainer import FitResult
 REGISTERED_NAME = MODEL_NAME
 
 
-def _child(stage: str, parent: str, uri: str | None, branch: str | None = None) -> str:
-    name = f"{branch}/{stage}" if branch else stage
-    return tracking.start_run(stage, run_name=name, parent_run_id=parent, uri=uri,
-                              tags={"branch": branch or "all", "prefect_flow_run_id": str(flow_run.id)})
 
 
 def _curves(run_id: str, uri: str | None) -> Callable[[int, dict[str, float]], None]:
@@ -45,15 +41,10 @@ def _curves(run_id: str, uri: str | None) -> Callable[[int, dict[str, float]], N
 
 
 def run_stage(stage: str, parent: str, uri: str | None, branch: str | None, work: Callable[[str], Any]) -> Any:
-    """A child MLflow run around `work(run_id)`, ended FAILED if the work raises."""
-    run_id = _child(stage, parent, uri, branch)
-    try:
-        out = work(run_id)
-    except BaseException:
-        tracking.end_run(run_id, "FAILED", uri)
-        raise
-    tracking.end_run(run_id, uri=uri)
-    return out
+    """A child MLflow run around `work(run_id)`, ended FAILED with the error if the work raises."""
+    with tracking.stage_run(stage, run_name=f"{branch}/{stage}" if branch else stage, parent_run_id=parent, uri=uri,
+                            tags={"branch": branch or "all", "prefect_flow_run_id": str(flow_run.id)}) as run_id:
+        return work(run_id)
 
 
 _FITS = {"joint": stages.train_joint, "last_layer": stages.train_last_layer}
@@ -189,10 +180,9 @@ def train_flow(store: str, config: TrainConfig | None = None, work_root: str | N
     config = config or TrainConfig()
     work_root = work_root or str(workdir() / "data" / "train")
     ctx = stages.TrainContext.open(store, config, work_root)
-    parent = tracking.start_run("train", parent_run_id=parent_run_id, uri=tracking_uri, run_name="train",
-                                tags={"prefect_flow_run_id": str(flow_run.id), "dataset_hash": ctx.store.key,
-                                      "work_dir": str(ctx.workdir)})
-    try:
+    with tracking.stage_run("train", parent_run_id=parent_run_id, uri=tracking_uri, run_name="train",
+                            tags={"prefect_flow_run_id": str(flow_run.id), "dataset_hash": ctx.store.key,
+                                  "work_dir": str(ctx.workdir)}) as parent:
         tracking.log_report(parent, StageReport(params={"config": config.model_dump()}), tracking_uri)
         for name in BRANCHES:
             fit_branch(store, config, work_root, name, "joint", parent, tracking_uri)
@@ -202,10 +192,6 @@ def train_flow(store: str, config: TrainConfig | None = None, work_root: str | N
         if config.baseline.enabled:
             baseline(store, config, work_root, parent, tracking_uri)
         result = evaluate(store, config, work_root, parent, tracking_uri, register_as, tuple(planted))
-    except BaseException:
-        tracking.end_run(parent, "FAILED", tracking_uri)
-        raise
-    tracking.end_run(parent, uri=tracking_uri)
     m = result["metrics"]
     print(f"test fold macro-AUROC: fused {m['fused.macro_auroc']:.4f} "
           f"[{m['fused.macro_auroc_lo']:.4f}, {m['fused.macro_auroc_hi']:.4f}]"

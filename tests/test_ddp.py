@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from ecgproto.data.ingest import IngestConfig, ingest
+from ecgproto.data.labels import BRANCHES
 from ecgproto.data.store import ArrayStore
 from ecgproto.train import distributed, stages
 from ecgproto.train.config import TrainConfig
@@ -80,9 +82,14 @@ def test_training_flow_runs_its_joint_stages_on_the_world_size_it_is_given(
                      register_as="ddp-test", gallery=False)
     assert out["model_version"] == "1" and 0.0 < out["metrics"]["fused.macro_auroc"] <= 1.0
     c = tracking.client(mlflow_uri)
-    joint = c.search_runs([c.get_run(out["run_id"]).info.experiment_id],
-                          f"tags.mlflow.parentRunId = '{out['run_id']}' and tags.stage = 'joint'")
-    assert len(joint) == 3
+    runs = c.search_runs([c.get_run(out["run_id"]).info.experiment_id],
+                         f"tags.mlflow.parentRunId = '{out['run_id']}' and tags.stage = 'joint'")
+    joint = [r for r in runs if r.info.status == "FINISHED"]
+    assert sorted(r.data.tags["branch"] for r in joint) == sorted(BRANCHES)
+    for retried in (r for r in runs if r.info.status != "FINISHED"):  # a failed try, retried by the task
+        assert retried.info.status == "FAILED" and retried.data.tags["error"]
+        why = Path(c.download_artifacts(retried.info.run_id, "error.txt")).read_text()
+        warnings.warn(f"a joint stage was retried after: {why[-2000:]}", stacklevel=1)
     for run in joint:
         assert run.data.tags["world_size"] == "2"
         assert len(c.get_metric_history(run.info.run_id, "val_macro_auroc")) == 1  # curves from rank 0's history

@@ -45,22 +45,30 @@ def detect_layout(root: Path) -> Layout:
     )
 
 
+def check_root(root: Path, layout: Layout | Literal["auto"] = "auto") -> Layout:
+    """The layout of `root`, or a DatasetError saying why it cannot be ingested (checked before any run starts)."""
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset folder does not exist")
+    if layout == "auto":
+        return detect_layout(root)
+    if layout not in ("ptbxl", "mimic_ecg"):
+        raise DatasetError(f"unknown layout {layout!r}; recognised layouts: 'ptbxl' (ptbxl_database.csv), "
+                           "'mimic_ecg' (record_list.csv), or 'auto'")
+    return layout
+
+
 def list_records(root: Path, layout: Layout | Literal["auto"] = "auto", *, model_fs: int = 100,
                  min_likelihood: float = 0.0, labels: LabelSet | None = None,
                  allow_outside_root: bool = False) -> DatasetListing:
     """`allow_outside_root`: accept record paths that lead outside `root` (otherwise quarantined as
     outside_root: an index file should not make ingest read files elsewhere on the machine)."""
     root = Path(root).resolve()
-    if not root.is_dir():
-        raise DatasetError(f"{root}: dataset folder does not exist")
-    layout = detect_layout(root) if layout == "auto" else layout
+    layout = check_root(root, layout)
     if layout == "ptbxl":
         listing = _ptbxl(root, model_fs, min_likelihood, labels or load_label_set())
     elif layout == "mimic_ecg":
         listing = _mimic_ecg(root)
-    else:
-        raise DatasetError(f"unknown layout {layout!r}; recognised layouts: 'ptbxl' (ptbxl_database.csv), "
-                           "'mimic_ecg' (record_list.csv), or 'auto'")
     out = outside_root(listing.records, root, allow_outside_root).to_numpy()
     if out.any():
         refused = _refuse(listing.records, pd.Series(out, index=listing.records.index), "path", "outside_root",

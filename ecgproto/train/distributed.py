@@ -94,7 +94,9 @@ def launch(stage: str, store: str, config: TrainConfig, work_root: str, branch: 
         max(1, (os.cpu_count() or 1) // config.world_size)))}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"torchrun {stage} {branch or ''} failed (exit {done.returncode}):\n"
+        lines = [x for x in done.stderr.splitlines() if x.strip()]
+        cause = next((x.strip() for x in reversed(lines) if "Error" in x), lines[-1].strip() if lines else "")
+        raise RuntimeError(f"torchrun {stage} {branch or ''} failed (exit {done.returncode}): {cause[:300]}\n"
                            f"{done.stderr[-4000:]}")
 
 
