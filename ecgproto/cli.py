@@ -53,13 +53,13 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from ecgproto import tracking
     from ecgproto.data.layouts import check_root
-    from flows.ingest import ingest_flow
+    from ecgproto.flows.ingest import ingest_flow
 
     config = _ingest_config(args)
     check_root(Path(args.root), config.layout)  # a typo in the path is one line, before a flow run starts
     flow = ingest_flow
     if args.dask:
-        from flows.scale import runner
+        from ecgproto.flows.scale import runner
 
         flow = ingest_flow.with_options(task_runner=runner(args.dask))
     out = flow(str(Path(args.root).resolve()), config, args.store, sharded=bool(args.dask))
@@ -69,11 +69,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from ecgproto import tracking
-    from flows.score import score_flow
+    from ecgproto.flows.score import score_flow
 
     flow = score_flow
     if args.dask:
-        from flows.scale import runner
+        from ecgproto.flows.scale import runner
 
         flow = score_flow.with_options(task_runner=runner(args.dask))
     store = Path(args.store).resolve()
@@ -86,7 +86,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from ecgproto import tracking
-    from flows.pipeline import pipeline_flow
+    from ecgproto.flows.pipeline import pipeline_flow
 
     out = pipeline_flow(demo=True, demo_config=_demo_config(args), store_root=args.store,
                         train_model=not args.no_train)
@@ -108,13 +108,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ecgproto import tracking
+    from ecgproto.flows.train import train_flow
     from ecgproto.train.config import TrainConfig
-    from flows.train import train_flow
 
     source = Path(args.source).resolve()
     store = source
     if not (source / "store.json").exists():  # a dataset folder: ingest it first (a cache hit if done before)
-        from flows.ingest import ingest_flow
+        from ecgproto.flows.ingest import ingest_flow
 
         store = Path(ingest_flow(str(source), _ingest_config(args), args.store)["store"])
     config = TrainConfig.small() if args.small else TrainConfig()
@@ -157,16 +157,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_associate(args: argparse.Namespace) -> int:
     from ecgproto import tracking
+    from ecgproto.flows.associate import associate_flow
     from ecgproto.phenotype.cohort import CohortConfig
     from ecgproto.phenotype.study import StudyConfig
-    from flows.associate import associate_flow
 
     source = Path(args.cohort).resolve()
     store = source
     mm = Path(args.machine_measurements) if args.machine_measurements else None
     if not (source / "store.json").exists():  # a MIMIC-IV-ECG folder: ingest it first (a cache hit if done before)
         from ecgproto.data.ingest import IngestConfig
-        from flows.ingest import ingest_flow
+        from ecgproto.flows.ingest import ingest_flow
 
         cohort = IngestConfig(layout="mimic_ecg", workers=args.workers or 0)  # the model's rate and sample type
         store = Path(ingest_flow(str(source), cohort, args.store)["store"])
@@ -187,8 +187,8 @@ def cmd_associate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from ecgproto import tracking
+    from ecgproto.flows.pipeline import pipeline_flow
     from ecgproto.train.config import TrainConfig
-    from flows.pipeline import pipeline_flow
 
     config = TrainConfig.small() if args.small else TrainConfig()
     config = config.model_copy(update={"device": args.device})
@@ -208,7 +208,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    from flows.retrain import RetrainConfig, retrain_flow
+    from ecgproto.flows.retrain import RetrainConfig, retrain_flow
 
     RetrainConfig.load(args.config)  # a bad config fails here, in one line, before any flow starts
     out = retrain_flow(config_path=str(Path(args.config).resolve()))
@@ -219,7 +219,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from prefect import serve
 
-    from flows.retrain import RetrainConfig, deployment
+    from ecgproto.flows.retrain import RetrainConfig, deployment
 
     cfg = RetrainConfig.load(args.config)
     print(f"serving 'retrain/ecgproto-retrain' on cron '{cfg.schedule.cron}' ({cfg.schedule.timezone}); Ctrl-C to stop.\n"

@@ -8,17 +8,30 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_DIR = Path(__file__).resolve().parent
+PROJECT_ROOT = PACKAGE_DIR.parent
+
+
+def in_checkout() -> bool:
+    """True when the package runs from its source tree (an editable install or `python -m` in the clone);
+    False when installed from a wheel."""
+    return (PROJECT_ROOT / "pyproject.toml").is_file() and (PROJECT_ROOT / "flows").is_dir()
 
 
 def workdir() -> Path:
-    """The folder that holds mlflow/, .prefect/ and data/ (the checkout unless ECGPROTO_HOME is set)."""
-    return Path(os.environ.get("ECGPROTO_HOME", PROJECT_ROOT)).resolve()
+    """The folder that holds mlflow/, .prefect/ and data/: ECGPROTO_HOME if set, else the checkout, else (an
+    installed wheel) the current directory, as MLflow's own default store is."""
+    if "ECGPROTO_HOME" in os.environ:
+        return Path(os.environ["ECGPROTO_HOME"]).resolve()
+    return PROJECT_ROOT if in_checkout() else Path.cwd().resolve()
 
 
 def reference_dir() -> Path:
-    """Reference tables that ship with the project (scp branches, phecode maps)."""
-    return Path(os.environ.get("ECGPROTO_REFERENCE_DIR", PROJECT_ROOT / "data")).resolve()
+    """Reference tables that ship with the project (scp branches, phecode maps): `data/` in the checkout,
+    installed as the package data `ecgproto/reference/` by a wheel."""
+    if "ECGPROTO_REFERENCE_DIR" in os.environ:
+        return Path(os.environ["ECGPROTO_REFERENCE_DIR"]).resolve()
+    return PROJECT_ROOT / "data" if in_checkout() else PACKAGE_DIR / "reference"
 
 
 def demo_dir() -> Path:

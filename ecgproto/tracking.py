@@ -26,7 +26,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from ecgproto.report import StageReport, flatten
-from ecgproto.settings import default_tracking_uri, mlflow_dir
+from ecgproto.settings import default_tracking_uri, in_checkout, mlflow_dir
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -72,6 +72,13 @@ def experiment_id(name: str | None = None, uri: str | None = None) -> str:
 
 
 def git_commit() -> str:
+    """The checkout's commit; for an installed wheel, its version (`ecgproto==0.1.0`)."""
+    if not in_checkout():
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            return f"ecgproto=={version('ecgproto')}"
+        except PackageNotFoundError:
+            return "unknown"
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)

@@ -52,7 +52,7 @@ def ingest_flow(root: str, config: IngestConfig | None = None, store_root: str |
     """Ingest a PTB-XL or MIMIC-IV-ECG folder; returns the store path and the MLflow run id.
 
     sharded: each chunk of records is a task of this flow's task runner; run it as
-    `ingest_flow.with_options(task_runner=flows.scale.runner("local:4"))(..., sharded=True)`."""
+    `ingest_flow.with_options(task_runner=ecgproto.flows.scale.runner("local:4"))(..., sharded=True)`."""
     config = config or IngestConfig()
     check_root(Path(root), config.layout)  # a wrong path fails here, before it leaves an empty FAILED run
     # MIMIC-IV-ECG record paths name a subject: a failed ingest keeps only the error's type on its run

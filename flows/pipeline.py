@@ -17,14 +17,14 @@ from ecgproto import tracking
 from ecgproto.data.demo.beat_model import PLANTED_LABELS
 from ecgproto.data.demo.generate import DemoConfig
 from ecgproto.data.ingest import IngestConfig
+from ecgproto.flows.associate import associate_flow
+from ecgproto.flows.demo_data import demo_data_flow
+from ecgproto.flows.ingest import ingest_flow
+from ecgproto.flows.retrain import compare_and_promote
+from ecgproto.flows.train import REGISTERED_NAME, run_stage, train_flow
 from ecgproto.phenotype.study import StudyConfig
 from ecgproto.train.config import TrainConfig
 from ecgproto.train.metrics import difference_text
-from flows.associate import associate_flow
-from flows.demo_data import demo_data_flow
-from flows.ingest import ingest_flow
-from flows.retrain import compare_and_promote
-from flows.train import REGISTERED_NAME, run_stage, train_flow
 
 
 @flow(name="pipeline", log_prints=True)

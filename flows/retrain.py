@@ -35,12 +35,12 @@ from ecgproto import tracking
 from ecgproto.data.ingest import IngestConfig
 from ecgproto.data.store import ArrayStore
 from ecgproto.errors import ConfigError
+from ecgproto.flows.ingest import ingest_flow
+from ecgproto.flows.train import REGISTERED_NAME, train_flow
 from ecgproto.model.persist import ModelFileError
 from ecgproto.promotion import PromotionDecision, decide, test_fold_auroc
 from ecgproto.report import StageReport
 from ecgproto.train.config import TrainConfig
-from flows.ingest import ingest_flow
-from flows.train import REGISTERED_NAME, train_flow
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 

@@ -72,7 +72,7 @@ def test_a_failing_rank_fails_the_launch_with_its_error(ptbxl_store: ArrayStore,
 def test_training_flow_runs_its_joint_stages_on_the_world_size_it_is_given(
         ptbxl_store: ArrayStore, prefect_server: None, mlflow_uri: str, tmp_path: Path) -> None:
     from ecgproto import tracking
-    from flows.train import train_flow
+    from ecgproto.flows.train import train_flow
 
     cfg = TrainConfig.small()
     cfg.joint.epochs, cfg.last_layer.epochs, cfg.fusion.epochs = 1, 2, 2

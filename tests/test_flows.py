@@ -14,7 +14,7 @@ from tests.conftest import SMALL
 def test_ingest_flow_logs_one_mlflow_run_with_config_counts_and_artifacts(
         prefect_server: None, demo_root: Path, ptbxl_copy: Path, mlflow_uri: str, tmp_path: Path) -> None:
     from ecgproto.data.demo.faults import plant_faults
-    from flows.ingest import ingest_flow
+    from ecgproto.flows.ingest import ingest_flow
 
     expected = plant_faults(ptbxl_copy, ("truncated_dat", "flat_lead"))
     out = ingest_flow(str(ptbxl_copy), IngestConfig(workers=2), str(tmp_path / "store"), mlflow_uri)
@@ -42,7 +42,7 @@ def test_ingest_flow_logs_one_mlflow_run_with_config_counts_and_artifacts(
 @pytest.mark.slow
 def test_demo_pipeline_makes_a_parent_run_with_child_stage_runs_and_no_mimic_identifiers(
         prefect_server: None, mlflow_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from flows.pipeline import pipeline_flow
+    from ecgproto.flows.pipeline import pipeline_flow
 
     monkeypatch.setenv("ECGPROTO_DEMO_DIR", str(tmp_path / "demo"))
     out = pipeline_flow(demo=True, demo_config=DemoConfig(**SMALL), store_root=str(tmp_path / "store"),

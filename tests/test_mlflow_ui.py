@@ -43,9 +43,9 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
 def demo_pipeline(mlflow_server: SimpleNamespace, prefect_server: None,
                   tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     from ecgproto.data.demo.generate import DemoConfig
+    from ecgproto.flows.pipeline import pipeline_flow
     from ecgproto.phenotype.study import StudyConfig
     from ecgproto.train.config import TrainConfig
-    from flows.pipeline import pipeline_flow
 
     home = tmp_path_factory.mktemp("home")
     train = TrainConfig.small()

@@ -397,8 +397,8 @@ def test_associate_flow_logs_tables_and_figures_without_identifiers_or_small_cou
         demo_root: Path, prefect_server: None, mlflow_uri: str, tmp_path: Path) -> None:
     from ecgproto import tracking
     from ecgproto.data.ingest import IngestConfig, ingest
+    from ecgproto.flows.associate import associate_flow
     from ecgproto.phenotype.study import StudyConfig
-    from flows.associate import associate_flow
 
     mimic, hosp = demo_root / "mimic-iv-ecg", demo_root / "mimic-iv" / "hosp"
     store = ingest(mimic, tmp_path / "store", IngestConfig(workers=2), progress=False).store
@@ -437,7 +437,7 @@ def test_associate_flow_logs_tables_and_figures_without_identifiers_or_small_cou
     # What Prefect persists for its cache holds no identifiers (nor diagnosis rows)
     from dataclasses import fields
 
-    from flows.associate import run_study
+    from ecgproto.flows.associate import run_study
 
     persisted = run_study.fn(str(store.path), str(hosp), None, str(mimic / "machine_measurements.csv"), config,
                              mlflow_uri)

@@ -59,7 +59,7 @@ timezone = "Europe/Berlin"
 @pytest.mark.slow
 def test_retraining_promotes_a_model_that_is_not_worse_and_keeps_a_worse_one_as_challenger(
         demo_root: Path, prefect_server: None, mlflow_uri: str, tmp_path: Path) -> None:
-    from flows.retrain import deployment, retrain_flow
+    from ecgproto.flows.retrain import deployment, retrain_flow
 
     first = retrain_flow(str(_config(tmp_path / "a.toml", demo_root, tmp_path, mlflow_uri, 0.0)))
     assert first["alias"] == "champion" and first["reason"] == "no champion yet"

@@ -33,8 +33,8 @@ def mimic_store(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Ar
 
 def test_sharded_ingest_on_a_local_dask_cluster_writes_the_same_store(
         prefect_server: None, demo_root: Path, ptbxl_copy: Path, mlflow_uri: str, tmp_path: Path) -> None:
-    from flows.ingest import ingest_flow
-    from flows.scale import runner
+    from ecgproto.flows.ingest import ingest_flow
+    from ecgproto.flows.scale import runner
 
     # a broken record must land in quarantine the same way on the cluster
     dat = next(iter(sorted((ptbxl_copy / "records100").rglob("*.dat"))))
@@ -56,8 +56,8 @@ def test_sharded_ingest_on_a_local_dask_cluster_writes_the_same_store(
 def test_sharded_scoring_on_a_local_dask_cluster_gives_the_same_activation_matrix(
         prefect_server: None, mimic_store: ArrayStore, mlflow_uri: str, tmp_path: Path) -> None:
     from ecgproto import tracking
-    from flows.scale import runner
-    from flows.score import score_flow
+    from ecgproto.flows.scale import runner
+    from ecgproto.flows.score import score_flow
 
     model = small_model()
     run = tracking.start_run("train", uri=mlflow_uri)
@@ -121,7 +121,7 @@ def test_the_loader_scores_rows_in_the_order_asked_with_read_ahead_workers(mimic
 
 
 def test_dask_runner_spec_is_checked() -> None:
-    from flows.scale import runner
+    from ecgproto.flows.scale import runner
 
     assert runner(None) is None
     with pytest.raises(ValueError, match="local:N"):

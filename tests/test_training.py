@@ -38,7 +38,7 @@ def fast_config() -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def trained(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    from flows.train import train_flow
+    from ecgproto.flows.train import train_flow
 
     root = tmp_path_factory.mktemp("training")
     demo = generate_demo(root / "demo", DemoConfig(n_ptbxl=2000, n_hr=10, n_mimic_subjects=0, workers=2))
@@ -214,8 +214,8 @@ def _one_branch_config() -> TrainConfig:
 def test_registered_model_scores_an_external_cohort_and_its_prototypes_meet_the_planted_phecodes(
         trained: SimpleNamespace) -> None:
     from ecgproto.data.demo.cohort import PLANTED as PLANTED_DX
+    from ecgproto.flows.associate import associate_flow
     from ecgproto.phenotype.study import StudyConfig
-    from flows.associate import associate_flow
 
     cohort = generate_demo(trained.root / "cohort", DemoConfig(n_ptbxl=20, n_hr=0, workers=2))  # 1,500 subjects
     store = ingest(cohort.mimic_ecg, trained.root / "store", IngestConfig(workers=2), progress=False).store
