@@ -31,6 +31,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check ecgproto flows tests benchmarks
+	$(BIN)/ruff format --check ecgproto flows tests benchmarks
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ingest.py

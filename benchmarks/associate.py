@@ -41,15 +41,24 @@ def synthetic(n: int, m: int, J: int, seed: int = 0) -> tuple[np.ndarray, np.nda
         eta = base[j] + 0.3 * ((age - 60) / 10)[:, None] + 0.2 * male[:, None]
         eta[:, :5] += 0.4 * F[:, j[:5] % m] if lo == 0 else 0.0  # a few planted pairs
         status[:, j] = rng.random((n, len(j)), dtype=np.float32) < 1 / (1 + np.exp(-eta))
-    phecodes = pd.DataFrame({"phecode": [f"{j}" for j in range(J)], "phecode_string": "synthetic",
-                             "phecode_category": "synthetic", "sex": "Both", "n_cases": (status == 1).sum(0),
-                             "n_controls": (status == 0).sum(0), "n_excluded": 0})
+    phecodes = pd.DataFrame(
+        {
+            "phecode": [f"{j}" for j in range(J)],
+            "phecode_string": "synthetic",
+            "phecode_category": "synthetic",
+            "sex": "Both",
+            "n_cases": (status == 1).sum(0),
+            "n_controls": (status == 0).sum(0),
+            "n_excluded": 0,
+        }
+    )
     features = pd.DataFrame({"feature_id": [f"P{i:04d}" for i in range(m)], "feature_label": "synthetic"})
     return age, male, FeatureSet("prototype", F, features), PhecodeStatus(status, phecodes, pd.DataFrame())
 
 
-def statsmodels_seconds_per_pair(age: np.ndarray, male: np.ndarray, fs: FeatureSet, st: PhecodeStatus,
-                                 pairs: int = 12, seed: int = 1) -> float:
+def statsmodels_seconds_per_pair(
+    age: np.ndarray, male: np.ndarray, fs: FeatureSet, st: PhecodeStatus, pairs: int = 12, seed: int = 1
+) -> float:
     rng = np.random.default_rng(seed)
     covariates = np.column_stack([np.ones(len(age)), (age - 60) / 10, male.astype(float)])
     start = time.perf_counter()
@@ -73,9 +82,12 @@ def run(n: int, m: int, J: int) -> float:
     loop = per_pair * m * J
     refits = int((table["method"] != "score").sum())
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    print(f"{n:>7,} x {m:,} x {J:,}: engine {seconds:6.1f} s (null fits {fitted:.1f} s, {refits:,} exact refits, "
-          f"{m * J:,} tests); statsmodels loop {per_pair * 1e3:.1f} ms/pair -> {loop / 3600:.1f} h extrapolated; "
-          f"speed-up {loop / seconds:,.0f}x; peak RSS {peak_gb:.2f} GB", flush=True)
+    print(
+        f"{n:>7,} x {m:,} x {J:,}: engine {seconds:6.1f} s (null fits {fitted:.1f} s, {refits:,} exact refits, "
+        f"{m * J:,} tests); statsmodels loop {per_pair * 1e3:.1f} ms/pair -> {loop / 3600:.1f} h extrapolated; "
+        f"speed-up {loop / seconds:,.0f}x; peak RSS {peak_gb:.2f} GB",
+        flush=True,
+    )
     return loop / seconds
 
 

@@ -41,9 +41,11 @@ def measure(name: str, root: Path, workers: int, scratch: Path) -> float:
     cached_s = time.perf_counter() - t0
     assert again.cache_hit and result.n_records + result.n_quarantined >= n
     speedup = naive_s / ingest_s
-    print(f"[{name}] {n} records: wfdb.rdsamp loop {n / naive_s:,.0f} rec/s ({naive_s:.2f} s); "
-          f"ingest (read+check+resample+filter+store, {workers} workers) {n / ingest_s:,.0f} rec/s "
-          f"({ingest_s:.2f} s); speed-up {speedup:.1f}x; cached re-run {cached_s:.2f} s")
+    print(
+        f"[{name}] {n} records: wfdb.rdsamp loop {n / naive_s:,.0f} rec/s ({naive_s:.2f} s); "
+        f"ingest (read+check+resample+filter+store, {workers} workers) {n / ingest_s:,.0f} rec/s "
+        f"({ingest_s:.2f} s); speed-up {speedup:.1f}x; cached re-run {cached_s:.2f} s"
+    )
     return speedup
 
 

@@ -54,7 +54,8 @@ def synthetic_store(path: Path, n: int, n_samples: int, seed: int = 0) -> ArrayS
     cfg = BeatConfig()
     np.save(path / "beats.npy", np.tile(Beats(grid_beats(n_samples, 100.0, cfg), "grid").padded(cfg.max_beats), (n, 1)))
     pd.DataFrame({"record_id": [f"s{i}" for i in range(n)], "row": np.arange(n), "split": "test"}).to_parquet(
-        path / "manifest.parquet")
+        path / "manifest.parquet"
+    )
     pd.DataFrame(columns=["record_id", "file", "reason", "message"]).to_parquet(path / "quarantine.parquet")
     (path / "store.json").write_text(json.dumps({"cache_key": f"synthetic-{n}-{seed}", "layout": "mimic_ecg"}))
     return ArrayStore.open(path)
@@ -73,8 +74,8 @@ def plain_loop(model: torch.nn.Module, store: ArrayStore, device: str, batch: in
     _sync(device)
     t0 = time.perf_counter()
     for lo in range(0, len(sig), batch):
-        x = torch.from_numpy(np.array(sig[lo:lo + batch], dtype=np.float32)).to(device)
-        s = model.similarities(x, torch.from_numpy(np.array(beats[lo:lo + batch], dtype=np.int64)).to(device))
+        x = torch.from_numpy(np.array(sig[lo : lo + batch], dtype=np.float32)).to(device)
+        s = model.similarities(x, torch.from_numpy(np.array(beats[lo : lo + batch], dtype=np.int64)).to(device))
         torch.sigmoid(model.fusion(s)).cpu()
         s.cpu()
     _sync(device)
@@ -93,11 +94,16 @@ def loader_rate(model: torch.nn.Module, store: ArrayStore, device: str, batch: i
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", choices=("reference", "small"),
-                   help="network size (default: reference on CUDA, small on CPU, where the reference scores ~5 ECGs/s)")
+    p.add_argument(
+        "--config",
+        choices=("reference", "small"),
+        help="network size (default: reference on CUDA, small on CPU, where the reference scores ~5 ECGs/s)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--n", type=int, help="ECGs in the synthetic store (default 2,000 on CPU, 100,000 on CUDA)")
-    p.add_argument("--batch", default="", help="comma-separated batch sizes (default 256 on CPU, 256,1024,2048 on CUDA)")
+    p.add_argument(
+        "--batch", default="", help="comma-separated batch sizes (default 256 on CPU, 256,1024,2048 on CUDA)"
+    )
     p.add_argument("--workers", default="", help="comma-separated loader worker counts (default 0,2 / 0,4,8)")
     args = p.parse_args()
     cuda = args.device.startswith("cuda")
@@ -109,8 +115,9 @@ def main() -> None:
     cfg = ModelConfig() if args.config == "reference" else ModelConfig.small()
     model = ECGProtoNet(cfg, load_label_set()).eval()
     name = torch.cuda.get_device_name() if cuda else f"{torch.get_num_threads()} CPU threads"
-    print(f"device {args.device} ({name}), {args.config} config ({model.n_prototypes} prototypes), "
-          f"{n:,} synthetic ECGs")
+    print(
+        f"device {args.device} ({name}), {args.config} config ({model.n_prototypes} prototypes), {n:,} synthetic ECGs"
+    )
     scratch = Path(tempfile.mkdtemp(prefix="ecgproto-bench-scale-"))
     try:
         t0 = time.perf_counter()
@@ -127,15 +134,27 @@ def main() -> None:
                     best, best_at = rate, (b, w)
         b, w = best_at
         t0 = time.perf_counter()
-        acts = score_store(store, model, scratch / "activations", prototype_table(model), shard_size=16_384,
-                           batch_size=b, device=args.device, workers=w)
+        acts = score_store(
+            store,
+            model,
+            scratch / "activations",
+            prototype_table(model),
+            shard_size=16_384,
+            batch_size=b,
+            device=args.device,
+            workers=w,
+        )
         whole = n / (time.perf_counter() - t0)
         size = sum(f.stat().st_size for f in acts.path.iterdir()) / 1e6
-        print(f"activation store (float16 shards of 16,384, batch {b}, workers {w}): {whole:,.0f} ECGs/s "
-              f"incl. writing {size:.0f} MB")
+        print(
+            f"activation store (float16 shards of 16,384, batch {b}, workers {w}): {whole:,.0f} ECGs/s "
+            f"incl. writing {size:.0f} MB"
+        )
         rate = max(best, whole)
-        print(f"{MIMIC_ECGS:,} ECGs (MIMIC-IV-ECG) at {rate:,.0f} ECGs/s: {MIMIC_ECGS / rate / 60:.1f} min "
-              f"on this device (plain loop: {MIMIC_ECGS / base / 60:.1f} min)")
+        print(
+            f"{MIMIC_ECGS:,} ECGs (MIMIC-IV-ECG) at {rate:,.0f} ECGs/s: {MIMIC_ECGS / rate / 60:.1f} min "
+            f"on this device (plain loop: {MIMIC_ECGS / base / 60:.1f} min)"
+        )
         print(f"scoring_800k_minutes={MIMIC_ECGS / rate / 60:.2f}")
         print(f"scoring_speedup_vs_plain_loop={best / base:.2f}")
     finally:

@@ -72,8 +72,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _step_fn(name: str, cfg: TrainConfig, device: torch.device, batch: int, bf16: bool, channels_last: bool,
-             compiled: bool) -> tuple[Callable[[torch.Tensor, torch.Tensor], None], int]:
+def _step_fn(
+    name: str, cfg: TrainConfig, device: torch.device, batch: int, bf16: bool, channels_last: bool, compiled: bool
+) -> tuple[Callable[[torch.Tensor, torch.Tensor], None], int]:
     """One training step of `name` (a branch or 'baseline') and its number of labels."""
     labels = load_label_set()
     torch.manual_seed(cfg.seed)
@@ -106,9 +107,13 @@ def _step_fn(name: str, cfg: TrainConfig, device: torch.device, batch: int, bf16
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
     beat_cfg = BeatConfig()
-    grid = torch.as_tensor(Beats(grid_beats(cfg.model.n_samples, cfg.model.fs, beat_cfg), "grid").padded(
-        beat_cfg.max_beats), dtype=torch.long, device=device).expand(batch, -1)
+    grid = torch.as_tensor(
+        Beats(grid_beats(cfg.model.n_samples, cfg.model.fs, beat_cfg), "grid").padded(beat_cfg.max_beats),
+        dtype=torch.long,
+        device=device,
+    ).expand(batch, -1)
     model.train()
     return step, n_out
 
@@ -137,7 +142,10 @@ def variants(device: torch.device, name: str, try_compile: bool) -> dict[str, di
             out["bf16+channels_last"] = {"bf16": True, "channels_last": True, "compiled": False}
     if try_compile:
         out["compile" if device.type == "cpu" else "bf16+compile"] = {
-            "bf16": device.type == "cuda", "channels_last": False, "compiled": True}
+            "bf16": device.type == "cuda",
+            "channels_last": False,
+            "compiled": True,
+        }
     return out
 
 
@@ -155,14 +163,15 @@ def tile_store(src: ArrayStore, dst: Path, sizes: dict[str, int]) -> ArrayStore:
         parts.append(part)
     m = pd.concat(parts, ignore_index=True)
     dst.mkdir(parents=True)
-    sig = np.lib.format.open_memmap(dst / "signals.npy", mode="w+", dtype=src.signals.dtype,
-                                    shape=(len(m), *src.signals.shape[1:]))
+    sig = np.lib.format.open_memmap(
+        dst / "signals.npy", mode="w+", dtype=src.signals.dtype, shape=(len(m), *src.signals.shape[1:])
+    )
     assert src.labels is not None
     lab = np.empty((len(m), src.labels.shape[1]), dtype=src.labels.dtype)
     for i in range(0, len(m), 4096):
-        rows = m["row"].to_numpy()[i:i + 4096]
-        sig[i:i + len(rows)] = src.signals[rows]
-        lab[i:i + len(rows)] = src.labels[rows]
+        rows = m["row"].to_numpy()[i : i + 4096]
+        sig[i : i + len(rows)] = src.signals[rows]
+        lab[i : i + len(rows)] = src.labels[rows]
     sig.flush()
     np.save(dst / "labels.npy", lab)
     np.save(dst / "beats.npy", np.asarray(src.beats)[m["row"].to_numpy()])
@@ -174,16 +183,19 @@ def tile_store(src: ArrayStore, dst: Path, sizes: dict[str, int]) -> ArrayStore:
     return ArrayStore.open(dst)
 
 
-def ptbxl_size_timing(store: ArrayStore, scratch: Path, device: str, epochs: int,
-                      typical: dict[str, float]) -> float:
+def ptbxl_size_timing(store: ArrayStore, scratch: Path, device: str, epochs: int, typical: dict[str, float]) -> float:
     """Seconds of a full reference training at PTB-XL size, extrapolated from timed stage epochs."""
     from ecgproto.train import stages
 
     big = tile_store(store, scratch / "ptbxl-size", PTBXL_SPLITS)
     cfg = TrainConfig()
     cfg.device = device
-    limits = {"joint": cfg.joint.epochs, "last_layer": cfg.last_layer.epochs, "fusion": cfg.fusion.epochs,
-              "baseline": cfg.baseline.stage.epochs}
+    limits = {
+        "joint": cfg.joint.epochs,
+        "last_layer": cfg.last_layer.epochs,
+        "fusion": cfg.fusion.epochs,
+        "baseline": cfg.baseline.stage.epochs,
+    }
     for stage in (cfg.joint, cfg.last_layer, cfg.fusion, cfg.baseline.stage):
         stage.epochs = epochs
     ctx = stages.TrainContext.open(big.path, cfg, scratch / "work-ptbxl-size")
@@ -205,8 +217,10 @@ def ptbxl_size_timing(store: ArrayStore, scratch: Path, device: str, epochs: int
     clock("baseline", stages.train_baseline, ctx)
     clock("evaluate", stages.evaluate, ctx, "test")
     n = {s: len(ctx.splits[s]) for s in ("train", "val", "test")}
-    print(f"[ptbxl-size] {n['train']:,}/{n['val']:,}/{n['test']:,} records, reference config, {epochs} epoch(s) "
-          f"per stage on {ctx.device}:")
+    print(
+        f"[ptbxl-size] {n['train']:,}/{n['val']:,}/{n['test']:,} records, reference config, {epochs} epoch(s) "
+        f"per stage on {ctx.device}:"
+    )
     for key, sec in timed.items():
         print(f"[ptbxl-size]   {key:32s} {sec:8.1f} s")
 
@@ -222,14 +236,17 @@ def ptbxl_size_timing(store: ArrayStore, scratch: Path, device: str, epochs: int
     if typical:
         est = total({k: typical.get(k, float(limits[k])) for k in limits})
         shown = {k: round(v, 1) for k, v in typical.items()}
-        print(f"[ptbxl-size] full training at the epochs early stopping took on the real subset ({shown}): "
-              f"{est / 60:.1f} min")
+        print(
+            f"[ptbxl-size] full training at the epochs early stopping took on the real subset ({shown}): "
+            f"{est / 60:.1f} min"
+        )
         return est
     return upper
 
 
-def real_data_accuracy(root: Path, scratch: Path, device: str, config: str = "small", seed: int | None = None,
-                       split: str = "test") -> tuple[dict[str, float], ArrayStore, dict[str, float]]:
+def real_data_accuracy(
+    root: Path, scratch: Path, device: str, config: str = "small", seed: int | None = None, split: str = "test"
+) -> tuple[dict[str, float], ArrayStore, dict[str, float]]:
     """Ingest `root`, train the model and the baseline through the real stages, score `split` (fold 10 = test,
     fold 9 = val: designs are chosen on val); print every figure and the wall time of each stage."""
     from ecgproto.data.ingest import IngestConfig, ingest
@@ -244,8 +261,9 @@ def real_data_accuracy(root: Path, scratch: Path, device: str, config: str = "sm
         print(f"[real]   {key:34s} {wall[key]:7.0f} s", flush=True)
         return out
 
-    store = clock("ingest", ingest, root, scratch / "store", IngestConfig(workers=os.cpu_count() or 2),
-                  progress=False).store
+    store = clock(
+        "ingest", ingest, root, scratch / "store", IngestConfig(workers=os.cpu_count() or 2), progress=False
+    ).store
     cfg = TrainConfig.small() if config == "small" else TrainConfig()
     cfg.device = device
     if seed is not None:
@@ -262,17 +280,23 @@ def real_data_accuracy(root: Path, scratch: Path, device: str, config: str = "sm
     metrics, tables = clock(f"evaluate ({split})", stages.evaluate, ctx, split)
     n = {s: len(ctx.splits[s]) for s in ("train", "val", "test")}
     fold = {"test": "fold 10", "val": "fold 9"}[split]
-    print(f"[real] {root.name}: {n['train']}/{n['val']}/{n['test']} records (folds 1-8/9/10), {config} config "
-          f"on {ctx.device}, seed {cfg.seed}; prototype model trained in {proto_s / 60:.1f} min, baseline in "
-          f"{wall['baseline'] / 60:.1f} min; epochs run {epochs}; scored on {split} ({fold})")
+    print(
+        f"[real] {root.name}: {n['train']}/{n['val']}/{n['test']} records (folds 1-8/9/10), {config} config "
+        f"on {ctx.device}, seed {cfg.seed}; prototype model trained in {proto_s / 60:.1f} min, baseline in "
+        f"{wall['baseline'] / 60:.1f} min; epochs run {epochs}; scored on {split} ({fold})"
+    )
     for key in ("fused", "baseline", *BRANCHES):
-        print(f"[real]   {key:22s} {split} macro-AUROC {metrics[f'{key}.macro_auroc']:.4f} "
-              f"[{metrics[f'{key}.macro_auroc_lo']:.4f}, {metrics[f'{key}.macro_auroc_hi']:.4f}], "
-              f"macro-AUPRC {metrics[f'{key}.macro_auprc']:.4f}")
+        print(
+            f"[real]   {key:22s} {split} macro-AUROC {metrics[f'{key}.macro_auroc']:.4f} "
+            f"[{metrics[f'{key}.macro_auroc_lo']:.4f}, {metrics[f'{key}.macro_auroc_hi']:.4f}], "
+            f"macro-AUPRC {metrics[f'{key}.macro_auprc']:.4f}"
+        )
     print(f"[real]   fused - baseline         {difference_text(metrics)} (paired bootstrap over the {split} records)")
     by_branch = tables["side_by_side"].groupby("branch")[["auroc", "baseline_auroc"]].mean()
-    print("[real]   fused vs baseline, mean AUROC over each branch's labels: " + "; ".join(
-        f"{b} {r.auroc:.3f} vs {r.baseline_auroc:.3f}" for b, r in by_branch.iterrows()))
+    print(
+        "[real]   fused vs baseline, mean AUROC over each branch's labels: "
+        + "; ".join(f"{b} {r.auroc:.3f} vs {r.baseline_auroc:.3f}" for b, r in by_branch.iterrows())
+    )
     metrics["prototype_model_min"], metrics["baseline_min"] = proto_s / 60, wall["baseline"] / 60
     return metrics, ctx.store, {k: float(np.median(v)) for k, v in epochs.items()}
 
@@ -286,12 +310,21 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="also try torch.compile (always tried on CUDA)")
     p.add_argument("--real", type=Path, help="an unpacked PTB-XL folder (e.g. the shared 1,250-record subset)")
     p.add_argument("--real-config", choices=("small", "reference"), default="small")
-    p.add_argument("--split", choices=("test", "val"), default="test",
-                   help="with --real: the fold scored (test = fold 10; val = fold 9, where designs are chosen)")
-    p.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=None,
-                   help="with --real: comma-separated training seeds (default: the config's); each is a full training")
-    p.add_argument("--ptbxl-size", action="store_true",
-                   help="with --real: time every stage of the reference config at PTB-XL size")
+    p.add_argument(
+        "--split",
+        choices=("test", "val"),
+        default="test",
+        help="with --real: the fold scored (test = fold 10; val = fold 9, where designs are chosen)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=None,
+        help="with --real: comma-separated training seeds (default: the config's); each is a full training",
+    )
+    p.add_argument(
+        "--ptbxl-size", action="store_true", help="with --real: time every stage of the reference config at PTB-XL size"
+    )
     p.add_argument("--epochs", type=int, default=1, help="epochs per stage timed by --ptbxl-size")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--threads", type=int, default=0)
@@ -301,8 +334,8 @@ def main() -> None:
     device = torch.device(args.device)
     cfg = TrainConfig.small() if args.config == "small" else TrainConfig()
     batch = args.batch or cfg.joint.batch_size
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-          f"config {args.config}, batch {batch}, {args.steps} timed steps per variant")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"device {device} ({where}), config {args.config}, batch {batch}, {args.steps} timed steps per variant")
 
     best: dict[str, float] = {}
     for name in (*BRANCHES, "baseline") if not args.skip_throughput else ():
@@ -322,33 +355,44 @@ def main() -> None:
         proto_rate = 1.0 / sum(1.0 / best[n] for n in BRANCHES)
         epoch_min = PTBXL_TRAIN_RECORDS / proto_rate / 60
         base_epoch_min = PTBXL_TRAIN_RECORDS / best["baseline"] / 60
-        print(f"full prototype model (3 branches, joint stage): {proto_rate:,.0f} ECGs/s; "
-              f"baseline {best['baseline']:,.0f}")
-        print(f"PTB-XL-size epoch ({PTBXL_TRAIN_RECORDS:,} records): prototype model {epoch_min:.1f} min "
-              f"(upper bound for a full training at {cfg.joint.epochs} joint epochs per branch: "
-              f"{epoch_min * cfg.joint.epochs / 60:.1f} h), baseline {base_epoch_min:.2f} min "
-              f"({base_epoch_min * cfg.baseline.stage.epochs:.1f} min for {cfg.baseline.stage.epochs} epochs)")
+        print(
+            f"full prototype model (3 branches, joint stage): {proto_rate:,.0f} ECGs/s; "
+            f"baseline {best['baseline']:,.0f}"
+        )
+        print(
+            f"PTB-XL-size epoch ({PTBXL_TRAIN_RECORDS:,} records): prototype model {epoch_min:.1f} min "
+            f"(upper bound for a full training at {cfg.joint.epochs} joint epochs per branch: "
+            f"{epoch_min * cfg.joint.epochs / 60:.1f} h), baseline {base_epoch_min:.2f} min "
+            f"({base_epoch_min * cfg.baseline.stage.epochs:.1f} min for {cfg.baseline.stage.epochs} epochs)"
+        )
 
     last = f"proto_vs_resnet1d_train_throughput={proto_rate / best['baseline']:.3f}" if best else ""
     if args.real:
         scratch = Path(tempfile.mkdtemp(prefix="ecgproto-bench-train-"))
         try:
-            runs = [real_data_accuracy(args.real.resolve(), scratch, args.device, args.real_config, seed, args.split)
-                    for seed in (args.seeds or [None])]
+            runs = [
+                real_data_accuracy(args.real.resolve(), scratch, args.device, args.real_config, seed, args.split)
+                for seed in (args.seeds or [None])
+            ]
             _, store, typical = runs[0]  # the first seed's store and epochs serve --ptbxl-size
             fused = np.array([r[0]["fused.macro_auroc"] for r in runs])
             base = np.array([r[0]["baseline.macro_auroc"] for r in runs])
             first = runs[0][0]
             name = f"real_{args.split}_macro_auroc" + ("_ptbxl_full" if len(store.manifest) > 20_000 else "")
-            real = (f"{name}_fused={fused.mean():.4f} baseline={base.mean():.4f} "
-                    f"paired_diff={difference_text(first).replace(' ', '')} "
-                    f"train_min={first['prototype_model_min'] + first['baseline_min']:.1f}")
+            real = (
+                f"{name}_fused={fused.mean():.4f} baseline={base.mean():.4f} "
+                f"paired_diff={difference_text(first).replace(' ', '')} "
+                f"train_min={first['prototype_model_min'] + first['baseline_min']:.1f}"
+            )
             if len(runs) > 1:
-                sd = {k: float(v.std(ddof=1)) for k, v in (("fused", fused), ("baseline", base),
-                                                            ("diff", fused - base))}
-                print(f"[real] over {len(runs)} seeds, mean +- sd: fused {fused.mean():.4f} +- {sd['fused']:.4f}, "
-                      f"baseline {base.mean():.4f} +- {sd['baseline']:.4f}, fused - baseline "
-                      f"{(fused - base).mean():+.4f} +- {sd['diff']:.4f}")
+                sd = {
+                    k: float(v.std(ddof=1)) for k, v in (("fused", fused), ("baseline", base), ("diff", fused - base))
+                }
+                print(
+                    f"[real] over {len(runs)} seeds, mean +- sd: fused {fused.mean():.4f} +- {sd['fused']:.4f}, "
+                    f"baseline {base.mean():.4f} +- {sd['baseline']:.4f}, fused - baseline "
+                    f"{(fused - base).mean():+.4f} +- {sd['diff']:.4f}"
+                )
                 real += f" seeds={len(runs)}"
             if last or args.ptbxl_size:
                 print(real)

@@ -29,9 +29,13 @@ def _ingest_config(args: argparse.Namespace):  # noqa: ANN202
     from ecgproto.data.ingest import IngestConfig
     from ecgproto.data.preprocess import PreprocessConfig
 
-    return IngestConfig(layout=args.layout, workers=args.workers or 0, min_likelihood=args.min_likelihood,
-                        allow_outside_root=getattr(args, "allow_outside_root", False),
-                        preprocess=PreprocessConfig(fs=args.fs, allow_resample=not args.no_resample, dtype=args.dtype))
+    return IngestConfig(
+        layout=args.layout,
+        workers=args.workers or 0,
+        min_likelihood=args.min_likelihood,
+        allow_outside_root=getattr(args, "allow_outside_root", False),
+        preprocess=PreprocessConfig(fs=args.fs, allow_resample=not args.no_resample, dtype=args.dtype),
+    )
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
@@ -77,8 +81,15 @@ def cmd_score(args: argparse.Namespace) -> int:
 
         flow = score_flow.with_options(task_runner=runner(args.dask))
     store = Path(args.store).resolve()
-    out = flow(str(store), args.model, args.out or str(store.parent), shard_size=args.shard_size,
-               batch_size=args.batch_size, device=args.device, loader_workers=args.loader_workers)
+    out = flow(
+        str(store),
+        args.model,
+        args.out or str(store.parent),
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        device=args.device,
+        loader_workers=args.loader_workers,
+    )
     print(f"activations: {out['activations']}\nMLflow run: {tracking.run_url(str(out['run_id']))}")
     print(f"use them in a study: ecgproto associate {args.store} --hosp HOSP --activations {out['activations']}")
     return 0
@@ -88,19 +99,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ecgproto import tracking
     from ecgproto.flows.pipeline import pipeline_flow
 
-    out = pipeline_flow(demo=True, demo_config=_demo_config(args), store_root=args.store,
-                        train_model=not args.no_train)
+    out = pipeline_flow(demo=True, demo_config=_demo_config(args), store_root=args.store, train_model=not args.no_train)
     print("\nThe demo pipeline finished.")
     for key, value in out.items():
         print(f"  {key:22s} {value}")
     print("\nOpen the MLflow UI:  .venv/bin/ecgproto ui   (or: make ui), then the pipeline run:")
     print(f"  {tracking.run_url(out['parent_run_id'])}")
     if "model_uri" in out:
-        print("  (training: the 'train' child run, its branch/stage runs, the prototype gallery under 'fusion',\n"
-              "   test-fold metrics beside the baseline under 'evaluate')")
+        print(
+            "  (training: the 'train' child run, its branch/stage runs, the prototype gallery under 'fusion',\n"
+            "   test-fold metrics beside the baseline under 'evaluate')"
+        )
     if "associate_run_id" in out:
-        print("  (association: the 'associate' child run: association/results.parquet|.tsv, top_hits, comparison/,\n"
-              "   figures/manhattan_*.png, heatmap, ROC curves; top hits link to the gallery images under 'fusion')")
+        print(
+            "  (association: the 'associate' child run: association/results.parquet|.tsv, top_hits, comparison/,\n"
+            "   figures/manhattan_*.png, heatmap, ROC curves; top hits link to the gallery images under 'fusion')"
+        )
         example = Path(demo_dir()) / "ptbxl" / "records100" / "00000" / "00001_lr"
         print(f"\nExplain one ECG with the registered model:\n  .venv/bin/ecgproto explain {example}")
     return 0
@@ -118,8 +132,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         store = Path(ingest_flow(str(source), _ingest_config(args), args.store)["store"])
     config = TrainConfig.small() if args.small else TrainConfig()
-    updates = {"device": args.device, "seed": args.seed if args.seed is not None else config.seed,
-               "world_size": args.world_size}
+    updates = {
+        "device": args.device,
+        "seed": args.seed if args.seed is not None else config.seed,
+        "world_size": args.world_size,
+    }
     config = config.model_copy(update=updates)
     if args.epochs is not None:
         config.joint.epochs = args.epochs
@@ -149,8 +166,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     (out / f"{name}.explanation.json").write_text(json.dumps(result, indent=2))
     explanation_figure(model, signal, result, title=name).savefig(out / f"{name}.explanation.png", dpi=80)
     for lab in result["labels"]:
-        print(f"{lab['code']:6s} p={lab['probability']:.2f}  " + ", ".join(
-            f"{e['name']} {e['contribution']:+.2f}" for e in lab["evidence"]))
+        print(
+            f"{lab['code']:6s} p={lab['probability']:.2f}  "
+            + ", ".join(f"{e['name']} {e['contribution']:+.2f}" for e in lab["evidence"])
+        )
     print(f"written: {out / (name + '.explanation.png')} and .json")
     return 0
 
@@ -171,17 +190,32 @@ def cmd_associate(args: argparse.Namespace) -> int:
         cohort = IngestConfig(layout="mimic_ecg", workers=args.workers or 0)  # the model's rate and sample type
         store = Path(ingest_flow(str(source), cohort, args.store)["store"])
         mm = mm or (source / "machine_measurements.csv" if (source / "machine_measurements.csv").exists() else None)
-    config = StudyConfig(phecode_version=args.phecodes, device=args.device, min_cases=args.min_cases,
-                         min_controls=args.min_controls, cohort=CohortConfig(admissions=args.admissions, strict=args.strict,
-                                             window_before_days=args.window_days))
+    config = StudyConfig(
+        phecode_version=args.phecodes,
+        device=args.device,
+        min_cases=args.min_cases,
+        min_controls=args.min_controls,
+        cohort=CohortConfig(admissions=args.admissions, strict=args.strict, window_before_days=args.window_days),
+    )
     if args.no_nlp:
         config.feature_sets = tuple(f for f in config.feature_sets if f != "nlp_concept")
-    out = associate_flow(str(store), str(Path(args.hosp).resolve()), args.model or None,
-                         str(mm) if mm else None, config,
-                         activations=str(Path(args.activations).resolve()) if args.activations else None)
+    out = associate_flow(
+        str(store),
+        str(Path(args.hosp).resolve()),
+        args.model or None,
+        str(mm) if mm else None,
+        config,
+        activations=str(Path(args.activations).resolve()) if args.activations else None,
+    )
     print(out["summary"])
-    print(f"MLflow run: {tracking.run_url(str(out['run_id']))}  (" + ("table: association/results.parquet, figures "
-          "under figures/)" if out["tested"] else "cohort_flow.csv, phecodes_untested.csv, nothing_tested.json)"))
+    print(
+        f"MLflow run: {tracking.run_url(str(out['run_id']))}  ("
+        + (
+            "table: association/results.parquet, figures under figures/)"
+            if out["tested"]
+            else "cohort_flow.csv, phecodes_untested.csv, nothing_tested.json)"
+        )
+    )
     return 0
 
 
@@ -197,10 +231,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if (args.mimic_ecg is None) != (args.hosp is None):
         print("ecgproto run: give both --mimic-ecg and --hosp for the association stage, or neither", file=sys.stderr)
         return 2
-    out = pipeline_flow(train_root=str(Path(args.ptbxl).resolve()),
-                        cohort_root=str(Path(args.mimic_ecg).resolve()) if args.mimic_ecg else None,
-                        hosp_root=str(Path(args.hosp).resolve()) if args.hosp else None,
-                        store_root=args.store, train_config=config)
+    out = pipeline_flow(
+        train_root=str(Path(args.ptbxl).resolve()),
+        cohort_root=str(Path(args.mimic_ecg).resolve()) if args.mimic_ecg else None,
+        hosp_root=str(Path(args.hosp).resolve()) if args.hosp else None,
+        store_root=args.store,
+        train_config=config,
+    )
     for key, value in out.items():
         print(f"  {key:22s} {value}")
     print(f"MLflow run: {tracking.run_url(out['parent_run_id'])}")
@@ -222,8 +259,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ecgproto.flows.retrain import RetrainConfig, deployment
 
     cfg = RetrainConfig.load(args.config)
-    print(f"serving 'retrain/ecgproto-retrain' on cron '{cfg.schedule.cron}' ({cfg.schedule.timezone}); Ctrl-C to stop.\n"
-          "Scheduled runs need a Prefect server: `prefect server start` and PREFECT_API_URL=http://127.0.0.1:4200/api.")
+    print(
+        f"serving 'retrain/ecgproto-retrain' on cron '{cfg.schedule.cron}' ({cfg.schedule.timezone}); Ctrl-C to stop.\n"
+        "Scheduled runs need a Prefect server: `prefect server start` and PREFECT_API_URL=http://127.0.0.1:4200/api."
+    )
     serve(deployment(args.config))
     return 0
 
@@ -264,22 +303,31 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ecgproto", description=(
-        "Interpretable prototype models and digital phenotypes for 12-lead ECGs. "
-        "Every stage runs as a Prefect flow and logs an MLflow run (see `ecgproto ui`)."))
-    p.add_argument("--debug", action="store_true",
-                   help="show the full traceback (and Prefect's error logs) when a command fails; also ECGPROTO_DEBUG=1")
+    p = argparse.ArgumentParser(
+        prog="ecgproto",
+        description=(
+            "Interpretable prototype models and digital phenotypes for 12-lead ECGs. "
+            "Every stage runs as a Prefect flow and logs an MLflow run (see `ecgproto ui`)."
+        ),
+    )
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the full traceback (and Prefect's error logs) when a command fails; also ECGPROTO_DEBUG=1",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     def demo_options(q: argparse.ArgumentParser) -> None:
         q.add_argument("--seed", type=int, help="random seed (default 20261123)")
         q.add_argument("--n-ptbxl", type=int, help="PTB-XL-layout records (default 2000)")
-        q.add_argument("--mimic-subjects", type=int, help="MIMIC-layout subjects, ~2.4 ECGs each (default 1500; 0: none)")
+        q.add_argument(
+            "--mimic-subjects", type=int, help="MIMIC-layout subjects, ~2.4 ECGs each (default 1500; 0: none)"
+        )
         q.add_argument("--small", action="store_true", help="a small demo (300 records, 60 subjects) for quick checks")
         q.add_argument("--workers", type=int, help="processes (default: one per core)")
 
     q = sub.add_parser("demo-data", help="write the synthetic demo datasets (PTB-XL and MIMIC layouts)")
-    q.add_argument("--out", default=str(demo_dir()), help="output folder (default data/demo)")
+    q.add_argument("--out", default=str(demo_dir()), help="output folder")
     q.add_argument("--faults", action="store_true", help="also corrupt a few records in every way ingest must survive")
     demo_options(q)
     q.set_defaults(func=cmd_demo_data)
@@ -287,35 +335,52 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("ingest", help="ingest a PTB-XL or MIMIC-IV-ECG folder into the cached array store")
     q.add_argument("root", help="the dataset folder as downloaded (holds ptbxl_database.csv or record_list.csv)")
     q.add_argument("--layout", choices=["auto", "ptbxl", "mimic_ecg"], default="auto")
-    q.add_argument("--store", default=str(store_root()), help="store folder (default data/store)")
-    q.add_argument("--fs", type=int, default=100, help="model sampling rate in Hz (default 100)")
+    q.add_argument("--store", default=str(store_root()), help="store folder")
+    q.add_argument("--fs", type=int, default=100, help="model sampling rate in Hz")
     q.add_argument("--no-resample", action="store_true", help="quarantine records at other rates instead of resampling")
     q.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="stored sample type")
     q.add_argument("--min-likelihood", type=float, default=0.0, help="scp code likelihood that counts as positive")
-    q.add_argument("--allow-outside-root", action="store_true",
-                   help="read records whose index path leads outside the dataset folder (default: quarantined)")
+    q.add_argument(
+        "--allow-outside-root",
+        action="store_true",
+        help="read records whose index path leads outside the dataset folder (default: quarantined)",
+    )
     q.add_argument("--workers", type=int, help="processes (default: one per core)")
-    q.add_argument("--dask", metavar="SPEC", help="shard the records over Dask: 'local', 'local:N' (N worker "
-                   "processes here) or a scheduler address tcp://HOST:8786 whose workers see ROOT and --store "
-                   "(needs the scale extra)")
+    q.add_argument(
+        "--dask",
+        metavar="SPEC",
+        help="shard the records over Dask: 'local', 'local:N' (N worker "
+        "processes here) or a scheduler address tcp://HOST:8786 whose workers see ROOT and --store "
+        "(needs the scale extra)",
+    )
     q.set_defaults(func=cmd_ingest)
 
-    q = sub.add_parser("score", help="score every ECG of a store with a registered model into float16 activation "
-                       "shards (prototype similarities, label probabilities); optionally on a Dask cluster")
+    q = sub.add_parser(
+        "score",
+        help="score every ECG of a store with a registered model into float16 activation "
+        "shards (prototype similarities, label probabilities); optionally on a Dask cluster",
+    )
     q.add_argument("store", help="a store folder from `ecgproto ingest` (e.g. a MIMIC-IV-ECG cohort)")
-    q.add_argument("--model", default=DEFAULT_MODEL_URI,
-                   help="MLflow model URI: models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID/model")
+    q.add_argument(
+        "--model",
+        default=DEFAULT_MODEL_URI,
+        help="MLflow model URI: models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID/model",
+    )
     q.add_argument("--out", help="folder for the activation store (default: the store folder's parent)")
     q.add_argument("--shard-size", type=int, default=65_536, help="ECGs per shard: one task, one resume checkpoint")
     q.add_argument("--batch-size", type=int, default=256, help="ECGs per forward pass")
     q.add_argument("--device", default="auto", help="auto | cpu | cuda (bf16 autocast on CUDA)")
     q.add_argument("--loader-workers", type=int, default=0, help="read-ahead processes per scoring task")
-    q.add_argument("--dask", metavar="SPEC", help="spread the shards: 'local', 'local:N' or tcp://HOST:8786 "
-                   "(workers must see the store and --out; needs the scale extra)")
+    q.add_argument(
+        "--dask",
+        metavar="SPEC",
+        help="spread the shards: 'local', 'local:N' or tcp://HOST:8786 "
+        "(workers must see the store and --out; needs the scale extra)",
+    )
     q.set_defaults(func=cmd_score)
 
     q = sub.add_parser("demo", help="generate the demo data and run the whole pipeline on it")
-    q.add_argument("--store", default=str(store_root()), help="store folder (default data/store)")
+    q.add_argument("--store", default=str(store_root()), help="store folder")
     q.add_argument("--no-train", action="store_true", help="stop after ingest (skip training and registration)")
     demo_options(q)
     q.set_defaults(func=cmd_demo)
@@ -323,12 +388,19 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("train", help="train the prototype model (and the baseline) from a store or a PTB-XL folder")
     q.add_argument("source", help="a store folder from `ecgproto ingest`, or a PTB-XL folder (ingested first)")
     q.add_argument("--small", action="store_true", help="the CPU-sized model and schedule (minutes on 2 cores)")
-    q.add_argument("--epochs", type=int, help="upper bound on joint-stage epochs per branch (early stopping may end sooner)")
+    q.add_argument(
+        "--epochs", type=int, help="upper bound on joint-stage epochs per branch (early stopping may end sooner)"
+    )
     q.add_argument("--device", default="auto", help="auto | cpu | cuda (bf16 autocast on CUDA)")
     q.add_argument("--seed", type=int, help="random seed (default 20261123)")
     q.add_argument("--no-baseline", action="store_true", help="skip the black-box 1D ResNet baseline")
-    q.add_argument("--world-size", type=int, default=1, help="DDP ranks for the joint stages and the baseline "
-                   "(torchrun on this machine: one GPU each, or gloo on CPU); default 1 = one process")
+    q.add_argument(
+        "--world-size",
+        type=int,
+        default=1,
+        help="DDP ranks for the joint stages and the baseline "
+        "(torchrun on this machine: one GPU each, or gloo on CPU); default 1 = one process",
+    )
     q.add_argument("--register", default=MODEL_NAME, help="MLflow registered model name ('' to skip)")
     q.add_argument("--store", default=str(store_root()), help="store folder when SOURCE is a dataset")
     q.add_argument("--layout", default="ptbxl", help=argparse.SUPPRESS)
@@ -341,48 +413,73 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("explain", help="explain one ECG: predicted labels and the prototypes behind them (PNG + JSON)")
     q.add_argument("record", help="a WFDB record path without extension (e.g. records100/00000/00001_lr)")
-    q.add_argument("--model", default=DEFAULT_MODEL_URI,
-                   help="MLflow model URI: models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID/model")
+    q.add_argument(
+        "--model",
+        default=DEFAULT_MODEL_URI,
+        help="MLflow model URI: models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID/model",
+    )
     q.add_argument("--top-k", type=int, default=3, help="prototypes shown per predicted label")
-    q.add_argument("--label", action="append", metavar="CODE",
-                   help="explain this SCP label (repeatable), predicted or not; default: the predicted labels")
+    q.add_argument(
+        "--label",
+        action="append",
+        metavar="CODE",
+        help="explain this SCP label (repeatable), predicted or not; default: the predicted labels",
+    )
     q.add_argument("--out", default="explanations", help="output folder")
     q.set_defaults(func=cmd_explain)
 
     q = sub.add_parser("associate", help="associate a model's prototypes with discharge phecodes in a MIMIC-IV cohort")
     q.add_argument("cohort", help="a MIMIC-IV-ECG folder (holds record_list.csv; ingested first) or its store folder")
     q.add_argument("--hosp", required=True, help="the MIMIC-IV hosp folder (patients, admissions, diagnoses_icd)")
-    q.add_argument("--model", default=DEFAULT_MODEL_URI,
-                   help="MLflow model URI (models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/model); '' = NLP only")
-    q.add_argument("--machine-measurements", help="machine_measurements.csv for NLP concepts (default: in the cohort folder)")
+    q.add_argument(
+        "--model",
+        default=DEFAULT_MODEL_URI,
+        help="MLflow model URI (models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/model); '' = NLP only",
+    )
+    q.add_argument(
+        "--machine-measurements", help="machine_measurements.csv for NLP concepts (default: in the cohort folder)"
+    )
     q.add_argument("--no-nlp", action="store_true", help="skip the NLP concept feature set")
-    q.add_argument("--phecodes", choices=["1.2", "X"], default="1.2", help="Phecode 1.2 (default) or PhecodeX")
-    q.add_argument("--admissions", choices=["first", "all"], default="first",
-                   help="first eligible admission per subject (default) or all admissions (then each subject is one "
-                   "row: its ECG features averaged, a case if any admission has the phecode)")
+    q.add_argument("--phecodes", choices=["1.2", "X"], default="1.2", help="Phecode 1.2 or PhecodeX")
+    q.add_argument(
+        "--admissions",
+        choices=["first", "all"],
+        default="first",
+        help="first eligible admission per subject (default) or all admissions (then each subject is one "
+        "row: its ECG features averaged, a case if any admission has the phecode)",
+    )
     q.add_argument("--min-cases", type=int, default=20, help="test a phecode only with this many case subjects")
     q.add_argument("--min-controls", type=int, default=20, help="... and this many control subjects")
     q.add_argument("--strict", action="store_true", help="only ECGs inside [admittime, dischtime]")
     q.add_argument("--window-days", type=float, default=7.0, help="an ECG up to this many days before admission counts")
     q.add_argument("--device", default="cpu", help="cpu | cuda (bf16 autocast) for scoring the cohort")
-    q.add_argument("--activations", help="an activation store from `ecgproto score` of this model on this cohort "
-                   "store: used instead of scoring here")
+    q.add_argument(
+        "--activations",
+        help="an activation store from `ecgproto score` of this model on this cohort "
+        "store: used instead of scoring here",
+    )
     q.add_argument("--store", default=str(store_root()), help="store folder when COHORT is a dataset")
     q.add_argument("--workers", type=int, help=argparse.SUPPRESS)
     q.set_defaults(func=cmd_associate)
 
-    q = sub.add_parser("run", help="the whole pipeline on your data: ingest -> train -> evaluate -> register -> associate")
+    q = sub.add_parser(
+        "run", help="the whole pipeline on your data: ingest -> train -> evaluate -> register -> associate"
+    )
     q.add_argument("--ptbxl", required=True, help="PTB-XL folder (holds ptbxl_database.csv)")
     q.add_argument("--mimic-ecg", help="MIMIC-IV-ECG folder for the association stage (holds record_list.csv)")
     q.add_argument("--hosp", help="MIMIC-IV hosp folder (patients, admissions, diagnoses_icd)")
     q.add_argument("--small", action="store_true", help="the CPU-sized model and schedule")
     q.add_argument("--epochs", type=int, help="upper bound on joint-stage epochs per branch")
     q.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    q.add_argument("--store", default=str(store_root()), help="store folder (default data/store)")
+    q.add_argument("--store", default=str(store_root()), help="store folder")
     q.set_defaults(func=cmd_run)
 
-    q = sub.add_parser("retrain", help="retrain once from a config file and apply the champion/challenger rule",
-                       epilog=RETRAIN_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    q = sub.add_parser(
+        "retrain",
+        help="retrain once from a config file and apply the champion/challenger rule",
+        epilog=RETRAIN_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     q.add_argument("config", help="retraining config (TOML; see `ecgproto retrain --help`)")
     q.set_defaults(func=cmd_retrain)
 

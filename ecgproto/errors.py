@@ -29,8 +29,19 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from ecgproto.phenotype.cohort import CohortError
     from ecgproto.phenotype.phecodes import PhecodeError
 
-    return (UserError, DatasetError, LabelError, CohortError, PhecodeError, FileNotFoundError, NotADirectoryError,
-            IsADirectoryError, PermissionError, tomllib.TOMLDecodeError, ValidationError)
+    return (
+        UserError,
+        DatasetError,
+        LabelError,
+        CohortError,
+        PhecodeError,
+        FileNotFoundError,
+        NotADirectoryError,
+        IsADirectoryError,
+        PermissionError,
+        tomllib.TOMLDecodeError,
+        ValidationError,
+    )
 
 
 def describe(exc: BaseException) -> tuple[int, str]:
@@ -51,12 +62,16 @@ def describe(exc: BaseException) -> tuple[int, str]:
         MlflowException = ()  # type: ignore[assignment,misc]  # noqa: N806
     if isinstance(exc, MlflowException):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if any(s in first for s in ("Max retries exceeded", "Failed to establish a new connection",
-                                    "Connection refused", "timed out")):
+        if any(
+            s in first
+            for s in ("Max retries exceeded", "Failed to establish a new connection", "Connection refused", "timed out")
+        ):
             from ecgproto.settings import default_tracking_uri
 
-            return 2, (f"the MLflow tracking server {default_tracking_uri()} cannot be reached - start it, "
-                       "or unset MLFLOW_TRACKING_URI to use the local store")
+            return 2, (
+                f"the MLflow tracking server {default_tracking_uri()} cannot be reached - start it, "
+                "or unset MLFLOW_TRACKING_URI to use the local store"
+            )
         if getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return 2, f"{first} - train and register a model first (`ecgproto train`), or pass --model"
         return 1, f"MLflow: {first}"

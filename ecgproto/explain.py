@@ -30,8 +30,13 @@ from ecgproto.projection import gallery_path, prototype_name
 
 
 @torch.no_grad()
-def explain(model: ECGProtoNet, signal: np.ndarray, top_k: int = 3, max_labels: int = 5,
-            codes: list[str] | tuple[str, ...] | None = None) -> dict[str, Any]:
+def explain(
+    model: ECGProtoNet,
+    signal: np.ndarray,
+    top_k: int = 3,
+    max_labels: int = 5,
+    codes: list[str] | tuple[str, ...] | None = None,
+) -> dict[str, Any]:
     """(12, n) preprocessed mV -> predicted labels, each with its top-k prototypes by contribution. `codes`: explain
     these labels instead, predicted or not (why this label, or why not)."""
     model.eval()
@@ -76,23 +81,42 @@ def explain(model: ECGProtoNet, signal: np.ndarray, top_k: int = 3, max_labels: 
             branch = model.branches[branch_name]
             ext = branch.extent(int(windows[p]), int(beat_at_all[p]) if branch.beat else None)
             prov = model.provenance[p] if model.provenance else {}
-            window = {"start_s": ext.start / model.fs, "end_s": ext.end / model.fs, "leads": list(ext.leads),
-                      "pooling": branch.prototypes.pool_mode if branch.kind == "local_2d" else "time_mean"}
+            window = {
+                "start_s": ext.start / model.fs,
+                "end_s": ext.end / model.fs,
+                "leads": list(ext.leads),
+                "pooling": branch.prototypes.pool_mode if branch.kind == "local_2d" else "time_mean",
+            }
             if window["pooling"] in ("lead_mean", "row_latent"):
                 window["pooled_span_s"] = [0.0, signal.shape[-1] / model.fs]  # the mean runs along the whole row
             if branch.beat:  # the pooled latent is the mean over n_beats beats; this beat alone matches so well
-                window.update(n_beats=n_beats, beat_similarity=float(beat_sim_all[p]) / branch.scale,
-                              beat_source=beat_source)  # 'grid': no beats detected, windows on a 1 s grid
-            evidence.append({
-                "prototype": int(p), "name": prototype_name(int(p), str(prov.get("class")), branch_name),
-                "branch": branch_name, "class": prov.get("class"),
-                "contribution": float(contrib[li, p]), "weight": float(weight[li, p]), "similarity": float(similarity[p]),
-                "input_window": window,
-                "prototype_source": {k: prov.get(k) for k in ("ecg_id", "start_s", "end_s", "leads", "source_labels",
-                                                                          "fidelity")},
-            })
-        labels.append({"code": model.codes[li], "probability": float(prob[li]), "threshold": float(thresholds[li]),
-                       "logit_bias": float(model.fusion.bias[li]), "evidence": evidence})
+                window.update(
+                    n_beats=n_beats, beat_similarity=float(beat_sim_all[p]) / branch.scale, beat_source=beat_source
+                )  # 'grid': no beats detected, windows on a 1 s grid
+            evidence.append(
+                {
+                    "prototype": int(p),
+                    "name": prototype_name(int(p), str(prov.get("class")), branch_name),
+                    "branch": branch_name,
+                    "class": prov.get("class"),
+                    "contribution": float(contrib[li, p]),
+                    "weight": float(weight[li, p]),
+                    "similarity": float(similarity[p]),
+                    "input_window": window,
+                    "prototype_source": {
+                        k: prov.get(k) for k in ("ecg_id", "start_s", "end_s", "leads", "source_labels", "fidelity")
+                    },
+                }
+            )
+        labels.append(
+            {
+                "code": model.codes[li],
+                "probability": float(prob[li]),
+                "threshold": float(thresholds[li]),
+                "logit_bias": float(model.fusion.bias[li]),
+                "evidence": evidence,
+            }
+        )
     return {"labels": labels, "probabilities": {c: float(p) for c, p in zip(model.codes, prob, strict=True)}}
 
 
@@ -120,28 +144,48 @@ def explanation_figure(model: ECGProtoNet, signal: np.ndarray, explanation: dict
     axes = fig.subplots(len(rows), 3, squeeze=False, width_ratios=[10, 4, 10])
     for (lab, ev), (left, middle, right) in zip(rows, axes, strict=True):
         w = ev["input_window"]
-        along = {"lead_mean": f" (mean along {','.join(w['leads'])}, best window shown)",
-                 "row_latent": f" (mean latent along {','.join(w['leads'])})",
-                 "beat": f" (mean of {w.get('n_beats')} beats in {','.join(w['leads'])}; best beat shown, "
-                         f"sim {w.get('beat_similarity', float('nan')):.2f}"
-                         + ("; no beats detected: 1 s grid windows" if w.get("beat_source") == "grid" else "")
-                         + ")"}.get(w["pooling"], "")
-        draw_ecg(left, signal, model.fs, f"{title} {lab['code']} p={lab['probability']:.2f}: "
-                 f"contribution {ev['contribution']:.2f} = w {ev['weight']:.2f} x sim {ev['similarity']:.2f}{along}",
-                 (w["start_s"], w["end_s"]), tuple(w["leads"]))
+        along = {
+            "lead_mean": f" (mean along {','.join(w['leads'])}, best window shown)",
+            "row_latent": f" (mean latent along {','.join(w['leads'])})",
+            "beat": f" (mean of {w.get('n_beats')} beats in {','.join(w['leads'])}; best beat shown, "
+            f"sim {w.get('beat_similarity', float('nan')):.2f}"
+            + ("; no beats detected: 1 s grid windows" if w.get("beat_source") == "grid" else "")
+            + ")",
+        }.get(w["pooling"], "")
+        draw_ecg(
+            left,
+            signal,
+            model.fs,
+            f"{title} {lab['code']} p={lab['probability']:.2f}: "
+            f"contribution {ev['contribution']:.2f} = w {ev['weight']:.2f} x sim {ev['similarity']:.2f}{along}",
+            (w["start_s"], w["end_s"]),
+            tuple(w["leads"]),
+        )
         src = ev["prototype_source"]
         prov = model.provenance[ev["prototype"]] if model.provenance else None
         middle.set_axis_off()
         if prov is not None and model.source_signals.numel():
             source = model.source_signals[prov["source_index"]].float().numpy()
-            draw_ecg(right, source, model.fs,
-                     f"{prototype_name(ev['prototype'], ev['class'], ev['branch'])} from ECG {src['ecg_id']} "
-                     f"[{src['source_labels']}]", (src["start_s"], src["end_s"]), tuple(str(src["leads"]).split(",")))
+            draw_ecg(
+                right,
+                source,
+                model.fs,
+                f"{prototype_name(ev['prototype'], ev['class'], ev['branch'])} from ECG {src['ecg_id']} "
+                f"[{src['source_labels']}]",
+                (src["start_s"], src["end_s"]),
+                tuple(str(src["leads"]).split(",")),
+            )
             if w["pooling"] == "beat":
                 middle.set_axis_on()
-                draw_beats(middle, [("input", signal, (w["start_s"], w["end_s"])),
-                                    (f"P{ev['prototype']:04d}", source, (src["start_s"], src["end_s"]))],
-                           tuple(w["leads"]), model.fs)
+                draw_beats(
+                    middle,
+                    [
+                        ("input", signal, (w["start_s"], w["end_s"])),
+                        (f"P{ev['prototype']:04d}", source, (src["start_s"], src["end_s"])),
+                    ],
+                    tuple(w["leads"]),
+                    model.fs,
+                )
         else:
             right.set_axis_off()
     fig.tight_layout()
@@ -154,13 +198,20 @@ def prototype_gallery(model: ECGProtoNet, only_projected_own_class: bool = True)
     for prov in model.provenance:
         if only_projected_own_class and not prov["own_class_source"]:
             continue
-        title = (f"{prototype_name(prov['prototype'], prov['class'], prov['branch'])} | ECG {prov['ecg_id']} "
-                 f"[{prov['source_labels']}] | window {prov['start_s']:.2f}-{prov['end_s']:.2f} s, leads {prov['leads']} "
-                 f"| cos {prov['similarity']:.3f}, fidelity {prov.get('fidelity', float('nan')):.2f}"
-                 + (" | no beats detected: window on the fallback grid" if prov.get("beat_source") == "grid" else ""))
-        fig = plot_ecg(model.source_signals[prov["source_index"]].float().numpy(), model.fs, title,
-                       (prov["start_s"], prov["end_s"]), tuple(str(prov["leads"]).split(",")),
-                       beat=prov.get("beat_source", "") != "")
+        title = (
+            f"{prototype_name(prov['prototype'], prov['class'], prov['branch'])} | ECG {prov['ecg_id']} "
+            f"[{prov['source_labels']}] | window {prov['start_s']:.2f}-{prov['end_s']:.2f} s, leads {prov['leads']} "
+            f"| cos {prov['similarity']:.3f}, fidelity {prov.get('fidelity', float('nan')):.2f}"
+            + (" | no beats detected: window on the fallback grid" if prov.get("beat_source") == "grid" else "")
+        )
+        fig = plot_ecg(
+            model.source_signals[prov["source_index"]].float().numpy(),
+            model.fs,
+            title,
+            (prov["start_s"], prov["end_s"]),
+            tuple(str(prov["leads"]).split(",")),
+            beat=prov.get("beat_source", "") != "",
+        )
         yield gallery_path(prov["prototype"], prov["class"], prov["branch"]), fig
 
 

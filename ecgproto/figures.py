@@ -22,8 +22,14 @@ PAPER_GRID = (("I", "aVR", "V1", "V4"), ("II", "aVL", "V2", "V5"), ("III", "aVF"
 ROW_MV = 3.0  # vertical space per row (30 mm at 10 mm/mV)
 
 
-def plot_ecg(signal: np.ndarray, fs: float, title: str = "", highlight: tuple[float, float] | None = None,
-             highlight_leads: tuple[str, ...] | None = None, beat: bool = False) -> Figure:
+def plot_ecg(
+    signal: np.ndarray,
+    fs: float,
+    title: str = "",
+    highlight: tuple[float, float] | None = None,
+    highlight_leads: tuple[str, ...] | None = None,
+    beat: bool = False,
+) -> Figure:
     """(12, n) mV in LEADS order -> paper-style figure at 25 mm/s, 10 mm/mV.
 
     `highlight` (start_s, end_s) shades a window, on `highlight_leads` only if given; with `beat` the window is
@@ -42,8 +48,14 @@ def plot_ecg(signal: np.ndarray, fs: float, title: str = "", highlight: tuple[fl
     return fig
 
 
-def draw_ecg(ax: plt.Axes, signal: np.ndarray, fs: float, title: str = "",
-             highlight: tuple[float, float] | None = None, highlight_leads: tuple[str, ...] | None = None) -> None:
+def draw_ecg(
+    ax: plt.Axes,
+    signal: np.ndarray,
+    fs: float,
+    title: str = "",
+    highlight: tuple[float, float] | None = None,
+    highlight_leads: tuple[str, ...] | None = None,
+) -> None:
     """Draw the paper layout (3 x 4 leads of 2.5 s, then a 10 s rhythm strip: lead II, or the highlighted
     window's middle lead when the window is not on lead II) on `ax`."""
     if signal.shape[0] != len(LEADS):
@@ -63,8 +75,15 @@ def draw_ecg(ax: plt.Axes, signal: np.ndarray, fs: float, title: str = "",
             if highlight and (highlight_leads is None or lead in highlight_leads):
                 lo, hi = max(highlight[0], c * seg), min(highlight[1], (c + 1) * seg)
                 if lo < hi:
-                    ax.axvspan(lo, hi, ymin=(y0 - ROW_MV / 2) / (rows * ROW_MV),
-                               ymax=(y0 + ROW_MV / 2) / (rows * ROW_MV), color="tab:orange", alpha=0.25, lw=0)
+                    ax.axvspan(
+                        lo,
+                        hi,
+                        ymin=(y0 - ROW_MV / 2) / (rows * ROW_MV),
+                        ymax=(y0 + ROW_MV / 2) / (rows * ROW_MV),
+                        color="tab:orange",
+                        alpha=0.25,
+                        lw=0,
+                    )
     # The 10 s strip is lead II, unless the window is on other leads: then the middle one of them, so a
     # window the 2.5 s columns do not show (e.g. V5 at 2-4 s) is still visible on its own lead.
     strip = "II" if not highlight_leads or "II" in highlight_leads else highlight_leads[len(highlight_leads) // 2]
@@ -76,16 +95,18 @@ def draw_ecg(ax: plt.Axes, signal: np.ndarray, fs: float, title: str = "",
     ax.set_title(title, fontsize=9, loc="left")
 
 
-def draw_beats(ax: plt.Axes, beats: list[tuple[str, np.ndarray, tuple[float, float]]], leads: tuple[str, ...],
-               fs: float) -> None:
+def draw_beats(
+    ax: plt.Axes, beats: list[tuple[str, np.ndarray, tuple[float, float]]], leads: tuple[str, ...], fs: float
+) -> None:
     """Beat windows side by side on ECG paper, one row per lead: `beats` = (caption, (12, n) mV signal,
     (start_s, end_s)), e.g. an input's best-matching beat beside the prototype's source beat in the same leads."""
     width = max(end - start for _, _, (start, end) in beats)
     gap = 0.12
     total = len(beats) * width + (len(beats) - 1) * gap
     _paper(ax, total, len(leads) * ROW_MV)
-    ax.set_title("  |  ".join(f"{caption} {start:.2f}-{end:.2f} s" for caption, _, (start, end) in beats),
-                 fontsize=8, loc="left")
+    ax.set_title(
+        "  |  ".join(f"{caption} {start:.2f}-{end:.2f} s" for caption, _, (start, end) in beats), fontsize=8, loc="left"
+    )
     for b, (_, signal, (start, end)) in enumerate(beats):
         x0 = b * (width + gap)
         lo, hi = int(round(start * fs)), int(round(end * fs))
@@ -103,9 +124,14 @@ def _paper(ax: plt.Axes, duration: float, height_mv: float) -> None:
     for step, color, lw in ((0.04, "#f6d5d5", 0.3), (0.2, "#e8a0a0", 0.6)):
         xs = np.arange(0, duration + 1e-9, step)
         ys = np.arange(0, height_mv + 1e-9, step * 2.5)
-        ax.add_collection(LineCollection(
-            [((x, 0), (x, height_mv)) for x in xs] + [((0, y), (duration, y)) for y in ys],
-            colors=color, linewidths=lw, zorder=0))
+        ax.add_collection(
+            LineCollection(
+                [((x, 0), (x, height_mv)) for x in xs] + [((0, y), (duration, y)) for y in ys],
+                colors=color,
+                linewidths=lw,
+                zorder=0,
+            )
+        )
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_aspect(0.4 / 1.0)  # 0.2 s and 0.5 mV are both 5 mm

@@ -69,7 +69,7 @@ class Disclosure:
     def chain(self, counts: list[int]) -> None:
         """Counts that only go down (a cohort flow): any two differ by a count of what left between them."""
         for i, a in enumerate(counts):
-            for b in counts[i + 1:]:
+            for b in counts[i + 1 :]:
                 self.total(a, [b, self.cell(self.values[a] - self.values[b], published=False)])
 
     def small(self, value: int) -> bool:
@@ -95,8 +95,9 @@ class Disclosure:
                     changed |= self._hide_one_more(hidden, cells)
             # what several relations together determine (a 2D table's margins): linear algebra
             for leak in self.audit(hidden):
-                changed |= self._hide_one_more(hidden, [c for cells, _ in self.relations if leak in cells
-                                                        for c in cells])
+                changed |= self._hide_one_more(
+                    hidden, [c for cells, _ in self.relations if leak in cells for c in cells]
+                )
             if not changed:
                 break
         return hidden

@@ -31,9 +31,26 @@ import torch
 from ecgproto.model.branch import Branch
 from ecgproto.train.data import SplitData
 
-PROVENANCE_COLUMNS = ("prototype", "name", "branch", "index_in_branch", "class", "ecg_id", "window_start", "window_end",
-                      "start_s", "end_s", "leads", "row", "column", "similarity", "fidelity", "source_labels",
-                      "own_class_source", "beat_source")
+PROVENANCE_COLUMNS = (
+    "prototype",
+    "name",
+    "branch",
+    "index_in_branch",
+    "class",
+    "ecg_id",
+    "window_start",
+    "window_end",
+    "start_s",
+    "end_s",
+    "leads",
+    "row",
+    "column",
+    "similarity",
+    "fidelity",
+    "source_labels",
+    "own_class_source",
+    "beat_source",
+)
 
 
 def prototype_name(index: int, cls: str, branch: str) -> str:
@@ -48,10 +65,19 @@ def gallery_path(index: int, cls: str, branch: str) -> str:
 
 
 @torch.no_grad()
-def project_prototypes(branch: Branch, train: SplitData, label_index: np.ndarray, codes: tuple[str, ...],
-                       fs: float, batch_size: int = 128, device: torch.device | None = None,
-                       offset: int = 0, candidates: int = 16, fidelity_records: int = 1024,
-                       seed: int = 0) -> pd.DataFrame:
+def project_prototypes(
+    branch: Branch,
+    train: SplitData,
+    label_index: np.ndarray,
+    codes: tuple[str, ...],
+    fs: float,
+    batch_size: int = 128,
+    device: torch.device | None = None,
+    offset: int = 0,
+    candidates: int = 16,
+    fidelity_records: int = 1024,
+    seed: int = 0,
+) -> pd.DataFrame:
     """Replace `branch`'s prototypes in place; return one provenance row per prototype.
 
     Each prototype keeps its `candidates` (at least as many as its class has prototypes) nearest
@@ -85,8 +111,9 @@ def project_prototypes(branch: Branch, train: SplitData, label_index: np.ndarray
         eligible = (batch.y[:, label_index].to(device)[:, cls_t] > 0) | ~use_own  # (B, P)
         value, where = sim.max(dim=1)  # (B, P) each record's best window per prototype
         position = None if beat_at is None else beat_at.gather(1, where)  # (B, P) that window's beat
-        best.add(value.masked_fill(~eligible, -np.inf), where, torch.as_tensor(batch.index, device=device), windows,
-                 position)
+        best.add(
+            value.masked_fill(~eligible, -np.inf), where, torch.as_tensor(batch.index, device=device), windows, position
+        )
     # an averaging pool, row latents, or one window per record: the nearest window is not the best stand-in
     faithful = branch.prototypes.pool_mode != "max" or branch.n_windows == 1
     if faithful:  # every candidate's fidelity ranks the candidates
@@ -95,10 +122,14 @@ def project_prototypes(branch: Branch, train: SplitData, label_index: np.ndarray
     else:  # nearest first; only the windows taken need their fidelity (for the provenance)
         slot = best.assign(cls)
     take = (torch.arange(p, device=device), torch.as_tensor(slot, device=device))
-    sims, records, windows_at, beats_at = (t[take].cpu().numpy() for t in (best.value, best.record, best.window,
-                                                                             best.position))
-    fid = fidelity[np.arange(p), slot] if faithful else \
-        _fidelity(branch, train, best.latent[take].unsqueeze(1), batch_size, device, fidelity_records, seed)[:, 0]
+    sims, records, windows_at, beats_at = (
+        t[take].cpu().numpy() for t in (best.value, best.record, best.window, best.position)
+    )
+    fid = (
+        fidelity[np.arange(p), slot]
+        if faithful
+        else _fidelity(branch, train, best.latent[take].unsqueeze(1), batch_size, device, fidelity_records, seed)[:, 0]
+    )
     branch.prototypes.prototypes.data.copy_(best.latent[take].to(branch.prototypes.prototypes.device))
 
     sources = _beat_sources(train)
@@ -107,15 +138,30 @@ def project_prototypes(branch: Branch, train: SplitData, label_index: np.ndarray
         ext = branch.extent(int(windows_at[j]), int(beats_at[j]) if branch.beat else None)
         rec = int(records[j])
         labels = [codes[i] for i in np.flatnonzero(train.labels[rec])]
-        rows.append({"prototype": offset + j, "name": prototype_name(offset + j, branch.classes[cls[j]], branch.name),
-                     "branch": branch.name, "index_in_branch": j,
-                     "class": branch.classes[cls[j]], "ecg_id": str(train.record_ids[rec]),
-                     "window_start": ext.start, "window_end": ext.end, "start_s": ext.start / fs, "end_s": ext.end / fs,
-                     "leads": ",".join(ext.leads), "row": -1 if ext.row is None else ext.row,
-                     "column": -1 if ext.column is None else ext.column, "window": int(windows_at[j]),
-                     "similarity": float(sims[j]), "fidelity": float(fid[j]), "source_labels": ",".join(labels),
-                     "own_class_source": bool(has_pos[j]),
-                     "beat_source": sources[rec] if branch.beat else "", "split_position": rec})
+        rows.append(
+            {
+                "prototype": offset + j,
+                "name": prototype_name(offset + j, branch.classes[cls[j]], branch.name),
+                "branch": branch.name,
+                "index_in_branch": j,
+                "class": branch.classes[cls[j]],
+                "ecg_id": str(train.record_ids[rec]),
+                "window_start": ext.start,
+                "window_end": ext.end,
+                "start_s": ext.start / fs,
+                "end_s": ext.end / fs,
+                "leads": ",".join(ext.leads),
+                "row": -1 if ext.row is None else ext.row,
+                "column": -1 if ext.column is None else ext.column,
+                "window": int(windows_at[j]),
+                "similarity": float(sims[j]),
+                "fidelity": float(fid[j]),
+                "source_labels": ",".join(labels),
+                "own_class_source": bool(has_pos[j]),
+                "beat_source": sources[rec] if branch.beat else "",
+                "split_position": rec,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -138,8 +184,14 @@ class _Candidates:
         self.window = torch.zeros(p, k, dtype=torch.long, device=device)
         self.position = torch.full((p, k), -1, dtype=torch.long, device=device)  # beat windows: the beat's R peak
 
-    def add(self, value: torch.Tensor, where: torch.Tensor, records: torch.Tensor, windows: torch.Tensor,
-            position: torch.Tensor | None = None) -> None:
+    def add(
+        self,
+        value: torch.Tensor,
+        where: torch.Tensor,
+        records: torch.Tensor,
+        windows: torch.Tensor,
+        position: torch.Tensor | None = None,
+    ) -> None:
         """value, where (B, P): each record's best cosine and window; records (B,); windows (B, W, D);
         position (B, P): the beat of that window, where windows are beats."""
         b = value.shape[0]
@@ -148,8 +200,11 @@ class _Candidates:
         slot = idx.clamp(max=self.k - 1)
         rec = (idx - self.k).clamp(0, b - 1)  # (P, k) row of the batch, where new
         win = where.T.gather(1, rec)  # (P, k)
-        self.latent = torch.where(new[..., None], windows[rec, win], self.latent.gather(
-            1, slot[..., None].expand(-1, -1, self.latent.shape[2])))
+        self.latent = torch.where(
+            new[..., None],
+            windows[rec, win],
+            self.latent.gather(1, slot[..., None].expand(-1, -1, self.latent.shape[2])),
+        )
         self.record = torch.where(new, records[rec], self.record.gather(1, slot))
         self.window = torch.where(new, win, self.window.gather(1, slot))
         if position is not None:
@@ -174,8 +229,15 @@ class _Candidates:
 
 
 @torch.no_grad()
-def _fidelity(branch: Branch, train: SplitData, candidates: torch.Tensor, batch_size: int, device: torch.device,
-              n_records: int, seed: int) -> np.ndarray:
+def _fidelity(
+    branch: Branch,
+    train: SplitData,
+    candidates: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    n_records: int,
+    seed: int,
+) -> np.ndarray:
     """(P, k) Pearson correlation, over training records, of each candidate's pooled similarity with
     its trained prototype's (streamed sums: nothing of size records x candidates is held)."""
     layer = branch.prototypes
@@ -189,19 +251,26 @@ def _fidelity(branch: Branch, train: SplitData, candidates: torch.Tensor, batch_
     sums = torch.zeros(5, p, k, dtype=torch.float64, device=device)  # sum x, y, xx, yy, xy
     step = max(1, batch_size // 4)  # a (B, W, P * (1 + k)) similarity map per step
     for i in range(0, len(index), step):
-        x = torch.from_numpy(train.signals(index[i:i + step])).to(device)
-        beats = torch.from_numpy(train.beats(index[i:i + step])).to(device)
+        x = torch.from_numpy(train.signals(index[i : i + step])).to(device)
+        beats = torch.from_numpy(train.beats(index[i : i + step])).to(device)
         windows = torch.nn.functional.normalize(branch.latent_windows(x, beats).float(), dim=-1)
         # bf16 on a GPU: the reference local branch has ~17,800 (prototype, candidate) pairs x ~360 windows
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             sim = windows @ unit.T  # cosines (B, W, P * (1 + k))
         pooled = layer.pool(layer.from_cosine(sim.float()), group).view(-1, p, 1 + k).double()  # (B, P, 1 + k)
         ref, cand = pooled[:, :, :1], pooled[:, :, 1:]
-        sums += torch.stack([ref.expand_as(cand).sum(0), cand.sum(0), (ref ** 2).expand_as(cand).sum(0),
-                             (cand ** 2).sum(0), (ref * cand).sum(0)])
+        sums += torch.stack(
+            [
+                ref.expand_as(cand).sum(0),
+                cand.sum(0),
+                (ref**2).expand_as(cand).sum(0),
+                (cand**2).sum(0),
+                (ref * cand).sum(0),
+            ]
+        )
     n = len(index)
     sx, sy, sxx, syy, sxy = sums
     cov = sxy - sx * sy / n
-    var = (sxx - sx ** 2 / n).clamp(min=0) * (syy - sy ** 2 / n).clamp(min=0)
+    var = (sxx - sx**2 / n).clamp(min=0) * (syy - sy**2 / n).clamp(min=0)
     r = torch.where(var > 0, cov / var.sqrt().clamp(min=1e-300), torch.zeros_like(cov))
     return r.cpu().numpy()

@@ -31,16 +31,27 @@ def decide(challenger_auroc: float, champion_auroc: float | None, tolerance: flo
     """Promote unless the challenger is worse than the champion by more than `tolerance`
     (a negative tolerance demands an improvement of at least that much)."""
     if not np.isfinite(challenger_auroc):
-        return PromotionDecision(False, "challenger macro-AUROC is not finite", challenger_auroc, champion_auroc,
-                                 tolerance)
+        return PromotionDecision(
+            False, "challenger macro-AUROC is not finite", challenger_auroc, champion_auroc, tolerance
+        )
     if champion_auroc is None:
         return PromotionDecision(True, "no champion yet", challenger_auroc, None, tolerance)
     bar = champion_auroc - tolerance
     if challenger_auroc >= bar:
-        return PromotionDecision(True, f"challenger {challenger_auroc:.4f} >= champion {champion_auroc:.4f} - "
-                                 f"tolerance {tolerance:g}", challenger_auroc, champion_auroc, tolerance)
-    return PromotionDecision(False, f"challenger {challenger_auroc:.4f} < champion {champion_auroc:.4f} - tolerance "
-                             f"{tolerance:g} = {bar:.4f}", challenger_auroc, champion_auroc, tolerance)
+        return PromotionDecision(
+            True,
+            f"challenger {challenger_auroc:.4f} >= champion {champion_auroc:.4f} - tolerance {tolerance:g}",
+            challenger_auroc,
+            champion_auroc,
+            tolerance,
+        )
+    return PromotionDecision(
+        False,
+        f"challenger {challenger_auroc:.4f} < champion {champion_auroc:.4f} - tolerance {tolerance:g} = {bar:.4f}",
+        challenger_auroc,
+        champion_auroc,
+        tolerance,
+    )
 
 
 @torch.no_grad()
@@ -53,6 +64,8 @@ def test_fold_auroc(model: torch.nn.Module, store: ArrayStore, split: str = "tes
     if len(rows) == 0:
         raise ValueError(f"{store.path}: split {split!r} is empty")
     model = model.eval().cpu()
-    probs = [model(torch.from_numpy(np.asarray(store.signals[rows[i:i + batch_size]], dtype=np.float32))).numpy()
-             for i in range(0, len(rows), batch_size)]
+    probs = [
+        model(torch.from_numpy(np.asarray(store.signals[rows[i : i + batch_size]], dtype=np.float32))).numpy()
+        for i in range(0, len(rows), batch_size)
+    ]
     return macro_auroc(np.asarray(store.labels[rows]), np.concatenate(probs))

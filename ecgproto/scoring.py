@@ -55,31 +55,50 @@ class _StoreBatches(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._arrays is None:
-            self._arrays = (np.load(self.path / "signals.npy", mmap_mode="r"),
-                            np.load(self.path / "beats.npy", mmap_mode="r"))
-        r = self.rows[i * self.batch_size:(i + 1) * self.batch_size]
+            self._arrays = (
+                np.load(self.path / "signals.npy", mmap_mode="r"),
+                np.load(self.path / "beats.npy", mmap_mode="r"),
+            )
+        r = self.rows[i * self.batch_size : (i + 1) * self.batch_size]
         take = slice(r[0], r[-1] + 1) if len(r) and r[-1] - r[0] == len(r) - 1 else r  # consecutive: one read
         signals, beats = self._arrays
-        return (torch.from_numpy(np.array(signals[take], dtype=np.float32)),  # private, writable copies
-                torch.from_numpy(np.array(beats[take], dtype=np.int64)))
+        return (
+            torch.from_numpy(np.array(signals[take], dtype=np.float32)),  # private, writable copies
+            torch.from_numpy(np.array(beats[take], dtype=np.int64)),
+        )
 
 
-def store_batches(store: ArrayStore, rows: np.ndarray, batch_size: int, device: str = "cpu",
-                  workers: int = 0) -> DataLoader:
+def store_batches(
+    store: ArrayStore, rows: np.ndarray, batch_size: int, device: str = "cpu", workers: int = 0
+) -> DataLoader:
     """A DataLoader over `rows` (ascending) of `store`, one ((B, 12, n) float32, (B, K) beats) batch per item.
 
     Read-ahead workers are spawned, not forked: scoring often runs inside a Prefect flow or a Dask
     worker whose threads a forked child would inherit half-way (a second of start-up per worker)."""
     _ = store.beats  # a clear error here, not in a loader worker, for a store without beats
-    return DataLoader(_StoreBatches(store.path, np.asarray(rows), batch_size), batch_size=None,
-                      shuffle=False, num_workers=workers, pin_memory=device.startswith("cuda"),
-                      prefetch_factor=4 if workers else None, multiprocessing_context="spawn" if workers else None)
+    return DataLoader(
+        _StoreBatches(store.path, np.asarray(rows), batch_size),
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=device.startswith("cuda"),
+        prefetch_factor=4 if workers else None,
+        multiprocessing_context="spawn" if workers else None,
+    )
 
 
 @torch.no_grad()
-def score_rows(model: torch.nn.Module, store: ArrayStore, rows: np.ndarray, *, batch_size: int = 256,
-               device: str = "cpu", workers: int = 0, progress: bool = False,
-               desc: str = "scoring") -> tuple[np.ndarray, np.ndarray]:
+def score_rows(
+    model: torch.nn.Module,
+    store: ArrayStore,
+    rows: np.ndarray,
+    *,
+    batch_size: int = 256,
+    device: str = "cpu",
+    workers: int = 0,
+    progress: bool = False,
+    desc: str = "scoring",
+) -> tuple[np.ndarray, np.ndarray]:
     """Pooled similarities (n, P) and fused probabilities (n, C), float32, in the order of `rows`."""
     rows = np.asarray(rows)
     order = np.argsort(rows, kind="stable")  # read the memmap front to back
@@ -89,13 +108,14 @@ def score_rows(model: torch.nn.Module, store: ArrayStore, rows: np.ndarray, *, b
     probs = np.empty((n, len(model.codes)), dtype=np.float32)
     cuda = device.startswith("cuda")
     lo = 0
-    for x, beats in tqdm(store_batches(store, rows[order], batch_size, device, workers), desc=desc, unit="batch",
-                         disable=not progress):
+    for x, beats in tqdm(
+        store_batches(store, rows[order], batch_size, device, workers), desc=desc, unit="batch", disable=not progress
+    ):
         xt = x.to(device, non_blocking=cuda)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             s = model.similarities(xt, beats.to(device, non_blocking=cuda))
             p = torch.sigmoid(model.fusion(s))
-        take = order[lo:lo + len(x)]
+        take = order[lo : lo + len(x)]
         sims[take] = s.float().cpu().numpy()
         probs[take] = p.float().cpu().numpy()
         lo += len(x)
@@ -138,13 +158,23 @@ class ScoringPlan:
         return [i for i in range(self.n_shards) if not self.done(i)]
 
 
-def plan_scoring(store: ArrayStore, model: torch.nn.Module, out_root: Path | str, *, shard_size: int = 65_536,
-                 batch_size: int = 256) -> ScoringPlan:
+def plan_scoring(
+    store: ArrayStore, model: torch.nn.Module, out_root: Path | str, *, shard_size: int = 65_536, batch_size: int = 256
+) -> ScoringPlan:
     """Plan the activation store of `model` on every usable record of `store` (resumes a killed run)."""
     shard_size = max(batch_size, shard_size // batch_size * batch_size)
     mid = model_id(model)
-    key = hashlib.sha256(json.dumps({"format": ACTIVATIONS_FORMAT, "store": store.key, "model": mid,
-                                     "shard_size": shard_size, "batch_size": batch_size}).encode()).hexdigest()
+    key = hashlib.sha256(
+        json.dumps(
+            {
+                "format": ACTIVATIONS_FORMAT,
+                "store": store.key,
+                "model": mid,
+                "shard_size": shard_size,
+                "batch_size": batch_size,
+            }
+        ).encode()
+    ).hexdigest()
     out_root = Path(out_root).resolve()
     final, partial = out_root / f"activations-{key[:16]}", out_root / f".partial-activations-{key[:16]}"
     n = len(store.manifest)
@@ -162,8 +192,9 @@ def plan_scoring(store: ArrayStore, model: torch.nn.Module, out_root: Path | str
     return plan
 
 
-def score_shard(plan: ScoringPlan, i: int, *, device: str = "cpu", workers: int = 0,
-                model: torch.nn.Module | None = None) -> int:
+def score_shard(
+    plan: ScoringPlan, i: int, *, device: str = "cpu", workers: int = 0, model: torch.nn.Module | None = None
+) -> int:
     """Score shard i of `plan` and write its two float16 arrays atomically; returns its ECG count."""
     if plan.done(i):
         return plan.rows[i][1] - plan.rows[i][0]
@@ -193,15 +224,32 @@ def finish_scoring(plan: ScoringPlan, prototypes: pd.DataFrame, codes: tuple[str
     shard = np.zeros(len(m), dtype=np.int32)
     for i, (lo, hi) in enumerate(plan.rows):
         shard[lo:hi] = i
-    atomic_write_parquet(pd.DataFrame({"position": np.arange(len(m)), "row": m["row"].to_numpy(),
-                                       "record_id": m["record_id"].astype(str).to_numpy(), "shard": shard}),
-                         partial / "records.parquet")
+    atomic_write_parquet(
+        pd.DataFrame(
+            {
+                "position": np.arange(len(m)),
+                "row": m["row"].to_numpy(),
+                "record_id": m["record_id"].astype(str).to_numpy(),
+                "shard": shard,
+            }
+        ),
+        partial / "records.parquet",
+    )
     atomic_write_parquet(prototypes, partial / "prototypes.parquet")
     n_p = np.load(plan.shard_files(0)[0], mmap_mode="r").shape[1] if plan.rows else len(prototypes)
-    info = {"format": ACTIVATIONS_FORMAT, "key": plan.key, "store": store.key, "model": plan.model,
-            "store_path": plan.store_path,
-            "n": int(len(m)), "n_prototypes": int(n_p), "codes": list(codes), "dtype": "float16",
-            "batch_size": plan.batch_size, "shards": [list(b) for b in plan.rows]}
+    info = {
+        "format": ACTIVATIONS_FORMAT,
+        "key": plan.key,
+        "store": store.key,
+        "model": plan.model,
+        "store_path": plan.store_path,
+        "n": int(len(m)),
+        "n_prototypes": int(n_p),
+        "codes": list(codes),
+        "dtype": "float16",
+        "batch_size": plan.batch_size,
+        "shards": [list(b) for b in plan.rows],
+    }
     (partial / "model.pt").unlink(missing_ok=True)
     (partial / "plan.json").unlink(missing_ok=True)
     atomic_write_bytes(partial / "activations.json", json.dumps(info, indent=2).encode())
@@ -212,9 +260,19 @@ def finish_scoring(plan: ScoringPlan, prototypes: pd.DataFrame, codes: tuple[str
 ShardRunner = Callable[[ScoringPlan, list[int]], None]
 
 
-def score_store(store: ArrayStore, model: torch.nn.Module, out_root: Path | str, prototypes: pd.DataFrame, *,
-                shard_size: int = 65_536, batch_size: int = 256, device: str = "cpu", workers: int = 0,
-                run_shards: ShardRunner | None = None, progress: bool = False) -> ActivationStore:
+def score_store(
+    store: ArrayStore,
+    model: torch.nn.Module,
+    out_root: Path | str,
+    prototypes: pd.DataFrame,
+    *,
+    shard_size: int = 65_536,
+    batch_size: int = 256,
+    device: str = "cpu",
+    workers: int = 0,
+    run_shards: ShardRunner | None = None,
+    progress: bool = False,
+) -> ActivationStore:
     """Score every record of `store` into an activation store; `run_shards` may spread the shards out
     (e.g. Prefect tasks on a Dask cluster), by default they run here one after the other."""
     plan = plan_scoring(store, model, out_root, shard_size=shard_size, batch_size=batch_size)
@@ -228,16 +286,26 @@ def score_store(store: ArrayStore, model: torch.nn.Module, out_root: Path | str,
     return finish_scoring(plan, prototypes, tuple(model.codes))
 
 
-def scoring_report(acts: ActivationStore, seconds: float, shards_scored: int, lineage: dict[str, str],
-                   params: dict[str, object]) -> StageReport:
+def scoring_report(
+    acts: ActivationStore, seconds: float, shards_scored: int, lineage: dict[str, str], params: dict[str, object]
+) -> StageReport:
     """What the `score` MLflow run shows: the plan, counts and rate; no record ids."""
     info = acts.info
     report = StageReport(
         params={**params, "activations_path": str(acts.path), **lineage},
-        metrics={"n_scored": info["n"], "n_prototypes": info["n_prototypes"], "n_shards": len(info["shards"]),
-                 "shards_scored_now": shards_scored, "seconds": seconds},
-        tags={"activations_key": info["key"][:16], "cache_hit": str(not shards_scored).lower(),
-              **{k: v for k, v in lineage.items() if k in ("model_version", "train_run_id")}})
+        metrics={
+            "n_scored": info["n"],
+            "n_prototypes": info["n_prototypes"],
+            "n_shards": len(info["shards"]),
+            "shards_scored_now": shards_scored,
+            "seconds": seconds,
+        },
+        tags={
+            "activations_key": info["key"][:16],
+            "cache_hit": str(not shards_scored).lower(),
+            **{k: v for k, v in lineage.items() if k in ("model_version", "train_run_id")},
+        },
+    )
     if shards_scored:
         report.metrics["ecgs_per_s"] = info["n"] / seconds
     return report

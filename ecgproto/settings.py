@@ -6,6 +6,7 @@ Everything defaults to the project's working directory; every path can be overri
 from __future__ import annotations
 
 import os
+from importlib.resources import files
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -31,7 +32,7 @@ def reference_dir() -> Path:
     installed as the package data `ecgproto/reference/` by a wheel."""
     if "ECGPROTO_REFERENCE_DIR" in os.environ:
         return Path(os.environ["ECGPROTO_REFERENCE_DIR"]).resolve()
-    return PROJECT_ROOT / "data" if in_checkout() else PACKAGE_DIR / "reference"
+    return PROJECT_ROOT / "data" if in_checkout() else Path(str(files("ecgproto") / "reference"))
 
 
 def demo_dir() -> Path:

@@ -75,23 +75,38 @@ def git_commit() -> str:
     """The checkout's commit; for an installed wheel, its version (`ecgproto==0.1.0`)."""
     if not in_checkout():
         from importlib.metadata import PackageNotFoundError, version
+
         try:
             return f"ecgproto=={version('ecgproto')}"
         except PackageNotFoundError:
             return "unknown"
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
-def start_run(stage: str, *, tags: dict[str, str] | None = None, parent_run_id: str | None = None,
-              uri: str | None = None, experiment: str | None = None, run_name: str | None = None) -> str:
+def start_run(
+    stage: str,
+    *,
+    tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+    uri: str | None = None,
+    experiment: str | None = None,
+    run_name: str | None = None,
+) -> str:
     """Create a run for a stage and return its id. Tags: stage, git commit, parent, and the caller's."""
-    all_tags = {"stage": stage, "git_commit": git_commit(), "mlflow.runName": run_name or stage,
-                "ecgproto.host": socket.gethostname(), "ecgproto.pid": str(os.getpid()), **(tags or {})}
+    all_tags = {
+        "stage": stage,
+        "git_commit": git_commit(),
+        "mlflow.runName": run_name or stage,
+        "ecgproto.host": socket.gethostname(),
+        "ecgproto.pid": str(os.getpid()),
+        **(tags or {}),
+    }
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     exp = experiment_id(experiment, uri)
@@ -106,8 +121,9 @@ def end_orphaned_runs(stage: str, experiment: str, uri: str | None = None) -> li
     c = client(uri)
     host = socket.gethostname()
     ended = []
-    for run in c.search_runs([experiment], f"tags.stage = '{stage}' and attributes.status = 'RUNNING'",
-                             max_results=200):
+    for run in c.search_runs(
+        [experiment], f"tags.stage = '{stage}' and attributes.status = 'RUNNING'", max_results=200
+    ):
         t = run.data.tags
         if t.get("ecgproto.host") != host or not t.get("ecgproto.pid", "").isdigit():
             continue
@@ -133,8 +149,15 @@ def end_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> No
 
 
 @contextmanager
-def stage_run(stage: str, *, tags: dict[str, str] | None = None, parent_run_id: str | None = None,
-              uri: str | None = None, run_name: str | None = None, error_detail: bool = True) -> Iterator[str]:
+def stage_run(
+    stage: str,
+    *,
+    tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+    uri: str | None = None,
+    run_name: str | None = None,
+    error_detail: bool = True,
+) -> Iterator[str]:
     """A run around a block: yields its id; ends it FINISHED, or FAILED (KILLED on Ctrl-C) with the error.
 
     error_detail: put the error's text on the run (tag `error`, artifact `error.txt`). False for stages that
@@ -177,7 +200,7 @@ def log_report(run_id: str, report: StageReport, uri: str | None = None) -> None
     metrics = [Metric(metric_name(k), float(v), now, 0) for k, v in report.metrics.items()]
     tags = [RunTag(k, str(v)) for k, v in report.tags.items()]
     for i in range(0, max(len(params), 1), 100):  # MLflow caps a batch at 100 params
-        c.log_batch(run_id, params=params[i:i + 100], metrics=metrics if i == 0 else [], tags=tags if i == 0 else [])
+        c.log_batch(run_id, params=params[i : i + 100], metrics=metrics if i == 0 else [], tags=tags if i == 0 else [])
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for path, table in report.tables.items():
@@ -230,8 +253,20 @@ def run_url(run_id: str, ui: str = "http://127.0.0.1:5000", uri: str | None = No
 
 def ui_command(uri: str | None = None, port: int = 5000) -> list[str]:
     """The command that serves the MLflow UI for this store on 127.0.0.1."""
-    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri(uri), "--host", "127.0.0.1",
-            "--port", str(port), "--workers", "1"]
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        tracking_uri(uri),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
 
 
 def describe(run_id: str, uri: str | None = None) -> dict[str, Any]:
@@ -245,8 +280,13 @@ def describe(run_id: str, uri: str | None = None) -> dict[str, Any]:
             out += walk(f.path) if f.is_dir else [f.path]
         return out
 
-    return {"params": run.data.params, "metrics": run.data.metrics, "tags": run.data.tags,
-            "artifacts": walk(), "status": run.info.status}
+    return {
+        "params": run.data.params,
+        "metrics": run.data.metrics,
+        "tags": run.data.tags,
+        "artifacts": walk(),
+        "status": run.info.status,
+    }
 
 
 def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0, uri: str | None = None) -> None:
@@ -255,8 +295,9 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0, uri: str 
     client(uri).log_batch(run_id, metrics=[Metric(metric_name(k), float(v), now, step) for k, v in metrics.items()])
 
 
-def log_model(run_id: str, model: Any, input_example: Any, registered_name: str | None,
-              uri: str | None = None) -> dict[str, str]:
+def log_model(
+    run_id: str, model: Any, input_example: Any, registered_name: str | None, uri: str | None = None
+) -> dict[str, str]:
     """Log a network as an MLflow `python_function` model whose loader is `ecgproto.mlflow_model`: the
     artifact holds its weights and JSON description, no pickle. Register it under `registered_name`."""
     import mlflow.pyfunc
@@ -275,9 +316,14 @@ def log_model(run_id: str, model: Any, input_example: Any, registered_name: str 
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         data = Path(tmp) / "ecgproto"
         persist.save(model.cpu(), data / WEIGHTS)
-        info = mlflow.pyfunc.log_model(name="model", loader_module="ecgproto.mlflow_model", data_path=str(data),
-                                       signature=signature, registered_model_name=registered_name,
-                                       pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "ecgproto"])
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            loader_module="ecgproto.mlflow_model",
+            data_path=str(data),
+            signature=signature,
+            registered_model_name=registered_name,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "ecgproto"],
+        )
     out = {"model_uri": info.model_uri}
     if registered_name:
         versions = client(uri).search_model_versions(f"name = '{registered_name}' and run_id = '{run_id}'")
@@ -321,7 +367,8 @@ def load_model(model_uri: str, uri: str | None = None) -> Any:
         if flavor.get("loader_module") != "ecgproto.mlflow_model":
             raise ModelFileError(
                 f"{model_uri}: registered by an older ecgproto as a pickled torch model, which is no longer loaded "
-                "(unpickling can run code) - train and register it again (`ecgproto train`, or `ecgproto retrain`)")
+                "(unpickling can run code) - train and register it again (`ecgproto train`, or `ecgproto retrain`)"
+            )
         return load_from_data(local / flavor["data"])
 
 
@@ -350,9 +397,12 @@ def model_lineage(model_uri: str, uri: str | None = None) -> dict[str, str]:
         train = run.data.tags.get("mlflow.parentRunId", "")
         out["train_run_id"] = train
         out["dataset_hash"] = run.data.tags.get("dataset_hash", "") or (
-            c.get_run(train).data.tags.get("dataset_hash", "") if train else "")
+            c.get_run(train).data.tags.get("dataset_hash", "") if train else ""
+        )
         if train:
-            found = c.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{train}' and tags.stage = 'fusion'")
+            found = c.search_runs(
+                [run.info.experiment_id], f"tags.mlflow.parentRunId = '{train}' and tags.stage = 'fusion'"
+            )
             if found:
                 out["gallery_run_id"] = found[0].info.run_id
     return out
@@ -378,8 +428,7 @@ def alias_version(name: str, alias: str, uri: str | None = None) -> str | None:
         return None
 
 
-def set_alias(name: str, alias: str, version: str, uri: str | None = None,
-              tags: dict[str, str] | None = None) -> None:
+def set_alias(name: str, alias: str, version: str, uri: str | None = None, tags: dict[str, str] | None = None) -> None:
     """Point `alias` at `version` and tag that version (e.g. with the promotion decision)."""
     c = client(uri)
     c.set_registered_model_alias(name, alias, str(version))

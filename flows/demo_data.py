@@ -25,12 +25,17 @@ def write_demo_data(out: str, config: DemoConfig) -> tuple[str, float, bool]:
 
 
 @flow(name="demo-data", log_prints=True)
-def demo_data_flow(out: str | None = None, config: DemoConfig | None = None, tracking_uri: str | None = None,
-                   parent_run_id: str | None = None) -> dict[str, str]:
+def demo_data_flow(
+    out: str | None = None,
+    config: DemoConfig | None = None,
+    tracking_uri: str | None = None,
+    parent_run_id: str | None = None,
+) -> dict[str, str]:
     config = config or DemoConfig()
     out = out or str(demo_dir())
-    with tracking.stage_run("demo-data", parent_run_id=parent_run_id, uri=tracking_uri,
-                            tags={"prefect_flow_run_id": str(flow_run.id)}) as run_id:
+    with tracking.stage_run(
+        "demo-data", parent_run_id=parent_run_id, uri=tracking_uri, tags={"prefect_flow_run_id": str(flow_run.id)}
+    ) as run_id:
         root, seconds, reused = write_demo_data(out, config)
         report = demo_report(Path(root) / "ground_truth.json", Path(root) / "ptbxl", seconds)
         report.metrics["reused"] = float(reused)

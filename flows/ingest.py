@@ -30,6 +30,7 @@ def ingest_chunk_task(chunk: IngestChunk) -> int:
 
 def build_store_sharded(root: str, store_root: str, config: IngestConfig) -> tuple[str, bool, float]:
     """As build_store, with every chunk a task of this flow's task runner (e.g. a Dask cluster)."""
+
     def run_chunks(chunks: list[IngestChunk]) -> None:
         ingest_chunk_task.map(chunks).result()
 
@@ -38,17 +39,24 @@ def build_store_sharded(root: str, store_root: str, config: IngestConfig) -> tup
 
 
 @task(name="log-ingest-run")
-def log_ingest_run(run_id: str, store_path: str, cache_hit: bool, seconds: float, config: IngestConfig,
-                   uri: str | None) -> None:
+def log_ingest_run(
+    run_id: str, store_path: str, cache_hit: bool, seconds: float, config: IngestConfig, uri: str | None
+) -> None:
     store = ArrayStore.open(store_path)
-    tracking.log_report(run_id, ingest_report(store, cache_hit=cache_hit, seconds=seconds,
-                                              config=config.model_dump()), uri)
+    tracking.log_report(
+        run_id, ingest_report(store, cache_hit=cache_hit, seconds=seconds, config=config.model_dump()), uri
+    )
 
 
 @flow(name="ingest", log_prints=True)
-def ingest_flow(root: str, config: IngestConfig | None = None, store_root: str | None = None,
-                tracking_uri: str | None = None, parent_run_id: str | None = None,
-                sharded: bool = False) -> dict[str, str]:
+def ingest_flow(
+    root: str,
+    config: IngestConfig | None = None,
+    store_root: str | None = None,
+    tracking_uri: str | None = None,
+    parent_run_id: str | None = None,
+    sharded: bool = False,
+) -> dict[str, str]:
     """Ingest a PTB-XL or MIMIC-IV-ECG folder; returns the store path and the MLflow run id.
 
     sharded: each chunk of records is a task of this flow's task runner; run it as
@@ -56,13 +64,20 @@ def ingest_flow(root: str, config: IngestConfig | None = None, store_root: str |
     config = config or IngestConfig()
     check_root(Path(root), config.layout)  # a wrong path fails here, before it leaves an empty FAILED run
     # MIMIC-IV-ECG record paths name a subject: a failed ingest keeps only the error's type on its run
-    with tracking.stage_run("ingest", run_name=f"ingest {Path(root).name}", parent_run_id=parent_run_id,
-                            tags={"prefect_flow_run_id": str(flow_run.id)}, uri=tracking_uri,
-                            error_detail=False) as run_id:
+    with tracking.stage_run(
+        "ingest",
+        run_name=f"ingest {Path(root).name}",
+        parent_run_id=parent_run_id,
+        tags={"prefect_flow_run_id": str(flow_run.id)},
+        uri=tracking_uri,
+        error_detail=False,
+    ) as run_id:
         build = build_store_sharded if sharded else build_store
         path, hit, seconds = build(root, store_root or str(default_store_root()), config)
         log_ingest_run(run_id, path, hit, seconds, config, tracking_uri)
     store = ArrayStore.open(path)
-    print(f"ingest {'cache hit' if hit else 'done'}: {store.info['n_records']} records, "
-          f"{store.info['n_quarantined']} quarantined -> {path}")
+    print(
+        f"ingest {'cache hit' if hit else 'done'}: {store.info['n_records']} records, "
+        f"{store.info['n_quarantined']} quarantined -> {path}"
+    )
     return {"store": path, "run_id": run_id, "dataset_hash": store.key}

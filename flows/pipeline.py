@@ -28,17 +28,27 @@ from ecgproto.train.metrics import difference_text
 
 
 @flow(name="pipeline", log_prints=True)
-def pipeline_flow(train_root: str | None = None, cohort_root: str | None = None, demo: bool = False,
-                  demo_config: DemoConfig | None = None, ingest_config: IngestConfig | None = None,
-                  store_root: str | None = None, tracking_uri: str | None = None, train_model: bool = True,
-                  train_config: TrainConfig | None = None, register_as: str | None = REGISTERED_NAME,
-                  hosp_root: str | None = None, study_config: StudyConfig | None = None,
-                  tolerance: float = 0.005) -> dict[str, str]:
+def pipeline_flow(
+    train_root: str | None = None,
+    cohort_root: str | None = None,
+    demo: bool = False,
+    demo_config: DemoConfig | None = None,
+    ingest_config: IngestConfig | None = None,
+    store_root: str | None = None,
+    tracking_uri: str | None = None,
+    train_model: bool = True,
+    train_config: TrainConfig | None = None,
+    register_as: str | None = REGISTERED_NAME,
+    hosp_root: str | None = None,
+    study_config: StudyConfig | None = None,
+    tolerance: float = 0.005,
+) -> dict[str, str]:
     """Run the stages; with demo=True the inputs are the (generated) demo datasets and the model is
     the CPU-sized one on the demo's short schedule (`TrainConfig.demo()`) unless `train_config` says otherwise."""
     # the stage runs below carry their errors; this one only the type (a cohort's messages may name a record)
-    with tracking.stage_run("pipeline", uri=tracking_uri, tags={"prefect_flow_run_id": str(flow_run.id)},
-                            error_detail=False) as parent:
+    with tracking.stage_run(
+        "pipeline", uri=tracking_uri, tags={"prefect_flow_run_id": str(flow_run.id)}, error_detail=False
+    ) as parent:
         out: dict[str, str] = {"parent_run_id": parent}
         if demo:
             d = demo_data_flow(config=demo_config, tracking_uri=tracking_uri, parent_run_id=parent)
@@ -59,24 +69,49 @@ def pipeline_flow(train_root: str | None = None, cohort_root: str | None = None,
         if train_model:
             config = train_config or (TrainConfig.demo() if demo else TrainConfig())
             planted = tuple(PLANTED_LABELS) if demo else ()
-            t = train_flow(train["store"], config, tracking_uri=tracking_uri, parent_run_id=parent,
-                           register_as=register_as, planted=planted)
-            out.update(train_run_id=t["run_id"], model_uri=t["model_uri"],
-                       test_macro_auroc=f"{t['metrics']['fused.macro_auroc']:.4f}")
+            t = train_flow(
+                train["store"],
+                config,
+                tracking_uri=tracking_uri,
+                parent_run_id=parent,
+                register_as=register_as,
+                planted=planted,
+            )
+            out.update(
+                train_run_id=t["run_id"],
+                model_uri=t["model_uri"],
+                test_macro_auroc=f"{t['metrics']['fused.macro_auroc']:.4f}",
+            )
             m = t["metrics"]
             if "fused_minus_baseline.macro_auroc" in m:  # the black box on the same fold, paired 95% CI
                 out["baseline_macro_auroc"] = f"{m['baseline.macro_auroc']:.4f}"
                 out["fused_minus_baseline"] = difference_text(m)
             if t.get("model_version") and register_as:
                 out["model_version"] = str(t["model_version"])
-                decision = run_stage("promote", parent, tracking_uri, None, lambda run_id: {
-                    "run_id": run_id, **compare_and_promote(run_id, train["store"], register_as, out["model_version"],
-                                                            tolerance, tracking_uri)})
+                decision = run_stage(
+                    "promote",
+                    parent,
+                    tracking_uri,
+                    None,
+                    lambda run_id: {
+                        "run_id": run_id,
+                        **compare_and_promote(
+                            run_id, train["store"], register_as, out["model_version"], tolerance, tracking_uri
+                        ),
+                    },
+                )
                 out.update(promote_run_id=decision["run_id"], model_alias=str(decision["alias"]))
             if cohort_root and hosp_root:
                 mm = Path(cohort_root) / "machine_measurements.csv"
-                a = associate_flow(out["cohort_store"], hosp_root, t["model_uri"], str(mm) if mm.exists() else None,
-                                   study_config, tracking_uri, parent)
+                a = associate_flow(
+                    out["cohort_store"],
+                    hosp_root,
+                    t["model_uri"],
+                    str(mm) if mm.exists() else None,
+                    study_config,
+                    tracking_uri,
+                    parent,
+                )
                 out["associate_run_id"] = str(a["run_id"])
                 out["significant_prototype_pairs"] = str(int(a["metrics"].get("prototype.significant_bonf", 0)))
     return out

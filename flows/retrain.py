@@ -66,8 +66,13 @@ class TrainSection(_Section):
 
     def config(self) -> TrainConfig:
         c = TrainConfig.small() if self.size == "small" else TrainConfig()
-        c = c.model_copy(update={"device": self.device, **({"seed": self.seed} if self.seed is not None else {}),
-                                 **({"bootstrap": self.bootstrap} if self.bootstrap is not None else {})})
+        c = c.model_copy(
+            update={
+                "device": self.device,
+                **({"seed": self.seed} if self.seed is not None else {}),
+                **({"bootstrap": self.bootstrap} if self.bootstrap is not None else {}),
+            }
+        )
         if self.epochs is not None:
             c.joint.epochs = self.epochs
             c.baseline.stage.epochs = self.epochs
@@ -77,8 +82,13 @@ class TrainSection(_Section):
 
 class RegistrySection(_Section):
     name: str = Field(REGISTERED_NAME, min_length=1)
-    tolerance: float = Field(0.005, ge=-1.0, le=1.0, allow_inf_nan=False,
-                             description="promote unless worse than the champion by more than this (AUROC)")
+    tolerance: float = Field(
+        0.005,
+        ge=-1.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="promote unless worse than the champion by more than this (AUROC)",
+    )
 
 
 class ScheduleSection(_Section):
@@ -93,8 +103,9 @@ class ScheduleSection(_Section):
         try:
             CronSchedule(cron=value)  # the parser `ecgproto serve` will use
         except ValidationError as exc:
-            raise ValueError(f"{value!r} is not a cron expression (minute hour day month weekday, "
-                             "e.g. '0 3 * * 1')") from exc
+            raise ValueError(
+                f"{value!r} is not a cron expression (minute hour day month weekday, e.g. '0 3 * * 1')"
+            ) from exc
         return value
 
     @field_validator("timezone")
@@ -126,15 +137,17 @@ class RetrainConfig(_Section):
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML ({exc}) - fix that line") from exc
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: "
-                                 + ("unknown key" if e["type"] == "extra_forbidden" else e["msg"])
-                                 for e in exc.errors()[:5])
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: " + ("unknown key" if e["type"] == "extra_forbidden" else e["msg"])
+                for e in exc.errors()[:5]
+            )
             raise ConfigError(f"{path}: {problems} - see `ecgproto retrain --help`") from exc
 
 
 @task(name="compare-and-promote")
-def compare_and_promote(run_id: str, store: str, name: str, version: str, tolerance: float,
-                        uri: str | None) -> dict[str, Any]:
+def compare_and_promote(
+    run_id: str, store: str, name: str, version: str, tolerance: float, uri: str | None
+) -> dict[str, Any]:
     """Score the new version and the champion on the same test fold; move the alias accordingly."""
     data = ArrayStore.open(store)
     challenger = test_fold_auroc(tracking.load_model(f"models:/{name}/{version}", uri), data)
@@ -142,8 +155,13 @@ def compare_and_promote(run_id: str, store: str, name: str, version: str, tolera
     champion = None
     if champion_version == version:
         # Unchanged data and config: training was a cache hit and registered nothing new.
-        decision = PromotionDecision(True, f"version {version} is already the champion (same data and config: "
-                                     "nothing retrained)", challenger, challenger, tolerance)
+        decision = PromotionDecision(
+            True,
+            f"version {version} is already the champion (same data and config: nothing retrained)",
+            challenger,
+            challenger,
+            tolerance,
+        )
         alias = CHAMPION
     else:
         unreadable = None
@@ -154,17 +172,33 @@ def compare_and_promote(run_id: str, store: str, name: str, version: str, tolera
                 unreadable = str(exc)
         decision = decide(challenger, champion, tolerance)
         if unreadable:
-            decision = PromotionDecision(True, f"the champion (version {champion_version}) cannot be loaded safely "
-                                         f"(saved by an older ecgproto); replaced: {unreadable}", challenger, None,
-                                         tolerance)
+            decision = PromotionDecision(
+                True,
+                f"the champion (version {champion_version}) cannot be loaded safely "
+                f"(saved by an older ecgproto); replaced: {unreadable}",
+                challenger,
+                None,
+                tolerance,
+            )
         alias = CHAMPION if decision.promote else CHALLENGER
         tracking.set_alias(name, alias, version, uri, tags={"promotion": alias, "promotion_reason": decision.reason})
     report = StageReport(
         metrics={"challenger_macro_auroc": challenger, **({"champion_macro_auroc": champion} if champion else {})},
-        tags={"promotion": alias, "promotion_reason": decision.reason, "model_version": version,
-              "previous_champion_version": champion_version or ""},
-        documents={"promotion.json": {**decision.as_dict(), "model": name, "version": version,
-                                      "previous_champion_version": champion_version}})
+        tags={
+            "promotion": alias,
+            "promotion_reason": decision.reason,
+            "model_version": version,
+            "previous_champion_version": champion_version or "",
+        },
+        documents={
+            "promotion.json": {
+                **decision.as_dict(),
+                "model": name,
+                "version": version,
+                "previous_champion_version": champion_version,
+            }
+        },
+    )
     tracking.log_report(run_id, report, uri)
     return {**decision.as_dict(), "alias": alias, "version": version, "previous_champion_version": champion_version}
 
@@ -178,17 +212,36 @@ def retrain_flow(config_path: str | None = None, config: RetrainConfig | None = 
         config = RetrainConfig.load(config_path)
     uri = config.tracking_uri
     # the stage runs below carry their errors; this one only the type (ingest messages may name a record)
-    with tracking.stage_run("retrain", uri=uri, tags={"prefect_flow_run_id": str(flow_run.id)},
-                            error_detail=False) as parent:
+    with tracking.stage_run(
+        "retrain", uri=uri, tags={"prefect_flow_run_id": str(flow_run.id)}, error_detail=False
+    ) as parent:
         tracking.log_report(parent, StageReport(params={"retrain": config.model_dump()}), uri)
-        ingested = ingest_flow(str(Path(config.data.ptbxl).resolve()), IngestConfig(workers=config.data.workers),
-                               config.data.store_root, uri, parent)
-        trained = train_flow(ingested["store"], config.train.config(), work_root=config.train.work_root,
-                             tracking_uri=uri, parent_run_id=parent, register_as=config.registry.name)
-        tracking.set_tags(parent, {"dataset_hash": ingested["dataset_hash"],
-                                   "model_version": str(trained["model_version"])}, uri)
-        outcome = compare_and_promote(parent, ingested["store"], config.registry.name, str(trained["model_version"]),
-                                      config.registry.tolerance, uri)
+        ingested = ingest_flow(
+            str(Path(config.data.ptbxl).resolve()),
+            IngestConfig(workers=config.data.workers),
+            config.data.store_root,
+            uri,
+            parent,
+        )
+        trained = train_flow(
+            ingested["store"],
+            config.train.config(),
+            work_root=config.train.work_root,
+            tracking_uri=uri,
+            parent_run_id=parent,
+            register_as=config.registry.name,
+        )
+        tracking.set_tags(
+            parent, {"dataset_hash": ingested["dataset_hash"], "model_version": str(trained["model_version"])}, uri
+        )
+        outcome = compare_and_promote(
+            parent,
+            ingested["store"],
+            config.registry.name,
+            str(trained["model_version"]),
+            config.registry.tolerance,
+            uri,
+        )
     print(f"version {outcome['version']} -> {outcome['alias']}: {outcome['reason']}")
     return {"run_id": parent, **outcome}
 
@@ -198,5 +251,8 @@ def deployment(config_path: str | Path):  # noqa: ANN201 (a Prefect RunnerDeploy
     path = str(Path(config_path).resolve())
     cfg = RetrainConfig.load(path)
     return retrain_flow.to_deployment(
-        name="ecgproto-retrain", schedules=[Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone)],
-        parameters={"config_path": path}, description="retrain on the current data; promote to champion if not worse")
+        name="ecgproto-retrain",
+        schedules=[Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone)],
+        parameters={"config_path": path},
+        description="retrain on the current data; promote to champion if not worse",
+    )

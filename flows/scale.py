@@ -28,8 +28,9 @@ def runner(spec: str | None) -> TaskRunner | None:
         n = int(spec.split(":", 1)[1]) if ":" in spec else (os.cpu_count() or 1)
         if n < 1:
             raise ValueError(f"--dask {spec}: the worker count must be >= 1")
-        return DaskTaskRunner(cluster_kwargs={"n_workers": n, "threads_per_worker": 1, "processes": True,
-                                              "dashboard_address": None})
+        return DaskTaskRunner(
+            cluster_kwargs={"n_workers": n, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
+        )
     if "://" in spec:
         return DaskTaskRunner(address=spec)
     raise ValueError(f"--dask {spec!r}: use 'local', 'local:N' or a scheduler address such as tcp://host:8786")

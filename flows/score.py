@@ -32,15 +32,28 @@ def score_shard_task(plan: ScoringPlan, index: int, device: str, loader_workers:
 
 
 @flow(name="score", log_prints=True)
-def score_flow(store: str, model_uri: str = DEFAULT_MODEL, out: str | None = None, shard_size: int = 65_536,
-               batch_size: int = 256, device: str = "auto", loader_workers: int = 0,
-               tracking_uri: str | None = None, parent_run_id: str | None = None) -> dict[str, object]:
+def score_flow(
+    store: str,
+    model_uri: str = DEFAULT_MODEL,
+    out: str | None = None,
+    shard_size: int = 65_536,
+    batch_size: int = 256,
+    device: str = "auto",
+    loader_workers: int = 0,
+    tracking_uri: str | None = None,
+    parent_run_id: str | None = None,
+) -> dict[str, object]:
     """Write (or find) the activation store of `model_uri` on `store`; returns its path and the MLflow run id."""
     s = ArrayStore.open(store)
     lineage = tracking.model_lineage(model_uri, tracking_uri)
     dev = str(resolve_device(device))
-    with tracking.stage_run("score", parent_run_id=parent_run_id, uri=tracking_uri, error_detail=False,
-                            tags={"prefect_flow_run_id": str(flow_run.id), "cohort_dataset_hash": s.key}) as run_id:
+    with tracking.stage_run(
+        "score",
+        parent_run_id=parent_run_id,
+        uri=tracking_uri,
+        error_detail=False,
+        tags={"prefect_flow_run_id": str(flow_run.id), "cohort_dataset_hash": s.key},
+    ) as run_id:
         model = tracking.load_model(lineage["model_uri"], tracking_uri)
         shards: list[int] = []
 
@@ -49,14 +62,34 @@ def score_flow(store: str, model_uri: str = DEFAULT_MODEL, out: str | None = Non
             score_shard_task.map(unmapped(plan), pending, unmapped(dev), unmapped(loader_workers)).result()
 
         t0 = time.perf_counter()
-        acts = score_store(s, model, Path(out) if out else default_store_root(), prototype_table(model),
-                           shard_size=shard_size, batch_size=batch_size, device=dev, run_shards=run_shards)
+        acts = score_store(
+            s,
+            model,
+            Path(out) if out else default_store_root(),
+            prototype_table(model),
+            shard_size=shard_size,
+            batch_size=batch_size,
+            device=dev,
+            run_shards=run_shards,
+        )
         seconds = time.perf_counter() - t0
         info = acts.info
-        report = scoring_report(acts, seconds, len(shards), lineage, {
-            "model_uri": model_uri, "shard_size": shard_size, "batch_size": batch_size, "device": dev,
-            "loader_workers": loader_workers})
+        report = scoring_report(
+            acts,
+            seconds,
+            len(shards),
+            lineage,
+            {
+                "model_uri": model_uri,
+                "shard_size": shard_size,
+                "batch_size": batch_size,
+                "device": dev,
+                "loader_workers": loader_workers,
+            },
+        )
         tracking.log_report(run_id, report, tracking_uri)
-    print(f"score {'cache hit' if not shards else f'done ({len(shards)} shards)'}: {info['n']:,} ECGs x "
-          f"{info['n_prototypes']} prototypes -> {acts.path}")
+    print(
+        f"score {'cache hit' if not shards else f'done ({len(shards)} shards)'}: {info['n']:,} ECGs x "
+        f"{info['n_prototypes']} prototypes -> {acts.path}"
+    )
     return {"activations": str(acts.path), "run_id": run_id, "n": info["n"]}

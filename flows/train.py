@@ -34,16 +34,19 @@ from ecgproto.train.trainer import FitResult
 REGISTERED_NAME = MODEL_NAME
 
 
-
-
 def _curves(run_id: str, uri: str | None) -> Callable[[int, dict[str, float]], None]:
     return lambda epoch, m: tracking.log_metrics(run_id, m, step=epoch, uri=uri)
 
 
 def run_stage(stage: str, parent: str, uri: str | None, branch: str | None, work: Callable[[str], Any]) -> Any:
     """A child MLflow run around `work(run_id)`, ended FAILED with the error if the work raises."""
-    with tracking.stage_run(stage, run_name=f"{branch}/{stage}" if branch else stage, parent_run_id=parent, uri=uri,
-                            tags={"branch": branch or "all", "prefect_flow_run_id": str(flow_run.id)}) as run_id:
+    with tracking.stage_run(
+        stage,
+        run_name=f"{branch}/{stage}" if branch else stage,
+        parent_run_id=parent,
+        uri=uri,
+        tags={"branch": branch or "all", "prefect_flow_run_id": str(flow_run.id)},
+    ) as run_id:
         return work(run_id)
 
 
@@ -51,8 +54,9 @@ _FITS = {"joint": stages.train_joint, "last_layer": stages.train_last_layer}
 
 
 @task(name="fit-branch", task_run_name="{branch}/{stage}", retries=1)
-def fit_branch(store: str, config: TrainConfig, work_root: str, branch: str, stage: str, parent: str,
-               uri: str | None) -> float:
+def fit_branch(
+    store: str, config: TrainConfig, work_root: str, branch: str, stage: str, parent: str, uri: str | None
+) -> float:
     """The joint or the last-layer stage of one branch, with per-epoch curves on its child run."""
     ctx = stages.TrainContext.open(store, config, work_root)
 
@@ -63,11 +67,20 @@ def fit_branch(store: str, config: TrainConfig, work_root: str, branch: str, sta
             result = _FITS[stage](ctx, branch, _curves(run_id, uri))
         tracking.log_report(run_id, fit_report(result, stage, branch), uri)
         return result.best_score
+
     return run_stage(stage, parent, uri, branch, work)
 
 
-def _data_parallel(stage: str, store: str, config: TrainConfig, work_root: str, branch: str | None,
-                   ctx: stages.TrainContext, run_id: str, uri: str | None) -> FitResult:
+def _data_parallel(
+    stage: str,
+    store: str,
+    config: TrainConfig,
+    work_root: str,
+    branch: str | None,
+    ctx: stages.TrainContext,
+    run_id: str,
+    uri: str | None,
+) -> FitResult:
     """The stage on config.world_size DDP ranks (torchrun); its curves are logged once it is done."""
     tracking.set_tags(run_id, {"world_size": str(config.world_size)}, uri)
     distributed.launch(stage, store, config, work_root, branch)
@@ -86,6 +99,7 @@ def projection(store: str, config: TrainConfig, work_root: str, branch: str, par
         provenance = stages.project(ctx, branch)
         tracking.log_report(run_id, projection_report(provenance), uri)
         return len(provenance)
+
     return run_stage("projection", parent, uri, branch, work)
 
 
@@ -102,6 +116,7 @@ def fusion(store: str, config: TrainConfig, work_root: str, parent: str, uri: st
         if gallery:
             tracking.log_figures(run_id, prototype_gallery(model), uri)
         return result.best_score
+
     return run_stage("fusion", parent, uri, None, work)
 
 
@@ -116,20 +131,37 @@ def baseline(store: str, config: TrainConfig, work_root: str, parent: str, uri: 
             result = stages.train_baseline(ctx, _curves(run_id, uri))
         tracking.log_report(run_id, fit_report(result, "baseline"), uri)
         return result.best_score
+
     return run_stage("baseline", parent, uri, None, work)
 
 
 @task(name="evaluate-and-register")
-def evaluate(store: str, config: TrainConfig, work_root: str, parent: str, uri: str | None,
-             register_as: str | None, planted: tuple[str, ...]) -> dict[str, Any]:
+def evaluate(
+    store: str,
+    config: TrainConfig,
+    work_root: str,
+    parent: str,
+    uri: str | None,
+    register_as: str | None,
+    planted: tuple[str, ...],
+) -> dict[str, Any]:
     ctx = stages.TrainContext.open(store, config, work_root)
 
     def work(run_id: str) -> dict[str, Any]:
         if (done := _registered_before(ctx, register_as, uri)) is not None:
             # The same model.pt is already registered in this tracking store: no second version.
-            tracking.log_report(run_id, StageReport(metrics=done["metrics"], tags={
-                "cache_hit": "true", "model_version": str(done["version"]),
-                "evaluated_in_run": done["run_id"]}), uri)
+            tracking.log_report(
+                run_id,
+                StageReport(
+                    metrics=done["metrics"],
+                    tags={
+                        "cache_hit": "true",
+                        "model_version": str(done["version"]),
+                        "evaluated_in_run": done["run_id"],
+                    },
+                ),
+                uri,
+            )
             tracking.log_report(parent, StageReport(metrics=done["metrics"]), uri)
             return done
         metrics, tables = stages.evaluate(ctx, "test")
@@ -142,6 +174,7 @@ def evaluate(store: str, config: TrainConfig, work_root: str, parent: str, uri: 
         if register_as:
             _record_registration(ctx, out, uri)
         return out
+
     return run_stage("evaluate", parent, uri, None, work)
 
 
@@ -164,25 +197,38 @@ def _registered_before(ctx: stages.TrainContext, register_as: str | None, uri: s
     if not register_as or not f.exists():
         return None
     record = json.loads(f.read_text())
-    if (record.get("registered_name") != register_as or record.get("tracking_uri") != tracking.tracking_uri(uri)
-            or record.get("model_sha256") != _model_digest(ctx)
-            or tracking.version_run_id(register_as, str(record.get("version")), uri) != record.get("run_id")):
+    if (
+        record.get("registered_name") != register_as
+        or record.get("tracking_uri") != tracking.tracking_uri(uri)
+        or record.get("model_sha256") != _model_digest(ctx)
+        or tracking.version_run_id(register_as, str(record.get("version")), uri) != record.get("run_id")
+    ):
         return None
     return {k: record[k] for k in ("metrics", "model_uri", "version", "registered_name", "run_id")}
 
 
 @flow(name="train", log_prints=True)
-def train_flow(store: str, config: TrainConfig | None = None, work_root: str | None = None,
-               tracking_uri: str | None = None, parent_run_id: str | None = None,
-               register_as: str | None = REGISTERED_NAME, gallery: bool = True,
-               planted: tuple[str, ...] = ()) -> dict[str, Any]:
+def train_flow(
+    store: str,
+    config: TrainConfig | None = None,
+    work_root: str | None = None,
+    tracking_uri: str | None = None,
+    parent_run_id: str | None = None,
+    register_as: str | None = REGISTERED_NAME,
+    gallery: bool = True,
+    planted: tuple[str, ...] = (),
+) -> dict[str, Any]:
     """Train the three branches and the fusion (and the baseline) on a PTB-XL-layout store."""
     config = config or TrainConfig()
     work_root = work_root or str(workdir() / "data" / "train")
     ctx = stages.TrainContext.open(store, config, work_root)
-    with tracking.stage_run("train", parent_run_id=parent_run_id, uri=tracking_uri, run_name="train",
-                            tags={"prefect_flow_run_id": str(flow_run.id), "dataset_hash": ctx.store.key,
-                                  "work_dir": str(ctx.workdir)}) as parent:
+    with tracking.stage_run(
+        "train",
+        parent_run_id=parent_run_id,
+        uri=tracking_uri,
+        run_name="train",
+        tags={"prefect_flow_run_id": str(flow_run.id), "dataset_hash": ctx.store.key, "work_dir": str(ctx.workdir)},
+    ) as parent:
         tracking.log_report(parent, StageReport(params={"config": config.model_dump()}), tracking_uri)
         for name in BRANCHES:
             fit_branch(store, config, work_root, name, "joint", parent, tracking_uri)
@@ -193,12 +239,23 @@ def train_flow(store: str, config: TrainConfig | None = None, work_root: str | N
             baseline(store, config, work_root, parent, tracking_uri)
         result = evaluate(store, config, work_root, parent, tracking_uri, register_as, tuple(planted))
     m = result["metrics"]
-    print(f"test fold macro-AUROC: fused {m['fused.macro_auroc']:.4f} "
-          f"[{m['fused.macro_auroc_lo']:.4f}, {m['fused.macro_auroc_hi']:.4f}]"
-          + (f", baseline {m['baseline.macro_auroc']:.4f}; fused - baseline {difference_text(m)} (paired)"
-             if "baseline.macro_auroc" in m else ""))
+    print(
+        f"test fold macro-AUROC: fused {m['fused.macro_auroc']:.4f} "
+        f"[{m['fused.macro_auroc_lo']:.4f}, {m['fused.macro_auroc_hi']:.4f}]"
+        + (
+            f", baseline {m['baseline.macro_auroc']:.4f}; fused - baseline {difference_text(m)} (paired)"
+            if "baseline.macro_auroc" in m
+            else ""
+        )
+    )
     version = result.get("version")
     model_uri = f"models:/{register_as}/{version}" if register_as and version else result["model_uri"]
-    return {"run_id": parent, "evaluate_run_id": result["run_id"], "model_uri": model_uri,
-            "model_version": version, "work_dir": str(ctx.workdir), "metrics": m,
-            "store": str(Path(store))}
+    return {
+        "run_id": parent,
+        "evaluate_run_id": result["run_id"],
+        "model_uri": model_uri,
+        "model_version": version,
+        "work_dir": str(ctx.workdir),
+        "metrics": m,
+        "store": str(Path(store)),
+    }

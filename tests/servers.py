@@ -18,8 +18,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float, procs: list[subprocess.Popen],
-             logs: list[Path]) -> Any:
+def wait_for(
+    what: str, check: Callable[[], Any], timeout: float, procs: list[subprocess.Popen], logs: list[Path]
+) -> Any:
     """Poll `check` once a second until it returns something other than None; fail the test with the
     servers' logs if that takes longer than `timeout` or one of `procs` exits first."""
     deadline = time.time() + timeout

@@ -19,12 +19,10 @@ from ecgproto.train.data import SplitData
 
 @pytest.fixture(scope="module")
 def ptbxl_store(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> ArrayStore:
-    return ingest(demo_root / "ptbxl", tmp_path_factory.mktemp("store"), IngestConfig(workers=1),
-                  progress=False).store
+    return ingest(demo_root / "ptbxl", tmp_path_factory.mktemp("store"), IngestConfig(workers=1), progress=False).store
 
 
-def test_ranks_split_each_global_batch_without_overlap_and_with_the_same_augmentation(
-        ptbxl_store: ArrayStore) -> None:
+def test_ranks_split_each_global_batch_without_overlap_and_with_the_same_augmentation(ptbxl_store: ArrayStore) -> None:
     train = SplitData(ptbxl_store, "train")
     kw = {"shuffle": True, "seed": 7, "epoch": 3, "time_roll": True}
     one = list(train.batches(32, **kw))
@@ -70,7 +68,8 @@ def test_a_failing_rank_fails_the_launch_with_its_error(ptbxl_store: ArrayStore,
 
 @pytest.mark.slow
 def test_training_flow_runs_its_joint_stages_on_the_world_size_it_is_given(
-        ptbxl_store: ArrayStore, prefect_server: None, mlflow_uri: str, tmp_path: Path) -> None:
+    ptbxl_store: ArrayStore, prefect_server: None, mlflow_uri: str, tmp_path: Path
+) -> None:
     from ecgproto import tracking
     from ecgproto.flows.train import train_flow
 
@@ -78,12 +77,20 @@ def test_training_flow_runs_its_joint_stages_on_the_world_size_it_is_given(
     cfg.joint.epochs, cfg.last_layer.epochs, cfg.fusion.epochs = 1, 2, 2
     cfg.device, cfg.bootstrap, cfg.world_size = "cpu", 20, 2
     cfg.baseline.enabled = False
-    out = train_flow(str(ptbxl_store.path), cfg, work_root=str(tmp_path / "work"), tracking_uri=mlflow_uri,
-                     register_as="ddp-test", gallery=False)
+    out = train_flow(
+        str(ptbxl_store.path),
+        cfg,
+        work_root=str(tmp_path / "work"),
+        tracking_uri=mlflow_uri,
+        register_as="ddp-test",
+        gallery=False,
+    )
     assert out["model_version"] == "1" and 0.0 < out["metrics"]["fused.macro_auroc"] <= 1.0
     c = tracking.client(mlflow_uri)
-    runs = c.search_runs([c.get_run(out["run_id"]).info.experiment_id],
-                         f"tags.mlflow.parentRunId = '{out['run_id']}' and tags.stage = 'joint'")
+    runs = c.search_runs(
+        [c.get_run(out["run_id"]).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{out['run_id']}' and tags.stage = 'joint'",
+    )
     joint = [r for r in runs if r.info.status == "FINISHED"]
     assert sorted(r.data.tags["branch"] for r in joint) == sorted(BRANCHES)
     for retried in (r for r in runs if r.info.status != "FINISHED"):  # a failed try, retried by the task

@@ -27,25 +27,39 @@ def test_limb_leads_obey_einthoven_and_goldberger() -> None:
 
 def test_planted_rhythm_labels_are_measurable_in_the_signal() -> None:
     rng = np.random.default_rng(7)
-    hr = {lab: np.mean([60 / np.median(_rr(synthesize(rng, {lab}, noise=0.3)[0], 500)) for _ in range(10)])
-          for lab in ("SBRAD", "SR", "STACH")}
+    hr = {
+        lab: np.mean([60 / np.median(_rr(synthesize(rng, {lab}, noise=0.3)[0], 500)) for _ in range(10)])
+        for lab in ("SBRAD", "SR", "STACH")
+    }
     assert hr["SBRAD"] < 56 < hr["SR"] < 100 < hr["STACH"]
-    cv = {lab: np.mean([np.std(r) / np.mean(r) for r in (_rr(synthesize(rng, {lab}, noise=0.3)[0], 500)
-                                                         for _ in range(10))]) for lab in ("SR", "AFIB")}
+    cv = {
+        lab: np.mean(
+            [np.std(r) / np.mean(r) for r in (_rr(synthesize(rng, {lab}, noise=0.3)[0], 500) for _ in range(10))]
+        )
+        for lab in ("SR", "AFIB")
+    }
     assert cv["AFIB"] > 3 * cv["SR"]
-    qrs_energy = {lab: np.mean([np.abs(synthesize(rng, {lab}, noise=0.0)[0]).max() for _ in range(10)])
-                  for lab in ("SR", "LVH")}
+    qrs_energy = {
+        lab: np.mean([np.abs(synthesize(rng, {lab}, noise=0.0)[0]).max() for _ in range(10)]) for lab in ("SR", "LVH")
+    }
     assert qrs_energy["LVH"] > 1.5 * qrs_energy["SR"]
 
 
 def test_demo_is_deterministic_from_its_seed_and_opens_with_plain_wfdb(demo_root: Path, tmp_path: Path) -> None:
     config = DemoConfig(**json.loads((demo_root / "ground_truth.json").read_text())["config"])
     again = generate_demo(tmp_path / "again", config.model_copy(update={"workers": 1})).root
-    for rel in ["ptbxl/ptbxl_database.csv", "ptbxl/records100/00000/00007_lr.dat", "ptbxl/records500/00000/00003_hr.hea",
-                "mimic-iv-ecg/record_list.csv", "mimic-iv/hosp/diagnoses_icd.csv.gz"]:
+    for rel in [
+        "ptbxl/ptbxl_database.csv",
+        "ptbxl/records100/00000/00007_lr.dat",
+        "ptbxl/records500/00000/00003_hr.hea",
+        "mimic-iv-ecg/record_list.csv",
+        "mimic-iv/hosp/diagnoses_icd.csv.gz",
+    ]:
         assert filecmp.cmp(demo_root / rel, again / rel, shallow=False), rel
     other = generate_demo(tmp_path / "other", config.model_copy(update={"seed": 1, "n_mimic_subjects": 0}))
-    assert not filecmp.cmp(demo_root / "ptbxl/ptbxl_database.csv", other.root / "ptbxl/ptbxl_database.csv", shallow=False)
+    assert not filecmp.cmp(
+        demo_root / "ptbxl/ptbxl_database.csv", other.root / "ptbxl/ptbxl_database.csv", shallow=False
+    )
     signal, fields = wfdb.rdsamp(str(demo_root / "ptbxl/records100/00000/00007_lr"))
     assert signal.shape == (1000, 12) and fields["fs"] == 100 and fields["units"] == ["mV"] * 12
     assert 0.3 < np.ptp(signal[:, 1]) < 6  # a plausible lead II in mV

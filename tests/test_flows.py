@@ -12,7 +12,8 @@ from tests.conftest import SMALL
 
 
 def test_ingest_flow_logs_one_mlflow_run_with_config_counts_and_artifacts(
-        prefect_server: None, demo_root: Path, ptbxl_copy: Path, mlflow_uri: str, tmp_path: Path) -> None:
+    prefect_server: None, demo_root: Path, ptbxl_copy: Path, mlflow_uri: str, tmp_path: Path
+) -> None:
     from ecgproto.data.demo.faults import plant_faults
     from ecgproto.flows.ingest import ingest_flow
 
@@ -26,8 +27,14 @@ def test_ingest_flow_logs_one_mlflow_run_with_config_counts_and_artifacts(
     assert run["metrics"]["label_count.NORM"] > 0
     assert run["tags"]["dataset_hash"] == out["dataset_hash"] and run["tags"]["stage"] == "ingest"
     assert len(run["tags"]["prefect_flow_run_id"]) == 36  # a real Prefect flow-run UUID
-    for artifact in ("quarantine.csv", "quarantine.parquet", "label_prevalence.csv", "label_prevalence.png",
-                     "manifest_summary.csv", "store.json"):
+    for artifact in (
+        "quarantine.csv",
+        "quarantine.parquet",
+        "label_prevalence.csv",
+        "label_prevalence.png",
+        "manifest_summary.csv",
+        "store.json",
+    ):
         assert artifact in run["artifacts"], artifact
     assert sum(a.startswith("examples/ecg_") for a in run["artifacts"]) >= 4
     quarantine = tracking.client(mlflow_uri).download_artifacts(out["run_id"], "quarantine.csv", str(tmp_path))
@@ -41,15 +48,22 @@ def test_ingest_flow_logs_one_mlflow_run_with_config_counts_and_artifacts(
 
 @pytest.mark.slow
 def test_demo_pipeline_makes_a_parent_run_with_child_stage_runs_and_no_mimic_identifiers(
-        prefect_server: None, mlflow_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    prefect_server: None, mlflow_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from ecgproto.flows.pipeline import pipeline_flow
 
     monkeypatch.setenv("ECGPROTO_DEMO_DIR", str(tmp_path / "demo"))
-    out = pipeline_flow(demo=True, demo_config=DemoConfig(**SMALL), store_root=str(tmp_path / "store"),
-                        tracking_uri=mlflow_uri, train_model=False)  # training: tests/test_training.py
+    out = pipeline_flow(
+        demo=True,
+        demo_config=DemoConfig(**SMALL),
+        store_root=str(tmp_path / "store"),
+        tracking_uri=mlflow_uri,
+        train_model=False,
+    )  # training: tests/test_training.py
     c = tracking.client(mlflow_uri)
-    children = c.search_runs([c.get_run(out["parent_run_id"]).info.experiment_id],
-                             f"tags.mlflow.parentRunId = '{out['parent_run_id']}'")
+    children = c.search_runs(
+        [c.get_run(out["parent_run_id"]).info.experiment_id], f"tags.mlflow.parentRunId = '{out['parent_run_id']}'"
+    )
     assert sorted(r.data.tags["stage"] for r in children) == ["demo-data", "ingest", "ingest"]
     assert c.get_run(out["parent_run_id"]).data.tags["dataset_hash"] == out["dataset_hash"]
     demo = tracking.describe(out["demo_run_id"], mlflow_uri)

@@ -21,7 +21,9 @@ from tests.conftest import real_ptbxl_subset
 SERIAL = IngestConfig(workers=1)
 
 
-def test_every_bad_input_is_quarantined_with_its_reason_and_good_records_survive(ptbxl_copy: Path, tmp_path: Path) -> None:
+def test_every_bad_input_is_quarantined_with_its_reason_and_good_records_survive(
+    ptbxl_copy: Path, tmp_path: Path
+) -> None:
     expected = plant_faults(ptbxl_copy)
     assert len(expected) == len(FAULTS)
     n_rows = len(pd.read_csv(ptbxl_copy / "ptbxl_database.csv"))
@@ -44,7 +46,9 @@ def test_every_bad_input_is_quarantined_with_its_reason_and_good_records_survive
     assert 250.0 in set(resampled.manifest["fs_in"])
 
 
-def test_store_rows_equal_wfdb_read_plus_preprocessing_and_labels_follow_scp_codes(demo_root: Path, tmp_path: Path) -> None:
+def test_store_rows_equal_wfdb_read_plus_preprocessing_and_labels_follow_scp_codes(
+    demo_root: Path, tmp_path: Path
+) -> None:
     store = ingest(demo_root / "ptbxl", tmp_path, SERIAL, progress=False).store
     db = pd.read_csv(demo_root / "ptbxl" / "ptbxl_database.csv", dtype={"ecg_id": str}).set_index("ecg_id")
     labels = load_label_set()
@@ -68,8 +72,17 @@ def test_mimic_layout_planted_avl_spike_lands_in_avl_at_its_time(tmp_path: Path)
     mimic_order = [LEADS.index(lead) for lead in MIMIC_LEADS]
     rel = "files/p1000/p10000001/s40000001/40000001"
     write_record(root / rel, x[:, mimic_order], 500, list(MIMIC_LEADS), adc_gain=200.0)
-    pd.DataFrame([{"subject_id": 10000001, "study_id": 40000001, "file_name": f"mimic-iv-ecg/{rel}",
-                   "ecg_time": "2180-01-01 10:00:00", "path": rel}]).to_csv(root / "record_list.csv", index=False)
+    pd.DataFrame(
+        [
+            {
+                "subject_id": 10000001,
+                "study_id": 40000001,
+                "file_name": f"mimic-iv-ecg/{rel}",
+                "ecg_time": "2180-01-01 10:00:00",
+                "path": rel,
+            }
+        ]
+    ).to_csv(root / "record_list.csv", index=False)
     store = ingest(root, tmp_path / "store", SERIAL, progress=False).store
     assert store.info["layout"] == "mimic_ecg" and store.info["credentialed"]
     sig = store.signals[store.manifest["row"].iloc[0]]  # (12, 1000) at 100 Hz
@@ -79,7 +92,9 @@ def test_mimic_layout_planted_avl_spike_lands_in_avl_at_its_time(tmp_path: Path)
     assert sig[LEADS.index("aVF")].max() < 0.5  # the lead MIMIC stores in aVL's slot did not get it
 
 
-def test_rerun_with_same_inputs_is_a_cache_hit_and_a_changed_file_is_not(demo_root: Path, ptbxl_copy: Path, tmp_path: Path) -> None:
+def test_rerun_with_same_inputs_is_a_cache_hit_and_a_changed_file_is_not(
+    demo_root: Path, ptbxl_copy: Path, tmp_path: Path
+) -> None:
     first = ingest(ptbxl_copy, tmp_path, IngestConfig(workers=2), progress=False)
     t0 = time.perf_counter()
     again = ingest(ptbxl_copy, tmp_path, IngestConfig(workers=2), progress=False)
@@ -89,12 +104,15 @@ def test_rerun_with_same_inputs_is_a_cache_hit_and_a_changed_file_is_not(demo_ro
     os.utime(dat, ns=(dat.stat().st_atime_ns, dat.stat().st_mtime_ns + 10**9))
     changed = ingest(ptbxl_copy, tmp_path, IngestConfig(workers=2), progress=False)
     assert not changed.cache_hit and changed.store.path != first.store.path
-    other_config = ingest(ptbxl_copy, tmp_path, IngestConfig(workers=2, preprocess=PreprocessConfig(highpass_hz=None)),
-                          progress=False)
+    other_config = ingest(
+        ptbxl_copy, tmp_path, IngestConfig(workers=2, preprocess=PreprocessConfig(highpass_hz=None)), progress=False
+    )
     assert not other_config.cache_hit
 
 
-def test_killed_ingest_leaves_no_store_and_the_next_run_resumes_to_the_same_result(demo_root: Path, tmp_path: Path) -> None:
+def test_killed_ingest_leaves_no_store_and_the_next_run_resumes_to_the_same_result(
+    demo_root: Path, tmp_path: Path
+) -> None:
     script = textwrap.dedent(f"""
         import os, signal
         import ecgproto.data.ingest as ing
@@ -105,7 +123,7 @@ def test_killed_ingest_leaves_no_store_and_the_next_run_resumes_to_the_same_resu
             done.append(real(chunk))
             return done[-1]
         ing.ingest_chunk = dying
-        ing.ingest({str(demo_root / 'ptbxl')!r}, {str(tmp_path / 'killed')!r},
+        ing.ingest({str(demo_root / "ptbxl")!r}, {str(tmp_path / "killed")!r},
                    ing.IngestConfig(workers=1, chunk_size=20), progress=False)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
@@ -178,8 +196,9 @@ def test_bad_cells_and_paths_outside_the_dataset_quarantine_their_record_only(pt
     assert q.loc[ids[3], "reason"] == "ragged_row" and "fields" in q.loc[ids[3], "message"]
     assert q.loc[ids[4], "reason"] == "outside_root" and q.loc[ids[5], "reason"] == "outside_root"
     assert len(store.manifest) + len(store.quarantine) == n_rows  # every other record is in the store
-    allowed = ingest(ptbxl_copy, tmp_path / "store", IngestConfig(workers=1, allow_outside_root=True),
-                     progress=False).store
+    allowed = ingest(
+        ptbxl_copy, tmp_path / "store", IngestConfig(workers=1, allow_outside_root=True), progress=False
+    ).store
     assert {ids[4], ids[5]} <= set(allowed.manifest["record_id"]), allowed.quarantine.to_string()
 
 
@@ -199,7 +218,7 @@ def test_a_killed_parallel_ingest_leaves_no_orphan_workers_and_no_lock(demo_root
                 time.sleep(60)  # an orphan would keep running (and holding the lock) this long
             return real(chunk)
         ing.ingest_chunk = busy
-        ing.ingest({str(demo_root / 'ptbxl')!r}, {str(tmp_path / 'killed')!r},
+        ing.ingest({str(demo_root / "ptbxl")!r}, {str(tmp_path / "killed")!r},
                    ing.IngestConfig(workers=2, chunk_size=20, start_method="fork"), progress=False)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
@@ -208,13 +227,15 @@ def test_a_killed_parallel_ingest_leaves_no_orphan_workers_and_no_lock(demo_root
     deadline = time.time() + 10
     alive = workers
     while alive and time.time() < deadline:
-        alive = [p for p in alive if Path(f"/proc/{p}").exists() and "Z" not in
-                 Path(f"/proc/{p}/stat").read_text().split()[2]]
+        alive = [
+            p
+            for p in alive
+            if Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2]
+        ]
         time.sleep(0.1)
     assert not alive, f"orphan workers still running: {alive}"
     start = time.time()
-    resumed = ingest(demo_root / "ptbxl", tmp_path / "killed", IngestConfig(workers=2, chunk_size=20),
-                     progress=False)
+    resumed = ingest(demo_root / "ptbxl", tmp_path / "killed", IngestConfig(workers=2, chunk_size=20), progress=False)
     assert time.time() - start < 60 and resumed.resumed_chunks > 0
     clean = ingest(demo_root / "ptbxl", tmp_path / "clean", IngestConfig(workers=1, chunk_size=20), progress=False)
     np.testing.assert_array_equal(np.asarray(resumed.store.signals), np.asarray(clean.store.signals))

@@ -35,8 +35,10 @@ def test_malformed_scp_codes_raise_a_label_error(text: object) -> None:
 def test_mimic_lead_order_is_reordered_by_name() -> None:
     perm = lead_permutation(list(MIMIC_LEADS))
     assert [MIMIC_LEADS[i] for i in perm] == list(LEADS)
-    assert [["I", "II", "III", "AVR", "AVL", "AVF", *[f"V{i}" for i in range(1, 7)]][i] for i in
-            lead_permutation(["I", "II", "III", "AVR", "AVL", "AVF", *[f"V{i}" for i in range(1, 7)]])][3] == "AVR"
+    assert [
+        ["I", "II", "III", "AVR", "AVL", "AVF", *[f"V{i}" for i in range(1, 7)]][i]
+        for i in lead_permutation(["I", "II", "III", "AVR", "AVL", "AVF", *[f"V{i}" for i in range(1, 7)]])
+    ][3] == "AVR"
     with pytest.raises(LeadError, match="unknown lead"):
         lead_permutation(["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "X6"])
     with pytest.raises(LeadError, match="duplicate"):

@@ -24,13 +24,35 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     port = free_port()
     log = (root / "server.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+    )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for("the mlflow server start", lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200
-                 or None, 180, [proc], [root / "server.log"])
+        wait_for(
+            "the mlflow server start",
+            lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200 or None,
+            180,
+            [proc],
+            [root / "server.log"],
+        )
     except BaseException:
         proc.kill()
         raise
@@ -40,8 +62,9 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
 
 
 @pytest.fixture(scope="module")
-def demo_pipeline(mlflow_server: SimpleNamespace, prefect_server: None,
-                  tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+def demo_pipeline(
+    mlflow_server: SimpleNamespace, prefect_server: None, tmp_path_factory: pytest.TempPathFactory
+) -> SimpleNamespace:
     from ecgproto.data.demo.generate import DemoConfig
     from ecgproto.flows.pipeline import pipeline_flow
     from ecgproto.phenotype.study import StudyConfig
@@ -56,15 +79,21 @@ def demo_pipeline(mlflow_server: SimpleNamespace, prefect_server: None,
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ECGPROTO_HOME", str(home))
         mp.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-        out = pipeline_flow(demo=True, demo_config=DemoConfig(n_ptbxl=300, n_hr=10, n_mimic_subjects=150, workers=2),
-                            store_root=str(home / "store"), tracking_uri=mlflow_server.url, train_config=train,
-                            study_config=study)
+        out = pipeline_flow(
+            demo=True,
+            demo_config=DemoConfig(n_ptbxl=300, n_hr=10, n_mimic_subjects=150, workers=2),
+            store_root=str(home / "store"),
+            tracking_uri=mlflow_server.url,
+            train_config=train,
+            study_config=study,
+        )
     return SimpleNamespace(out=out, home=home)
 
 
 @pytest.mark.slow
 def test_demo_pipeline_on_a_real_mlflow_server_leaves_the_lineage_a_reviewer_walks(
-        mlflow_server: SimpleNamespace, demo_pipeline: SimpleNamespace) -> None:
+    mlflow_server: SimpleNamespace, demo_pipeline: SimpleNamespace
+) -> None:
     from mlflow import MlflowClient
 
     c = MlflowClient(tracking_uri=mlflow_server.url)  # the REST API, as the UI uses it
@@ -106,7 +135,8 @@ def _gallery_image(url: str, run_id: str) -> str:
 @pytest.mark.slow
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed (.ci/run installs it)")
 def test_run_page_renders_a_prototype_image_in_headless_chromium(
-        mlflow_server: SimpleNamespace, demo_pipeline: SimpleNamespace) -> None:
+    mlflow_server: SimpleNamespace, demo_pipeline: SimpleNamespace
+) -> None:
     from playwright.sync_api import sync_playwright
 
     from mlflow import MlflowClient
@@ -121,16 +151,31 @@ def test_run_page_renders_a_prototype_image_in_headless_chromium(
     shot = demo_pipeline.home / "screenshots" / "run_page_artifact.png"
     shot.parent.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         page.goto(page_url, wait_until="domcontentloaded", timeout=120_000)  # the UI keeps polling: no networkidle
         # The UI fetches the file through the server's artifact API and shows it from a blob: URL.
-        page.wait_for_function("() => Array.from(document.images).some("
-                               "i => i.src.startsWith('blob:') && i.complete && i.naturalWidth > 0)", timeout=90_000)
-        width = page.evaluate("() => Math.max(...Array.from(document.images)"
-                              ".filter(i => i.src.startsWith('blob:')).map(i => i.naturalWidth))")
+        page.wait_for_function(
+            "() => Array.from(document.images).some("
+            "i => i.src.startsWith('blob:') && i.complete && i.naturalWidth > 0)",
+            timeout=90_000,
+        )
+        width = page.evaluate(
+            "() => Math.max(...Array.from(document.images)"
+            ".filter(i => i.src.startsWith('blob:')).map(i => i.naturalWidth))"
+        )
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
     assert width > 200  # the prototype figure itself, decoded by the browser

@@ -1,6 +1,5 @@
 """Model pieces: losses, receptive fields, lead localisation, strict loading, whole-fold metrics."""
 
-
 import numpy as np
 import pytest
 import torch
@@ -209,8 +208,13 @@ def test_lead_mean_pooling_rewards_a_morphology_that_recurs_along_one_lead_row()
 def _row_latent_config() -> ModelConfig:
     cfg = ModelConfig.small()
     cfg.branches["morphology_2d_local"] = cfg.branches["morphology_2d_local"].model_copy(
-        update={"pool": "row_latent", "window_leads": 1, "prototypes_per_class": 3,
-                "backbone": BackboneConfig(widths=(8, 16, 32, 64), blocks=(1, 1, 1, 1))})
+        update={
+            "pool": "row_latent",
+            "window_leads": 1,
+            "prototypes_per_class": 3,
+            "backbone": BackboneConfig(widths=(8, 16, 32, 64), blocks=(1, 1, 1, 1)),
+        }
+    )
     return cfg
 
 
@@ -221,7 +225,8 @@ def test_row_latent_compares_each_lead_rows_time_mean_and_shows_that_rows_whole_
     assert branch.window_grid == (12, 1) and branch.n_windows == 12 and branch.prototype_dim == 64
     # the same weights comparing one-column windows: a row latent is exactly their mean along the row
     cfg.branches["morphology_2d_local"] = cfg.branches["morphology_2d_local"].model_copy(
-        update={"pool": "lead_mean", "window": 1})
+        update={"pool": "lead_mean", "window": 1}
+    )
     windowed = build_branch("morphology_2d_local", cfg, load_label_set()).eval()
     windowed.load_state_dict(branch.state_dict(), strict=True)
     t = np.arange(1000)
@@ -258,7 +263,7 @@ def _beats(n: int, inverted_t_in_v1: np.ndarray, rng: np.random.Generator) -> tu
             sign = -1.0 if inverted_t_in_v1[i] and lead == LEADS.index("V1") else 1.0
             out[i, lead] = (0.6 + 0.1 * lead) * qrs + sign * twave + 0.03 * rng.normal(size=1000)
         r = t[(u == 20)]
-        peaks[i, :len(r)] = r[:16]
+        peaks[i, : len(r)] = r[:16]
     return torch.from_numpy(out), torch.from_numpy(peaks)
 
 
@@ -297,9 +302,13 @@ def test_beat_pooling_averages_beat_windows_and_compares_a_prototype_with_its_ow
 
 def test_beat_windows_are_spread_over_the_record_and_fall_back_to_a_grid_without_beats() -> None:
     branch = _beat_branch(beats=4).eval()
-    beats = torch.tensor([[20, 100, 200, 300, 400, 500, 600, 700, 800, 990],  # 20 and 990: no whole window
-                          [150, 450, -1, -1, -1, -1, -1, -1, -1, -1],
-                          [-1] * 10])
+    beats = torch.tensor(
+        [
+            [20, 100, 200, 300, 400, 500, 600, 700, 800, 990],  # 20 and 990: no whole window
+            [150, 450, -1, -1, -1, -1, -1, -1, -1, -1],
+            [-1] * 10,
+        ]
+    )
     pos = branch.select_beats(beats, 1000)
     assert pos[0].tolist() == [200, 400, 600, 800]  # evenly spread, never a window cut by the record's edge
     assert sorted(pos[1].tolist()) == [150, 150, 450, 450]  # fewer beats than slots: each counts the same

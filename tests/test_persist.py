@@ -33,8 +33,10 @@ def _model(seed: int = 0) -> ECGProtoNet:
     torch.manual_seed(seed)
     model = ECGProtoNet(ModelConfig.small(), load_label_set()).eval()
     model.source_signals = torch.randn(3, 12, 1000).to(torch.float16)
-    model.provenance = [{"prototype": np.int64(i), "name": f"P{i:04d}", "fidelity": np.float32(0.5), "leads": "II"}
-                        for i in range(model.n_prototypes)]
+    model.provenance = [
+        {"prototype": np.int64(i), "name": f"P{i:04d}", "fidelity": np.float32(0.5), "leads": "II"}
+        for i in range(model.n_prototypes)
+    ]
     return model
 
 
@@ -77,8 +79,9 @@ def test_the_registered_model_is_weights_not_a_pickle_and_pyfunc_still_scores(ml
     with torch.no_grad():
         expected = model(x).numpy()
         np.testing.assert_allclose(loaded(x).numpy(), expected, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(mlflow.pyfunc.load_model(out["model_uri"]).predict(x.numpy()), expected,
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        mlflow.pyfunc.load_model(out["model_uri"]).predict(x.numpy()), expected, rtol=1e-5, atol=1e-6
+    )
     # the commands' default, @champion, falls back to the latest version (with a warning) until one is promoted
     assert tracking.resolve_model_uri("models:/ecgproto-test@champion", mlflow_uri) == "models:/ecgproto-test/latest"
     tracking.set_alias("ecgproto-test", "champion", out["version"], mlflow_uri)

@@ -30,8 +30,12 @@ from ecgproto.phenotype.phecodes import (
 )
 
 # Demo report phrases of each planted ECG pattern (what the NLP concept features see).
-PATTERN_PHRASE = {"AFIB": "atrial fibrillation", "LVH": "left ventricular hypertrophy",
-                  "STACH": "sinus tachycardia", "IMI": "inferior infarct"}
+PATTERN_PHRASE = {
+    "AFIB": "atrial fibrillation",
+    "LVH": "left ventricular hypertrophy",
+    "STACH": "sinus tachycardia",
+    "IMI": "inferior infarct",
+}
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +52,22 @@ def test_undotted_mimic_codes_get_their_dot_back() -> None:
     assert dot_icd("412", 9) == "412"  # 3 characters: nothing to insert
 
 
-@pytest.mark.parametrize(("code", "version", "leaf", "rolled"), [
-    ("42731", 9, "427.21", {"427.2", "427"}), ("I480", 10, "427.21", {"427.2", "427"}),
-    ("4280", 9, "428.1", {"428"}), ("I509", 10, "428.1", {"428"}),
-    ("R6520", 10, "994.2", {"994"}), ("99591", 9, "994.2", {"994"}),
-    ("N179", 10, "585.1", {"585"}), ("5849", 9, "585.1", {"585"}),
-])
-def test_spec_check_codes_map_to_their_phecode_and_roll_up(phecode12: PhecodeMap, code: str, version: int,
-                                                           leaf: str, rolled: set[str]) -> None:
+@pytest.mark.parametrize(
+    ("code", "version", "leaf", "rolled"),
+    [
+        ("42731", 9, "427.21", {"427.2", "427"}),
+        ("I480", 10, "427.21", {"427.2", "427"}),
+        ("4280", 9, "428.1", {"428"}),
+        ("I509", 10, "428.1", {"428"}),
+        ("R6520", 10, "994.2", {"994"}),
+        ("99591", 9, "994.2", {"994"}),
+        ("N179", 10, "585.1", {"585"}),
+        ("5849", 9, "585.1", {"585"}),
+    ],
+)
+def test_spec_check_codes_map_to_their_phecode_and_roll_up(
+    phecode12: PhecodeMap, code: str, version: int, leaf: str, rolled: set[str]
+) -> None:
     phecodes, _, how = phecode12.lookup(code, version)
     assert how == "exact"
     assert set(phecodes) == {leaf} | rolled
@@ -64,9 +76,13 @@ def test_spec_check_codes_map_to_their_phecode_and_roll_up(phecode12: PhecodeMap
 def test_unmatched_codes_fall_back_by_trimming_and_malformed_codes_are_reported(phecode12: PhecodeMap) -> None:
     phecodes, matched, how = phecode12.lookup("I48911", 10)  # a 7th character the map does not list
     assert how == "trimmed" and matched == "I48.91" and "427.21" in phecodes
-    dx = pd.DataFrame({"hadm_id": [1, 1, 2, 2, 3, 3],
-                       "icd_code": ["42731", "XYZ", "I509", "", "E8497", "4019"],
-                       "icd_version": [9, 10, 10, 10, 9, 7]})
+    dx = pd.DataFrame(
+        {
+            "hadm_id": [1, 1, 2, 2, 3, 3],
+            "icd_code": ["42731", "XYZ", "I509", "", "E8497", "4019"],
+            "icd_version": [9, 10, 10, 10, 9, 7],
+        }
+    )
     pairs, detail = phecode12.map_diagnoses(dx)
     assert detail["match"].tolist() == ["exact", "malformed", "exact", "malformed", "unmapped", "malformed"]
     report = mapping_report(detail)
@@ -76,8 +92,13 @@ def test_unmatched_codes_fall_back_by_trimming_and_malformed_codes_are_reported(
 
 
 def test_exclusion_ranges_and_sex_restrictions_shape_the_controls(phecode12: PhecodeMap) -> None:
-    dx = pd.DataFrame({"hadm_id": [1, 2, 3, 4, 5], "icd_version": 9,  # AF, flutter, prostate cancer, HTN, AF
-                       "icd_code": ["42731", "42732", "185", "4019", "42731"]})
+    dx = pd.DataFrame(
+        {
+            "hadm_id": [1, 2, 3, 4, 5],
+            "icd_version": 9,  # AF, flutter, prostate cancer, HTN, AF
+            "icd_code": ["42731", "42732", "185", "4019", "42731"],
+        }
+    )
     pairs, _ = phecode12.map_diagnoses(dx)
     male = np.array([True, False, True, False, False])
     st = phecode_status(pd.Series([1, 2, 3, 4, 5]), pairs, phecode12, male, min_cases=1, min_controls=1)
@@ -92,8 +113,7 @@ def test_exclusion_ranges_and_sex_restrictions_shape_the_controls(phecode12: Phe
 
 
 def test_phecodes_below_the_case_minimum_are_listed_as_untested_with_the_reason(phecode12: PhecodeMap) -> None:
-    dx = pd.DataFrame({"hadm_id": np.arange(30), "icd_version": 9,
-                       "icd_code": ["4019"] * 25 + ["42731"] * 5})
+    dx = pd.DataFrame({"hadm_id": np.arange(30), "icd_version": 9, "icd_code": ["4019"] * 25 + ["42731"] * 5})
     pairs, _ = phecode12.map_diagnoses(dx)
     st = phecode_status(pd.Series(np.arange(30)), pairs, phecode12, np.ones(30, bool), min_cases=10, min_controls=3)
     assert "401.1" in set(st.phecodes["phecode"])
@@ -102,11 +122,22 @@ def test_phecodes_below_the_case_minimum_are_listed_as_untested_with_the_reason(
 
 
 def test_ecgs_link_to_admissions_by_window_earliest_first_and_overlaps_resolved() -> None:
-    adm = pd.DataFrame({"subject_id": [1, 1, 2], "hadm_id": [10, 11, 20],
-                        "admittime": ["2150-01-10", "2150-01-20", "2150-03-01"],
-                        "dischtime": ["2150-01-15", "2150-01-25", "2150-03-05"]})
-    ecgs = pd.DataFrame({"record_id": ["a", "b", "c", "d", "e"], "subject_id": [1, 1, 1, 2, 2], "row": range(5),
-                         "ecg_time": ["2150-01-09", "2150-01-12", "2150-01-16", "2150-02-01", "2150-03-02"]})
+    adm = pd.DataFrame(
+        {
+            "subject_id": [1, 1, 2],
+            "hadm_id": [10, 11, 20],
+            "admittime": ["2150-01-10", "2150-01-20", "2150-03-01"],
+            "dischtime": ["2150-01-15", "2150-01-25", "2150-03-05"],
+        }
+    )
+    ecgs = pd.DataFrame(
+        {
+            "record_id": ["a", "b", "c", "d", "e"],
+            "subject_id": [1, 1, 1, 2, 2],
+            "row": range(5),
+            "ecg_time": ["2150-01-09", "2150-01-12", "2150-01-16", "2150-02-01", "2150-03-02"],
+        }
+    )
     linked = link_ecgs(ecgs, adm, CohortConfig()).set_index("hadm_id")
     assert linked.loc[10, "record_id"] == "a"  # one day before admission counts; the earliest wins over b
     assert linked.loc[11, "record_id"] == "c"  # after discharge of 10, within 7 days before 11
@@ -128,10 +159,20 @@ def _synthetic(seed: int = 0, n: int = 3000, m: int = 40, J: int = 12, whole_yea
         status[:, j] = rng.random(n) < 1 / (1 + np.exp(-eta))
     status[rng.random((n, J)) < 0.05] = -1
     status[~male, J - 1] = -1  # a male-only phecode
-    phecodes = pd.DataFrame({"phecode": [str(j) for j in range(J)], "phecode_string": "x", "phecode_category": "c",
-                             "sex": ["Both"] * (J - 1) + ["Male"], "n_cases": 0, "n_controls": 0, "n_excluded": 0})
-    fs = FeatureSet("f", F.astype(np.float32), pd.DataFrame({"feature_id": [str(i) for i in range(m)],
-                                                             "feature_label": "x"}))
+    phecodes = pd.DataFrame(
+        {
+            "phecode": [str(j) for j in range(J)],
+            "phecode_string": "x",
+            "phecode_category": "c",
+            "sex": ["Both"] * (J - 1) + ["Male"],
+            "n_cases": 0,
+            "n_controls": 0,
+            "n_excluded": 0,
+        }
+    )
+    fs = FeatureSet(
+        "f", F.astype(np.float32), pd.DataFrame({"feature_id": [str(i) for i in range(m)], "feature_label": "x"})
+    )
     return SimpleNamespace(age=age, male=male, F=F, fs=fs, st=PhecodeStatus(status, phecodes, pd.DataFrame()))
 
 
@@ -163,8 +204,26 @@ def _clustered_null(phecode12: PhecodeMap, seed: int) -> SimpleNamespace:
     per = rng.choice([1, 1, 1, 2, 2, 3, 5, 8], n_subjects)
     subject = np.repeat(np.arange(n_subjects), per)
     n = len(subject)
-    codes = ["250.2", "272.1", "285.1", "296.22", "300.1", "327.3", "340", "365", "401.1", "411.4", "496", "530.11",
-             "555.2", "585.3", "599", "696.4", "714.1", "740.1"]
+    codes = [
+        "250.2",
+        "272.1",
+        "285.1",
+        "296.22",
+        "300.1",
+        "327.3",
+        "340",
+        "365",
+        "401.1",
+        "411.4",
+        "496",
+        "530.11",
+        "555.2",
+        "585.3",
+        "599",
+        "696.4",
+        "714.1",
+        "740.1",
+    ]
     frailty = rng.normal(0, 1.5, n_subjects)[subject]
     prevalence = rng.uniform(0.0015, 0.006, len(codes))
     has = rng.random((n, len(codes))) < 1 / (1 + np.exp(-(np.log(prevalence / (1 - prevalence)) + frailty[:, None])))
@@ -175,8 +234,9 @@ def _clustered_null(phecode12: PhecodeMap, seed: int) -> SimpleNamespace:
     continuous = rng.normal(size=(n_subjects, 30))[subject] + rng.normal(size=(n, 30))
     binary = (rng.random((n_subjects, 30)) < rng.uniform(0.02, 0.04, 30))[subject].astype(np.float32)
     F = np.column_stack([continuous, binary]).astype(np.float32)
-    fs = FeatureSet("prototype_top1", F, pd.DataFrame({"feature_id": [f"f{i}" for i in range(60)],
-                                                       "feature_label": "x"}))
+    fs = FeatureSet(
+        "prototype_top1", F, pd.DataFrame({"feature_id": [f"f{i}" for i in range(60)], "feature_label": "x"})
+    )
     return SimpleNamespace(pairs=pairs, male=male, age=age, subject=subject, fs=fs, n_subjects=n_subjects)
 
 
@@ -185,8 +245,9 @@ def _subject_level_test(d: SimpleNamespace, phecode12: PhecodeMap, min_cases: in
     The table gets `exposed_cases`: case subjects with a nonzero feature."""
     from ecgproto.phenotype.study import pool_units
 
-    status = phecode_status(pd.Series(np.arange(len(d.subject))), d.pairs, phecode12, d.male, min_cases, 20,
-                            unit_of=d.subject)
+    status = phecode_status(
+        pd.Series(np.arange(len(d.subject))), d.pairs, phecode12, d.male, min_cases, 20, unit_of=d.subject
+    )
     first = np.searchsorted(d.subject, np.arange(d.n_subjects))
     engine = AssociationEngine(EngineConfig()).fit(d.age[first], d.male[first], status)
     pooled = pool_units(d.fs, d.subject, d.n_subjects)
@@ -195,7 +256,8 @@ def _subject_level_test(d: SimpleNamespace, phecode12: PhecodeMap, min_cases: in
 
 
 def test_every_admission_mode_is_calibrated_on_a_clustered_null_with_rare_phecodes_and_separation(
-        phecode12: PhecodeMap) -> None:
+    phecode12: PhecodeMap,
+) -> None:
     p_values, separated = [], 0
     for seed in range(3):
         d = _clustered_null(phecode12, seed)
@@ -224,11 +286,14 @@ def test_a_separated_table_from_repeated_admissions_is_no_stronger_than_the_exac
     x = np.r_[np.ones(33), np.zeros(224)].astype(np.float32)
     case = np.zeros(n, bool)
     case[33 + rng.choice(224, 43, replace=False)] = True
-    d = SimpleNamespace(pairs=pd.DataFrame({"hadm_id": np.flatnonzero(case), "phecode": "530.11"}),
-                        male=(rng.random(96) < 0.5)[subject], age=rng.integers(30, 80, 96)[subject].astype(float),
-                        subject=subject, n_subjects=96,
-                        fs=FeatureSet("prototype_top1", x[:, None], pd.DataFrame({"feature_id": ["P0001"],
-                                                                                   "feature_label": "x"})))
+    d = SimpleNamespace(
+        pairs=pd.DataFrame({"hadm_id": np.flatnonzero(case), "phecode": "530.11"}),
+        male=(rng.random(96) < 0.5)[subject],
+        age=rng.integers(30, 80, 96)[subject].astype(float),
+        subject=subject,
+        n_subjects=96,
+        fs=FeatureSet("prototype_top1", x[:, None], pd.DataFrame({"feature_id": ["P0001"], "feature_label": "x"})),
+    )
     exact = fisher_exact([[0, 33], [43, 181]]).pvalue
     row = _subject_level_test(d, phecode12, min_cases=10).iloc[0]
     assert row["beta"] < 0
@@ -246,8 +311,7 @@ def test_case_minimums_count_distinct_subjects(phecode12: PhecodeMap) -> None:
     assert st.phecodes.set_index("phecode").loc["401.1", "n_cases"] == 40
 
 
-def test_phecodes_with_the_same_cases_are_one_condition_tested_at_the_most_specific_code(
-        phecode12: PhecodeMap) -> None:
+def test_phecodes_with_the_same_cases_are_one_condition_tested_at_the_most_specific_code(phecode12: PhecodeMap) -> None:
     dx = pd.DataFrame({"hadm_id": np.arange(60), "icd_version": 9, "icd_code": ["42731"] * 25 + ["4019"] * 35})
     pairs, _ = phecode12.map_diagnoses(dx)
     st = phecode_status(pd.Series(np.arange(80)), pairs, phecode12, np.arange(80) % 2 == 0, 10, 10)
@@ -264,16 +328,28 @@ def test_cohort_leaves_out_impossible_admissions_and_unreadable_ecg_times_with_a
 
     hosp = tmp_path / "hosp"
     hosp.mkdir()
-    pd.DataFrame({"subject_id": [1, 2, 3], "gender": ["M", "F", "M"], "anchor_age": [60, 70, 50],
-                  "anchor_year": [2150] * 3}).to_csv(hosp / "patients.csv", index=False)
-    pd.DataFrame({"subject_id": [1, 1, 2, 3], "hadm_id": [10, 11, 20, 30],
-                  "admittime": ["2150-01-10", "2150-02-10", "2150-03-01", "2150-04-01"],
-                  "dischtime": ["2150-01-15", "2150-02-01", "2150-03-05", "2150-04-05"]}).to_csv(
-        hosp / "admissions.csv", index=False)  # 11 is discharged before it is admitted
-    pd.DataFrame({"subject_id": [1, 1, 2, 3], "hadm_id": [10, 11, 20, 30], "icd_code": "4019",
-                  "icd_version": 9}).to_csv(hosp / "diagnoses_icd.csv", index=False)
-    manifest = pd.DataFrame({"record_id": ["a", "b", "c", "d"], "subject_id": ["1", "1", "2", "3"], "row": range(4),
-                             "ecg_time": ["2150-01-11", "2150-02-10", "2150-03-02", "not a time"]})
+    pd.DataFrame(
+        {"subject_id": [1, 2, 3], "gender": ["M", "F", "M"], "anchor_age": [60, 70, 50], "anchor_year": [2150] * 3}
+    ).to_csv(hosp / "patients.csv", index=False)
+    pd.DataFrame(
+        {
+            "subject_id": [1, 1, 2, 3],
+            "hadm_id": [10, 11, 20, 30],
+            "admittime": ["2150-01-10", "2150-02-10", "2150-03-01", "2150-04-01"],
+            "dischtime": ["2150-01-15", "2150-02-01", "2150-03-05", "2150-04-05"],
+        }
+    ).to_csv(hosp / "admissions.csv", index=False)  # 11 is discharged before it is admitted
+    pd.DataFrame(
+        {"subject_id": [1, 1, 2, 3], "hadm_id": [10, 11, 20, 30], "icd_code": "4019", "icd_version": 9}
+    ).to_csv(hosp / "diagnoses_icd.csv", index=False)
+    manifest = pd.DataFrame(
+        {
+            "record_id": ["a", "b", "c", "d"],
+            "subject_id": ["1", "1", "2", "3"],
+            "row": range(4),
+            "ecg_time": ["2150-01-11", "2150-02-10", "2150-03-02", "not a time"],
+        }
+    )
     cohort = build_cohort(manifest, hosp, CohortConfig(admissions="all"))
     assert set(cohort.table["hadm_id"]) == {10, 20}
     flow = cohort.flow.set_index("step")
@@ -287,15 +363,18 @@ def test_score_screen_refits_only_hits_and_matches_the_score_test_of_statsmodels
     table = AssociationEngine(EngineConfig(screen_p=1e-3, firth_below_cases=0)).fit(d.age, d.male, d.st).test(d.fs)
     score_rows = table[table["method"] == "score"]
     assert (score_rows["p_value"] > 1e-3).all() and (table.loc[table["method"] == "wald", "p_value"] < 1e-2).all()
-    planted = table[(table["feature_id"].astype(int) == table["phecode"].astype(int)) & (table["phecode"].astype(int) < 3)]
+    planted = table[
+        (table["feature_id"].astype(int) == table["phecode"].astype(int)) & (table["phecode"].astype(int) < 3)
+    ]
     assert planted["significant_bonf"].all() and (planted["beta"] > 0).all()
     for _, row in score_rows.sample(10, random_state=0).iterrows():
         i, j = int(row["feature_id"]), int(row["phecode"])
         keep = d.st.status[:, j] >= 0
         cols = [np.ones(d.age.size), (d.age - 60) / 10] + ([d.male.astype(float)] if j < 11 else [])
-        null = sm.GLM((d.st.status[keep, j] == 1).astype(float), np.column_stack(cols)[keep],
-                      family=sm.families.Binomial()).fit()
-        p = null.score_test(exog_extra=d.F[keep, i:i + 1])[1]
+        null = sm.GLM(
+            (d.st.status[keep, j] == 1).astype(float), np.column_stack(cols)[keep], family=sm.families.Binomial()
+        ).fit()
+        p = null.score_test(exog_extra=d.F[keep, i : i + 1])[1]
         assert abs(float(np.squeeze(p)) - row["p_value"]) / row["p_value"] < 1e-3
 
 
@@ -331,6 +410,7 @@ def test_bh_fdr_matches_statsmodels() -> None:
 
 # --- the demo cohort ---------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def demo_cohort(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """The default-size demo cohort (1,500 subjects), ingested once for this module."""
@@ -348,8 +428,9 @@ def test_planted_associations_are_recovered_and_null_pairs_are_calibrated(demo_c
     from ecgproto.phenotype.study import PhenotypeStudy, StudyConfig
 
     config = StudyConfig(feature_sets=("nlp_concept",), predict=False)
-    result = PhenotypeStudy(config).run(demo_cohort.store, demo_cohort.demo.mimic_hosp, None,
-                                        demo_cohort.demo.mimic_ecg / "machine_measurements.csv")
+    result = PhenotypeStudy(config).run(
+        demo_cohort.store, demo_cohort.demo.mimic_hosp, None, demo_cohort.demo.mimic_ecg / "machine_measurements.csv"
+    )
     r = result.results
     same = result.status.untested.set_index("phecode")["same_cases_as"]
     for dx in PLANTED:
@@ -367,6 +448,7 @@ def test_planted_associations_are_recovered_and_null_pairs_are_calibrated(demo_c
 
 def _try_to_derive_hidden_counts(local: Path, metrics: dict[str, float]) -> None:
     """Subtract what a study exports from its totals, as a reader would: no count from 1 to 9 comes out."""
+
     def leftover(total: str | float, parts: pd.Series) -> int | None:
         if not str(total).replace(".0", "").isdigit() or parts.str.isdigit().all():
             return None
@@ -390,11 +472,12 @@ def _try_to_derive_hidden_counts(local: Path, metrics: dict[str, float]) -> None
     flow = read("cohort_flow.csv")
     for unit in ("ECGs", "admissions"):
         shown = [int(n) for n, u in zip(flow["n"], flow["unit"], strict=True) if u == unit and n.isdigit()]
-        assert all(not 0 < a - b < 10 for i, a in enumerate(shown) for b in shown[i + 1:]), (unit, shown)
+        assert all(not 0 < a - b < 10 for i, a in enumerate(shown) for b in shown[i + 1 :]), (unit, shown)
 
 
 def test_associate_flow_logs_tables_and_figures_without_identifiers_or_small_counts(
-        demo_root: Path, prefect_server: None, mlflow_uri: str, tmp_path: Path) -> None:
+    demo_root: Path, prefect_server: None, mlflow_uri: str, tmp_path: Path
+) -> None:
     from ecgproto import tracking
     from ecgproto.data.ingest import IngestConfig, ingest
     from ecgproto.flows.associate import associate_flow
@@ -402,16 +485,25 @@ def test_associate_flow_logs_tables_and_figures_without_identifiers_or_small_cou
 
     mimic, hosp = demo_root / "mimic-iv-ecg", demo_root / "mimic-iv" / "hosp"
     store = ingest(mimic, tmp_path / "store", IngestConfig(workers=2), progress=False).store
-    config = StudyConfig(feature_sets=("nlp_concept",), min_cases=3, min_controls=3,
-                         targets={"401.1": "hypertension"})  # a small cohort: small counts must show as <10
-    out = associate_flow(str(store.path), str(hosp), None, str(mimic / "machine_measurements.csv"), config,
-                         tracking_uri=mlflow_uri)
+    config = StudyConfig(
+        feature_sets=("nlp_concept",), min_cases=3, min_controls=3, targets={"401.1": "hypertension"}
+    )  # a small cohort: small counts must show as <10
+    out = associate_flow(
+        str(store.path), str(hosp), None, str(mimic / "machine_measurements.csv"), config, tracking_uri=mlflow_uri
+    )
     run = tracking.describe(str(out["run_id"]), mlflow_uri)
     assert run["status"] == "FINISHED" and run["tags"]["cohort_dataset_hash"] == store.key
-    for artifact in ("association/results.parquet", "association/results.tsv", "association/top_hits.tsv",
-                     "association/phecodes_untested.csv", "association/mapping_by_version.csv",
-                     "association/cohort_flow.csv", "comparison/prediction_auc.csv",
-                     "figures/manhattan_nlp_concept.png", "figures/roc_curves.png"):
+    for artifact in (
+        "association/results.parquet",
+        "association/results.tsv",
+        "association/top_hits.tsv",
+        "association/phecodes_untested.csv",
+        "association/mapping_by_version.csv",
+        "association/cohort_flow.csv",
+        "comparison/prediction_auc.csv",
+        "figures/manhattan_nlp_concept.png",
+        "figures/roc_curves.png",
+    ):
         assert artifact in run["artifacts"], artifact
     local = Path(tracking.client(mlflow_uri).download_artifacts(str(out["run_id"]), "association", str(tmp_path)))
     results = pd.read_csv(local / "results.tsv", sep="\t", dtype=str, keep_default_na=False)
@@ -426,8 +518,9 @@ def test_associate_flow_logs_tables_and_figures_without_identifiers_or_small_cou
     complements = sum(int((pd.read_csv(f, dtype=str) == "suppressed").sum().sum()) for f in local.glob("*.csv"))
     assert complements > 0  # in a 40-subject cohort some totals would give small counts back
     assert not out["cached"]
-    again = associate_flow(str(store.path), str(hosp), None, str(mimic / "machine_measurements.csv"), config,
-                           tracking_uri=mlflow_uri)
+    again = associate_flow(
+        str(store.path), str(hosp), None, str(mimic / "machine_measurements.csv"), config, tracking_uri=mlflow_uri
+    )
     assert again["cached"]  # a re-run reuses the study (Prefect cache)
     assert pd.Series(again["metrics"]).equals(pd.Series(out["metrics"]))
     ids = set(pd.read_csv(mimic / "record_list.csv", dtype=str)["subject_id"])
@@ -439,8 +532,9 @@ def test_associate_flow_logs_tables_and_figures_without_identifiers_or_small_cou
 
     from ecgproto.flows.associate import run_study
 
-    persisted = run_study.fn(str(store.path), str(hosp), None, str(mimic / "machine_measurements.csv"), config,
-                             mlflow_uri)
+    persisted = run_study.fn(
+        str(store.path), str(hosp), None, str(mimic / "machine_measurements.csv"), config, mlflow_uri
+    )
     frames = [getattr(persisted, f.name) for f in fields(persisted)] + [persisted.cohort.table, persisted.cohort.units]
     for frame in (f for f in frames if isinstance(f, pd.DataFrame)):
         assert not set(frame.columns) & {"subject_id", "hadm_id", "record_id", "study_id", "ecg_time"}
@@ -448,11 +542,15 @@ def test_associate_flow_logs_tables_and_figures_without_identifiers_or_small_cou
 
     # A cohort too small for any phecode: a finished run that says so, with the cohort flow and the untested list
     small = StudyConfig(feature_sets=("nlp_concept",), min_cases=500, min_controls=3, predict=False)
-    out = associate_flow(str(store.path), str(hosp), None, str(mimic / "machine_measurements.csv"), small,
-                         tracking_uri=mlflow_uri)
+    out = associate_flow(
+        str(store.path), str(hosp), None, str(mimic / "machine_measurements.csv"), small, tracking_uri=mlflow_uri
+    )
     run = tracking.describe(str(out["run_id"]), mlflow_uri)
     assert run["status"] == "FINISHED"
-    for artifact in ("association/nothing_tested.json", "association/phecodes_untested.csv",
-                     "association/cohort_flow.csv"):
+    for artifact in (
+        "association/nothing_tested.json",
+        "association/phecodes_untested.csv",
+        "association/cohort_flow.csv",
+    ):
         assert artifact in run["artifacts"], artifact
     assert out["metrics"]["phecodes_tested"] == 0

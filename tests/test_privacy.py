@@ -49,10 +49,16 @@ def test_random_tables_with_row_and_column_totals_leak_no_small_count() -> None:
 
 
 def test_cohort_flow_steps_never_differ_by_a_small_count_and_the_analysed_total_stays() -> None:
-    flow = pd.DataFrame({"step": list("abcdefg"), "n": [5000, 4990, 4700, 4697, 4000, 3996, 1500],
-                         "unit": ["ECGs", "ECGs", "admissions", "admissions", "admissions", "admissions", "subjects"]})
-    phecodes = pd.DataFrame({"phecode": ["401.1", "427.21"], "n_cases": [300, 4], "n_controls": [1195, 1490],
-                             "n_excluded": [5, 6]})
+    flow = pd.DataFrame(
+        {
+            "step": list("abcdefg"),
+            "n": [5000, 4990, 4700, 4697, 4000, 3996, 1500],
+            "unit": ["ECGs", "ECGs", "admissions", "admissions", "admissions", "admissions", "subjects"],
+        }
+    )
+    phecodes = pd.DataFrame(
+        {"phecode": ["401.1", "427.21"], "n_cases": [300, 4], "n_controls": [1195, 1490], "n_excluded": [5, 6]}
+    )
     empty = pd.DataFrame(columns=["icd_version", "chapter", "rows", "mapped", "exact", "trimmed", "mapping_rate"])
     out = protect_study_counts(flow, phecodes, empty.drop(columns="chapter"), empty, pd.DataFrame(), 10)
     shown = out.flow["n"].tolist()

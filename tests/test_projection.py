@@ -20,10 +20,13 @@ from ecgproto.projection import project_prototypes
 from ecgproto.train.data import SplitData
 
 
-@pytest.mark.parametrize(("name", "pool", "n_windows", "margin"), [("morphology_2d_local", "lead_mean", 12 * 30, 0.05),
-                                                                    ("rhythm_1d", "max", 1, 0.01)])
-def test_projection_keeps_the_trained_prototypes_pooled_behaviour(demo_root: Path, tmp_path: Path, name: str,
-                                                                  pool: str, n_windows: int, margin: float) -> None:
+@pytest.mark.parametrize(
+    ("name", "pool", "n_windows", "margin"),
+    [("morphology_2d_local", "lead_mean", 12 * 30, 0.05), ("rhythm_1d", "max", 1, 0.01)],
+)
+def test_projection_keeps_the_trained_prototypes_pooled_behaviour(
+    demo_root: Path, tmp_path: Path, name: str, pool: str, n_windows: int, margin: float
+) -> None:
     store = ingest(demo_root / "ptbxl", tmp_path / "store", IngestConfig(workers=1), progress=False).store
     labels = load_label_set()
     torch.manual_seed(0)
@@ -32,7 +35,8 @@ def test_projection_keeps_the_trained_prototypes_pooled_behaviour(demo_root: Pat
         reference = ModelConfig().branches[name]
         assert reference.pool == pool
         cfg.branches[name] = cfg.branches[name].model_copy(
-            update={k: getattr(reference, k) for k in ("pool", "similarity", "scale", "window_leads")})
+            update={k: getattr(reference, k) for k in ("pool", "similarity", "scale", "window_leads")}
+        )
     branch = build_branch(name, cfg, labels).eval()
     assert branch.prototypes.pool_mode == pool
     train, idx = SplitData(store, "train"), labels.branch_indices(name)
@@ -74,7 +78,9 @@ def test_projection_keeps_the_trained_prototypes_pooled_behaviour(demo_root: Pat
         near = trained.clone()
         # the nearest window may be the one taken: then compare it as projection computed it (batch sizes round it)
         same = divmod(flat, windows.shape[1]) == (record, int(p["window"]))
-        near[j] = branch.prototypes.prototypes[j] if same else windows[flat // windows.shape[1], flat % windows.shape[1]]
+        near[j] = (
+            branch.prototypes.prototypes[j] if same else windows[flat // windows.shape[1], flat % windows.shape[1]]
+        )
         chosen.append(p["fidelity"])
         nearest.append(corr(before[:, j], pooled(near)[:, j]))
         # the nearest window was free to take, so the window taken is at least as faithful

@@ -36,8 +36,8 @@ def _config(path: Path, demo_root: Path, tmp_path: Path, uri: str, tolerance: fl
     path.write_text(f"""
 tracking_uri = "{uri}"
 [data]
-ptbxl = "{demo_root / 'ptbxl'}"
-store_root = "{tmp_path / 'store'}"
+ptbxl = "{demo_root / "ptbxl"}"
+store_root = "{tmp_path / "store"}"
 workers = 2
 [train]
 size = "small"
@@ -45,7 +45,7 @@ epochs = 1
 seed = {seed}
 baseline = false
 bootstrap = 20
-work_root = "{tmp_path / 'work'}"
+work_root = "{tmp_path / "work"}"
 [registry]
 name = "retrain-test"
 tolerance = {tolerance}
@@ -58,7 +58,8 @@ timezone = "Europe/Berlin"
 
 @pytest.mark.slow
 def test_retraining_promotes_a_model_that_is_not_worse_and_keeps_a_worse_one_as_challenger(
-        demo_root: Path, prefect_server: None, mlflow_uri: str, tmp_path: Path) -> None:
+    demo_root: Path, prefect_server: None, mlflow_uri: str, tmp_path: Path
+) -> None:
     from ecgproto.flows.retrain import deployment, retrain_flow
 
     first = retrain_flow(str(_config(tmp_path / "a.toml", demo_root, tmp_path, mlflow_uri, 0.0)))
@@ -70,7 +71,8 @@ def test_retraining_promotes_a_model_that_is_not_worse_and_keeps_a_worse_one_as_
     assert again["version"] == first["version"] and again["alias"] == "champion"
     assert "already the champion" in again["reason"]
     assert [str(v.version) for v in tracking.client(mlflow_uri).search_model_versions("name = 'retrain-test'")] == [
-        first["version"]]
+        first["version"]
+    ]
 
     # Another seed is another model; demanding an improvement of a whole AUROC unit keeps it challenger.
     second = retrain_flow(str(_config(tmp_path / "c.toml", demo_root, tmp_path, mlflow_uri, -1.0, seed=12)))
@@ -105,20 +107,39 @@ def _serve_and_run(config: Path, tmp_path: Path, uri: str, champion: str) -> Non
 
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-server"), "PREFECT_API_URL": url,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-server"),
+        "PREFECT_API_URL": url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+    }
     logs = [tmp_path / "prefect-server.log", tmp_path / "serve.log"]
     bin_dir = Path(sys.executable).parent
-    server = subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=logs[0].open("w"), stderr=subprocess.STDOUT, env=env)
+    server = subprocess.Popen(
+        [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=logs[0].open("w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     procs = [server]
     try:
-        wait_for("the Prefect server start", lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200
-              or None, 180, procs, logs)
-        served = subprocess.Popen([str(bin_dir / "ecgproto"), "serve", str(config)], stdout=logs[1].open("w"),
-                                  stderr=subprocess.STDOUT, env=env)
+        wait_for(
+            "the Prefect server start",
+            lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200 or None,
+            180,
+            procs,
+            logs,
+        )
+        served = subprocess.Popen(
+            [str(bin_dir / "ecgproto"), "serve", str(config)],
+            stdout=logs[1].open("w"),
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
         procs.append(served)
         with temporary_settings({PREFECT_API_URL: url}):
+
             async def scheduled() -> list | None:  # noqa: ANN202
                 async with get_client() as client:
                     dep = await client.read_deployment_by_name("retrain/ecgproto-retrain")
@@ -126,7 +147,9 @@ def _serve_and_run(config: Path, tmp_path: Path, uri: str, champion: str) -> Non
                     runs = await client.get_scheduled_flow_runs_for_deployments([dep.id], scheduled_before=later)
                     return runs or None
 
-            runs = wait_for("scheduled runs of the served deployment", lambda: asyncio.run(scheduled()), 120, procs, logs)
+            runs = wait_for(
+                "scheduled runs of the served deployment", lambda: asyncio.run(scheduled()), 120, procs, logs
+            )
             berlin = [r.expected_start_time.astimezone(ZoneInfo("Europe/Berlin")) for r in runs]
             assert all((t.weekday(), t.hour, t.minute) == (0, 2, 30) for t in berlin), berlin
             run = run_deployment("retrain/ecgproto-retrain", timeout=600)

@@ -27,12 +27,14 @@ def small_model(seed: int = 3) -> ECGProtoNet:
 
 @pytest.fixture(scope="module")
 def mimic_store(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> ArrayStore:
-    return ingest(demo_root / "mimic-iv-ecg", tmp_path_factory.mktemp("stores"), IngestConfig(workers=1),
-                  progress=False).store
+    return ingest(
+        demo_root / "mimic-iv-ecg", tmp_path_factory.mktemp("stores"), IngestConfig(workers=1), progress=False
+    ).store
 
 
 def test_sharded_ingest_on_a_local_dask_cluster_writes_the_same_store(
-        prefect_server: None, demo_root: Path, ptbxl_copy: Path, mlflow_uri: str, tmp_path: Path) -> None:
+    prefect_server: None, demo_root: Path, ptbxl_copy: Path, mlflow_uri: str, tmp_path: Path
+) -> None:
     from ecgproto.flows.ingest import ingest_flow
     from ecgproto.flows.scale import runner
 
@@ -42,7 +44,8 @@ def test_sharded_ingest_on_a_local_dask_cluster_writes_the_same_store(
     config = IngestConfig(workers=1, chunk_size=16)
     local = ingest(ptbxl_copy, tmp_path / "local", config, progress=False).store
     out = ingest_flow.with_options(task_runner=runner("local:2"))(
-        str(ptbxl_copy), config, str(tmp_path / "cluster"), sharded=True)
+        str(ptbxl_copy), config, str(tmp_path / "cluster"), sharded=True
+    )
     sharded = ArrayStore.open(out["store"])
 
     assert sharded.key == local.key and len(local.manifest) > 200
@@ -54,7 +57,8 @@ def test_sharded_ingest_on_a_local_dask_cluster_writes_the_same_store(
 
 
 def test_sharded_scoring_on_a_local_dask_cluster_gives_the_same_activation_matrix(
-        prefect_server: None, mimic_store: ArrayStore, mlflow_uri: str, tmp_path: Path) -> None:
+    prefect_server: None, mimic_store: ArrayStore, mlflow_uri: str, tmp_path: Path
+) -> None:
     from ecgproto import tracking
     from ecgproto.flows.scale import runner
     from ecgproto.flows.score import score_flow
@@ -65,11 +69,16 @@ def test_sharded_scoring_on_a_local_dask_cluster_gives_the_same_activation_matri
     logged = tracking.log_model(run, model, x.numpy(), "ecgproto-test", uri=mlflow_uri)
     tracking.end_run(run, uri=mlflow_uri)
 
-    one = score_store(mimic_store, model, tmp_path / "one", prototype_table(model), shard_size=10**6,
-                      batch_size=32)
+    one = score_store(mimic_store, model, tmp_path / "one", prototype_table(model), shard_size=10**6, batch_size=32)
     out = score_flow.with_options(task_runner=runner("local:2"))(
-        str(mimic_store.path), f"models:/ecgproto-test/{logged['version']}", str(tmp_path / "sharded"),
-        shard_size=64, batch_size=32, device="cpu", tracking_uri=mlflow_uri)
+        str(mimic_store.path),
+        f"models:/ecgproto-test/{logged['version']}",
+        str(tmp_path / "sharded"),
+        shard_size=64,
+        batch_size=32,
+        device="cpu",
+        tracking_uri=mlflow_uri,
+    )
     sharded = ActivationStore.open(out["activations"])
 
     n = len(mimic_store.manifest)
@@ -97,11 +106,11 @@ def test_a_killed_scoring_run_resumes_with_only_the_missing_shards(mimic_store: 
     first = plan.shard_files(0)[0]
     before = first.stat().st_mtime_ns
     assert plan_scoring(mimic_store, model, tmp_path, shard_size=32, batch_size=16).pending() == list(
-        range(1, plan.n_shards))
+        range(1, plan.n_shards)
+    )
     acts = score_store(mimic_store, model, tmp_path, prototype_table(model), shard_size=32, batch_size=16)
     assert (acts.path / first.name).stat().st_mtime_ns == before  # published by rename, not re-scored
-    whole = score_store(mimic_store, model, tmp_path / "again", prototype_table(model), shard_size=10**6,
-                        batch_size=16)
+    whole = score_store(mimic_store, model, tmp_path / "again", prototype_table(model), shard_size=10**6, batch_size=16)
     assert np.array_equal(acts.matrix(), whole.matrix())
     # another model is another store
     other = plan_scoring(mimic_store, small_model(seed=4), tmp_path, shard_size=32, batch_size=16)

@@ -47,8 +47,9 @@ def trained(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> S
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ECGPROTO_HOME", str(root))
         mp.setenv("MLFLOW_TRACKING_URI", uri)
-        out = train_flow(str(store.path), fast_config(), work_root=str(root / "work"), tracking_uri=uri,
-                         planted=PLANTED)
+        out = train_flow(
+            str(store.path), fast_config(), work_root=str(root / "work"), tracking_uri=uri, planted=PLANTED
+        )
     return SimpleNamespace(out=out, store=store, uri=uri, demo=demo, root=root, demo_seed=DemoConfig().seed)
 
 
@@ -70,7 +71,8 @@ def test_short_cpu_training_learns_every_planted_label(trained: SimpleNamespace)
 
 @pytest.mark.slow
 def test_every_projected_prototype_is_the_latent_of_a_real_training_segment_of_its_class(
-        trained: SimpleNamespace) -> None:
+    trained: SimpleNamespace,
+) -> None:
     model = persist.load(Path(trained.out["work_dir"]) / "model.pt")
     manifest = trained.store.manifest.set_index("record_id")
     provenance = pd.DataFrame(model.provenance)
@@ -115,8 +117,9 @@ def test_training_is_one_mlflow_run_tree_with_curves_gallery_and_a_registered_mo
     joint = next(r for r in children if r.data.tags["mlflow.runName"] == "rhythm_1d/joint")
     curve = c.get_metric_history(joint.info.run_id, "val_macro_auroc")
     assert len(curve) >= 2 and [m.step for m in curve] == sorted(m.step for m in curve)
-    fusion = tracking.describe(next(r for r in children if r.data.tags["mlflow.runName"] == "fusion").info.run_id,
-                               trained.uri)
+    fusion = tracking.describe(
+        next(r for r in children if r.data.tags["mlflow.runName"] == "fusion").info.run_id, trained.uri
+    )
     gallery = [a for a in fusion["artifacts"] if a.startswith("gallery/") and a.endswith(".png")]
     assert any("/AFIB/" in a for a in gallery) and any("/LVH/" in a for a in gallery)
     assert "provenance.csv" in fusion["artifacts"]
@@ -129,7 +132,8 @@ def test_training_is_one_mlflow_run_tree_with_curves_gallery_and_a_registered_mo
 
 @pytest.mark.slow
 def test_explain_command_writes_a_png_and_json_ranked_by_contribution(
-        trained: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trained: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from ecgproto.cli import main
 
     db = pd.read_csv(trained.demo.ptbxl / "ptbxl_database.csv")
@@ -159,8 +163,23 @@ def test_explain_command_writes_a_png_and_json_ranked_by_contribution(
     assert probs["afib"] > probs["normal"]
     # asked about labels by name, predicted or not; an unknown code is one message, exit code 2
     record = str(trained.demo.ptbxl / normal["filename_lr"])
-    assert main(["explain", record, "--model", trained.out["model_uri"], "--out", str(tmp_path), "--label", "LVH",
-                 "--label", "AFIB"]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                record,
+                "--model",
+                trained.out["model_uri"],
+                "--out",
+                str(tmp_path),
+                "--label",
+                "LVH",
+                "--label",
+                "AFIB",
+            ]
+        )
+        == 0
+    )
     asked = json.loads((tmp_path / f"{Path(normal['filename_lr']).name}.explanation.json").read_text())
     assert [lab["code"] for lab in asked["labels"]] == ["LVH", "AFIB"]
     assert main(["explain", record, "--model", trained.out["model_uri"], "--label", "XYZ"]) == 2
@@ -187,8 +206,11 @@ def test_a_planted_local_morphology_is_shown_on_its_own_leads_and_on_a_real_beat
         for _, r in rows.iterrows():
             result = explain(model, np.asarray(trained.store.signals[r["row"]]), top_k=model.n_prototypes, codes=[code])
             # the lead-group prototype that adds most to this label (the groups of 3 leads, not the whole beat)
-            local = [e for e in result["labels"][0]["evidence"]
-                     if e["branch"] == "morphology_2d_local" and len(e["input_window"]["leads"]) == 3]
+            local = [
+                e
+                for e in result["labels"][0]["evidence"]
+                if e["branch"] == "morphology_2d_local" and len(e["input_window"]["leads"]) == 3
+            ]
             w = local[0]["input_window"]
             on_leads += tuple(w["leads"]) == leads
             labels = set(parse_scp_codes(db.loc[int(r["record_id"]), "scp_codes"]))
@@ -212,7 +234,8 @@ def _one_branch_config() -> TrainConfig:
 
 @pytest.mark.slow
 def test_registered_model_scores_an_external_cohort_and_its_prototypes_meet_the_planted_phecodes(
-        trained: SimpleNamespace) -> None:
+    trained: SimpleNamespace,
+) -> None:
     from ecgproto.data.demo.cohort import PLANTED as PLANTED_DX
     from ecgproto.flows.associate import associate_flow
     from ecgproto.phenotype.study import StudyConfig
@@ -220,14 +243,16 @@ def test_registered_model_scores_an_external_cohort_and_its_prototypes_meet_the_
     cohort = generate_demo(trained.root / "cohort", DemoConfig(n_ptbxl=20, n_hr=0, workers=2))  # 1,500 subjects
     store = ingest(cohort.mimic_ecg, trained.root / "store", IngestConfig(workers=2), progress=False).store
     config = StudyConfig(feature_sets=("prototype", "class_prob"), predict=False)
-    out = associate_flow(str(store.path), str(cohort.mimic_hosp), trained.out["model_uri"], None, config,
-                         tracking_uri=trained.uri)
+    out = associate_flow(
+        str(store.path), str(cohort.mimic_hosp), trained.out["model_uri"], None, config, tracking_uri=trained.uri
+    )
     run = tracking.describe(str(out["run_id"]), trained.uri)
     assert run["tags"]["train_run_id"] == trained.out["run_id"]  # lineage: which training made these prototypes
     assert run["tags"]["model_version"] == str(trained.out["model_version"])
     c = tracking.client(trained.uri)
-    results = pd.read_parquet(c.download_artifacts(str(out["run_id"]), "association/results.parquet",
-                                                   str(trained.root)))
+    results = pd.read_parquet(
+        c.download_artifacts(str(out["run_id"]), "association/results.parquet", str(trained.root))
+    )
     model = tracking.load_model(trained.out["model_uri"], trained.uri)
     proto = results[results["feature_set"] == "prototype"]
     own = [p for p in model.provenance if p["own_class_source"]]  # the others carry a misleading class name
@@ -237,8 +262,11 @@ def test_registered_model_scores_an_external_cohort_and_its_prototypes_meet_the_
     top = proto.sort_values("p_value").head(5)
     assert set(top["gallery_image"]) <= gallery
     probs = results[results["feature_set"] == "class_prob"]
-    untested = pd.read_csv(c.download_artifacts(str(out["run_id"]), "association/phecodes_untested.csv",
-                                                str(trained.root)), dtype=str, keep_default_na=False)
+    untested = pd.read_csv(
+        c.download_artifacts(str(out["run_id"]), "association/phecodes_untested.csv", str(trained.root)),
+        dtype=str,
+        keep_default_na=False,
+    )
     same = dict(zip(untested["phecode"], untested["same_cases_as"], strict=True))
     for dx in PLANTED_DX:
         code = same.get(dx.phecode) or dx.phecode  # tested at the most specific code with the same cases

@@ -16,8 +16,11 @@ def _bases(root: Path, pattern: str, limit: int) -> list[Path]:
 
 
 def test_fast_reader_returns_what_wfdb_rdsamp_returns_on_demo_records(demo_root: Path) -> None:
-    bases = _bases(demo_root / "ptbxl", "records100/*/*.hea", 30) + _bases(demo_root / "ptbxl", "records500/*/*.hea", 5) \
+    bases = (
+        _bases(demo_root / "ptbxl", "records100/*/*.hea", 30)
+        + _bases(demo_root / "ptbxl", "records500/*/*.hea", 5)
         + _bases(demo_root / "mimic-iv-ecg", "files/*/*/*/*.hea", 5)
+    )
     assert len(bases) == 40
     for base in bases:
         ours = read_record(base)
@@ -46,8 +49,17 @@ def test_demo_writer_files_are_byte_identical_to_wfdb_wrsamp(tmp_path: Path) -> 
         x[3, 2] = np.nan
         write_record(tmp_path / "ours" / f"r{i}", x, 100, names, adc_gain=1000.0)
         (tmp_path / "wfdb").mkdir(exist_ok=True)
-        wfdb.wrsamp(f"r{i}", fs=100, units=["mV"] * 12, sig_name=names, p_signal=x, fmt=["16"] * 12,
-                    adc_gain=[1000.0] * 12, baseline=[0] * 12, write_dir=str(tmp_path / "wfdb"))
+        wfdb.wrsamp(
+            f"r{i}",
+            fs=100,
+            units=["mV"] * 12,
+            sig_name=names,
+            p_signal=x,
+            fmt=["16"] * 12,
+            adc_gain=[1000.0] * 12,
+            baseline=[0] * 12,
+            write_dir=str(tmp_path / "wfdb"),
+        )
         for ext in ("hea", "dat"):
             assert filecmp.cmp(tmp_path / "ours" / f"r{i}.{ext}", tmp_path / "wfdb" / f"r{i}.{ext}", shallow=False)
 
@@ -59,7 +71,9 @@ def test_missing_and_truncated_files_name_the_file(tmp_path: Path) -> None:
     dat.write_bytes(dat.read_bytes()[:5000])
     with pytest.raises(RecordError) as err:
         read_record(tmp_path / "a")
-    assert err.value.reason == "truncated_dat" and "a.dat" in str(err.value) and "fetch the record again" in str(err.value)
+    assert (
+        err.value.reason == "truncated_dat" and "a.dat" in str(err.value) and "fetch the record again" in str(err.value)
+    )
     dat.unlink()
     with pytest.raises(RecordError) as err:
         read_record(tmp_path / "a")

@@ -27,10 +27,17 @@ class BeatConfig(BaseModel):
     min_rr_s: float = Field(0.24, gt=0, description="median RR below this (> 250 bpm) is not believed")
     max_rr_s: float = Field(3.0, gt=0, description="median RR above this (< 20 bpm) is not believed")
     min_peak_ratio: float = Field(
-        3.0, gt=0, description="median height of the detected peaks over the median of the detector's input: "
-        "a QRS stands out of its record; noise does not")
-    refractory_s: float = Field(0.22, gt=0, description="XQRS refractory period (no second QRS within it); with "
-                                "its T-wave check on, beats of rates over ~130 bpm were taken for T waves")
+        3.0,
+        gt=0,
+        description="median height of the detected peaks over the median of the detector's input: "
+        "a QRS stands out of its record; noise does not",
+    )
+    refractory_s: float = Field(
+        0.22,
+        gt=0,
+        description="XQRS refractory period (no second QRS within it); with "
+        "its T-wave check on, beats of rates over ~130 bpm were taken for T waves",
+    )
     grid_spacing_s: float = Field(1.0, gt=0, description="fallback: one beat-scale window per this many seconds")
     max_beats: int = Field(40, ge=1, description="beats kept per record (10 s at 240 bpm)")
 
@@ -76,9 +83,18 @@ def detect_beats(signal: np.ndarray, fs: float, config: BeatConfig | None = None
             except (ValueError, IndexError, ZeroDivisionError):  # too short or degenerate for its learning phase
                 peaks = np.zeros(0, dtype=np.int64)
         if len(peaks):
-            peaks = np.unique(np.asarray(wp.correct_peaks(energy, peaks, search_radius=int(round(0.08 * fs)),
-                                                          smooth_window_size=max(int(round(0.05 * fs)), 1),
-                                                          peak_dir="up"), dtype=np.int64))
+            peaks = np.unique(
+                np.asarray(
+                    wp.correct_peaks(
+                        energy,
+                        peaks,
+                        search_radius=int(round(0.08 * fs)),
+                        smooth_window_size=max(int(round(0.05 * fs)), 1),
+                        peak_dir="up",
+                    ),
+                    dtype=np.int64,
+                )
+            )
             peaks = peaks[(peaks >= 0) & (peaks < n)]
     if _plausible(peaks, energy, fs, config):
         return Beats(peaks[: config.max_beats], "detected")
@@ -99,5 +115,6 @@ def detect_batch(signals: np.ndarray, fs: float, config: BeatConfig | None = Non
     """(B, 12, n) -> (B, max_beats) int16 positions padded with -1, and each record's source."""
     config = config or BeatConfig()
     found = [detect_beats(x, fs, config) for x in signals]
-    return np.stack([b.padded(config.max_beats) for b in found]) if found else \
-        np.zeros((0, config.max_beats), dtype=np.int16), [b.source for b in found]
+    return np.stack([b.padded(config.max_beats) for b in found]) if found else np.zeros(
+        (0, config.max_beats), dtype=np.int16
+    ), [b.source for b in found]

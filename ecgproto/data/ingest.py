@@ -53,16 +53,24 @@ class IngestConfig(BaseModel):
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     beats: BeatConfig = Field(default_factory=BeatConfig)
     min_likelihood: float = Field(0.0, description="an scp code counts when its likelihood >= this")
-    allow_outside_root: bool = Field(False, description="read records whose index path leads outside the dataset "
-                                     "folder (otherwise quarantined as outside_root)")
+    allow_outside_root: bool = Field(
+        False,
+        description="read records whose index path leads outside the dataset "
+        "folder (otherwise quarantined as outside_root)",
+    )
     workers: int = Field(0, description="processes; 0 = one per CPU core (at most 8), 1 = in-process")
     chunk_size: int = Field(256, ge=1, description="records per work unit (and per resume checkpoint)")
     start_method: Literal["fork", "forkserver", "spawn"] = Field(
-        "fork", description="worker start method; fork starts in milliseconds (as torch's DataLoader does)")
+        "fork", description="worker start method; fork starts in milliseconds (as torch's DataLoader does)"
+    )
 
     def content_fields(self) -> dict[str, object]:
-        fields = {"layout": self.layout, "preprocess": self.preprocess.model_dump(), "beats": self.beats.model_dump(),
-                  "min_likelihood": self.min_likelihood}
+        fields = {
+            "layout": self.layout,
+            "preprocess": self.preprocess.model_dump(),
+            "beats": self.beats.model_dump(),
+            "min_likelihood": self.min_likelihood,
+        }
         return fields | ({"allow_outside_root": True} if self.allow_outside_root else {})  # default: earlier keys
 
 
@@ -152,8 +160,11 @@ def _lock(path: Path) -> Iterator[None]:
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "?"
-            print(f"ecgproto: waiting for another ingest of this dataset (pid {holder}, lock {path})", file=sys.stderr,
-                  flush=True)
+            print(
+                f"ecgproto: waiting for another ingest of this dataset (pid {holder}, lock {path})",
+                file=sys.stderr,
+                flush=True,
+            )
             fcntl.flock(f, fcntl.LOCK_EX)
         f.seek(0)
         f.truncate()
@@ -184,8 +195,14 @@ def _workers(requested: int) -> int:
 ChunkRunner = Callable[[list[IngestChunk]], None]
 
 
-def ingest(root: Path | str, store_root: Path | str, config: IngestConfig | None = None,
-           *, progress: bool = True, run_chunks: ChunkRunner | None = None) -> IngestResult:
+def ingest(
+    root: Path | str,
+    store_root: Path | str,
+    config: IngestConfig | None = None,
+    *,
+    progress: bool = True,
+    run_chunks: ChunkRunner | None = None,
+) -> IngestResult:
     """Ingest `root` (PTB-XL or MIMIC-IV-ECG layout) into `store_root`; a cache hit if already done.
 
     `run_chunks` runs the pending chunks elsewhere (each `ingest_chunk(chunk)`, e.g. Prefect tasks on a
@@ -198,8 +215,13 @@ def ingest(root: Path | str, store_root: Path | str, config: IngestConfig | None
         )
     t0 = time.perf_counter()
     config = config or IngestConfig()
-    listing = list_records(Path(root), config.layout, model_fs=config.preprocess.fs, min_likelihood=config.min_likelihood,
-                           allow_outside_root=config.allow_outside_root)
+    listing = list_records(
+        Path(root),
+        config.layout,
+        model_fs=config.preprocess.fs,
+        min_likelihood=config.min_likelihood,
+        allow_outside_root=config.allow_outside_root,
+    )
     record_paths = [listing.root / p for p in listing.records["path"]]
     payload = {
         **config.content_fields(),
@@ -222,13 +244,19 @@ def ingest(root: Path | str, store_root: Path | str, config: IngestConfig | None
             if missing := [c.index for c in pending if not _chunk_file(partial, c.index).exists()]:
                 raise RuntimeError(f"{partial}: chunks {missing[:5]} were not written by the chunk runner")
         else:
-            _run_chunks(pending, _workers(config.workers), config.start_method, progress,
-                        total=len(listing.records),
-                        done=sum(len(c.rows) for c in chunks) - sum(len(c.rows) for c in pending))
+            _run_chunks(
+                pending,
+                _workers(config.workers),
+                config.start_method,
+                progress,
+                total=len(listing.records),
+                done=sum(len(c.rows) for c in chunks) - sum(len(c.rows) for c in pending),
+            )
         _finish(partial, key, listing, config, payload, chunks)
         publish(partial, final)
-    return IngestResult(ArrayStore.open(final), False, len(chunks) - len(pending) if resumed else 0,
-                        time.perf_counter() - t0)
+    return IngestResult(
+        ArrayStore.open(final), False, len(chunks) - len(pending) if resumed else 0, time.perf_counter() - t0
+    )
 
 
 def _prepare_partial(partial: Path, key: str, listing: DatasetListing, config: IngestConfig) -> bool:
@@ -241,11 +269,13 @@ def _prepare_partial(partial: Path, key: str, listing: DatasetListing, config: I
     (partial / "chunks").mkdir(parents=True)
     n = len(listing.records)
     dtype = np.dtype(config.preprocess.dtype)
-    signals = np.lib.format.open_memmap(partial / "signals.npy", mode="w+", dtype=dtype,
-                                        shape=(n, len(LEADS), config.preprocess.n_samples))
+    signals = np.lib.format.open_memmap(
+        partial / "signals.npy", mode="w+", dtype=dtype, shape=(n, len(LEADS), config.preprocess.n_samples)
+    )
     del signals
-    beats = np.lib.format.open_memmap(partial / "beats.npy", mode="w+", dtype=np.int16,
-                                      shape=(n, config.beats.max_beats))
+    beats = np.lib.format.open_memmap(
+        partial / "beats.npy", mode="w+", dtype=np.int16, shape=(n, config.beats.max_beats)
+    )
     beats[:] = -1
     del beats
     if listing.labels is not None:
@@ -263,13 +293,24 @@ def _plan_chunks(partial: Path, listing: DatasetListing, config: IngestConfig) -
     ids = recs["record_id"].tolist()
     pre, beats = config.preprocess.model_dump(), config.beats.model_dump()
     return [
-        IngestChunk(i // size, str(partial), str(listing.root), list(range(i, min(i + size, len(recs)))), ids[i:i + size],
-               paths[i:i + size], files[i:i + size], pre, beats)
+        IngestChunk(
+            i // size,
+            str(partial),
+            str(listing.root),
+            list(range(i, min(i + size, len(recs)))),
+            ids[i : i + size],
+            paths[i : i + size],
+            files[i : i + size],
+            pre,
+            beats,
+        )
         for i in range(0, len(recs), size)
     ]
 
 
-def _run_chunks(chunks: list[IngestChunk], workers: int, start_method: str, progress: bool, total: int, done: int) -> None:
+def _run_chunks(
+    chunks: list[IngestChunk], workers: int, start_method: str, progress: bool, total: int, done: int
+) -> None:
     bar = tqdm(total=total, initial=done, unit="rec", desc="ingest", disable=None if progress else True, leave=False)
     try:
         if workers <= 1 or len(chunks) <= 1:
@@ -280,17 +321,26 @@ def _run_chunks(chunks: list[IngestChunk], workers: int, start_method: str, prog
         if start_method == "forkserver":
             ctx.set_forkserver_preload(["ecgproto.data.ingest"])
         parent = os.getpid() if start_method == "fork" else None
-        with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=ctx,
-                                 initializer=_die_with_parent if parent else None,
-                                 initargs=(parent,) if parent else ()) as pool:
+        with ProcessPoolExecutor(
+            max_workers=min(workers, len(chunks)),
+            mp_context=ctx,
+            initializer=_die_with_parent if parent else None,
+            initargs=(parent,) if parent else (),
+        ) as pool:
             for future in as_completed([pool.submit(ingest_chunk, c) for c in chunks]):
                 bar.update(future.result())
     finally:
         bar.close()
 
 
-def _finish(partial: Path, key: str, listing: DatasetListing, config: IngestConfig,
-            payload: dict[str, object], chunks: list[IngestChunk]) -> None:
+def _finish(
+    partial: Path,
+    key: str,
+    listing: DatasetListing,
+    config: IngestConfig,
+    payload: dict[str, object],
+    chunks: list[IngestChunk],
+) -> None:
     entries = [e for c in chunks for e in json.loads(_chunk_file(partial, c.index).read_bytes())]
     results = pd.DataFrame(entries, columns=None if entries else ["row", "record_id", "file", "reason", "message"])
     ok = results["reason"] == ""

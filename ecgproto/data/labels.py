@@ -66,7 +66,9 @@ def parse_scp_codes(text: object) -> dict[str, float]:
     if not isinstance(text, str) or not text.strip():
         raise LabelError(f"scp_codes is empty or not text: {text!r}")
     if len(text) > MAX_SCP_CODES_CHARS:  # PTB-XL's longest is ~100 characters; a huge cell would exhaust memory
-        raise LabelError(f"scp_codes is {len(text):,} characters long (at most {MAX_SCP_CODES_CHARS:,}): {text[:40]!r}...")
+        raise LabelError(
+            f"scp_codes is {len(text):,} characters long (at most {MAX_SCP_CODES_CHARS:,}): {text[:40]!r}..."
+        )
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError) as exc:  # nested or huge expressions

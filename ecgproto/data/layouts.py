@@ -53,14 +53,22 @@ def check_root(root: Path, layout: Layout | Literal["auto"] = "auto") -> Layout:
     if layout == "auto":
         return detect_layout(root)
     if layout not in ("ptbxl", "mimic_ecg"):
-        raise DatasetError(f"unknown layout {layout!r}; recognised layouts: 'ptbxl' (ptbxl_database.csv), "
-                           "'mimic_ecg' (record_list.csv), or 'auto'")
+        raise DatasetError(
+            f"unknown layout {layout!r}; recognised layouts: 'ptbxl' (ptbxl_database.csv), "
+            "'mimic_ecg' (record_list.csv), or 'auto'"
+        )
     return layout
 
 
-def list_records(root: Path, layout: Layout | Literal["auto"] = "auto", *, model_fs: int = 100,
-                 min_likelihood: float = 0.0, labels: LabelSet | None = None,
-                 allow_outside_root: bool = False) -> DatasetListing:
+def list_records(
+    root: Path,
+    layout: Layout | Literal["auto"] = "auto",
+    *,
+    model_fs: int = 100,
+    min_likelihood: float = 0.0,
+    labels: LabelSet | None = None,
+    allow_outside_root: bool = False,
+) -> DatasetListing:
     """`allow_outside_root`: accept record paths that lead outside `root` (otherwise quarantined as
     outside_root: an index file should not make ingest read files elsewhere on the machine)."""
     root = Path(root).resolve()
@@ -71,9 +79,14 @@ def list_records(root: Path, layout: Layout | Literal["auto"] = "auto", *, model
         listing = _mimic_ecg(root)
     out = outside_root(listing.records, root, allow_outside_root).to_numpy()
     if out.any():
-        refused = _refuse(listing.records, pd.Series(out, index=listing.records.index), "path", "outside_root",
-                          "the record path leads outside the dataset folder; move the record into it, or allow "
-                          "this with --allow-outside-root")
+        refused = _refuse(
+            listing.records,
+            pd.Series(out, index=listing.records.index),
+            "path",
+            "outside_root",
+            "the record path leads outside the dataset folder; move the record into it, or allow "
+            "this with --allow-outside-root",
+        )
         listing.quarantine = pd.concat([listing.quarantine, refused], ignore_index=True)
         listing.records = listing.records.loc[~out].reset_index(drop=True)
         if listing.labels is not None:
@@ -98,19 +111,34 @@ def read_index(file: Path, dtype: dict[str, type]) -> tuple[pd.DataFrame, pd.Dat
         raise DatasetError(f"{file}: cannot be read as CSV ({exc}); is this the original file?") from exc
     id_column = {"ptbxl_database.csv": "ecg_id", "record_list.csv": "study_id"}.get(file.name, table.columns[0])
     header = list(table.columns)
-    refused = [{"record_id": str(f[header.index(id_column)] if id_column in header and len(f) > header.index(id_column)
-                                 else "?").strip(),
-                "file": file.name, "reason": "ragged_row",
-                "message": f"a row of {file.name} has {len(f)} fields, the header {len(header)}; fix that row"}
-               for _, f in bad_lines]
+    refused = [
+        {
+            "record_id": str(
+                f[header.index(id_column)] if id_column in header and len(f) > header.index(id_column) else "?"
+            ).strip(),
+            "file": file.name,
+            "reason": "ragged_row",
+            "message": f"a row of {file.name} has {len(f)} fields, the header {len(header)}; fix that row",
+        }
+        for _, f in bad_lines
+    ]
     text = table.select_dtypes(include=["object", "string"])
-    garbled = text.apply(lambda c: c.astype(str).str.contains("\ufffd", regex=False)).any(axis=1) if len(text.columns) \
+    garbled = (
+        text.apply(lambda c: c.astype(str).str.contains("\ufffd", regex=False)).any(axis=1)
+        if len(text.columns)
         else pd.Series(False, index=table.index)
+    )
     for i in np.flatnonzero(garbled.to_numpy()):
         cols = [c for c in text.columns if "\ufffd" in str(text.iloc[i][c])]
-        refused.append({"record_id": str(table.iloc[i].get(id_column, "?")).strip(), "file": file.name,
-                        "reason": "bad_encoding", "message": f"column(s) {cols} of {file.name} line {i + 2} hold "
-                        "bytes that are not UTF-8; re-save the file as UTF-8"})
+        refused.append(
+            {
+                "record_id": str(table.iloc[i].get(id_column, "?")).strip(),
+                "file": file.name,
+                "reason": "bad_encoding",
+                "message": f"column(s) {cols} of {file.name} line {i + 2} hold "
+                "bytes that are not UTF-8; re-save the file as UTF-8",
+            }
+        )
     return table.loc[~garbled.to_numpy()].reset_index(drop=True), pd.DataFrame(refused, columns=QUARANTINE_COLUMNS)
 
 
@@ -128,20 +156,26 @@ def _require(table: pd.DataFrame, columns: list[str], file: Path) -> None:
         raise DatasetError(f"{file}: missing column(s) {missing}; is this the original file?")
 
 
-def _refuse(frame: pd.DataFrame, mask: pd.Series, file_col: str, reason: str, messages: pd.Series | str) -> pd.DataFrame:
+def _refuse(
+    frame: pd.DataFrame, mask: pd.Series, file_col: str, reason: str, messages: pd.Series | str
+) -> pd.DataFrame:
     rows = frame.loc[mask]
-    return pd.DataFrame({
-        "record_id": rows["record_id"].astype(str).to_numpy(),
-        "file": rows[file_col].astype(str).to_numpy(),
-        "reason": reason,
-        "message": messages if isinstance(messages, str) else messages.loc[mask].to_numpy(),
-    })
+    return pd.DataFrame(
+        {
+            "record_id": rows["record_id"].astype(str).to_numpy(),
+            "file": rows[file_col].astype(str).to_numpy(),
+            "reason": reason,
+            "message": messages if isinstance(messages, str) else messages.loc[mask].to_numpy(),
+        }
+    )
 
 
 def _ptbxl(root: Path, model_fs: int, min_likelihood: float, labels: LabelSet) -> DatasetListing:
     index_file = root / "ptbxl_database.csv"
     db, unreadable = read_index(index_file, {"ecg_id": str})
-    _require(db, ["ecg_id", "patient_id", "age", "sex", "scp_codes", "strat_fold", "filename_lr", "filename_hr"], index_file)
+    _require(
+        db, ["ecg_id", "patient_id", "age", "sex", "scp_codes", "strat_fold", "filename_lr", "filename_hr"], index_file
+    )
     db = db.rename(columns={"ecg_id": "record_id"})
     db["record_id"] = db["record_id"].str.strip()
     column = "filename_lr" if model_fs <= 100 else "filename_hr"
@@ -150,13 +184,27 @@ def _ptbxl(root: Path, model_fs: int, min_likelihood: float, labels: LabelSet) -
 
     dup = db["record_id"].duplicated(keep=False)
     counts = db["record_id"].map(db["record_id"].value_counts())
-    refused.append(_refuse(db, dup, "path", "duplicate_id",
-                           "ecg_id appears " + counts.astype(str) + f" times in {index_file.name}; keep one row per ecg_id"))
+    refused.append(
+        _refuse(
+            db,
+            dup,
+            "path",
+            "duplicate_id",
+            "ecg_id appears " + counts.astype(str) + f" times in {index_file.name}; keep one row per ecg_id",
+        )
+    )
     db = db.loc[~dup]
 
     no_path = db["path"].isna() | (db["path"].str.strip() == "")
-    refused.append(_refuse(db.assign(path=db["path"].fillna("")), no_path, "path", "missing_filename",
-                           f"{column} is empty in {index_file.name}"))
+    refused.append(
+        _refuse(
+            db.assign(path=db["path"].fillna("")),
+            no_path,
+            "path",
+            "missing_filename",
+            f"{column} is empty in {index_file.name}",
+        )
+    )
     db = db.loc[~no_path]
 
     fold = pd.to_numeric(db["strat_fold"], errors="coerce")
@@ -175,19 +223,25 @@ def _ptbxl(root: Path, model_fs: int, min_likelihood: float, labels: LabelSet) -
     refused.append(_refuse(db, bad_labels, "path", "malformed_scp_codes", db["record_id"].map(messages)))
     keep = ~bad_labels.to_numpy()
     db = db.loc[keep].reset_index(drop=True)
-    y = np.stack([t for t, k in zip(targets, keep, strict=True) if k]) if keep.any() else np.zeros((0, len(labels)), np.uint8)
+    y = (
+        np.stack([t for t, k in zip(targets, keep, strict=True) if k])
+        if keep.any()
+        else np.zeros((0, len(labels)), np.uint8)
+    )
 
     db["split"] = np.select([db["strat_fold"] <= 8, db["strat_fold"] == 9], ["train", "val"], "test")
-    records = pd.DataFrame({
-        "record_id": db["record_id"].astype(str),
-        "path": db["path"].astype(str),
-        "patient_id": pd.to_numeric(db["patient_id"], errors="coerce").astype("Int64").astype(str),
-        "age": pd.to_numeric(db["age"], errors="coerce"),
-        "sex": pd.to_numeric(db["sex"], errors="coerce"),
-        "strat_fold": db["strat_fold"],
-        "split": db["split"],
-        "labels_text": [" ".join(labels.codes[i] for i in np.flatnonzero(row)) for row in y],
-    })
+    records = pd.DataFrame(
+        {
+            "record_id": db["record_id"].astype(str),
+            "path": db["path"].astype(str),
+            "patient_id": pd.to_numeric(db["patient_id"], errors="coerce").astype("Int64").astype(str),
+            "age": pd.to_numeric(db["age"], errors="coerce"),
+            "sex": pd.to_numeric(db["sex"], errors="coerce"),
+            "strat_fold": db["strat_fold"],
+            "split": db["split"],
+            "labels_text": [" ".join(labels.codes[i] for i in np.flatnonzero(row)) for row in y],
+        }
+    )
     quarantine = pd.concat(refused, ignore_index=True)
     return DatasetListing("ptbxl", root, False, records, y, quarantine, [index_file])
 
@@ -199,14 +253,20 @@ def _mimic_ecg(root: Path) -> DatasetListing:
     rl = rl.rename(columns={"study_id": "record_id"})
     dup = rl["record_id"].duplicated(keep=False)
     counts = rl["record_id"].map(rl["record_id"].value_counts())
-    refused = [unreadable, _refuse(rl, dup, "path", "duplicate_id",
-                                   "study_id appears " + counts.astype(str) + f" times in {index_file.name}")]
+    refused = [
+        unreadable,
+        _refuse(
+            rl, dup, "path", "duplicate_id", "study_id appears " + counts.astype(str) + f" times in {index_file.name}"
+        ),
+    ]
     rl = rl.loc[~dup].reset_index(drop=True)
-    records = pd.DataFrame({
-        "record_id": rl["record_id"].astype(str),
-        "path": rl["path"].astype(str),
-        "subject_id": rl["subject_id"].astype(str),
-        "ecg_time": rl["ecg_time"].astype(str),
-        "split": "external",
-    })
+    records = pd.DataFrame(
+        {
+            "record_id": rl["record_id"].astype(str),
+            "path": rl["path"].astype(str),
+            "subject_id": rl["subject_id"].astype(str),
+            "ecg_time": rl["ecg_time"].astype(str),
+            "split": "external",
+        }
+    )
     return DatasetListing("mimic_ecg", root, True, records, None, pd.concat(refused, ignore_index=True), [index_file])

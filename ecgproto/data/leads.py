@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-LEADS: tuple[str, ...] = ("I", "II", "III", "aVR", "aVL", "aVF",
-                          "V1", "V2", "V3", "V4", "V5", "V6")
-MIMIC_LEADS: tuple[str, ...] = ("I", "II", "III", "aVR", "aVF", "aVL",
-                                "V1", "V2", "V3", "V4", "V5", "V6")
+LEADS: tuple[str, ...] = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+MIMIC_LEADS: tuple[str, ...] = ("I", "II", "III", "aVR", "aVF", "aVL", "V1", "V2", "V3", "V4", "V5", "V6")
 
 _CANONICAL = {name.upper(): name for name in LEADS}
 

@@ -86,7 +86,9 @@ def prepare_record(raw: RawRecord, config: PreprocessConfig, file: str) -> tuple
     The high-pass runs afterwards on whole batches (`highpass`), which is much faster.
     """
     if raw.signal.ndim != 2 or raw.signal.shape[1] != len(raw.sig_names):
-        raise RecordError("bad_shape", f"signal shape {raw.signal.shape} does not match {len(raw.sig_names)} signals", file)
+        raise RecordError(
+            "bad_shape", f"signal shape {raw.signal.shape} does not match {len(raw.sig_names)} signals", file
+        )
     if len(raw.sig_names) != len(LEADS):
         raise RecordError("lead_count", f"expected 12 leads, found {len(raw.sig_names)} ({list(raw.sig_names)})", file)
     try:
@@ -124,4 +126,8 @@ def prepare_record(raw: RawRecord, config: PreprocessConfig, file: str) -> tuple
             f"lead(s) {names} are flat (peak-to-peak < {config.flat_ptp_mv} mV): electrode off or lead missing",
             file,
         )
-    return x, {"fs_in": float(raw.fs), "n_samples_in": float(len(raw.signal)), "n_nonfinite_repaired": float(n_repaired)}
+    return x, {
+        "fs_in": float(raw.fs),
+        "n_samples_in": float(len(raw.signal)),
+        "n_nonfinite_repaired": float(n_repaired),
+    }

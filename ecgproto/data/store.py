@@ -117,8 +117,10 @@ class ArrayStore:
         """(n_rows, max_beats) int16 memmap of beat positions (samples), -1 padded."""
         f = self.path / "beats.npy"
         if not f.exists():
-            raise FileNotFoundError(f"{self.path}: no beats.npy (a store written by an older ecgproto); run "
-                                    "`ecgproto ingest` on its dataset again, which writes a new store with beats")
+            raise FileNotFoundError(
+                f"{self.path}: no beats.npy (a store written by an older ecgproto); run "
+                "`ecgproto ingest` on its dataset again, which writes a new store with beats"
+            )
         return np.load(f, mmap_mode="r")
 
     @cached_property

@@ -102,11 +102,19 @@ def ingest_report(store: ArrayStore, *, cache_hit: bool, seconds: float, config:
     credentialed = bool(info.get("credentialed"))
     q = store.quarantine
     document, reasons = credentialed_counts(info, q) if credentialed else (info, None)
-    counts = {k: float(v) if str(v).isdigit() else float("nan")
-              for k, v in document.items() if k in ("n_listed", "n_records", "n_quarantined")}
+    counts = {
+        k: float(v) if str(v).isdigit() else float("nan")
+        for k, v in document.items()
+        if k in ("n_listed", "n_records", "n_quarantined")
+    }
     report = StageReport(
-        params={"config": config, "layout": info["layout"], "store_path": str(store.path),
-                "store_dtype": info["dtype"], **({} if credentialed else {"store_shape": info["shape"]})},
+        params={
+            "config": config,
+            "layout": info["layout"],
+            "store_path": str(store.path),
+            "store_dtype": info["dtype"],
+            **({} if credentialed else {"store_shape": info["shape"]}),
+        },
         metrics={**counts, "seconds": seconds, "cache_hit": float(cache_hit)},
         tags={"dataset_hash": store.key, "layout": info["layout"], "credentialed": str(credentialed).lower()},
         documents={"store.json": document},
@@ -118,8 +126,9 @@ def ingest_report(store: ArrayStore, *, cache_hit: bool, seconds: float, config:
         report.metrics["records_per_s"] = info["n_listed"] / seconds
     summary = manifest_summary(store) if len(store.manifest) else pd.DataFrame()
     if credentialed and len(summary):  # one split: its records are the store's; subjects hidden below 10
-        summary["n_records"] = document["n_records"] if len(summary) == 1 else suppress_counts(
-            summary, ["n_records"])["n_records"]
+        summary["n_records"] = (
+            document["n_records"] if len(summary) == 1 else suppress_counts(summary, ["n_records"])["n_records"]
+        )
         if "n_subjects" in summary:
             summary = suppress_counts(summary, ["n_subjects"])
     report.tables["manifest_summary"] = summary
@@ -134,7 +143,8 @@ def ingest_report(store: ArrayStore, *, cache_hit: bool, seconds: float, config:
         fs = int(info["config"]["preprocess"]["fs"])
         for row, record_id, text in example_records(store):
             report.figures[f"examples/ecg_{record_id}.png"] = plot_ecg(
-                np.asarray(store.signals[row]), fs, f"record {record_id} (preprocessed): {text}")
+                np.asarray(store.signals[row]), fs, f"record {record_id} (preprocessed): {text}"
+            )
     return report
 
 
@@ -147,9 +157,11 @@ def demo_report(ground_truth_file: Path, ptbxl_root: Path, seconds: float) -> St
     from ecgproto.data.leads import lead_permutation
 
     truth = json.loads(ground_truth_file.read_text())
-    report = StageReport(params={"demo": truth["config"]}, metrics={"seconds": seconds,
-                                                                    "n_ptbxl": truth["ptbxl"]["n_records"]},
-                         documents={"ground_truth.json": truth})
+    report = StageReport(
+        params={"demo": truth["config"]},
+        metrics={"seconds": seconds, "n_ptbxl": truth["ptbxl"]["n_records"]},
+        documents={"ground_truth.json": truth},
+    )
     if truth.get("mimic"):
         for k in ("subjects", "admissions", "ecgs", "diagnosis_rows"):
             report.metrics[f"mimic_{k}"] = truth["mimic"][k]
@@ -162,7 +174,8 @@ def demo_report(ground_truth_file: Path, ptbxl_root: Path, seconds: float) -> St
         signal, fields = wfdb.rdsamp(str(ptbxl_root / r["filename_lr"]))
         x = signal[:, lead_permutation(fields["sig_name"])].T
         report.figures[f"demo_ecgs/ecg_{r['ecg_id']}.png"] = plot_ecg(
-            x, fields["fs"], f"demo record {r['ecg_id']} (raw, wfdb.rdsamp): {r['scp_codes']}")
+            x, fields["fs"], f"demo record {r['ecg_id']} (raw, wfdb.rdsamp): {r['scp_codes']}"
+        )
         shown.update(codes)
         if len(report.figures) >= 8:
             break

@@ -64,7 +64,9 @@ def read_header(base: Path) -> Header:
     try:
         text = hea.read_text(encoding="latin-1")
     except FileNotFoundError:
-        raise RecordError("missing_header", "header file is missing; check the path or re-download the record", hea) from None
+        raise RecordError(
+            "missing_header", "header file is missing; check the path or re-download the record", hea
+        ) from None
     lines = [ln.split("#", 1)[0].strip() for ln in text.splitlines()]
     lines = [ln for ln in lines if ln]
     if not lines:
@@ -82,7 +84,8 @@ def read_header(base: Path) -> Header:
     if len(signal_lines) != n_sig:
         raise RecordError(
             "signal_count_mismatch",
-            f"header declares {n_sig} signals but describes {len(signal_lines)}; the header is corrupt, re-download the record",
+            f"header declares {n_sig} signals but describes {len(signal_lines)}; the header is corrupt, "
+            "re-download the record",
             hea,
         )
     signals = tuple(_parse_signal_line(i, line, hea) for i, line in enumerate(signal_lines))
@@ -131,7 +134,8 @@ def read_record(base: Path | str) -> RawRecord:
         if header.n_samples and size < expected:
             raise RecordError(
                 "truncated_dat",
-                f"signal file has {size} bytes but the header needs {expected}; the download is incomplete, fetch the record again",
+                f"signal file has {size} bytes but the header needs {expected}; the download is incomplete, "
+                "fetch the record again",
                 dat,
             )
         n = header.n_samples or size // (2 * header.n_sig)
@@ -158,9 +162,13 @@ def _read_with_wfdb(base: Path, header: Header) -> np.ndarray:
         n_in_file = sum(1 for s in header.signals if s.file == name)
         dat = base.parent / name
         if bps and header.n_samples and dat.stat().st_size < int(header.n_samples * n_in_file * bps):
-            raise RecordError("truncated_dat", "signal file is shorter than the header says; fetch the record again", dat)
+            raise RecordError(
+                "truncated_dat", "signal file is shorter than the header says; fetch the record again", dat
+            )
     try:
         record = wfdb.rdrecord(str(base), physical=True)
     except Exception as exc:  # wfdb raises many types for corrupt files
-        raise RecordError("unreadable", f"wfdb could not read the record ({type(exc).__name__}: {exc})", base.with_suffix(".hea")) from None
+        raise RecordError(
+            "unreadable", f"wfdb could not read the record ({type(exc).__name__}: {exc})", base.with_suffix(".hea")
+        ) from None
     return np.asarray(record.p_signal, dtype=np.float32)

@@ -30,7 +30,9 @@ class ReceptiveField:
     size: int
 
     def then(self, kernel: int, stride: int, padding: int) -> ReceptiveField:
-        return ReceptiveField(self.first - padding * self.jump, self.jump * stride, self.size + (kernel - 1) * self.jump)
+        return ReceptiveField(
+            self.first - padding * self.jump, self.jump * stride, self.size + (kernel - 1) * self.jump
+        )
 
     def samples(self, start_col: int, n_cols: int, n_samples: int) -> tuple[int, int]:
         lo = self.first + start_col * self.jump
@@ -89,8 +91,11 @@ class Backbone1D(nn.Module):
         super().__init__()
         w0 = cfg.widths[0]
         self.stem = nn.Sequential(
-            nn.Conv1d(n_leads, w0, cfg.stem_kernel, 2, cfg.stem_kernel // 2, bias=False), nn.BatchNorm1d(w0),
-            nn.ReLU(inplace=True), nn.MaxPool1d(3, 2, 1))
+            nn.Conv1d(n_leads, w0, cfg.stem_kernel, 2, cfg.stem_kernel // 2, bias=False),
+            nn.BatchNorm1d(w0),
+            nn.ReLU(inplace=True),
+            nn.MaxPool1d(3, 2, 1),
+        )
         self.stages = _stages(1, cfg, w0, mixing_from=4)
         self.out_channels = cfg.widths[-1]
         self.time_field = _time_field(cfg)
@@ -111,8 +116,11 @@ class Backbone2D(nn.Module):
         self.register_buffer("lead_sign", torch.tensor(sign).view(1, -1, 1), persistent=False)
         k = cfg.stem_kernel
         self.stem = nn.Sequential(
-            nn.Conv2d(1, w0, (1, k), (1, 2), (0, k // 2), bias=False), nn.BatchNorm2d(w0), nn.ReLU(inplace=True),
-            nn.MaxPool2d((1, 3), (1, 2), (0, 1)))
+            nn.Conv2d(1, w0, (1, k), (1, 2), (0, k // 2), bias=False),
+            nn.BatchNorm2d(w0),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d((1, 3), (1, 2), (0, 1)),
+        )
         mixing_from = len(cfg.widths) - cfg.lead_mixing_stages
         self.stages = _stages(2, cfg, w0, mixing_from=mixing_from)
         self.out_channels = cfg.widths[-1]

@@ -10,10 +10,20 @@ from ecgproto.model.config import BackboneConfig
 
 
 class ResNet1DClassifier(nn.Module):
-    def __init__(self, n_labels: int, widths: tuple[int, int, int, int] = (64, 128, 256, 512),
-                 blocks: tuple[int, int, int, int] = (2, 2, 2, 2), n_leads: int = 12) -> None:
+    def __init__(
+        self,
+        n_labels: int,
+        widths: tuple[int, int, int, int] = (64, 128, 256, 512),
+        blocks: tuple[int, int, int, int] = (2, 2, 2, 2),
+        n_leads: int = 12,
+    ) -> None:
         super().__init__()
-        self._spec = {"n_labels": int(n_labels), "widths": list(widths), "blocks": list(blocks), "n_leads": int(n_leads)}
+        self._spec = {
+            "n_labels": int(n_labels),
+            "widths": list(widths),
+            "blocks": list(blocks),
+            "n_leads": int(n_leads),
+        }
         self.backbone = Backbone1D(BackboneConfig(widths=widths, blocks=blocks), n_leads)
         self.head = nn.Linear(widths[-1], n_labels)
 

@@ -1,16 +1,16 @@
 """A branch: backbone -> add-on layers -> prototype similarities -> class-connected head.
 
-  global_1d  rhythm: 1D ResNet, time-averaged (shift-invariant) latent (D,), one window
-  local_2d   local morphology: 2D ResNet, windows of `window` feature columns on one lead row;
-             with pool="row_latent" one latent per lead row instead: the row's latent averaged over
-             time (a morphology recurs in every beat, so its evidence is the whole strip of a lead),
-             compared with the prototypes once, the best row scoring
-             with pool="beat" beat windows instead: each detected beat (P-QRS-T around its R peak) is
-             cropped, encoded per lead, and its latent taken per lead group (e.g. II, aVF, III); the
-             latents are averaged over the record's beats (a morphology recurs in every beat) and
-             each prototype is compared with its own lead group only. Projection makes a prototype
-             one real beat of one training ECG in those leads.
-  global_2d  global: 2D ResNet, time-averaged latent per lead row (D x 12): phase-invariant
+global_1d  rhythm: 1D ResNet, time-averaged (shift-invariant) latent (D,), one window
+local_2d   local morphology: 2D ResNet, windows of `window` feature columns on one lead row;
+           with pool="row_latent" one latent per lead row instead: the row's latent averaged over
+           time (a morphology recurs in every beat, so its evidence is the whole strip of a lead),
+           compared with the prototypes once, the best row scoring
+           with pool="beat" beat windows instead: each detected beat (P-QRS-T around its R peak) is
+           cropped, encoded per lead, and its latent taken per lead group (e.g. II, aVF, III); the
+           latents are averaged over the record's beats (a morphology recurs in every beat) and
+           each prototype is compared with its own lead group only. Projection makes a prototype
+           one real beat of one training ECG in those leads.
+global_2d  global: 2D ResNet, time-averaged latent per lead row (D x 12): phase-invariant
 """
 
 from __future__ import annotations
@@ -53,8 +53,15 @@ class GroupedLeads(nn.Module):
 
 
 class Branch(nn.Module):
-    def __init__(self, name: str, cfg: BranchConfig, classes: tuple[str, ...], n_leads: int = 12,
-                 n_samples: int = 1000, fs: float = 100.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        cfg: BranchConfig,
+        classes: tuple[str, ...],
+        n_leads: int = 12,
+        n_samples: int = 1000,
+        fs: float = 100.0,
+    ) -> None:
         super().__init__()
         self.name, self.kind, self.classes, self.n_samples, self.fs = name, cfg.kind, tuple(classes), n_samples, fs
         self.row_latent = cfg.pool == "row_latent"  # local_2d only (BranchConfig checks)
@@ -66,8 +73,9 @@ class Branch(nn.Module):
         self.beat_pre, self.beat_post = (int(round(t * fs)) for t in cfg.beat_window_s)
         self.n_beats, self.train_beats = cfg.beats, cfg.train_beats
         self.beat_jitter = int(round(cfg.beat_jitter_s * fs))
-        self.backbone: Backbone1D | Backbone2D = Backbone1D(cfg.backbone, n_leads) if cfg.kind == "global_1d" \
-            else Backbone2D(cfg.backbone)
+        self.backbone: Backbone1D | Backbone2D = (
+            Backbone1D(cfg.backbone, n_leads) if cfg.kind == "global_1d" else Backbone2D(cfg.backbone)
+        )
         # feature columns of one record, or of one beat window (no RNG drawn)
         self._time_columns = self._columns(n_leads, self.beat_length if self.beat else n_samples)
         c, d = self.backbone.out_channels, cfg.latent_dim
@@ -80,14 +88,22 @@ class Branch(nn.Module):
         # local_2d: the per-lead convolutions share weights across leads, so without this a window in V1
         # and the same shape in V5 would be the same latent (an inverted T is normal in V1, not in V5).
         # A learned per-lead offset makes every local latent, and so every prototype, lead-aware.
-        self.lead_embedding = nn.Parameter(torch.zeros(1, c, len(CABRERA), 1)) \
-            if cfg.kind == "local_2d" and cfg.lead_embedding else None
+        self.lead_embedding = (
+            nn.Parameter(torch.zeros(1, c, len(CABRERA), 1)) if cfg.kind == "local_2d" and cfg.lead_embedding else None
+        )
         norm = {"global_1d": nn.BatchNorm1d, "local_2d": nn.BatchNorm2d, "global_2d": nn.BatchNorm1d}[cfg.kind]
         last = norm(d, affine=False) if cfg.latent == "standardised" else nn.Sigmoid()
         # beat pooling: the first add-on layer reads a whole lead group (kernel = stride = its height), so a group's
         # latent combines its leads while groups stay apart
-        first = (GroupedLeads(c, d, self.window_leads) if self.whole_group else
-                 nn.Conv2d(c, d, (self.window_leads, 1), (self.window_leads, 1))) if self.beat else pointwise(c, d)
+        first = (
+            (
+                GroupedLeads(c, d, self.window_leads)
+                if self.whole_group
+                else nn.Conv2d(c, d, (self.window_leads, 1), (self.window_leads, 1))
+            )
+            if self.beat
+            else pointwise(c, d)
+        )
         self.add_on = nn.Sequential(first, nn.ReLU(), pointwise(d, d), last)
         n_rows = len(CABRERA) if cfg.kind == "global_2d" else 1
         per_class = cfg.prototypes_per_class
@@ -95,9 +111,18 @@ class Branch(nn.Module):
         n_groups = self.window_grid[0]
         # beat pooling: a class's prototypes take the lead groups in turn (as many as groups: one in each)
         group = torch.arange(per_class).repeat(len(classes)) % n_groups if self.beat else None
-        self.prototypes = PrototypeLayer(per_class * len(classes), self.prototype_dim, cfg.scale, cfg.pool, cfg.topk,
-                                         positive=cfg.latent == "sigmoid", rows=n_groups,
-                                         similarity=cfg.similarity, sharpness=cfg.sharpness, group=group)
+        self.prototypes = PrototypeLayer(
+            per_class * len(classes),
+            self.prototype_dim,
+            cfg.scale,
+            cfg.pool,
+            cfg.topk,
+            positive=cfg.latent == "sigmoid",
+            rows=n_groups,
+            similarity=cfg.similarity,
+            sharpness=cfg.sharpness,
+            group=group,
+        )
         self.register_buffer("prototype_class", torch.arange(len(classes)).repeat_interleave(per_class))
         self.head = nn.Linear(per_class * len(classes), len(classes), bias=False)
         self.reset_head(cfg.head_negative)
@@ -235,18 +260,23 @@ class Branch(nn.Module):
             if beat_position is None:
                 raise ValueError("a beat window's extent needs the beat's position")
             start = max(int(beat_position) - self.beat_pre, 0)
-            return WindowExtent(start, min(int(beat_position) + self.beat_post, self.n_samples),
-                                self.group_leads(group), group, slot)
+            return WindowExtent(
+                start, min(int(beat_position) + self.beat_post, self.n_samples), self.group_leads(group), group, slot
+            )
         row, col = divmod(int(window_index), self.window_grid[1])
-        start, end = (0, self.n_samples) if self.row_latent else \
-            self.backbone.time_field.samples(col, self.window, self.n_samples)
+        start, end = (
+            (0, self.n_samples)
+            if self.row_latent
+            else self.backbone.time_field.samples(col, self.window, self.n_samples)
+        )
         assert isinstance(self.backbone, Backbone2D)
         seen = {lead for r in range(row, row + self.window_leads) for lead in self.backbone.leads_seen(r)}
         leads = tuple(lead for lead in (c.lstrip("-") for c in CABRERA) if lead in seen)  # Cabrera order
         return WindowExtent(start, end, leads, row, None if self.row_latent else col)
 
-    def candidate_windows(self, x: torch.Tensor, beats: torch.Tensor | None = None
-                          ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def candidate_windows(
+        self, x: torch.Tensor, beats: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """What a prototype may be projected onto: (B, W, D') real windows, which prototypes may take each
         window ((W, P) bool, None: all), and each window's beat position ((B, W), None: not beats). Beat pooling:
         single beats (not a record's mean over beats), window index = beat slot * groups + group, a prototype

@@ -26,49 +26,74 @@ class BranchConfig(BaseModel):
     kind: BranchKind
     prototypes_per_class: int = Field(ge=1)
     latent_dim: int = 512
-    window: int = Field(3, ge=1, description="local_2d: prototype length in feature columns (row_latent: the whole "
-                        "row, this is not used)")
-    window_leads: int = Field(1, ge=1, le=12, description="local_2d: prototype height in lead rows (Cabrera order; "
-                              "3 = an anatomical neighbourhood such as II, aVF, III). Beat pooling: the size of "
-                              "the lead groups, which do not overlap (3: aVL-I-aVR, II-aVF-III, V1-V3, V4-V6)")
+    window: int = Field(
+        3,
+        ge=1,
+        description="local_2d: prototype length in feature columns (row_latent: the whole row, this is not used)",
+    )
+    window_leads: int = Field(
+        1,
+        ge=1,
+        le=12,
+        description="local_2d: prototype height in lead rows (Cabrera order; "
+        "3 = an anatomical neighbourhood such as II, aVF, III). Beat pooling: the size of "
+        "the lead groups, which do not overlap (3: aVL-I-aVR, II-aVF-III, V1-V3, V4-V6)",
+    )
     scale: float = Field(description="similarity = scale * cosine (reference: floor(sqrt(512*T))/T)")
     similarity: Literal["cosine", "exp_cosine"] = Field(
-        "cosine", description="'cosine' (reference): scale * c; 'exp_cosine': scale * (2 exp(sharpness (c - 1)) - 1), "
+        "cosine",
+        description="'cosine' (reference): scale * c; 'exp_cosine': scale * (2 exp(sharpness (c - 1)) - 1), "
         "which rewards nearness, so the trained prototypes stay near real latents and projection costs less (see "
         "ecgproto.model.prototypes). For branches with one window per record or per lead row (row_latent); under "
-        "lead_mean the mean of an exp over a strip is dominated by its far windows")
+        "lead_mean the mean of an exp over a strip is dominated by its far windows",
+    )
     sharpness: float = Field(1.0, gt=0, description="exp_cosine: k")
     pool: Literal["max", "topk_mean", "focal", "lead_mean", "row_latent", "beat"] = Field(
-        "max", description="how windows are pooled into one similarity, in training, evaluation and explanation alike "
+        "max",
+        description="how windows are pooled into one similarity, in training, evaluation and explanation alike "
         "(see ecgproto.model.prototypes). 'max' is the reference; 'lead_mean': per lead row the mean over time, then "
         "the best row; 'row_latent' (local_2d): per lead row the time mean of the latent, then the best row; 'beat' "
         "(local_2d): the latent of each detected beat's window per lead group, averaged over the record's beats, each "
-        "prototype compared with its own lead group only (see ecgproto.model.branch)")
+        "prototype compared with its own lead group only (see ecgproto.model.branch)",
+    )
     beat_window_s: tuple[float, float] = Field(
-        (0.48, 0.80), description="beat pooling: seconds before and after a beat's R peak that its window spans "
-        "(P-wave onset to T-wave end at usual PR and QT intervals)")
+        (0.48, 0.80),
+        description="beat pooling: seconds before and after a beat's R peak that its window spans "
+        "(P-wave onset to T-wave end at usual PR and QT intervals)",
+    )
     beats: int = Field(8, ge=1, description="beat pooling: beats per record, evenly spaced, whose latents are averaged")
     train_beats: int = Field(
-        4, ge=1, description="beat pooling, joint stage: a random subset of this many beats per record and step "
-        "(half the cost of `beats`, and each step sees other beats of the record)")
+        4,
+        ge=1,
+        description="beat pooling, joint stage: a random subset of this many beats per record and step "
+        "(half the cost of `beats`, and each step sees other beats of the record)",
+    )
     beat_jitter_s: float = Field(0.02, ge=0, description="beat pooling, joint stage: random shift of each beat window")
     whole_beat_group: bool = Field(
-        False, description="beat pooling: besides the lead groups, one group of all 12 leads, so a prototype can be "
-        "a whole 12-lead beat (the axis, or voltage summed over limb and chest leads, spans the groups)")
+        False,
+        description="beat pooling: besides the lead groups, one group of all 12 leads, so a prototype can be "
+        "a whole 12-lead beat (the axis, or voltage summed over limb and chest leads, spans the groups)",
+    )
     topk: int = Field(3, ge=1)
     dropout: float = 0.0
     head_negative: float = Field(
-        0.0, description="initial (and, in the joint stage, frozen) head weight to other classes' prototypes. "
+        0.0,
+        description="initial (and, in the joint stage, frozen) head weight to other classes' prototypes. "
         "Reference -0.5: with many classes the summed negative votes invert majority classes (measured on the demo: "
-        "SR validation AUROC 0.07 at -0.5 vs 0.91 at 0); the last-layer stage learns the cross-class weights")
+        "SR validation AUROC 0.07 at -0.5 vs 0.91 at 0); the last-layer stage learns the cross-class weights",
+    )
     latent: Literal["standardised", "sigmoid"] = Field(
-        "standardised", description="add-on output: 'sigmoid' (reference, latents in (0, 1)) or 'standardised' "
+        "standardised",
+        description="add-on output: 'sigmoid' (reference, latents in (0, 1)) or 'standardised' "
         "(batch norm without affine: zero-mean, unit-variance latents, cosine in [-1, 1]). With sigmoid latents every "
         "cosine is high and a class-connected head has no way to say 'absent' (measured on the demo rhythm branch: "
-        "validation macro-AUROC 0.48 sigmoid vs 0.97 standardised after 5 epochs)")
+        "validation macro-AUROC 0.48 sigmoid vs 0.97 standardised after 5 epochs)",
+    )
     lead_embedding: bool = Field(
-        True, description="local_2d: add a learned per-lead offset to the features so a local prototype knows "
-        "which lead it is on (the per-lead convolutions share weights across leads)")
+        True,
+        description="local_2d: add a learned per-lead offset to the features so a local prototype knows "
+        "which lead it is on (the per-lead convolutions share weights across leads)",
+    )
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
 
     @model_validator(mode="after")
@@ -76,8 +101,10 @@ class BranchConfig(BaseModel):
         if self.pool in ("row_latent", "beat") and self.kind != "local_2d":
             raise ValueError(f"pool={self.pool!r} compares latents of lead rows: a local_2d option, not {self.kind}")
         if self.pool == "beat" and 12 % self.window_leads:
-            raise ValueError(f"beat pooling splits the 12 leads into groups of window_leads; {self.window_leads} "
-                             "does not divide 12 (choose 1, 2, 3, 4, 6 or 12)")
+            raise ValueError(
+                f"beat pooling splits the 12 leads into groups of window_leads; {self.window_leads} "
+                "does not divide 12 (choose 1, 2, 3, 4, 6 or 12)"
+            )
         if self.beat_window_s[0] < 0 or self.beat_window_s[1] <= 0:
             raise ValueError(f"beat_window_s {self.beat_window_s}: both parts are seconds >= 0 around the R peak")
         return self
@@ -85,16 +112,19 @@ class BranchConfig(BaseModel):
 
 class FusionConfig(BaseModel):
     mode: Literal["sparse_nonneg", "class_connected", "dense"] = Field(
-        "sparse_nonneg", description="sparse_nonneg: weights >= 0 with L1 off the own class; class_connected: own "
-        "class only; dense: the reference's signed dense layer")
+        "sparse_nonneg",
+        description="sparse_nonneg: weights >= 0 with L1 off the own class; class_connected: own "
+        "class only; dense: the reference's signed dense layer",
+    )
     normalise: bool = Field(True, description="divide each branch's similarities by its scale (each block in [-1, 1])")
 
 
 def _reference_branches() -> dict[str, BranchConfig]:
     return {
         "rhythm_1d": BranchConfig(kind="global_1d", prototypes_per_class=5, scale=10.0),
-        "morphology_2d_local": BranchConfig(kind="local_2d", prototypes_per_class=18, window=3, scale=13.0,
-                                            dropout=0.35, pool="lead_mean"),
+        "morphology_2d_local": BranchConfig(
+            kind="local_2d", prototypes_per_class=18, window=3, scale=13.0, dropout=0.35, pool="lead_mean"
+        ),
         "global_2d": BranchConfig(kind="global_2d", prototypes_per_class=7, scale=4.0, dropout=0.35),
     }
 
@@ -114,17 +144,40 @@ class ModelConfig(BaseModel):
         narrow_2d = BackboneConfig(widths=(8, 16, 32, 64), blocks=(1, 1, 1, 1))
         # exp_cosine on the one-window branches: prototypes stay near real ECGs, so projection costs little
         c.branches["rhythm_1d"] = c.branches["rhythm_1d"].model_copy(
-            update={"prototypes_per_class": 3, "latent_dim": 64, "backbone": narrow, "similarity": "exp_cosine",
-                    "scale": 3.0})
+            update={
+                "prototypes_per_class": 3,
+                "latent_dim": 64,
+                "backbone": narrow,
+                "similarity": "exp_cosine",
+                "scale": 3.0,
+            }
+        )
         # beat windows on the local branch: a prototype is one real beat in one lead group, or all 12 leads (see
         # docs/design.md)
         c.branches["morphology_2d_local"] = c.branches["morphology_2d_local"].model_copy(
-            update={"prototypes_per_class": 5, "latent_dim": 64, "dropout": 0.1, "pool": "beat", "window_leads": 3,
-                    "whole_beat_group": True, "similarity": "exp_cosine", "scale": 3.0,
-                    "backbone": narrow_2d.model_copy(update={"lead_mixing_stages": 0})})
+            update={
+                "prototypes_per_class": 5,
+                "latent_dim": 64,
+                "dropout": 0.1,
+                "pool": "beat",
+                "window_leads": 3,
+                "whole_beat_group": True,
+                "similarity": "exp_cosine",
+                "scale": 3.0,
+                "backbone": narrow_2d.model_copy(update={"lead_mixing_stages": 0}),
+            }
+        )
         # the global branch (NORM, DIG, EL) on the 1D backbone: as accurate in the fused model as the 2D backbone at
         # a quarter of its training time on a CPU (docs/experiments.md)
         c.branches["global_2d"] = c.branches["global_2d"].model_copy(
-            update={"kind": "global_1d", "prototypes_per_class": 3, "latent_dim": 64, "backbone": narrow,
-                    "similarity": "exp_cosine", "scale": 3.0, "dropout": 0.0})
+            update={
+                "kind": "global_1d",
+                "prototypes_per_class": 3,
+                "latent_dim": 64,
+                "backbone": narrow,
+                "similarity": "exp_cosine",
+                "scale": 3.0,
+                "dropout": 0.0,
+            }
+        )
         return c

@@ -42,8 +42,14 @@ def describe(model: nn.Module) -> dict[str, Any]:
     from ecgproto.model.network import ECGProtoNet
 
     if isinstance(model, ECGProtoNet):
-        return {"format": FORMAT, "kind": PROTOTYPE_MODEL, "ecgproto_version": ecgproto.__version__,
-                "config": model.config, "codes": list(model.codes), "provenance": model.provenance}
+        return {
+            "format": FORMAT,
+            "kind": PROTOTYPE_MODEL,
+            "ecgproto_version": ecgproto.__version__,
+            "config": model.config,
+            "codes": list(model.codes),
+            "provenance": model.provenance,
+        }
     if isinstance(model, ResNet1DClassifier):
         return {"format": FORMAT, "kind": BLACK_BOX, "ecgproto_version": ecgproto.__version__, **model.spec()}
     raise TypeError(f"cannot save a {type(model).__name__}")
@@ -74,7 +80,8 @@ def load_weights(path: Path) -> dict[str, Any]:
     except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError) as exc:
         raise ModelFileError(
             f"{path}: not a plain weights file ({str(exc).splitlines()[0][:120]}); refusing to load it, since "
-            "unpickling it could run code - use a model saved by ecgproto, or train one again") from exc
+            "unpickling it could run code - use a model saved by ecgproto, or train one again"
+        ) from exc
 
 
 def load(path: Path) -> nn.Module:
@@ -87,20 +94,25 @@ def load(path: Path) -> nn.Module:
     path = Path(path)
     meta_file = path.with_suffix(".json")
     if not meta_file.exists():
-        raise ModelFileError(f"{path}: no {meta_file.name} beside it; this model was saved by an older ecgproto "
-                             "(a pickled module, which is no longer loaded) - train it again with this version")
+        raise ModelFileError(
+            f"{path}: no {meta_file.name} beside it; this model was saved by an older ecgproto "
+            "(a pickled module, which is no longer loaded) - train it again with this version"
+        )
     meta = json.loads(meta_file.read_text())
     if meta.get("format") != FORMAT:
         raise ModelFileError(f"{meta_file}: model format {meta.get('format')!r}, this ecgproto reads {FORMAT}")
     state = load_weights(path)
     if meta["kind"] == BLACK_BOX:
-        model: nn.Module = ResNet1DClassifier(meta["n_labels"], tuple(meta["widths"]), tuple(meta["blocks"]),
-                                              meta.get("n_leads", 12))
+        model: nn.Module = ResNet1DClassifier(
+            meta["n_labels"], tuple(meta["widths"]), tuple(meta["blocks"]), meta.get("n_leads", 12)
+        )
     elif meta["kind"] == PROTOTYPE_MODEL:
         labels = load_label_set()
         if list(labels.codes) != list(meta["codes"]):
-            raise ModelFileError(f"{meta_file}: trained on another label set than this ecgproto's "
-                                 f"({len(meta['codes'])} vs {len(labels.codes)} labels)")
+            raise ModelFileError(
+                f"{meta_file}: trained on another label set than this ecgproto's "
+                f"({len(meta['codes'])} vs {len(labels.codes)} labels)"
+            )
         net = ECGProtoNet(ModelConfig.model_validate(meta["config"]), labels)
         net.source_signals = torch.empty_like(state["source_signals"])  # its size comes from the projection
         net.provenance = list(meta["provenance"])

@@ -39,9 +39,19 @@ from torch import nn
 
 
 class PrototypeLayer(nn.Module):
-    def __init__(self, n_prototypes: int, dim: int, scale: float, pool: str = "max", topk: int = 3,
-                 positive: bool = False, rows: int = 1, similarity: str = "cosine", sharpness: float = 1.0,
-                 group: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        n_prototypes: int,
+        dim: int,
+        scale: float,
+        pool: str = "max",
+        topk: int = 3,
+        positive: bool = False,
+        rows: int = 1,
+        similarity: str = "cosine",
+        sharpness: float = 1.0,
+        group: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         init = torch.rand(n_prototypes, dim) if positive else torch.randn(n_prototypes, dim)  # where latents live
         self.prototypes = nn.Parameter(init)

@@ -33,7 +33,8 @@ class CohortConfig(BaseModel):
     strict: bool = Field(False, description="only ECGs inside [admittime, dischtime]")
     min_age: float = 18.0
     admissions: Literal["first", "all"] = Field(
-        "first", description="first eligible admission per subject, or all of them (subject-grouped CV then)")
+        "first", description="first eligible admission per subject, or all of them (subject-grouped CV then)"
+    )
 
 
 @dataclass
@@ -67,8 +68,10 @@ def read_table(hosp: Path, name: str, columns: list[str]) -> pd.DataFrame:
 def link_ecgs(ecgs: pd.DataFrame, admissions: pd.DataFrame, config: CohortConfig) -> pd.DataFrame:
     """ecgs (record_id, subject_id, ecg_time, row) x admissions -> one ECG per admission (the earliest)."""
     e = ecgs.assign(ecg_time=pd.to_datetime(ecgs["ecg_time"], errors="coerce"))
-    a = admissions.assign(admittime=pd.to_datetime(admissions["admittime"], errors="coerce"),
-                          dischtime=pd.to_datetime(admissions["dischtime"], errors="coerce"))
+    a = admissions.assign(
+        admittime=pd.to_datetime(admissions["admittime"], errors="coerce"),
+        dischtime=pd.to_datetime(admissions["dischtime"], errors="coerce"),
+    )
     start = a["admittime"] - pd.Timedelta(days=0 if config.strict else config.window_before_days)
     a = a.assign(window_start=start)
     m = e.merge(a[["subject_id", "hadm_id", "admittime", "dischtime", "window_start"]], on="subject_id")
@@ -116,12 +119,19 @@ def build_cohort(manifest: pd.DataFrame, hosp: Path, config: CohortConfig | None
     if config.admissions == "first":
         linked = linked.sort_values(["subject_id", "admittime", "hadm_id"]).drop_duplicates("subject_id")
         steps.append(("first eligible admission per subject", len(linked), "admissions"))
-    table = linked.sort_values("hadm_id")[["hadm_id", "subject_id", "record_id", "row", "ecg_time", "age",
-                                           "age_top_coded", "male"]].reset_index(drop=True)
+    table = linked.sort_values("hadm_id")[
+        ["hadm_id", "subject_id", "record_id", "row", "ecg_time", "age", "age_top_coded", "male"]
+    ].reset_index(drop=True)
     subjects, unit_of = np.unique(table["subject_id"].to_numpy(), return_inverse=True)
     first = table.assign(_unit=unit_of).sort_values(["_unit", "ecg_time", "hadm_id"]).drop_duplicates("_unit")
-    units = pd.DataFrame({"subject_id": subjects, "age": first["age"].to_numpy(), "male": first["male"].to_numpy(),
-                          "admissions": np.bincount(unit_of, minlength=len(subjects))})
+    units = pd.DataFrame(
+        {
+            "subject_id": subjects,
+            "age": first["age"].to_numpy(),
+            "male": first["male"].to_numpy(),
+            "admissions": np.bincount(unit_of, minlength=len(subjects)),
+        }
+    )
     steps.append(("subjects analysed (one row each)", len(units), "subjects"))
     dx = diagnoses[diagnoses["hadm_id"].isin(set(table["hadm_id"]))].reset_index(drop=True)
     return Cohort(table, dx, pd.DataFrame(steps, columns=["step", "n", "unit"]), units, unit_of.ravel())

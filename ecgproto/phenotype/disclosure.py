@@ -37,15 +37,25 @@ class ProtectedCounts:
         return table.loc[phecodes.astype(str).to_numpy()].reset_index(drop=True)
 
 
-def protect_study_counts(flow: pd.DataFrame, phecodes: pd.DataFrame, by_version: pd.DataFrame,
-                         by_chapter: pd.DataFrame, prediction: pd.DataFrame, min_cell: int) -> ProtectedCounts:
+def protect_study_counts(
+    flow: pd.DataFrame,
+    phecodes: pd.DataFrame,
+    by_version: pd.DataFrame,
+    by_chapter: pd.DataFrame,
+    prediction: pd.DataFrame,
+    min_cell: int,
+) -> ProtectedCounts:
     d = Disclosure(min_cell)
     # cohort flow: one chain for ECGs, one for admissions then subjects; the subjects analysed are kept longest
     flow_cells = []
     for i, (unit, n) in enumerate(zip(flow["unit"], flow["n"], strict=True)):
         last = i == len(flow) - 1
-        flow_cells.append(d.cell(int(n), keep=2 if last else 1 if unit == "admissions" and
-                                 flow["unit"].iloc[i + 1] != "admissions" else 0))
+        flow_cells.append(
+            d.cell(
+                int(n),
+                keep=2 if last else 1 if unit == "admissions" and flow["unit"].iloc[i + 1] != "admissions" else 0,
+            )
+        )
     units = flow["unit"].to_numpy()
     d.chain([c for c, u in zip(flow_cells, units, strict=True) if u == "ECGs"])
     d.chain([c for c, u in zip(flow_cells, units, strict=True) if u in ("admissions", "subjects")])
@@ -103,5 +113,4 @@ def protect_study_counts(flow: pd.DataFrame, phecodes: pd.DataFrame, by_version:
     def metric(cell: int) -> float:
         return float("nan") if hidden[cell] else float(d.values[cell])
 
-    return ProtectedCounts(flow_out, ph_out, v_out, c_out, p_out, metric(admissions), metric(subjects),
-                           d.audit(hidden))
+    return ProtectedCounts(flow_out, ph_out, v_out, c_out, p_out, metric(admissions), metric(subjects), d.audit(hidden))

@@ -24,18 +24,51 @@ from scipy import sparse, special, stats
 
 from ecgproto.phenotype.phecodes import PhecodeStatus
 
-RESULT_COLUMNS = ["feature_set", "feature_id", "feature_label", "branch", "prototype_class", "phecode",
-                  "phecode_string", "phecode_category", "sex_restriction", "n_cases", "n_controls", "n_excluded",
-                  "beta", "standard_error", "odds_ratio", "ci_low", "ci_high", "p_value", "neg_log_p",
-                  "bonferroni_threshold", "significant_bonf", "q_fdr", "significant_fdr", "method", "converged"]
+RESULT_COLUMNS = [
+    "feature_set",
+    "feature_id",
+    "feature_label",
+    "branch",
+    "prototype_class",
+    "phecode",
+    "phecode_string",
+    "phecode_category",
+    "sex_restriction",
+    "n_cases",
+    "n_controls",
+    "n_excluded",
+    "beta",
+    "standard_error",
+    "odds_ratio",
+    "ci_low",
+    "ci_high",
+    "p_value",
+    "neg_log_p",
+    "bonferroni_threshold",
+    "significant_bonf",
+    "q_fdr",
+    "significant_fdr",
+    "method",
+    "converged",
+]
 
 # Columns of few distinct values, stored as categories (a million-row table stays small).
-CATEGORY_COLUMNS = ("feature_set", "branch", "prototype_class", "phecode", "phecode_string", "phecode_category",
-                    "sex_restriction", "method")
+CATEGORY_COLUMNS = (
+    "feature_set",
+    "branch",
+    "prototype_class",
+    "phecode",
+    "phecode_string",
+    "phecode_category",
+    "sex_restriction",
+    "method",
+)
 
 
 class EngineConfig(BaseModel):
-    screen_p: float = Field(1e-3, gt=0, le=1, description="refit exactly where the score test p is at most this (1 = refit all)")
+    screen_p: float = Field(
+        1e-3, gt=0, le=1, description="refit exactly where the score test p is at most this (1 = refit all)"
+    )
     firth_below_cases: int = Field(100, ge=0, description="use Firth's penalised fit when cases are fewer")
     alpha: float = Field(0.05, gt=0, lt=1, description="family-wise level (Bonferroni) and FDR level (BH)")
     block: int = Field(128, ge=1, description="phecodes per block (bounds memory: n x block columns)")
@@ -86,8 +119,9 @@ class RefitResult:
     converged: bool
 
 
-def newton_logit(X: np.ndarray, y: np.ndarray, max_iter: int = 50, tol: float = 1e-10,
-                 start: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def newton_logit(
+    X: np.ndarray, y: np.ndarray, max_iter: int = 50, tol: float = 1e-10, start: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Batched maximum likelihood: X (H, n, p), y (n,) -> beta (H, p), covariance (H, p, p), converged (H,).
     `start` (H, p): a warm start (the null fit and the score step put Newton a step or two from the optimum)."""
     h, n, p = X.shape
@@ -115,8 +149,9 @@ def newton_logit(X: np.ndarray, y: np.ndarray, max_iter: int = 50, tol: float = 
     return beta, cov, converged
 
 
-def firth_logit(X: np.ndarray, y: np.ndarray, max_iter: int = 200, tol: float = 1e-6
-                ) -> tuple[np.ndarray, np.ndarray, float, bool]:
+def firth_logit(
+    X: np.ndarray, y: np.ndarray, max_iter: int = 200, tol: float = 1e-6
+) -> tuple[np.ndarray, np.ndarray, float, bool]:
     """Firth's bias-reduced logistic regression: X (n, p) -> beta, covariance, penalised loglik, converged.
 
     Maximises l(b) + 0.5 log|I(b)| with the modified score X'(y - mu + h (1/2 - mu)) and step halving;
@@ -210,8 +245,9 @@ class AssociationEngine:
         y, m = self._block(cols)
         patterns, inverse = np.unique(Z, axis=0, return_inverse=True)
         if len(patterns) <= len(Z) // 4:
-            pool = sparse.csr_matrix((np.ones(len(Z)), (inverse.ravel(), np.arange(len(Z)))),
-                                     shape=(len(patterns), len(Z)))
+            pool = sparse.csr_matrix(
+                (np.ones(len(Z)), (inverse.ravel(), np.arange(len(Z)))), shape=(len(patterns), len(Z))
+            )
             Z, y, m = patterns, pool @ (y * m), pool @ m  # cases and at-risk counts per pattern
         b, k = y.shape[1], Z.shape[1]
         drop = self.drop_[cols]
@@ -291,8 +327,13 @@ class AssociationEngine:
         for j in np.unique(hits[:, 1]):
             feats = hits[hits[:, 1] == j, 0]
             for i, res in zip(feats, self.refit(F[:, feats].astype(np.float64), j, beta[feats, j]), strict=True):
-                beta[i, j], se[i, j], p[i, j], method[i, j], converged[i, j] = \
-                    res.beta, res.se, res.p, res.method, res.converged
+                beta[i, j], se[i, j], p[i, j], method[i, j], converged[i, j] = (
+                    res.beta,
+                    res.se,
+                    res.p,
+                    res.method,
+                    res.converged,
+                )
         return self._table(fs, beta, se, p, method, converged)
 
     def refit(self, x: np.ndarray, j: int, score_beta: np.ndarray | None = None) -> list[RefitResult]:
@@ -307,7 +348,7 @@ class AssociationEngine:
         firth = np.full(xs.shape[1], n_cases < self.config.firth_below_cases)
         todo = np.flatnonzero(~firth)
         for lo in range(0, len(todo), 32):
-            idx = todo[lo:lo + 32]
+            idx = todo[lo : lo + 32]
             X = np.concatenate([np.broadcast_to(Z, (len(idx),) + Z.shape), xs[:, idx].T[:, :, None]], axis=2)
             start = np.zeros((len(idx), X.shape[2]))
             start[:, :-1] = self.null_beta_[j][~self.drop_[j]]
@@ -327,12 +368,18 @@ class AssociationEngine:
                 X1 = np.column_stack([Z, xs[:, i]])
                 b, cov, value, conv = firth_logit(X1, y)
                 lr = max(2 * (value - null_value), 0.0)
-                out[i] = RefitResult(float(b[-1]), float(np.sqrt(max(cov[-1, -1], 0.0))),
-                                     float(stats.chi2.sf(lr, 1)), "firth", bool(conv and null_conv))
+                out[i] = RefitResult(
+                    float(b[-1]),
+                    float(np.sqrt(max(cov[-1, -1], 0.0))),
+                    float(stats.chi2.sf(lr, 1)),
+                    "firth",
+                    bool(conv and null_conv),
+                )
         return [r for r in out if r is not None]
 
-    def _table(self, fs: FeatureSet, beta: np.ndarray, se: np.ndarray, p: np.ndarray, method: np.ndarray,
-               converged: np.ndarray) -> pd.DataFrame:
+    def _table(
+        self, fs: FeatureSet, beta: np.ndarray, se: np.ndarray, p: np.ndarray, method: np.ndarray, converged: np.ndarray
+    ) -> pd.DataFrame:
         m, J = beta.shape
         ph = self.status_.phecodes
         fi = np.repeat(np.arange(m), J)
@@ -343,26 +390,35 @@ class AssociationEngine:
         q = bh_fdr(flat_p)
         b, s = beta.ravel(), se.ravel()
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            table = pd.DataFrame({
-                "feature_set": fs.name,
-                "feature_id": fs.features["feature_id"].astype(str).to_numpy()[fi],
-                "feature_label": fs.features["feature_label"].astype(str).to_numpy()[fi],
-                "branch": fs.features["branch"].astype(str).to_numpy()[fi],
-                "prototype_class": fs.features["prototype_class"].astype(str).to_numpy()[fi],
-                "phecode": ph["phecode"].to_numpy()[pj],
-                "phecode_string": ph["phecode_string"].to_numpy()[pj],
-                "phecode_category": ph["phecode_category"].to_numpy()[pj],
-                "sex_restriction": ph["sex"].to_numpy()[pj],
-                "n_cases": ph["n_cases"].to_numpy()[pj],
-                "n_controls": ph["n_controls"].to_numpy()[pj],
-                "n_excluded": ph["n_excluded"].to_numpy()[pj],
-                "beta": b, "standard_error": s, "odds_ratio": np.exp(b),
-                "ci_low": np.exp(b - 1.959963984540054 * s), "ci_high": np.exp(b + 1.959963984540054 * s),
-                "p_value": flat_p, "neg_log_p": -np.log10(np.maximum(flat_p, 1e-300)),
-                "bonferroni_threshold": threshold, "significant_bonf": flat_p < threshold,
-                "q_fdr": q, "significant_fdr": q < self.config.alpha,
-                "method": method.ravel(), "converged": converged.ravel(),
-            })
+            table = pd.DataFrame(
+                {
+                    "feature_set": fs.name,
+                    "feature_id": fs.features["feature_id"].astype(str).to_numpy()[fi],
+                    "feature_label": fs.features["feature_label"].astype(str).to_numpy()[fi],
+                    "branch": fs.features["branch"].astype(str).to_numpy()[fi],
+                    "prototype_class": fs.features["prototype_class"].astype(str).to_numpy()[fi],
+                    "phecode": ph["phecode"].to_numpy()[pj],
+                    "phecode_string": ph["phecode_string"].to_numpy()[pj],
+                    "phecode_category": ph["phecode_category"].to_numpy()[pj],
+                    "sex_restriction": ph["sex"].to_numpy()[pj],
+                    "n_cases": ph["n_cases"].to_numpy()[pj],
+                    "n_controls": ph["n_controls"].to_numpy()[pj],
+                    "n_excluded": ph["n_excluded"].to_numpy()[pj],
+                    "beta": b,
+                    "standard_error": s,
+                    "odds_ratio": np.exp(b),
+                    "ci_low": np.exp(b - 1.959963984540054 * s),
+                    "ci_high": np.exp(b + 1.959963984540054 * s),
+                    "p_value": flat_p,
+                    "neg_log_p": -np.log10(np.maximum(flat_p, 1e-300)),
+                    "bonferroni_threshold": threshold,
+                    "significant_bonf": flat_p < threshold,
+                    "q_fdr": q,
+                    "significant_fdr": q < self.config.alpha,
+                    "method": method.ravel(),
+                    "converged": converged.ravel(),
+                }
+            )
         for col in CATEGORY_COLUMNS:
             table[col] = table[col].astype("category")
         return table[RESULT_COLUMNS]

@@ -1,10 +1,10 @@
 """The feature sets an association study compares, built from a scored cohort and its machine reports.
 
-  prototype         per-prototype similarity, z-scored over the cohort (branches differ in scale)
-  prototype_top1    which prototype of each branch matches best (one-hot)
-  prototype_class   max z-similarity over a class's prototypes
-  class_prob        the fused label probabilities, as z-scored logits
-  nlp_concept       concepts parsed from the machine report lines, hedged statements as their own level
+prototype         per-prototype similarity, z-scored over the cohort (branches differ in scale)
+prototype_top1    which prototype of each branch matches best (one-hot)
+prototype_class   max z-similarity over a class's prototypes
+class_prob        the fused label probabilities, as z-scored logits
+nlp_concept       concepts parsed from the machine report lines, hedged statements as their own level
 """
 
 from __future__ import annotations
@@ -35,11 +35,26 @@ class Scores:
     codes: tuple[str, ...]
 
 
-def score_cohort(model: torch.nn.Module, store: ArrayStore, rows: np.ndarray, batch_size: int = 256,
-                 device: str = "cpu", progress: bool = True, workers: int = 0) -> Scores:
+def score_cohort(
+    model: torch.nn.Module,
+    store: ArrayStore,
+    rows: np.ndarray,
+    batch_size: int = 256,
+    device: str = "cpu",
+    progress: bool = True,
+    workers: int = 0,
+) -> Scores:
     """Run the model unchanged on the cohort's ECGs (store rows), in batches, streaming from the memmap."""
-    sims, probs = score_rows(model, store, rows, batch_size=batch_size, device=device, workers=workers,
-                             progress=progress, desc="scoring cohort")
+    sims, probs = score_rows(
+        model,
+        store,
+        rows,
+        batch_size=batch_size,
+        device=device,
+        workers=workers,
+        progress=progress,
+        desc="scoring cohort",
+    )
     return Scores(sims, probs, prototype_table(model), tuple(model.codes))
 
 
@@ -48,8 +63,10 @@ def scores_from_activations(activations: ActivationStore, rows: np.ndarray) -> S
     position = pd.Series(activations.records["position"].to_numpy(), index=activations.records["row"].to_numpy())
     missing = ~np.isin(rows, position.index)
     if missing.any():
-        raise ValueError(f"{activations.path}: {int(missing.sum())} cohort ECGs were not scored "
-                         f"(store rows e.g. {rows[missing][:3].tolist()}); score the same store")
+        raise ValueError(
+            f"{activations.path}: {int(missing.sum())} cohort ECGs were not scored "
+            f"(store rows e.g. {rows[missing][:3].tolist()}); score the same store"
+        )
     take = position.loc[rows].to_numpy()
     sims, probs = activations.take(take, "similarities"), activations.take(take, "probabilities")
     return Scores(sims, probs, activations.prototypes, tuple(activations.info["codes"]))
@@ -60,8 +77,15 @@ def prototype_table(model: torch.nn.Module) -> pd.DataFrame:
     for name, offset in model.prototype_offsets().items():
         branch = model.branches[name]
         for j, k in enumerate(branch.prototype_class.tolist()):
-            rows.append({"prototype": offset + j, "branch": name, "class": branch.classes[k], "index_in_branch": j,
-                         "scale": branch.scale})
+            rows.append(
+                {
+                    "prototype": offset + j,
+                    "branch": name,
+                    "class": branch.classes[k],
+                    "index_in_branch": j,
+                    "scale": branch.scale,
+                }
+            )
     table = pd.DataFrame(rows)
     table["rank_in_class"] = table.groupby(["branch", "class"]).cumcount()
     # Projection pushes a prototype of a class without training positives onto another class's ECG:
@@ -74,8 +98,9 @@ def prototype_table(model: torch.nn.Module) -> pd.DataFrame:
 def own_class_only(scores: Scores) -> Scores:
     """The same scores, listing only prototypes projected onto an ECG of their own class."""
     keep = scores.prototypes["own_class_source"].to_numpy(bool)
-    return Scores(scores.similarities, scores.probabilities, scores.prototypes[keep].reset_index(drop=True),
-                  scores.codes)
+    return Scores(
+        scores.similarities, scores.probabilities, scores.prototypes[keep].reset_index(drop=True), scores.codes
+    )
 
 
 def zscore(x: np.ndarray) -> np.ndarray:
@@ -85,11 +110,16 @@ def zscore(x: np.ndarray) -> np.ndarray:
 
 def _prototype_columns(t: pd.DataFrame) -> pd.DataFrame:
     """Feature id, label (the prototype's one name, `prototype_name`), branch and class of each listed prototype."""
-    return pd.DataFrame({
-        "feature_id": [f"P{p:04d}" for p in t["prototype"]],
-        "feature_label": [prototype_name(p, c, b) for p, c, b in zip(t["prototype"], t["class"], t["branch"],
-                                                                      strict=True)],
-        "branch": t["branch"], "prototype_class": t["class"]})
+    return pd.DataFrame(
+        {
+            "feature_id": [f"P{p:04d}" for p in t["prototype"]],
+            "feature_label": [
+                prototype_name(p, c, b) for p, c, b in zip(t["prototype"], t["class"], t["branch"], strict=True)
+            ],
+            "branch": t["branch"],
+            "prototype_class": t["class"],
+        }
+    )
 
 
 def prototype_features(scores: Scores) -> FeatureSet:
@@ -105,7 +135,11 @@ def top1_features(scores: Scores) -> FeatureSet:
         best = cols[scores.similarities[:, cols].argmax(axis=1)]
         onehot[np.arange(len(onehot)), best] = 1.0
     base = _prototype_columns(t)
-    return FeatureSet("prototype_top1", onehot[:, t["prototype"].to_numpy()], base.assign(feature_label=base["feature_label"] + " is top-1"))
+    return FeatureSet(
+        "prototype_top1",
+        onehot[:, t["prototype"].to_numpy()],
+        base.assign(feature_label=base["feature_label"] + " is top-1"),
+    )
 
 
 def class_features(scores: Scores) -> FeatureSet:
@@ -114,18 +148,28 @@ def class_features(scores: Scores) -> FeatureSet:
     classes = [c for c in scores.codes if c in set(t["class"])]
     values = np.column_stack([z[:, t.loc[t["class"] == c, "prototype"].to_numpy()].max(axis=1) for c in classes])
     branch = t.drop_duplicates("class").set_index("class")["branch"]
-    feats = pd.DataFrame({"feature_id": [f"class:{c}" for c in classes],
-                          "feature_label": [f"{c} prototypes (max)" for c in classes],
-                          "branch": [branch[c] for c in classes], "prototype_class": classes})
+    feats = pd.DataFrame(
+        {
+            "feature_id": [f"class:{c}" for c in classes],
+            "feature_label": [f"{c} prototypes (max)" for c in classes],
+            "branch": [branch[c] for c in classes],
+            "prototype_class": classes,
+        }
+    )
     return FeatureSet("prototype_class", values.astype(np.float32), feats)
 
 
 def probability_features(scores: Scores) -> FeatureSet:
     p = np.clip(scores.probabilities.astype(np.float64), 1e-6, 1 - 1e-6)
     branch = scores.prototypes.drop_duplicates("class").set_index("class")["branch"]
-    feats = pd.DataFrame({"feature_id": [f"prob:{c}" for c in scores.codes],
-                          "feature_label": [f"P({c})" for c in scores.codes],
-                          "branch": [branch.get(c, "") for c in scores.codes], "prototype_class": list(scores.codes)})
+    feats = pd.DataFrame(
+        {
+            "feature_id": [f"prob:{c}" for c in scores.codes],
+            "feature_label": [f"P({c})" for c in scores.codes],
+            "branch": [branch.get(c, "") for c in scores.codes],
+            "prototype_class": list(scores.codes),
+        }
+    )
     return FeatureSet("class_prob", zscore(np.log(p / (1 - p))), feats)
 
 
@@ -137,7 +181,7 @@ def normalise_statement(line: str) -> tuple[str, str] | None:
         return None
     for hedge in HEDGES:
         if text.startswith(hedge + " "):
-            return text[len(hedge) + 1:].strip(), "hedged"
+            return text[len(hedge) + 1 :].strip(), "hedged"
     return text, "stated"
 
 
@@ -158,7 +202,10 @@ def nlp_features(reports: pd.DataFrame, min_prevalence: float = 0.001) -> Featur
     values = np.zeros((n, len(keep)), dtype=np.float32)
     for j, k in enumerate(keep):
         values[list(found[k]), j] = 1.0
-    feats = pd.DataFrame({"feature_id": [f"nlp:{k}" for k in keep],
-                          "feature_label": [k.split("|")[0] + (" (hedged)" if k.endswith("|hedged") else "")
-                                            for k in keep]})
+    feats = pd.DataFrame(
+        {
+            "feature_id": [f"nlp:{k}" for k in keep],
+            "feature_label": [k.split("|")[0] + (" (hedged)" if k.endswith("|hedged") else "") for k in keep],
+        }
+    )
     return FeatureSet("nlp_concept", values, feats)

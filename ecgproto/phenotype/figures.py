@@ -42,32 +42,60 @@ def manhattan(results: pd.DataFrame, feature_set: str, alpha: float = 0.05, top:
         ticks.append(float(np.mean([x_of[p] for p in g["phecode"].astype(str).unique()])))
         names.append(cat)
     ax.set_xticks(ticks, names, rotation=60, ha="right", rotation_mode="anchor", fontsize=7)
-    handles = [ax.scatter([], [], marker="^", color="black", s=14, label="OR > 1"),
-               ax.scatter([], [], marker="v", color="black", s=14, label="OR < 1")]
+    handles = [
+        ax.scatter([], [], marker="^", color="black", s=14, label="OR > 1"),
+        ax.scatter([], [], marker="v", color="black", s=14, label="OR < 1"),
+    ]
     lines = []
     if len(r):
         bonf = float(r["bonferroni_threshold"].iloc[0])
         lines.append(ax.axhline(-np.log10(bonf), color="red", lw=1, ls="--", label=f"Bonferroni (p < {bonf:.1e})"))
         n_fdr = int((r["q_fdr"] < alpha).sum())
         if n_fdr:  # the Benjamini-Hochberg critical p of the last significant rank
-            lines.append(ax.axhline(-np.log10(n_fdr * alpha / len(r)), color="orange", lw=1, ls=":",
-                                    label=f"FDR {alpha:g} (BH; {n_fdr} pairs)"))
+            lines.append(
+                ax.axhline(
+                    -np.log10(n_fdr * alpha / len(r)),
+                    color="orange",
+                    lw=1,
+                    ls=":",
+                    label=f"FDR {alpha:g} (BH; {n_fdr} pairs)",
+                )
+            )
     side.legend(handles=handles + lines, fontsize=7, loc="lower left")  # beside the plot, never over a point
     ax.set_ylabel("-log10 p")
     n_phecodes = r["phecode"].nunique()
-    ax.set_title(f"{feature_set}: {FEATURE_SETS.get(feature_set, feature_set)}\n{len(r):,} tests ({r['feature_id'].nunique()} "
-                 f"features x {n_phecodes} phecodes), logistic regression on age and sex", fontsize=9)
+    ax.set_title(
+        f"{feature_set}: {FEATURE_SETS.get(feature_set, feature_set)}\n{len(r):,} tests ({r['feature_id'].nunique()} "
+        f"features x {n_phecodes} phecodes), logistic regression on age and sex",
+        fontsize=9,
+    )
     side.set_axis_off()
     hits = r.sort_values("p_value").drop_duplicates("phecode").head(top)
     hits = hits[hits["significant_bonf"].astype(bool)]
     rows = []
     for i, (_, t) in enumerate(hits.iterrows(), 1):
-        ax.annotate(str(i), (x_of[str(t["phecode"])], t["neg_log_p"]), fontsize=7, xytext=(2, 2),
-                    textcoords="offset points", fontweight="bold")
-        rows.append(f"{i}. {t['phecode']} {str(t['phecode_string'])[:40]}\n    {str(t['feature_label'])[:40]}\n"
-                    f"    OR {t['odds_ratio']:.2f}, p {t['p_value']:.1e}")
-    side.text(0, 1, "strongest Bonferroni-significant hit per phecode\n\n" + ("\n".join(rows) if rows else "none"),
-              va="top", ha="left", fontsize=7, family="monospace", transform=side.transAxes)
+        ax.annotate(
+            str(i),
+            (x_of[str(t["phecode"])], t["neg_log_p"]),
+            fontsize=7,
+            xytext=(2, 2),
+            textcoords="offset points",
+            fontweight="bold",
+        )
+        rows.append(
+            f"{i}. {t['phecode']} {str(t['phecode_string'])[:40]}\n    {str(t['feature_label'])[:40]}\n"
+            f"    OR {t['odds_ratio']:.2f}, p {t['p_value']:.1e}"
+        )
+    side.text(
+        0,
+        1,
+        "strongest Bonferroni-significant hit per phecode\n\n" + ("\n".join(rows) if rows else "none"),
+        va="top",
+        ha="left",
+        fontsize=7,
+        family="monospace",
+        transform=side.transAxes,
+    )
     fig.tight_layout()
     return fig
 
@@ -81,7 +109,8 @@ def heatmap(results: pd.DataFrame, max_features: int = 40, max_phecodes: int = 3
     signed = sub.assign(v=np.sign(sub["beta"]) * sub["neg_log_p"])
     labels = sub.drop_duplicates("phecode").set_index("phecode")["phecode_string"].astype(str)
     grid = signed.pivot_table(index="feature_label", columns="phecode", values="v", observed=True).reindex(
-        index=feats, columns=codes)
+        index=feats, columns=codes
+    )
     fig = Figure(figsize=(max(6, 0.35 * len(codes) + 4), max(4, 0.22 * len(feats) + 2)))
     ax = fig.subplots()
     lim = max(float(np.nanmax(np.abs(grid.to_numpy()))) if grid.size else 1.0, 1.0)
@@ -96,8 +125,9 @@ def heatmap(results: pd.DataFrame, max_features: int = 40, max_phecodes: int = 3
 
 def feature_set_comparison(strength: pd.DataFrame) -> Figure:
     """Significant phecodes per category, one bar per feature set."""
-    piv = strength.pivot_table(index="phecode_category", columns="feature_set", values="significant_phecodes",
-                               aggfunc="sum", fill_value=0)
+    piv = strength.pivot_table(
+        index="phecode_category", columns="feature_set", values="significant_phecodes", aggfunc="sum", fill_value=0
+    )
     fig = Figure(figsize=(10, 4.5))
     ax = fig.subplots()
     width = 0.8 / max(len(piv.columns), 1)

@@ -20,20 +20,49 @@ PhecodeVersion = Literal["1.2", "X"]
 MAP_FILES = {"1.2": "phecode12_icd9cm_icd10cm.csv.gz", "X": "phecodeX_icd9cm_icd10cm.csv.gz"}
 
 # ICD chapters, for the mapping report. ICD-9-CM by numeric range, ICD-10-CM by letter range.
-_ICD9_CHAPTERS = [(1, 139, "infectious"), (140, 239, "neoplasms"), (240, 279, "endocrine/metabolic"),
-                  (280, 289, "blood"), (290, 319, "mental"), (320, 389, "nervous/sense organs"),
-                  (390, 459, "circulatory"), (460, 519, "respiratory"), (520, 579, "digestive"),
-                  (580, 629, "genitourinary"), (630, 679, "pregnancy"), (680, 709, "skin"),
-                  (710, 739, "musculoskeletal"), (740, 759, "congenital"), (760, 779, "perinatal"),
-                  (780, 799, "symptoms/ill-defined"), (800, 999, "injury/poisoning")]
-_ICD10_CHAPTERS = [("A00", "B99", "infectious"), ("C00", "D49", "neoplasms"), ("D50", "D89", "blood"),
-                   ("E00", "E89", "endocrine/metabolic"), ("F01", "F99", "mental"), ("G00", "G99", "nervous"),
-                   ("H00", "H59", "eye"), ("H60", "H95", "ear"), ("I00", "I99", "circulatory"),
-                   ("J00", "J99", "respiratory"), ("K00", "K95", "digestive"), ("L00", "L99", "skin"),
-                   ("M00", "M99", "musculoskeletal"), ("N00", "N99", "genitourinary"), ("O00", "O9A", "pregnancy"),
-                   ("P00", "P96", "perinatal"), ("Q00", "Q99", "congenital"), ("R00", "R99", "symptoms/ill-defined"),
-                   ("S00", "T88", "injury/poisoning"), ("U00", "U85", "special purposes"),
-                   ("V00", "Y99", "external causes"), ("Z00", "Z99", "supplementary (factors)")]
+_ICD9_CHAPTERS = [
+    (1, 139, "infectious"),
+    (140, 239, "neoplasms"),
+    (240, 279, "endocrine/metabolic"),
+    (280, 289, "blood"),
+    (290, 319, "mental"),
+    (320, 389, "nervous/sense organs"),
+    (390, 459, "circulatory"),
+    (460, 519, "respiratory"),
+    (520, 579, "digestive"),
+    (580, 629, "genitourinary"),
+    (630, 679, "pregnancy"),
+    (680, 709, "skin"),
+    (710, 739, "musculoskeletal"),
+    (740, 759, "congenital"),
+    (760, 779, "perinatal"),
+    (780, 799, "symptoms/ill-defined"),
+    (800, 999, "injury/poisoning"),
+]
+_ICD10_CHAPTERS = [
+    ("A00", "B99", "infectious"),
+    ("C00", "D49", "neoplasms"),
+    ("D50", "D89", "blood"),
+    ("E00", "E89", "endocrine/metabolic"),
+    ("F01", "F99", "mental"),
+    ("G00", "G99", "nervous"),
+    ("H00", "H59", "eye"),
+    ("H60", "H95", "ear"),
+    ("I00", "I99", "circulatory"),
+    ("J00", "J99", "respiratory"),
+    ("K00", "K95", "digestive"),
+    ("L00", "L99", "skin"),
+    ("M00", "M99", "musculoskeletal"),
+    ("N00", "N99", "genitourinary"),
+    ("O00", "O9A", "pregnancy"),
+    ("P00", "P96", "perinatal"),
+    ("Q00", "Q99", "congenital"),
+    ("R00", "R99", "symptoms/ill-defined"),
+    ("S00", "T88", "injury/poisoning"),
+    ("U00", "U85", "special purposes"),
+    ("V00", "Y99", "external causes"),
+    ("Z00", "Z99", "supplementary (factors)"),
+]
 SUPPLEMENTARY = {"supplementary (V codes)", "external causes (E codes)", "external causes", "supplementary (factors)"}
 
 
@@ -127,18 +156,22 @@ class PhecodeMap:
             if col not in diagnoses.columns:
                 raise PhecodeError(f"diagnoses table lacks column {col!r} (MIMIC-IV hosp/diagnoses_icd)")
         versions = pd.to_numeric(diagnoses["icd_version"], errors="coerce")
-        unique = pd.DataFrame({"icd_code": diagnoses["icd_code"].astype(str).str.strip(),
-                               "icd_version": versions}).drop_duplicates()
+        unique = pd.DataFrame(
+            {"icd_code": diagnoses["icd_code"].astype(str).str.strip(), "icd_version": versions}
+        ).drop_duplicates()
         rows = []
         for code, version in zip(unique["icd_code"], unique["icd_version"], strict=True):
             v = int(version) if version in (9, 10) else -1
             phecodes, matched, how = self.lookup(code, v) if v > 0 else ((), "", "malformed")
-            rows.append((code, version, matched, how, phecodes,
-                         icd_chapter(code, v) if v > 0 else "malformed"))
+            rows.append((code, version, matched, how, phecodes, icd_chapter(code, v) if v > 0 else "malformed"))
         lookup = pd.DataFrame(rows, columns=["icd_code", "icd_version", "matched_icd", "match", "phecodes", "chapter"])
-        detail = pd.DataFrame({"hadm_id": diagnoses["hadm_id"].to_numpy(),
-                               "icd_code": diagnoses["icd_code"].astype(str).str.strip().to_numpy(),
-                               "icd_version": versions.to_numpy()}).merge(lookup, on=["icd_code", "icd_version"], how="left")
+        detail = pd.DataFrame(
+            {
+                "hadm_id": diagnoses["hadm_id"].to_numpy(),
+                "icd_code": diagnoses["icd_code"].astype(str).str.strip().to_numpy(),
+                "icd_version": versions.to_numpy(),
+            }
+        ).merge(lookup, on=["icd_code", "icd_version"], how="left")
         pairs = detail[["hadm_id", "phecodes"]].explode("phecodes").dropna().rename(columns={"phecodes": "phecode"})
         return pairs.drop_duplicates().reset_index(drop=True), detail
 
@@ -154,7 +187,9 @@ def _phecode_info(raw: pd.DataFrame, version: PhecodeVersion) -> pd.DataFrame:
         extra = parents.set_index("phecode_unrolled")[leaf.columns]
         leaf = pd.concat([leaf, extra])
     exclude = leaf["exclude_range"] if "exclude_range" in leaf.columns else pd.Series("", index=leaf.index)
-    leaf["exclude_range"] = [tuple(sorted(p.strip() for p in str(e).split(",") if p.strip())) for e in exclude.fillna("")]
+    leaf["exclude_range"] = [
+        tuple(sorted(p.strip() for p in str(e).split(",") if p.strip())) for e in exclude.fillna("")
+    ]
     leaf.index.name = "phecode"
     return leaf.sort_index()
 
@@ -170,12 +205,16 @@ class MappingReport:
 
 
 def mapping_report(detail: pd.DataFrame) -> MappingReport:
-    d = detail.assign(mapped=detail["match"].isin(["exact", "trimmed"]),
-                      exact=detail["match"].eq("exact"), trimmed=detail["match"].eq("trimmed"))
+    d = detail.assign(
+        mapped=detail["match"].isin(["exact", "trimmed"]),
+        exact=detail["match"].eq("exact"),
+        trimmed=detail["match"].eq("trimmed"),
+    )
 
     def summarise(g: pd.core.groupby.DataFrameGroupBy) -> pd.DataFrame:
-        out = g.agg(rows=("mapped", "size"), mapped=("mapped", "sum"), exact=("exact", "sum"),
-                    trimmed=("trimmed", "sum"))
+        out = g.agg(
+            rows=("mapped", "size"), mapped=("mapped", "sum"), exact=("exact", "sum"), trimmed=("trimmed", "sum")
+        )
         out["mapping_rate"] = out["mapped"] / out["rows"]
         return out.reset_index()
 
@@ -183,8 +222,14 @@ def mapping_report(detail: pd.DataFrame) -> MappingReport:
     by_chapter = summarise(d.groupby(["icd_version", "chapter"]))
     core = d[~d["chapter"].isin(SUPPLEMENTARY)]
     rate = float(core["mapped"].mean()) if len(core) else float("nan")
-    unmapped = d[~d["mapped"]].groupby(["icd_code", "icd_version", "chapter", "match"]).size() \
-        .rename("rows").reset_index().sort_values("rows", ascending=False)
+    unmapped = (
+        d[~d["mapped"]]
+        .groupby(["icd_code", "icd_version", "chapter", "match"])
+        .size()
+        .rename("rows")
+        .reset_index()
+        .sort_values("rows", ascending=False)
+    )
     return MappingReport(by_version, by_chapter, rate, unmapped)
 
 
@@ -197,8 +242,15 @@ class PhecodeStatus:
     untested: pd.DataFrame  # phecode, phecode_string, phecode_category, reason, same_cases_as
 
 
-def phecode_status(admissions: pd.Series, pairs: pd.DataFrame, phecode_map: PhecodeMap, male: np.ndarray,
-                   min_cases: int = 20, min_controls: int = 20, unit_of: np.ndarray | None = None) -> PhecodeStatus:
+def phecode_status(
+    admissions: pd.Series,
+    pairs: pd.DataFrame,
+    phecode_map: PhecodeMap,
+    male: np.ndarray,
+    min_cases: int = 20,
+    min_controls: int = 20,
+    unit_of: np.ndarray | None = None,
+) -> PhecodeStatus:
     """Cases, controls and exclusions for every phecode seen in the cohort's codes.
 
     admissions: the cohort's hadm_ids in row order; male: (n,) bool. `unit_of` (n,): the analysis unit
@@ -259,18 +311,23 @@ def phecode_status(admissions: pd.Series, pairs: pd.DataFrame, phecode_map: Phec
     table["n_controls"] = (status == 0).sum(axis=0)
     table["n_excluded"] = (status == -1).sum(axis=0)
     counted = " (distinct subjects)" if unit_of is not None else ""
-    reason = np.where(table["n_cases"] < min_cases, f"fewer than {min_cases} cases{counted}",
-                      np.where(table["n_controls"] < min_controls, f"fewer than {min_controls} controls{counted}", ""))
+    reason = np.where(
+        table["n_cases"] < min_cases,
+        f"fewer than {min_cases} cases{counted}",
+        np.where(table["n_controls"] < min_controls, f"fewer than {min_controls} controls{counted}", ""),
+    )
     same_as = _same_case_sets(table["phecode"].to_numpy(), status == 1, reason == "")
     codes = table["phecode"].to_numpy()
     table["same_cases"] = [", ".join(sorted(codes[same_as == c])) for c in codes]
     reason = np.where(same_as != "", "same cases as " + same_as.astype(str), reason)
     table["tested"] = reason == ""
     untested = table.loc[~table["tested"], ["phecode", "phecode_string", "phecode_category"]].assign(
-        reason=reason[~table["tested"].to_numpy()], same_cases_as=same_as[~table["tested"].to_numpy()])
+        reason=reason[~table["tested"].to_numpy()], same_cases_as=same_as[~table["tested"].to_numpy()]
+    )
     keep = table["tested"].to_numpy()
-    return PhecodeStatus(status[:, keep], table.loc[keep].drop(columns="tested").reset_index(drop=True),
-                         untested.reset_index(drop=True))
+    return PhecodeStatus(
+        status[:, keep], table.loc[keep].drop(columns="tested").reset_index(drop=True), untested.reset_index(drop=True)
+    )
 
 
 def _same_case_sets(codes: np.ndarray, cases: np.ndarray, testable: np.ndarray) -> np.ndarray:

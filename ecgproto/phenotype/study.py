@@ -66,8 +66,10 @@ class StudyConfig(BaseModel):
     feature_sets: tuple[str, ...] = ALL_SETS
     nlp_min_prevalence: float = 0.001
     own_class_prototypes_only: bool = Field(
-        True, description="test only prototypes projected onto an ECG of their own class (the others carry a "
-        "class name their source ECG does not have)")
+        True,
+        description="test only prototypes projected onto an ECG of their own class (the others carry a "
+        "class name their source ECG does not have)",
+    )
     predict: bool = True
     targets: dict[str, str] = Field(default_factory=lambda: dict(compare.TARGETS))
     seed: int = 0
@@ -98,9 +100,13 @@ class StudyResult:
         from dataclasses import replace
 
         private = ("hadm_id", "subject_id", "record_id", "row", "ecg_time")
-        cohort = Cohort(self.cohort.table.drop(columns=[c for c in private if c in self.cohort.table]),
-                        self.cohort.diagnoses.iloc[:0, :0], self.cohort.flow,
-                        self.cohort.units.drop(columns=["subject_id"], errors="ignore"), self.cohort.unit_of)
+        cohort = Cohort(
+            self.cohort.table.drop(columns=[c for c in private if c in self.cohort.table]),
+            self.cohort.diagnoses.iloc[:0, :0],
+            self.cohort.flow,
+            self.cohort.units.drop(columns=["subject_id"], errors="ignore"),
+            self.cohort.unit_of,
+        )
         return replace(self, cohort=cohort)
 
 
@@ -115,13 +121,24 @@ class PhenotypeStudy:
         cohort = build_cohort(store.manifest, Path(hosp), self.config.cohort)
         pmap = PhecodeMap.load(self.config.phecode_version)  # type: ignore[arg-type]
         pairs, detail = pmap.map_diagnoses(cohort.diagnoses)
-        status = phecode_status(cohort.table["hadm_id"], pairs, pmap, cohort.table["male"].to_numpy(),
-                                self.config.min_cases, self.config.min_controls, unit_of=cohort.unit_of)
+        status = phecode_status(
+            cohort.table["hadm_id"],
+            pairs,
+            pmap,
+            cohort.table["male"].to_numpy(),
+            self.config.min_cases,
+            self.config.min_controls,
+            unit_of=cohort.unit_of,
+        )
         return cohort, status, mapping_report(detail)
 
     def feature_sets(self, scores: Scores | None, reports: pd.DataFrame | None) -> list[FeatureSet]:
-        makers = {"prototype": prototype_features, "prototype_top1": top1_features,
-                  "prototype_class": class_features, "class_prob": probability_features}
+        makers = {
+            "prototype": prototype_features,
+            "prototype_top1": top1_features,
+            "prototype_class": class_features,
+            "class_prob": probability_features,
+        }
         out = []
         for name in self.config.feature_sets:
             if name == "nlp_concept":
@@ -131,9 +148,15 @@ class PhenotypeStudy:
                 out.append(makers[name](scores))
         return out
 
-    def run(self, store: ArrayStore, hosp: Path, model: Any | None = None,
-            machine_measurements: Path | None = None, progress: bool = True,
-            activations: ActivationStore | None = None) -> StudyResult:
+    def run(
+        self,
+        store: ArrayStore,
+        hosp: Path,
+        model: Any | None = None,
+        machine_measurements: Path | None = None,
+        progress: bool = True,
+        activations: ActivationStore | None = None,
+    ) -> StudyResult:
         """`activations` (an activation store of `model` on `store`, from `ecgproto score`) replaces scoring."""
         c = self.config
         cohort, status, mapping = self.cohort(store, hosp)
@@ -142,8 +165,10 @@ class PhenotypeStudy:
         rows = cohort.table["row"].to_numpy()
         if activations is not None:
             if activations.info["store"] != store.key:
-                raise ValueError(f"{activations.path}: scored another store ({activations.info['store'][:16]}), "
-                                 f"not {store.path} ({store.key[:16]})")
+                raise ValueError(
+                    f"{activations.path}: scored another store ({activations.info['store'][:16]}), "
+                    f"not {store.path} ({store.key[:16]})"
+                )
             scores = scores_from_activations(activations, rows)
         elif model is not None:
             scores = score_cohort(model, store, rows, c.batch_size, c.device, progress)
@@ -159,8 +184,9 @@ class PhenotypeStudy:
         if not sets:
             raise ValueError("no feature set to test: give a model and/or machine_measurements.csv")
         # one row per subject (a subject's admissions pooled), so the rows are independent
-        engine = AssociationEngine(c.engine).fit(cohort.units["age"].to_numpy(float),
-                                                 cohort.units["male"].to_numpy(bool), status)
+        engine = AssociationEngine(c.engine).fit(
+            cohort.units["age"].to_numpy(float), cohort.units["male"].to_numpy(bool), status
+        )
         results = pd.concat([engine.test(fs) for fs in sets], ignore_index=True)
         for col in CATEGORY_COLUMNS:  # concat of differing categories falls back to object
             results[col] = results[col].astype("category")
@@ -170,21 +196,42 @@ class PhenotypeStudy:
 
         n_features = {fs.name: fs.values.shape[1] for fs in sets}
         strength = compare.strength_by_category(results)
-        calibration = compare.feature_count_calibration(results, n_features, seed=c.seed) \
-            if "prototype" in n_features else pd.DataFrame()
+        calibration = (
+            compare.feature_count_calibration(results, n_features, seed=c.seed)
+            if "prototype" in n_features
+            else pd.DataFrame()
+        )
         prediction, curves = pd.DataFrame(), {}
         covariates = np.column_stack([cohort.units["age"].to_numpy(float), cohort.units["male"].to_numpy(float)])
         if c.predict:
             prediction, curves = compare.prediction_table(
-                {fs.name: fs.values for fs in sets if fs.name != "prototype_top1"}, covariates, status.status,
-                status.phecodes["phecode"].tolist(), np.arange(len(cohort.units)), resolve_targets(c.targets, status),
-                c.seed)
+                {fs.name: fs.values for fs in sets if fs.name != "prototype_top1"},
+                covariates,
+                status.status,
+                status.phecodes["phecode"].tolist(),
+                np.arange(len(cohort.units)),
+                resolve_targets(c.targets, status),
+                c.seed,
+            )
         distances, summary = pd.DataFrame(), {}
         if scores is not None and model is not None:
             distances, summary = compare.mixed_significance_test(
-                results, compare.intra_class_distance(_prototype_vectors(model), scores.prototypes), seed=c.seed)
-        return StudyResult(results, cohort, status, mapping, strength, compare.specificity(results), calibration,
-                           prediction, distances, summary, curves, n_features)
+                results, compare.intra_class_distance(_prototype_vectors(model), scores.prototypes), seed=c.seed
+            )
+        return StudyResult(
+            results,
+            cohort,
+            status,
+            mapping,
+            strength,
+            compare.specificity(results),
+            calibration,
+            prediction,
+            distances,
+            summary,
+            curves,
+            n_features,
+        )
 
     def _nothing_testable(self, cohort: Cohort, status: PhecodeStatus, mapping: MappingReport) -> StudyResult:
         """A cohort too small for any phecode: a finished study with the cohort flow, the untested list
@@ -192,13 +239,26 @@ class PhenotypeStudy:
         c = self.config
         n_units = len(cohort.units)
         below = status.untested["reason"].astype(str)
-        message = (f"no phecode is testable: each needs >= {c.min_cases} case and >= {c.min_controls} control "
-                   f"subjects, and this cohort has {n_units if n_units >= c.min_cell else f'<{c.min_cell}'} subjects"
-                   f" ({int(below.str.startswith('fewer than').sum())} phecodes seen, all below). Link more ECGs "
-                   "(a larger cohort, --admissions all, a wider window) or lower --min-cases/--min-controls.")
+        message = (
+            f"no phecode is testable: each needs >= {c.min_cases} case and >= {c.min_controls} control "
+            f"subjects, and this cohort has {n_units if n_units >= c.min_cell else f'<{c.min_cell}'} subjects"
+            f" ({int(below.str.startswith('fewer than').sum())} phecodes seen, all below). Link more ECGs "
+            "(a larger cohort, --admissions all, a wider window) or lower --min-cases/--min-controls."
+        )
         empty = pd.DataFrame(columns=RESULT_COLUMNS + ["bonferroni_threshold_shared", "significant_bonf_shared"])
-        return StudyResult(empty, cohort, status, mapping, pd.DataFrame(), pd.DataFrame(), pd.DataFrame(),
-                           pd.DataFrame(), pd.DataFrame(), {}, message=message)
+        return StudyResult(
+            empty,
+            cohort,
+            status,
+            mapping,
+            pd.DataFrame(),
+            pd.DataFrame(),
+            pd.DataFrame(),
+            pd.DataFrame(),
+            pd.DataFrame(),
+            {},
+            message=message,
+        )
 
 
 def resolve_targets(targets: dict[str, str], status: PhecodeStatus) -> dict[str, str]:
@@ -229,8 +289,9 @@ def _prototype_vectors(model: Any) -> np.ndarray:
     return np.concatenate([np.pad(b, ((0, 0), (0, width - b.shape[1]))) for b in blocks])
 
 
-def study_report(result: StudyResult, config: StudyConfig, lineage: dict[str, str] | None = None,
-                 top: int = 50) -> StageReport:
+def study_report(
+    result: StudyResult, config: StudyConfig, lineage: dict[str, str] | None = None, top: int = 50
+) -> StageReport:
     """Tables, figures and metrics for MLflow, with identifiers dropped and small counts suppressed."""
     lineage = lineage or {}
     counts = ["n_cases", "n_controls", "n_excluded"]
@@ -238,11 +299,25 @@ def study_report(result: StudyResult, config: StudyConfig, lineage: dict[str, st
     gallery = lineage.get("gallery_run_id", "")
     is_proto = results["feature_set"].isin(["prototype", "prototype_top1"])
     results["gallery_image"] = np.where(
-        is_proto, "gallery/" + results["branch"].astype(str) + "/" + results["prototype_class"].astype(str)
-        + "/" + results["feature_id"].astype(str) + ".png", "")  # = projection.gallery_path
+        is_proto,
+        "gallery/"
+        + results["branch"].astype(str)
+        + "/"
+        + results["prototype_class"].astype(str)
+        + "/"
+        + results["feature_id"].astype(str)
+        + ".png",
+        "",
+    )  # = projection.gallery_path
     results["gallery_run_id"] = np.where(is_proto, gallery, "")
-    protected = protect_study_counts(result.cohort.flow, result.status.phecodes, result.mapping.by_version,
-                                     result.mapping.by_chapter, result.prediction, config.min_cell)
+    protected = protect_study_counts(
+        result.cohort.flow,
+        result.status.phecodes,
+        result.mapping.by_version,
+        result.mapping.by_chapter,
+        result.prediction,
+        config.min_cell,
+    )
     exported = results
     if len(results):
         exported[counts] = protected.counts_of(results["phecode"]).to_numpy()
@@ -265,8 +340,13 @@ def study_report(result: StudyResult, config: StudyConfig, lineage: dict[str, st
     r.formats = {"association/results": ("parquet", "tsv"), "association/top_hits": ("tsv", "csv")}
     if result.message:  # nothing tested: the cohort flow, the untested list and why
         r.documents["association/nothing_tested.json"] = {"message": result.message}
-        for name in ("association/results", "association/top_hits", "association/phecodes_tested",
-                     "comparison/strength_by_category", "comparison/specificity"):
+        for name in (
+            "association/results",
+            "association/top_hits",
+            "association/phecodes_tested",
+            "comparison/strength_by_category",
+            "comparison/specificity",
+        ):
             del r.tables[name]
     if len(result.calibration):
         r.tables["comparison/feature_count_calibration"] = result.calibration
@@ -279,13 +359,16 @@ def study_report(result: StudyResult, config: StudyConfig, lineage: dict[str, st
         r.tables[name] = drop_identifiers(t)
     r.documents["association/mapping_summary.json"] = {
         "rate_outside_supplementary_chapters": result.mapping.rate_outside_supplementary,
-        "aim": ">= 0.97 of rows outside V/Z (supplementary) and E/V-Y (external cause) chapters"}
+        "aim": ">= 0.97 of rows outside V/Z (supplementary) and E/V-Y (external cause) chapters",
+    }
 
-    m: dict[str, float] = {"cohort_admissions": protected.cohort_admissions,
-                           "cohort_subjects": protected.cohort_subjects,
-                           "phecodes_tested": float(len(result.status.phecodes)),
-                           "phecodes_untested": float(len(result.status.untested)),
-                           "mapping_rate_outside_supplementary": result.mapping.rate_outside_supplementary}
+    m: dict[str, float] = {
+        "cohort_admissions": protected.cohort_admissions,
+        "cohort_subjects": protected.cohort_subjects,
+        "phecodes_tested": float(len(result.status.phecodes)),
+        "phecodes_untested": float(len(result.status.untested)),
+        "mapping_rate_outside_supplementary": result.mapping.rate_outside_supplementary,
+    }
     for version, row in protected.by_version.set_index("icd_version").iterrows():
         m[f"mapping_rate_icd{int(version)}"] = float(row["mapping_rate"])
     for fs, g in result.results.groupby("feature_set", observed=True):
@@ -304,7 +387,8 @@ def study_report(result: StudyResult, config: StudyConfig, lineage: dict[str, st
         r.figures[f"figures/manhattan_{fs}.png"] = figs.manhattan(g, str(fs), config.engine.alpha)
     if "prototype" in result.n_features:
         r.figures["figures/prototype_phecode_heatmap.png"] = figs.heatmap(
-            result.results[result.results["feature_set"] == "prototype"])
+            result.results[result.results["feature_set"] == "prototype"]
+        )
     r.figures["figures/feature_set_comparison.png"] = figs.feature_set_comparison(result.strength)
     if result.curves:
         r.figures["figures/roc_curves.png"] = figs.roc_curves(result.curves, result.prediction)

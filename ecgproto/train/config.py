@@ -30,24 +30,32 @@ class LossWeights(BaseModel):
     contrastive: float = 300.0
     l1: float = Field(1e-4, description="L1 on a branch head's weights to other classes' prototypes (last layer)")
     fusion_l1: float = Field(
-        1e-4, description="L1 on the fusion's weights from prototypes of other labels: a label's evidence stays with "
-        "its own prototypes unless others add enough to pay for it")
+        1e-4,
+        description="L1 on the fusion's weights from prototypes of other labels: a label's evidence stays with "
+        "its own prototypes unless others add enough to pay for it",
+    )
 
 
 class BaselineConfig(BaseModel):
     enabled: bool = True
     widths: tuple[int, int, int, int] = (64, 128, 256, 512)
     blocks: tuple[int, int, int, int] = (2, 2, 2, 2)
-    stage: StageConfig = Field(default_factory=lambda: StageConfig(
-        epochs=40, lr=1e-2, weight_decay=1e-2, batch_size=128, patience=40, schedule="onecycle", optimizer="adamw"))
+    stage: StageConfig = Field(
+        default_factory=lambda: StageConfig(
+            epochs=40, lr=1e-2, weight_decay=1e-2, batch_size=128, patience=40, schedule="onecycle", optimizer="adamw"
+        )
+    )
 
 
 class TrainConfig(BaseModel):
     seed: int = 20261123
     model: ModelConfig = Field(default_factory=ModelConfig)
-    joint: StageConfig = Field(default_factory=lambda: StageConfig(
-        epochs=200, lr=1e-4, weight_decay=1.7e-4, batch_size=32, patience=10))
-    last_layer: StageConfig = Field(default_factory=lambda: StageConfig(epochs=50, lr=1e-3, batch_size=256, patience=10))
+    joint: StageConfig = Field(
+        default_factory=lambda: StageConfig(epochs=200, lr=1e-4, weight_decay=1.7e-4, batch_size=32, patience=10)
+    )
+    last_layer: StageConfig = Field(
+        default_factory=lambda: StageConfig(epochs=50, lr=1e-3, batch_size=256, patience=10)
+    )
     fusion: StageConfig = Field(default_factory=lambda: StageConfig(epochs=100, lr=1e-3, batch_size=256, patience=10))
     loss: LossWeights = Field(default_factory=LossWeights)
     time_roll: bool = Field(True, description="augment training records with a random circular time shift")
@@ -57,8 +65,12 @@ class TrainConfig(BaseModel):
     threads: int = Field(0, description="torch CPU threads; 0 = torch's default")
     device: str = Field("auto", description="auto | cpu | cuda")
     amp: bool = Field(True, description="bf16 autocast on CUDA")
-    world_size: int = Field(1, ge=1, description="ranks for the joint stages and the baseline (torch DDP via "
-                            "torchrun: one GPU per rank, or gloo on CPU); 1 = one process")
+    world_size: int = Field(
+        1,
+        ge=1,
+        description="ranks for the joint stages and the baseline (torch DDP via "
+        "torchrun: one GPU per rank, or gloo on CPU); 1 = one process",
+    )
 
     @classmethod
     def small(cls) -> TrainConfig:
@@ -66,21 +78,28 @@ class TrainConfig(BaseModel):
         tests."""
         return cls(
             model=ModelConfig.small(),
-            # 12 epochs with patience 4 stopped every branch still improving on the real PTB-XL subset (joint
-            # validation macro-AUROC, 12 -> 30 epochs: local 0.778 -> 0.831, global 0.708 -> 0.825); the validation
-            # fold is small and noisy, so patience is half the run (patience 8 stopped the rhythm branch at a
-            # plateau that ended at epoch 16)
+            # 30 epochs, patience half the run: shorter schedules stopped every branch still improving, and the
+            # validation fold of a small dataset is noisy (docs/experiments.md)
             joint=StageConfig(epochs=30, lr=3e-3, weight_decay=1.7e-4, batch_size=64, patience=15),
             last_layer=StageConfig(epochs=30, lr=1e-2, batch_size=256, patience=5),
-            # a linear layer over cached similarities: cheap epochs, but it needs the steps (60 epochs of batch 256
-            # stopped still improving on the real PTB-XL subset: fused 0.798 -> 0.807 with this)
+            # a linear layer over cached similarities: cheap epochs, but it needs the steps
             fusion=StageConfig(epochs=300, lr=1e-2, batch_size=64, patience=20),
-            # the reference fusion L1 kept evidence from other labels' prototypes out where it helps (docs/experiments.md)
+            # the reference fusion L1 kept other labels' prototypes out where they help (docs/experiments.md)
             loss=LossWeights(fusion_l1=1e-5),
-            # the same 30 epochs (at 12 the baseline was still improving too: 0.846 -> 0.869 on the real subset)
-            baseline=BaselineConfig(widths=(16, 32, 64, 96), blocks=(1, 1, 1, 1), stage=StageConfig(
-                epochs=30, lr=1e-2, weight_decay=1e-2, batch_size=64, patience=30, schedule="onecycle",
-                optimizer="adamw")),
+            # the same 30 epochs as the prototype stages: the black box gets the same budget
+            baseline=BaselineConfig(
+                widths=(16, 32, 64, 96),
+                blocks=(1, 1, 1, 1),
+                stage=StageConfig(
+                    epochs=30,
+                    lr=1e-2,
+                    weight_decay=1e-2,
+                    batch_size=64,
+                    patience=30,
+                    schedule="onecycle",
+                    optimizer="adamw",
+                ),
+            ),
             bootstrap=200,
         )
 

@@ -59,16 +59,24 @@ class SplitData:
         """(len(index), K) int64 beat positions of the records at `index`, -1 padded."""
         return np.asarray(self.store.beats[self.rows[np.asarray(index)]], dtype=np.int64)
 
-    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
-                time_roll: bool = False, label_index: np.ndarray | None = None,
-                part: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+        time_roll: bool = False,
+        label_index: np.ndarray | None = None,
+        part: tuple[int, int] = (0, 1),
+    ) -> Iterator[Batch]:
         """Batches of `batch_size` records; with part=(rank, world) only this rank's slice of each batch
         (the same draws as one process makes, so `world` ranks together see exactly its batches)."""
         rank, world = part
         rng = np.random.default_rng([seed, epoch])
         order = rng.permutation(len(self)) if shuffle else np.arange(len(self))
         for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
+            idx = order[i : i + batch_size]
             shifts = rng.integers(0, self.store.signals.shape[-1], len(idx)) if time_roll else None
             if world > 1:
                 mine = np.array_split(np.arange(len(idx)), world)[rank]

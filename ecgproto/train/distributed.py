@@ -85,19 +85,36 @@ def process_group(device: str) -> Iterator[torch.device]:
 
 def launch(stage: str, store: str, config: TrainConfig, work_root: str, branch: str | None = None) -> None:
     """Run one stage on `config.world_size` local ranks with torchrun; raises if any rank fails."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={config.world_size}", "-m", "ecgproto.train.distributed",
-           "--stage", stage, "--store", store, "--work-root", work_root, "--config", config.model_dump_json()]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={config.world_size}",
+        "-m",
+        "ecgproto.train.distributed",
+        "--stage",
+        stage,
+        "--store",
+        store,
+        "--work-root",
+        work_root,
+        "--config",
+        config.model_dump_json(),
+    ]
     if branch:
         cmd += ["--branch", branch]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(
-        max(1, (os.cpu_count() or 1) // config.world_size)))}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // config.world_size))),
+    }
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         lines = [x for x in done.stderr.splitlines() if x.strip()]
         cause = next((x.strip() for x in reversed(lines) if "Error" in x), lines[-1].strip() if lines else "")
-        raise RuntimeError(f"torchrun {stage} {branch or ''} failed (exit {done.returncode}): {cause[:300]}\n"
-                           f"{done.stderr[-4000:]}")
+        raise RuntimeError(
+            f"torchrun {stage} {branch or ''} failed (exit {done.returncode}): {cause[:300]}\n{done.stderr[-4000:]}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -77,10 +77,22 @@ def _class_max(sims: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
     return masked.amax(dim=1)
 
 
-def joint_loss(logits: torch.Tensor, sims: torch.Tensor, prototypes: torch.Tensor, targets: torch.Tensor,
-               identity: torch.Tensor, jac: torch.Tensor, weight: torch.Tensor | None, w: LossWeights) -> torch.Tensor:
+def joint_loss(
+    logits: torch.Tensor,
+    sims: torch.Tensor,
+    prototypes: torch.Tensor,
+    targets: torch.Tensor,
+    identity: torch.Tensor,
+    jac: torch.Tensor,
+    weight: torch.Tensor | None,
+    w: LossWeights,
+) -> torch.Tensor:
     """The joint stage's objective: BCE + clustering + separation + diversity + contrastive co-occurrence."""
     logits, sims = logits.float(), sims.float()
-    return (bce(logits, targets, weight) + w.clustering * clustering(sims, targets, identity)
-            + w.separation * separation(sims, targets, identity) + w.diversity * diversity(prototypes)
-            + w.contrastive * contrastive(prototypes, identity, jac))
+    return (
+        bce(logits, targets, weight)
+        + w.clustering * clustering(sims, targets, identity)
+        + w.separation * separation(sims, targets, identity)
+        + w.diversity * diversity(prototypes)
+        + w.contrastive * contrastive(prototypes, identity, jac)
+    )

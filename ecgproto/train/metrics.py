@@ -53,8 +53,12 @@ def resampled_aurocs(y: np.ndarray, score: np.ndarray, n_boot: int, seed: int) -
     return per
 
 
-def bootstrap_auroc(y: np.ndarray, score: np.ndarray, n_boot: int = 1000, seed: int = 0,
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def bootstrap_auroc(
+    y: np.ndarray,
+    score: np.ndarray,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Percentile 95% CIs: per-label (lo, hi) and macro (lo, hi), resampling records."""
     per = resampled_aurocs(y, score, n_boot, seed)
     with warnings.catch_warnings():
@@ -65,8 +69,9 @@ def bootstrap_auroc(y: np.ndarray, score: np.ndarray, n_boot: int = 1000, seed: 
     return lo, hi, np.array([mlo]), np.array([mhi])
 
 
-def paired_bootstrap_difference(y: np.ndarray, score_a: np.ndarray, score_b: np.ndarray, n_boot: int = 1000,
-                                seed: int = 0) -> tuple[float, float, float]:
+def paired_bootstrap_difference(
+    y: np.ndarray, score_a: np.ndarray, score_b: np.ndarray, n_boot: int = 1000, seed: int = 0
+) -> tuple[float, float, float]:
     """Macro-AUROC of `score_a` minus that of `score_b` on the same records, with a percentile 95% CI from
     resampling records once for both (paired): what two models' own CIs cannot say, since their errors on a
     fold are correlated. Both macros average the labels scored in each resample, the same for both."""
@@ -85,15 +90,22 @@ def difference_text(metrics: Mapping[str, float], key: str = "fused_minus_baseli
     return f"{metrics[key]:+.4f} [{metrics[f'{key}_lo']:+.4f}, {metrics[f'{key}_hi']:+.4f}]"
 
 
-def evaluation_table(y: np.ndarray, score: np.ndarray, codes: tuple[str, ...], n_boot: int = 1000,
-                     seed: int = 0) -> tuple[pd.DataFrame, dict[str, float]]:
+def evaluation_table(
+    y: np.ndarray, score: np.ndarray, codes: tuple[str, ...], n_boot: int = 1000, seed: int = 0
+) -> tuple[pd.DataFrame, dict[str, float]]:
     """Per-label table (code, n_pos, auroc, ci) and the headline metrics with the macro CI."""
     auc = auroc_per_label(y, score)
-    lo, hi, mlo, mhi = bootstrap_auroc(y, score, n_boot, seed) if n_boot else (auc * np.nan,) * 2 + (
-        np.array([np.nan]),) * 2
-    table = pd.DataFrame({"code": codes, "n_pos": np.asarray(y).sum(axis=0).astype(int), "auroc": auc,
-                          "auroc_lo": lo, "auroc_hi": hi})
-    headline = {"macro_auroc": macro_auroc(y, score), "macro_auroc_lo": float(mlo[0]),
-                "macro_auroc_hi": float(mhi[0]), "macro_auprc": macro_auprc(y, score),
-                "n_labels_scored": float(np.isfinite(auc).sum())}
+    lo, hi, mlo, mhi = (
+        bootstrap_auroc(y, score, n_boot, seed) if n_boot else (auc * np.nan,) * 2 + (np.array([np.nan]),) * 2
+    )
+    table = pd.DataFrame(
+        {"code": codes, "n_pos": np.asarray(y).sum(axis=0).astype(int), "auroc": auc, "auroc_lo": lo, "auroc_hi": hi}
+    )
+    headline = {
+        "macro_auroc": macro_auroc(y, score),
+        "macro_auroc_lo": float(mlo[0]),
+        "macro_auroc_hi": float(mhi[0]),
+        "macro_auprc": macro_auprc(y, score),
+        "n_labels_scored": float(np.isfinite(auc).sum()),
+    }
     return table, headline

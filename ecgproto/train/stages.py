@@ -47,16 +47,24 @@ def run_key(store: ArrayStore, cfg: TrainConfig) -> str:
     """What decides a training's result: the data, every setting except where it runs, and the training code
     (an upgraded ecgproto retrains instead of resuming from stage files its older self wrote)."""
     payload = cfg.model_dump(exclude={"threads", "device", "eval_batch_size", "world_size"})
-    return hashlib.sha256(json.dumps([store.key, payload, _code_digest()], sort_keys=True,
-                                     default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(
+        json.dumps([store.key, payload, _code_digest()], sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
 
 
 @lru_cache(maxsize=1)
 def _code_digest() -> str:
     """sha256 of the modules that decide what training produces: model, stages, losses, projection, labels."""
     root = Path(__file__).resolve().parents[1]
-    files = sorted([*(root / "model").glob("*.py"), *(root / "train").glob("*.py"), root / "projection.py",
-                    root / "data" / "labels.py", reference_dir() / "scp_branches.csv"])
+    files = sorted(
+        [
+            *(root / "model").glob("*.py"),
+            *(root / "train").glob("*.py"),
+            root / "projection.py",
+            root / "data" / "labels.py",
+            reference_dir() / "scp_branches.csv",
+        ]
+    )
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode() + f.read_bytes())
@@ -108,6 +116,7 @@ class TrainContext:
 
 # --- helpers ----------------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def _branch_outputs(ctx: TrainContext, branch: Branch, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Eval-mode logits (N, C) and pooled similarities (N, P) of one split."""
@@ -125,8 +134,9 @@ def _tensor_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int
     def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.as_tensor(np.random.default_rng([seed, epoch]).permutation(len(x)))
         for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
+            idx = order[i : i + batch_size]
             yield x[idx], y[idx]
+
     return batches
 
 
@@ -151,6 +161,7 @@ def load_branch(ctx: TrainContext, name: str, stage: str) -> Branch:
 
 
 # --- stages -----------------------------------------------------------------------------------
+
 
 def train_joint(ctx: TrainContext, name: str, on_epoch: EpochCallback | None = None) -> FitResult:
     """Backbone + add-on + prototypes; the head stays frozen at its initialisation (+1 own class)."""
@@ -180,12 +191,29 @@ def train_joint(ctx: TrainContext, name: str, on_epoch: EpochCallback | None = N
         return macro_auroc(val.labels[:, idx], logits)
 
     def batches(epoch: int) -> Iterator:  # a beat window is the same crop at any roll: beat branches skip it
-        return train.batches(cfg.joint.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
-                             time_roll=cfg.time_roll and not branch.beat, label_index=idx, part=part)
+        return train.batches(
+            cfg.joint.batch_size,
+            shuffle=True,
+            seed=cfg.seed,
+            epoch=epoch,
+            time_roll=cfg.time_roll and not branch.beat,
+            label_index=idx,
+            part=part,
+        )
 
-    result = fit(branch, branch.parameters(), loss_fn, batches, validate, cfg.joint,
-                 steps_per_epoch=_steps(len(train), cfg.joint.batch_size), checkpoint=ckpt, seed=cfg.seed,
-                 on_epoch=on_epoch, main_process=distributed.is_main())
+    result = fit(
+        branch,
+        branch.parameters(),
+        loss_fn,
+        batches,
+        validate,
+        cfg.joint,
+        steps_per_epoch=_steps(len(train), cfg.joint.batch_size),
+        checkpoint=ckpt,
+        seed=cfg.seed,
+        on_epoch=on_epoch,
+        main_process=distributed.is_main(),
+    )
     distributed.check_replicas(branch)
     if distributed.is_main():
         persist.save_atomic(branch.cpu().state_dict(), out)
@@ -199,11 +227,21 @@ def project(ctx: TrainContext, name: str) -> pd.DataFrame:
     if out.exists() and table.exists():
         return pd.read_parquet(table)
     branch = load_branch(ctx, name, "joint")
-    offset = sum(ctx.config.model.branches[b].prototypes_per_class * len(ctx.labels.branch_indices(b))
-                 for b in BRANCHES[:BRANCHES.index(name)])  # prototypes of the branches before this one
-    provenance = project_prototypes(branch, ctx.splits["train"], ctx.labels.branch_indices(name), ctx.labels.codes,
-                                    ctx.config.model.fs, ctx.config.eval_batch_size, ctx.device, offset,
-                                    seed=ctx.config.seed)
+    offset = sum(
+        ctx.config.model.branches[b].prototypes_per_class * len(ctx.labels.branch_indices(b))
+        for b in BRANCHES[: BRANCHES.index(name)]
+    )  # prototypes of the branches before this one
+    provenance = project_prototypes(
+        branch,
+        ctx.splits["train"],
+        ctx.labels.branch_indices(name),
+        ctx.labels.codes,
+        ctx.config.model.fs,
+        ctx.config.eval_batch_size,
+        ctx.device,
+        offset,
+        seed=ctx.config.seed,
+    )
     atomic_write_parquet(provenance, table)
     persist.save_atomic(branch.cpu().state_dict(), out)
     return provenance
@@ -232,9 +270,18 @@ def train_last_layer(ctx: TrainContext, name: str, on_epoch: EpochCallback | Non
         with torch.no_grad():
             return macro_auroc(y_val, head(torch.as_tensor(s_val)).numpy())
 
-    result = fit(head, head.parameters(), loss_fn, _tensor_batches(x, y, cfg.last_layer.batch_size, cfg.seed),
-                 validate, cfg.last_layer, steps_per_epoch=_steps(len(x), cfg.last_layer.batch_size),
-                 checkpoint=ckpt, seed=cfg.seed, on_epoch=on_epoch)
+    result = fit(
+        head,
+        head.parameters(),
+        loss_fn,
+        _tensor_batches(x, y, cfg.last_layer.batch_size, cfg.seed),
+        validate,
+        cfg.last_layer,
+        steps_per_epoch=_steps(len(x), cfg.last_layer.batch_size),
+        checkpoint=ckpt,
+        seed=cfg.seed,
+        on_epoch=on_epoch,
+    )
     persist.save_atomic(branch.cpu().state_dict(), out)
     return result
 
@@ -276,13 +323,26 @@ def train_fusion(ctx: TrainContext, on_epoch: EpochCallback | None = None) -> Fi
             return macro_auroc(y_val, fusion(torch.as_tensor(sims["val"])).numpy())
 
     fusion.constrain()
-    result = fit(fusion, fusion.parameters(), loss_fn, _tensor_batches(x, y, cfg.fusion.batch_size, cfg.seed),
-                 validate, cfg.fusion, steps_per_epoch=_steps(len(x), cfg.fusion.batch_size),
-                 checkpoint=ckpt, seed=cfg.seed, on_epoch=on_epoch,
-                 after_step=fusion.constrain)
+    result = fit(
+        fusion,
+        fusion.parameters(),
+        loss_fn,
+        _tensor_batches(x, y, cfg.fusion.batch_size, cfg.seed),
+        validate,
+        cfg.fusion,
+        steps_per_epoch=_steps(len(x), cfg.fusion.batch_size),
+        checkpoint=ckpt,
+        seed=cfg.seed,
+        on_epoch=on_epoch,
+        after_step=fusion.constrain,
+    )
     with torch.no_grad():
-        model.thresholds.copy_(torch.as_tensor(best_f1_thresholds(y_val, torch.sigmoid(
-            fusion(torch.as_tensor(sims["val"]))).numpy()), dtype=torch.float32))
+        model.thresholds.copy_(
+            torch.as_tensor(
+                best_f1_thresholds(y_val, torch.sigmoid(fusion(torch.as_tensor(sims["val"]))).numpy()),
+                dtype=torch.float32,
+            )
+        )
     persist.save(model.cpu(), out)  # weights + model.json: rebuilt through the constructor, never unpickled
     return result
 
@@ -326,12 +386,23 @@ def train_baseline(ctx: TrainContext, on_epoch: EpochCallback | None = None) -> 
         return macro_auroc(val.labels, predict_baseline(ctx, net, "val"))
 
     def batches(epoch: int) -> Iterator:
-        return train.batches(b.stage.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, time_roll=cfg.time_roll,
-                             part=part)
+        return train.batches(
+            b.stage.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, time_roll=cfg.time_roll, part=part
+        )
 
-    result = fit(net, net.parameters(), loss_fn, batches, validate, b.stage,
-                 steps_per_epoch=_steps(len(train), b.stage.batch_size), checkpoint=ckpt,
-                 seed=cfg.seed, on_epoch=on_epoch, main_process=distributed.is_main())
+    result = fit(
+        net,
+        net.parameters(),
+        loss_fn,
+        batches,
+        validate,
+        b.stage,
+        steps_per_epoch=_steps(len(train), b.stage.batch_size),
+        checkpoint=ckpt,
+        seed=cfg.seed,
+        on_epoch=on_epoch,
+        main_process=distributed.is_main(),
+    )
     distributed.check_replicas(net)
     if distributed.is_main():
         persist.save(net.cpu(), out)
@@ -395,8 +466,13 @@ def evaluate(ctx: TrainContext, split: str = "test") -> tuple[dict[str, float], 
         metrics.update({f"baseline.{k}": v for k, v in h.items()})
         # Is the interpretable model worse than the black box on this fold? Paired over the same resamples.
         d, lo, hi = paired_bootstrap_difference(y, scores["fused"], baseline_scores, cfg.bootstrap, cfg.seed)
-        metrics.update({"fused_minus_baseline.macro_auroc": d, "fused_minus_baseline.macro_auroc_lo": lo,
-                        "fused_minus_baseline.macro_auroc_hi": hi})
+        metrics.update(
+            {
+                "fused_minus_baseline.macro_auroc": d,
+                "fused_minus_baseline.macro_auroc_lo": lo,
+                "fused_minus_baseline.macro_auroc_hi": hi,
+            }
+        )
     side = tables["fused"][["code", "n_pos", "auroc", "auroc_lo", "auroc_hi"]].copy()
     if "baseline" in tables:
         side["baseline_auroc"] = tables["baseline"]["auroc"].to_numpy()

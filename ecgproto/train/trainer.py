@@ -36,7 +36,9 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
     return load_weights(path) if path.exists() else None
 
 
-def _schedule(opt: torch.optim.Optimizer, cfg: StageConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+def _schedule(
+    opt: torch.optim.Optimizer, cfg: StageConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     total = max(cfg.epochs * steps_per_epoch, 1)
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total)
@@ -47,11 +49,21 @@ def _schedule(opt: torch.optim.Optimizer, cfg: StageConfig, steps_per_epoch: int
     raise ValueError(f"unknown schedule {cfg.schedule!r}; choose cosine, onecycle or constant")
 
 
-def fit(model: nn.Module, parameters: Iterable[nn.Parameter], loss_fn: Callable[[Any], torch.Tensor],
-        batches: Callable[[int], Iterator[Any]], validate: Callable[[], float], cfg: StageConfig, *,
-        steps_per_epoch: int, checkpoint: Path, seed: int,
-        on_epoch: EpochCallback | None = None, after_step: Callable[[], None] | None = None,
-        main_process: bool = True) -> FitResult:
+def fit(
+    model: nn.Module,
+    parameters: Iterable[nn.Parameter],
+    loss_fn: Callable[[Any], torch.Tensor],
+    batches: Callable[[int], Iterator[Any]],
+    validate: Callable[[], float],
+    cfg: StageConfig,
+    *,
+    steps_per_epoch: int,
+    checkpoint: Path,
+    seed: int,
+    on_epoch: EpochCallback | None = None,
+    after_step: Callable[[], None] | None = None,
+    main_process: bool = True,
+) -> FitResult:
     """Train `parameters` of `model`; keep the state with the best validation score (higher is better).
 
     Under DDP every rank calls this with its share of each batch; only the main process writes the
@@ -97,12 +109,25 @@ def fit(model: nn.Module, parameters: Iterable[nn.Parameter], loss_fn: Callable[
             bad += 1
         stopped = bad >= cfg.patience or epoch == cfg.epochs - 1
         train_loss = float(torch.stack(step_losses).double().mean()) if step_losses else 0.0
-        history.append({"epoch": epoch, "train_loss": train_loss, "val_macro_auroc": score,
-                        "lr": opt.param_groups[0]["lr"]})
+        history.append(
+            {"epoch": epoch, "train_loss": train_loss, "val_macro_auroc": score, "lr": opt.param_groups[0]["lr"]}
+        )
         if main_process:
-            save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                         "scheduler": sched.state_dict(), "epoch": epoch, "best": best, "best_epoch": best_epoch,
-                         "bad": bad, "best_state": best_state, "history": history, "stopped": stopped}, checkpoint)
+            save_atomic(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "epoch": epoch,
+                    "best": best,
+                    "best_epoch": best_epoch,
+                    "bad": bad,
+                    "best_state": best_state,
+                    "history": history,
+                    "stopped": stopped,
+                },
+                checkpoint,
+            )
         if on_epoch is not None:
             on_epoch(epoch, history[-1])
         if stopped:

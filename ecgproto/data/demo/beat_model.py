@@ -39,14 +39,16 @@ _PRECORDIAL_DEG = np.array([115.0, 95.0, 75.0, 55.0, 30.0, 5.0])  # V1..V6 in th
 def lead_matrix() -> np.ndarray:
     """(12, 3): the lead vector of each lead, in LEADS order."""
     s3 = np.sqrt(3) / 2
-    limb = np.array([
-        [1.0, 0.0, 0.0],      # I
-        [0.5, s3, 0.0],       # II
-        [-0.5, s3, 0.0],      # III  = II - I
-        [-0.75, -s3 / 2, 0.0],  # aVR = -(I + II) / 2
-        [0.75, -s3 / 2, 0.0],   # aVL = I - II / 2
-        [0.0, s3, 0.0],       # aVF = II - I / 2
-    ])
+    limb = np.array(
+        [
+            [1.0, 0.0, 0.0],  # I
+            [0.5, s3, 0.0],  # II
+            [-0.5, s3, 0.0],  # III  = II - I
+            [-0.75, -s3 / 2, 0.0],  # aVR = -(I + II) / 2
+            [0.75, -s3 / 2, 0.0],  # aVL = I - II / 2
+            [0.0, s3, 0.0],  # aVF = II - I / 2
+        ]
+    )
     a = np.deg2rad(_PRECORDIAL_DEG)
     chest = 1.4 * np.stack([np.cos(a), np.r_[0, 0, 0.1, 0.15, 0.15, 0.15], np.sin(a)], axis=1)
     matrix = np.vstack([limb, chest])
@@ -83,8 +85,15 @@ class Person:
 
 
 def _person(rng: np.random.Generator, labels: set[str], noise: float, hr: float | None = None) -> Person:
-    label_hr = (rng.uniform(105, 150) if "STACH" in labels else rng.uniform(40, 55) if "SBRAD" in labels
-                else rng.uniform(75, 130) if "AFIB" in labels else rng.uniform(58, 98))
+    label_hr = (
+        rng.uniform(105, 150)
+        if "STACH" in labels
+        else rng.uniform(40, 55)
+        if "SBRAD" in labels
+        else rng.uniform(75, 130)
+        if "AFIB" in labels
+        else rng.uniform(58, 98)
+    )
     hr = label_hr if hr is None else hr  # `hr`: a rate the labels would not give (detection tests)
     return Person(
         axis_deg=rng.normal(50, 18),
@@ -92,15 +101,22 @@ def _person(rng: np.random.Generator, labels: set[str], noise: float, hr: float 
         t_amp=rng.lognormal(np.log(0.32), 0.2),
         p_amp=rng.uniform(0.1, 0.18),
         pr=rng.uniform(0.23, 0.32) if "1AVB" in labels else rng.uniform(0.13, 0.19),
-        qrs=(rng.uniform(0.13, 0.17) if "CLBBB" in labels
-             else rng.uniform(0.12, 0.15) if "CRBBB" in labels else rng.uniform(0.075, 0.1)),
+        qrs=(
+            rng.uniform(0.13, 0.17)
+            if "CLBBB" in labels
+            else rng.uniform(0.12, 0.15)
+            if "CRBBB" in labels
+            else rng.uniform(0.075, 0.1)
+        ),
         hr=hr,
         noise=noise * rng.lognormal(0, 0.4),
         rng=rng,
     )
 
 
-def _beat_waves(p: Person, labels: set[str], rr: float, ectopic: bool = False) -> tuple[list[Wave], np.ndarray, tuple[float, float]]:
+def _beat_waves(
+    p: Person, labels: set[str], rr: float, ectopic: bool = False
+) -> tuple[list[Wave], np.ndarray, tuple[float, float]]:
     """Waves of one beat, its ST-plateau vector and the plateau's (start, end) in s from QRS onset."""
     q = p.qrs
     axis = np.deg2rad(p.axis_deg)
@@ -129,8 +145,14 @@ def _beat_waves(p: Person, labels: set[str], rr: float, ectopic: bool = False) -
         waves.append(Wave(0.45 * normal_q, 0.13 * normal_q, 0.13 * normal_q, p.r_amp * r_scale * r_dir))
         waves.append(Wave(0.78 * normal_q, 0.1 * normal_q, 0.1 * normal_q, 0.45 * r_scale * _unit((-0.4, -0.5, -0.75))))
         if "CRBBB" in labels:
-            waves.append(Wave(normal_q + 0.35 * (q - normal_q) + 0.01, 0.3 * (q - normal_q) + 0.01,
-                              0.35 * (q - normal_q) + 0.01, 0.8 * _unit((-0.75, 0.0, 0.65))))
+            waves.append(
+                Wave(
+                    normal_q + 0.35 * (q - normal_q) + 0.01,
+                    0.3 * (q - normal_q) + 0.01,
+                    0.35 * (q - normal_q) + 0.01,
+                    0.8 * _unit((-0.75, 0.0, 0.65)),
+                )
+            )
         if "IMI" in labels:
             waves.append(Wave(0.02, 0.012, 0.012, 0.55 * _unit((0.0, -1.0, 0.0))))
         t_axis = axis - np.deg2rad(10)
@@ -206,9 +228,16 @@ def _noise(p: Person, n: int, fs: float, mains_hz: float) -> np.ndarray:
     return out
 
 
-def synthesize(rng: np.random.Generator, labels: set[str], *, fs: float = 500.0, duration: float = 10.0,
-               noise: float = 1.0, mains_hz: float = 50.0, hr: float | None = None,
-               ) -> tuple[np.ndarray, dict[str, float | np.ndarray]]:
+def synthesize(
+    rng: np.random.Generator,
+    labels: set[str],
+    *,
+    fs: float = 500.0,
+    duration: float = 10.0,
+    noise: float = 1.0,
+    mains_hz: float = 50.0,
+    hr: float | None = None,
+) -> tuple[np.ndarray, dict[str, float | np.ndarray]]:
     """One 12-lead record (n, 12) in mV, LEADS order, and facts about it (rate, PR, QRS, the QRS onsets in s).
     `hr` overrides the rate the labels give."""
     p = _person(rng, labels, noise, hr)
@@ -227,11 +256,19 @@ def synthesize(rng: np.random.Generator, labels: set[str], *, fs: float = 500.0,
             dipole[lo:hi] += _plateau(t[lo:hi] - onset, st0, st1)[:, None] * st
     if "AFIB" in labels:
         f_dir = _unit((-0.3, 0.6, 0.7))
-        fib = sum(rng.uniform(0.02, 0.05) * np.sin(2 * np.pi * rng.uniform(4, 8) * t + rng.uniform(0, 2 * np.pi))
-                  for _ in range(3))
+        fib = sum(
+            rng.uniform(0.02, 0.05) * np.sin(2 * np.pi * rng.uniform(4, 8) * t + rng.uniform(0, 2 * np.pi))
+            for _ in range(3)
+        )
         dipole += fib[:, None] * f_dir
     signal = dipole @ lead_matrix().T + _noise(p, n, fs, mains_hz)
-    facts = {"hr": p.hr, "pr_s": p.pr, "qrs_s": p.qrs, "n_beats": float(np.sum((onsets >= 0) & (onsets < duration))),
-             "n_ectopic": float(ectopic.sum()), "axis_deg": p.axis_deg,
-             "qrs_onsets_s": onsets[(onsets >= 0) & (onsets < duration)]}
+    facts = {
+        "hr": p.hr,
+        "pr_s": p.pr,
+        "qrs_s": p.qrs,
+        "n_beats": float(np.sum((onsets >= 0) & (onsets < duration))),
+        "n_ectopic": float(ectopic.sum()),
+        "axis_deg": p.axis_deg,
+        "qrs_onsets_s": onsets[(onsets >= 0) & (onsets < duration)],
+    }
     return signal.astype(np.float32), facts

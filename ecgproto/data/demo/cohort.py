@@ -19,8 +19,15 @@ def sample_labels(rng: np.random.Generator, age: float, male: bool, boost: float
     old = (age - 60) / 15
     p_afib = boost * 0.07 / (1 + np.exp(-old))
     u = rng.random()
-    rhythm = "AFIB" if u < p_afib else "STACH" if u < p_afib + 0.07 * boost else \
-        "SBRAD" if u < p_afib + 0.14 * boost else "SR"
+    rhythm = (
+        "AFIB"
+        if u < p_afib
+        else "STACH"
+        if u < p_afib + 0.07 * boost
+        else "SBRAD"
+        if u < p_afib + 0.14 * boost
+        else "SR"
+    )
     labels = {rhythm}
     if rhythm != "AFIB" and rng.random() < 0.06 * boost:
         labels.add("1AVB")
@@ -103,8 +110,11 @@ def draw_diagnoses(rng: np.random.Generator, labels: set[str], age: float, male:
     for dx in PLANTED + NULL:
         if dx.sex == "Male" and not male or dx.sex == "Female" and male:
             continue
-        logit = np.log(dx.prevalence / (1 - dx.prevalence)) + dx.age_log_or_per_decade * (age - 60) / 10 \
+        logit = (
+            np.log(dx.prevalence / (1 - dx.prevalence))
+            + dx.age_log_or_per_decade * (age - 60) / 10
             + dx.male_log_or * male
+        )
         if dx.pattern and dx.pattern in labels:
             logit += np.log(dx.odds_ratio)
         if rng.random() < 1 / (1 + np.exp(-logit)):
@@ -120,5 +130,6 @@ def ground_truth() -> dict[str, object]:
         "planted_associations": [asdict(d) for d in PLANTED],
         "null_diagnoses": [asdict(d) for d in NULL],
         "unmapped_codes": {str(k): list(v) for k, v in UNMAPPED.items()},
-        "model": "logit P(dx) = logit(prevalence) + log(OR)*pattern + age_log_or_per_decade*(age-60)/10 + male_log_or*male",
+        "model": "logit P(dx) = logit(prevalence) + log(OR)*pattern"
+        " + age_log_or_per_decade*(age-60)/10 + male_log_or*male",
     }

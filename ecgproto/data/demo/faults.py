@@ -16,10 +16,17 @@ from ecgproto.data.wfdb_io import read_record
 
 # fault -> the quarantine reason ingest must report for it
 EXPECTED_REASON = {
-    "missing_dat": "missing_dat", "truncated_dat": "truncated_dat",
-    "signal_count_mismatch": "signal_count_mismatch", "unknown_lead": "lead_names", "missing_lead": "lead_names",
-    "sampling_rate": "sampling_rate", "nonfinite_lead": "nonfinite_lead", "flat_lead": "flat_lead",
-    "duplicate_id": "duplicate_id", "malformed_scp_codes": "malformed_scp_codes", "missing_header": "missing_header",
+    "missing_dat": "missing_dat",
+    "truncated_dat": "truncated_dat",
+    "signal_count_mismatch": "signal_count_mismatch",
+    "unknown_lead": "lead_names",
+    "missing_lead": "lead_names",
+    "sampling_rate": "sampling_rate",
+    "nonfinite_lead": "nonfinite_lead",
+    "flat_lead": "flat_lead",
+    "duplicate_id": "duplicate_id",
+    "malformed_scp_codes": "malformed_scp_codes",
+    "missing_header": "missing_header",
 }
 FAULTS = tuple(EXPECTED_REASON)
 
@@ -60,6 +67,7 @@ def plant_faults(root: Path, faults: tuple[str, ...] = FAULTS) -> dict[str, str]
                 x[:, 9] = 0.0
             elif fault == "sampling_rate":
                 from scipy.signal import resample_poly
+
                 x, fs = resample_poly(x, 5, 2, axis=0), 250.0
             write_record(base, x, fs, names, adc_gain=1000.0)
         elif fault == "duplicate_id":

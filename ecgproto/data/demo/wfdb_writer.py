@@ -17,15 +17,29 @@ import wfdb
 _validated: dict[tuple[object, ...], tuple[list[str], dict[str, object]]] = {}
 
 
-def write_record(base: Path, signal: np.ndarray, fs: float, sig_name: list[str], adc_gain: float,
-                 base_time: time | None = None, base_date: date | None = None) -> None:
+def write_record(
+    base: Path,
+    signal: np.ndarray,
+    fs: float,
+    sig_name: list[str],
+    adc_gain: float,
+    base_time: time | None = None,
+    base_date: date | None = None,
+) -> None:
     """Write `<base>.hea` and `<base>.dat` (format 16, units mV) from a physical (n, n_sig) signal."""
     base.parent.mkdir(parents=True, exist_ok=True)
     n_sig = signal.shape[1]
     record = wfdb.Record(
-        record_name=base.name, p_signal=np.asarray(signal, dtype=np.float64), fs=fs, fmt=["16"] * n_sig,
-        units=["mV"] * n_sig, sig_name=list(sig_name), adc_gain=[float(adc_gain)] * n_sig, baseline=[0] * n_sig,
-        base_time=base_time, base_date=base_date,
+        record_name=base.name,
+        p_signal=np.asarray(signal, dtype=np.float64),
+        fs=fs,
+        fmt=["16"] * n_sig,
+        units=["mV"] * n_sig,
+        sig_name=list(sig_name),
+        adc_gain=[float(adc_gain)] * n_sig,
+        baseline=[0] * n_sig,
+        base_time=base_time,
+        base_date=base_date,
     )
     record.set_d_features(do_adc=1)
     structure = (n_sig, tuple(sig_name), float(fs), float(adc_gain), base_time is not None, base_date is not None)
