@@ -35,7 +35,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ingest.py
-	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/associate.py
 
 ui: $(STAMP)
