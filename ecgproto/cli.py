@@ -38,6 +38,25 @@ def _ingest_config(args: argparse.Namespace):  # noqa: ANN202
     )
 
 
+def _ingest_options(
+    group: argparse.ArgumentParser | argparse._ArgumentGroup, layouts: tuple[str, ...] = ("auto", "ptbxl", "mimic_ecg")
+) -> None:
+    """The ingest settings, for `ingest` and for the commands that ingest a dataset folder first."""
+    group.add_argument("--layout", choices=layouts, default=layouts[0], help="dataset layout")
+    group.add_argument("--fs", type=int, default=100, help="model sampling rate in Hz")
+    group.add_argument(
+        "--no-resample", action="store_true", help="quarantine records at other rates instead of resampling"
+    )
+    group.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="stored sample type")
+    group.add_argument("--min-likelihood", type=float, default=0.0, help="scp code likelihood that counts as positive")
+    group.add_argument(
+        "--allow-outside-root",
+        action="store_true",
+        help="read records whose index path leads outside the dataset folder (default: quarantined)",
+    )
+    group.add_argument("--workers", type=int, help="processes (default: one per core)")
+
+
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from ecgproto.data.demo.faults import plant_faults
     from ecgproto.data.demo.generate import generate_demo
@@ -334,18 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("ingest", help="ingest a PTB-XL or MIMIC-IV-ECG folder into the cached array store")
     q.add_argument("root", help="the dataset folder as downloaded (holds ptbxl_database.csv or record_list.csv)")
-    q.add_argument("--layout", choices=["auto", "ptbxl", "mimic_ecg"], default="auto")
     q.add_argument("--store", default=str(store_root()), help="store folder")
-    q.add_argument("--fs", type=int, default=100, help="model sampling rate in Hz")
-    q.add_argument("--no-resample", action="store_true", help="quarantine records at other rates instead of resampling")
-    q.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="stored sample type")
-    q.add_argument("--min-likelihood", type=float, default=0.0, help="scp code likelihood that counts as positive")
-    q.add_argument(
-        "--allow-outside-root",
-        action="store_true",
-        help="read records whose index path leads outside the dataset folder (default: quarantined)",
-    )
-    q.add_argument("--workers", type=int, help="processes (default: one per core)")
+    _ingest_options(q)
     q.add_argument(
         "--dask",
         metavar="SPEC",
@@ -399,16 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="DDP ranks for the joint stages and the baseline "
-        "(torchrun on this machine: one GPU each, or gloo on CPU); default 1 = one process",
+        "(torchrun on this machine: one GPU each, or gloo on CPU); 1 = one process",
     )
     q.add_argument("--register", default=MODEL_NAME, help="MLflow registered model name ('' to skip)")
     q.add_argument("--store", default=str(store_root()), help="store folder when SOURCE is a dataset")
-    q.add_argument("--layout", default="ptbxl", help=argparse.SUPPRESS)
-    q.add_argument("--fs", type=int, default=100, help=argparse.SUPPRESS)
-    q.add_argument("--no-resample", action="store_true", help=argparse.SUPPRESS)
-    q.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
-    q.add_argument("--min-likelihood", type=float, default=0.0, help=argparse.SUPPRESS)
-    q.add_argument("--workers", type=int, help=argparse.SUPPRESS)
+    _ingest_options(q.add_argument_group("ingest, when SOURCE is a PTB-XL folder"), layouts=("ptbxl",))
     q.set_defaults(func=cmd_train)
 
     q = sub.add_parser("explain", help="explain one ECG: predicted labels and the prototypes behind them (PNG + JSON)")
@@ -459,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
         "store: used instead of scoring here",
     )
     q.add_argument("--store", default=str(store_root()), help="store folder when COHORT is a dataset")
-    q.add_argument("--workers", type=int, help=argparse.SUPPRESS)
+    q.add_argument("--workers", type=int, help="ingest processes when COHORT is a dataset (default: one per core)")
     q.set_defaults(func=cmd_associate)
 
     q = sub.add_parser(

@@ -74,7 +74,7 @@ class TrainConfig(BaseModel):
 
     @classmethod
     def small(cls) -> TrainConfig:
-        """Minutes on 2 CPU cores (~7 for the 1,250-record real PTB-XL subset): the CPU size of `--small` and the
+        """The CPU configuration (minutes on 2 cores for the real PTB-XL subset, docs/benchmarks.md): `--small` and the
         tests."""
         return cls(
             model=ModelConfig.small(),
