@@ -38,6 +38,17 @@ def _ingest_config(args: argparse.Namespace):  # noqa: ANN202
     )
 
 
+def _config_options(q: argparse.ArgumentParser) -> None:
+    q.add_argument(
+        "--config",
+        choices=("auto", "small", "reference"),
+        default="auto",
+        help="small: the CPU configuration; reference: ProtoECGNet's sizes (a GPU); auto: reference on a GPU, "
+        "else small",
+    )
+    q.add_argument("--small", action="store_true", help="the same as --config small")
+
+
 def _ingest_options(
     group: argparse.ArgumentParser | argparse._ArgumentGroup, layouts: tuple[str, ...] = ("auto", "ptbxl", "mimic_ecg")
 ) -> None:
@@ -55,6 +66,21 @@ def _ingest_options(
         help="read records whose index path leads outside the dataset folder (default: quarantined)",
     )
     group.add_argument("--workers", type=int, help="processes (default: one per core)")
+
+
+def _train_config(args: argparse.Namespace):  # noqa: ANN202
+    """`--config`: small (the CPU configuration) or reference (ProtoECGNet's sizes, for a GPU); auto picks by
+    the device and says so, since the reference configuration takes days on a few CPU cores."""
+    from ecgproto.train.config import TrainConfig
+    from ecgproto.train.stages import resolve_device
+
+    choice = "small" if args.small else args.config
+    if choice == "auto":
+        device = resolve_device(args.device)
+        choice = "reference" if device.type == "cuda" else "small"
+        why = "a GPU is here" if device.type == "cuda" else "no GPU here: the reference configuration would take days"
+        print(f"ecgproto: training the {choice} configuration ({why}; choose with --config)", file=sys.stderr)
+    return TrainConfig.small() if choice == "small" else TrainConfig()
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
@@ -142,7 +168,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from ecgproto import tracking
     from ecgproto.flows.train import train_flow
-    from ecgproto.train.config import TrainConfig
 
     source = Path(args.source).resolve()
     store = source
@@ -150,7 +175,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from ecgproto.flows.ingest import ingest_flow
 
         store = Path(ingest_flow(str(source), _ingest_config(args), args.store)["store"])
-    config = TrainConfig.small() if args.small else TrainConfig()
+    config = _train_config(args)
     updates = {
         "device": args.device,
         "seed": args.seed if args.seed is not None else config.seed,
@@ -241,10 +266,8 @@ def cmd_associate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from ecgproto import tracking
     from ecgproto.flows.pipeline import pipeline_flow
-    from ecgproto.train.config import TrainConfig
 
-    config = TrainConfig.small() if args.small else TrainConfig()
-    config = config.model_copy(update={"device": args.device})
+    config = _train_config(args).model_copy(update={"device": args.device})
     if args.epochs is not None:
         config.joint.epochs = args.epochs
     if (args.mimic_ecg is None) != (args.hosp is None):
@@ -290,7 +313,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from ecgproto import tracking
 
     command = tracking.ui_command(port=args.port)
-    print(f"serving the MLflow UI at http://127.0.0.1:{args.port}  (Ctrl-C to stop)")
+    print(f"serving the MLflow UI at {tracking.experiment_url(f'http://127.0.0.1:{args.port}')}  (Ctrl-C to stop)")
     os.execvp(command[0], command)
     return 0
 
@@ -396,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("train", help="train the prototype model (and the baseline) from a store or a PTB-XL folder")
     q.add_argument("source", help="a store folder from `ecgproto ingest`, or a PTB-XL folder (ingested first)")
-    q.add_argument("--small", action="store_true", help="the CPU-sized model and schedule (minutes on 2 cores)")
+    _config_options(q)
     q.add_argument(
         "--epochs", type=int, help="upper bound on joint-stage epochs per branch (early stopping may end sooner)"
     )
@@ -472,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ptbxl", required=True, help="PTB-XL folder (holds ptbxl_database.csv)")
     q.add_argument("--mimic-ecg", help="MIMIC-IV-ECG folder for the association stage (holds record_list.csv)")
     q.add_argument("--hosp", help="MIMIC-IV hosp folder (patients, admissions, diagnoses_icd)")
-    q.add_argument("--small", action="store_true", help="the CPU-sized model and schedule")
+    _config_options(q)
     q.add_argument("--epochs", type=int, help="upper bound on joint-stage epochs per branch")
     q.add_argument("--device", default="auto", help="auto | cpu | cuda")
     q.add_argument("--store", default=str(store_root()), help="store folder")

@@ -134,6 +134,26 @@ def best_beats(branch: torch.nn.Module, x: torch.Tensor, beats: torch.Tensor | N
     return pos[0, slot].numpy(), value.numpy()
 
 
+def example_cases(
+    labels: np.ndarray, codes: tuple[str, ...], preferred: tuple[str, ...] = (), n: int = 3
+) -> list[tuple[int, str]]:
+    """(row, code) of `n` ECGs to explain: the first positive ECG of each of `preferred` (those with positives),
+    then of the most frequent labels; one ECG per label and no ECG twice."""
+    counts = labels.sum(axis=0)
+    order = [codes.index(c) for c in preferred if c in codes] + list(np.argsort(-counts, kind="stable"))
+    out: list[tuple[int, str]] = []
+    used: set[int] = set()
+    for j in dict.fromkeys(order):
+        rows = [int(r) for r in np.flatnonzero(labels[:, j]) if int(r) not in used]
+        if counts[j] == 0 or not rows:
+            continue
+        out.append((rows[0], codes[j]))
+        used.add(rows[0])
+        if len(out) == n:
+            break
+    return out
+
+
 def explanation_figure(model: ECGProtoNet, signal: np.ndarray, explanation: dict[str, Any], title: str = "") -> Figure:
     """One row per (label, prototype): the input with its matching window | (beat prototypes: the input's beat
     beside the prototype's beat, enlarged, in the prototype's leads) | the prototype's source ECG and window."""

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +33,12 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 DEFAULT_EXPERIMENT = "ecgproto"
+# MLflow 3 opens an experiment without a kind in its GenAI view (traces, judges, prompts); ours trains models
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# ... and MLflow 3.17's UI picks its view from the URL (else the browser's last choice, GenAI at first): every
+# link ecgproto prints or writes asks for the training view
+TRAINING_VIEW = "?workflowType=machine_learning"
+NOTE_TAG = "mlflow.note.content"  # the run's Description in the UI (markdown)
 _MAX_PARAM = 6000
 _BAD_NAME = re.compile(r"[^A-Za-z0-9_\-. :/]")
 
@@ -58,12 +65,15 @@ def experiment_id(name: str | None = None, uri: str | None = None) -> str:
     c = client(uri)
     found = c.get_experiment_by_name(name)
     if found is not None:
+        if not found.tags.get("mlflow.experimentKind"):  # made by an older ecgproto: open it as training too
+            for k, v in EXPERIMENT_KIND.items():
+                c.set_experiment_tag(found.experiment_id, k, v)
         return found.experiment_id
     location = None
     if tracking_uri(uri).startswith("sqlite:"):
         location = (mlflow_dir() / "artifacts").resolve().as_uri()
     try:
-        return c.create_experiment(name, artifact_location=location)
+        return c.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except Exception:  # created concurrently by another process
         found = c.get_experiment_by_name(name)
         if found is None:
@@ -215,7 +225,7 @@ def log_report(run_id: str, report: StageReport, uri: str | None = None) -> None
         for path, doc in report.documents.items():
             target = root / path
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(json.dumps(doc, indent=2, default=str))
+            target.write_text(doc if isinstance(doc, str) else json.dumps(doc, indent=2, default=str))
         _upload(c, run_id, root)
 
 
@@ -247,8 +257,12 @@ def _upload(c: MlflowClient, run_id: str, root: Path) -> None:
 
 
 def run_url(run_id: str, ui: str = "http://127.0.0.1:5000", uri: str | None = None) -> str:
-    run = client(uri).get_run(run_id)
-    return f"{ui}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    return f"{ui}/{run_link(run_id, uri=uri)}"
+
+
+def experiment_url(ui: str = "http://127.0.0.1:5000", uri: str | None = None) -> str:
+    """The experiment's page in the MLflow UI, in the training view."""
+    return f"{ui}/#/experiments/{experiment_id(uri=uri)}{TRAINING_VIEW}"
 
 
 def ui_command(uri: str | None = None, port: int = 5000) -> list[str]:
@@ -313,7 +327,9 @@ def log_model(
     with torch.no_grad():
         output = model(torch.as_tensor(input_example)).numpy()
     signature = infer_signature(np.asarray(input_example), output)
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # the signature states the input; an example ECG (12,000 numbers as JSON) would add nothing to it
+        warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
         data = Path(tmp) / "ecgproto"
         persist.save(model.cpu(), data / WEIGHTS)
         info = mlflow.pyfunc.log_model(
@@ -426,6 +442,41 @@ def alias_version(name: str, alias: str, uri: str | None = None) -> str | None:
         return str(client(uri).get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
+
+
+def set_description(run_id: str, markdown: str, uri: str | None = None) -> None:
+    """The run's Description in the MLflow UI (markdown; relative links `#/experiments/...` open in the UI)."""
+    set_tags(run_id, {NOTE_TAG: markdown}, uri)
+
+
+def run_link(run_id: str, path: str | None = None, uri: str | None = None) -> str:
+    """A link the MLflow UI opens (relative: `#/...`): the run's page, or one of its artifacts, training view."""
+    exp = client(uri).get_run(run_id).info.experiment_id
+    return f"#/experiments/{exp}/runs/{run_id}" + (f"/artifacts/{path}" if path else "") + TRAINING_VIEW
+
+
+def child_run_id(parent: str, stage: str, uri: str | None = None) -> str | None:
+    """The newest FINISHED child run of `parent` for `stage` (e.g. the fusion run of a train run)."""
+    c = client(uri)
+    runs = c.search_runs(
+        [c.get_run(parent).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{parent}' and tags.stage = '{stage}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def describe_model_version(
+    name: str, version: str, markdown: str, uri: str | None = None, *, append: bool = False
+) -> None:
+    """The registered version's Description (test-fold metrics, training data, promotion); `append` adds a
+    paragraph to what is there."""
+    c = client(uri)
+    if append:
+        before = c.get_model_version(name, str(version)).description or ""
+        markdown = f"{before}\n\n{markdown}" if before else markdown
+    c.update_model_version(name, str(version), description=markdown)
 
 
 def set_alias(name: str, alias: str, version: str, uri: str | None = None, tags: dict[str, str] | None = None) -> None:

@@ -23,6 +23,7 @@ from ecgproto.flows.ingest import ingest_flow
 from ecgproto.flows.retrain import compare_and_promote
 from ecgproto.flows.train import REGISTERED_NAME, run_stage, train_flow
 from ecgproto.phenotype.study import StudyConfig
+from ecgproto.report import pipeline_report
 from ecgproto.train.config import TrainConfig
 from ecgproto.train.metrics import difference_text
 
@@ -114,4 +115,35 @@ def pipeline_flow(
                 )
                 out["associate_run_id"] = str(a["run_id"])
                 out["significant_prototype_pairs"] = str(int(a["metrics"].get("prototype.significant_bonf", 0)))
+        title = "ecgproto pipeline on the demo data" if demo else f"ecgproto pipeline on {Path(train_root).name}"
+        headline = pipeline_report(
+            out,
+            t["metrics"] if train_model else None,
+            a["metrics"] if train_model and cohort_root and hosp_root else None,
+            review_links(out, tracking_uri),
+            title,
+        )
+        tracking.log_report(parent, headline, tracking_uri)
     return out
+
+
+def review_links(out: dict[str, str], uri: str | None) -> dict[str, str]:
+    """UI links to what a reviewer opens after the headline: gallery, explanations, per-label metrics, association."""
+    links: dict[str, str] = {}
+    if "train_run_id" in out:
+        fusion = tracking.child_run_id(out["train_run_id"], "fusion", uri)
+        evaluate = tracking.child_run_id(out["train_run_id"], "evaluate", uri)
+        if fusion:
+            links["Prototype gallery (every prototype on its source ECG)"] = tracking.run_link(fusion, "gallery", uri)
+        if evaluate:
+            links["Explained test ECGs"] = tracking.run_link(evaluate, "explanations", uri)
+            links["Per-label test metrics beside the black box"] = tracking.run_link(
+                evaluate, "evaluation/summary.md", uri
+            )
+    if "associate_run_id" in out:
+        a = out["associate_run_id"]
+        links["Association: top hits"] = tracking.run_link(a, "association/top_hits.tsv", uri)
+        links["Association: Manhattan plot of the prototypes"] = tracking.run_link(
+            a, "figures/manhattan_prototype.png", uri
+        )
+    return links

@@ -182,6 +182,7 @@ def compare_and_promote(
             )
         alias = CHAMPION if decision.promote else CHALLENGER
         tracking.set_alias(name, alias, version, uri, tags={"promotion": alias, "promotion_reason": decision.reason})
+        tracking.describe_model_version(name, version, f"Promotion: **{alias}**. {decision.reason}", uri, append=True)
     report = StageReport(
         metrics={"challenger_macro_auroc": challenger, **({"champion_macro_auroc": champion} if champion else {})},
         tags={

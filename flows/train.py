@@ -23,19 +23,30 @@ from ecgproto import tracking
 from ecgproto.data.labels import BRANCHES
 from ecgproto.data.store import atomic_write_bytes
 from ecgproto.explain import prototype_gallery
+from ecgproto.progress import EpochProgress, stage_line
 from ecgproto.report import StageReport
 from ecgproto.settings import MODEL_NAME, workdir
 from ecgproto.train import distributed, stages
 from ecgproto.train.config import TrainConfig
 from ecgproto.train.metrics import difference_text
-from ecgproto.train.report import evaluation_report, fit_report, projection_report
+from ecgproto.train.report import evaluation_report, fit_report, projection_report, version_description
 from ecgproto.train.trainer import FitResult
 
 REGISTERED_NAME = MODEL_NAME
 
 
-def _curves(run_id: str, uri: str | None) -> Callable[[int, dict[str, float]], None]:
-    return lambda epoch, m: tracking.log_metrics(run_id, m, step=epoch, uri=uri)
+def _curves(
+    run_id: str, uri: str | None, label: str | None = None, epochs: int = 0
+) -> Callable[[int, dict[str, float]], None]:
+    """Per-epoch curves on the run; with `label`, also a progress line per epoch on the terminal."""
+    show = EpochProgress(label, epochs) if label else None
+
+    def on_epoch(epoch: int, m: dict[str, float]) -> None:
+        tracking.log_metrics(run_id, m, step=epoch, uri=uri)
+        if show is not None:
+            show(epoch, m)
+
+    return on_epoch
 
 
 def run_stage(stage: str, parent: str, uri: str | None, branch: str | None, work: Callable[[str], Any]) -> Any:
@@ -64,7 +75,8 @@ def fit_branch(
         if stage == "joint" and config.world_size > 1:
             result = _data_parallel("joint", store, config, work_root, branch, ctx, run_id, uri)
         else:
-            result = _FITS[stage](ctx, branch, _curves(run_id, uri))
+            epochs = (config.joint if stage == "joint" else config.last_layer).epochs
+            result = _FITS[stage](ctx, branch, _curves(run_id, uri, f"train {branch}/{stage}", epochs))
         tracking.log_report(run_id, fit_report(result, stage, branch), uri)
         return result.best_score
 
@@ -96,6 +108,7 @@ def projection(store: str, config: TrainConfig, work_root: str, branch: str, par
     ctx = stages.TrainContext.open(store, config, work_root)
 
     def work(run_id: str) -> int:
+        stage_line(f"train {branch}/projection: every prototype onto its nearest real training segment")
         provenance = stages.project(ctx, branch)
         tracking.log_report(run_id, projection_report(provenance), uri)
         return len(provenance)
@@ -108,7 +121,7 @@ def fusion(store: str, config: TrainConfig, work_root: str, parent: str, uri: st
     ctx = stages.TrainContext.open(store, config, work_root)
 
     def work(run_id: str) -> float:
-        result = stages.train_fusion(ctx, _curves(run_id, uri))
+        result = stages.train_fusion(ctx, _curves(run_id, uri, "train fusion", config.fusion.epochs))
         report = fit_report(result, "fusion")
         model = stages.load_model(ctx)
         report.tables["provenance"] = pd.DataFrame(model.provenance)
@@ -128,7 +141,7 @@ def baseline(store: str, config: TrainConfig, work_root: str, parent: str, uri: 
         if config.world_size > 1:
             result = _data_parallel("baseline", store, config, work_root, None, ctx, run_id, uri)
         else:
-            result = stages.train_baseline(ctx, _curves(run_id, uri))
+            result = stages.train_baseline(ctx, _curves(run_id, uri, "train black box", config.baseline.stage.epochs))
         tracking.log_report(run_id, fit_report(result, "baseline"), uri)
         return result.best_score
 
@@ -164,14 +177,22 @@ def evaluate(
             )
             tracking.log_report(parent, StageReport(metrics=done["metrics"]), uri)
             return done
+        stage_line("train evaluate: the whole test fold, bootstrap CIs, explained examples, registration")
         metrics, tables = stages.evaluate(ctx, "test")
-        report = evaluation_report(metrics, tables, planted)
+        descriptions = dict(zip(ctx.labels.codes, ctx.labels.descriptions, strict=True))
+        report = evaluation_report(metrics, tables, planted, descriptions)
+        for name, figure, explanation in stages.explanation_examples(ctx, "test", planted):
+            report.figures[f"explanations/{name}.png"] = figure
+            report.documents[f"explanations/{name}.json"] = explanation
         tracking.log_report(run_id, report, uri)
         tracking.log_report(parent, StageReport(metrics=report.metrics), uri)  # headline on the parent too
         example = ctx.splits["test"].signals(np.arange(1))
         logged = tracking.log_model(run_id, stages.load_model(ctx), example, register_as, uri)
         out = {"metrics": report.metrics, **logged, "run_id": run_id}
         if register_as:
+            tracking.describe_model_version(
+                register_as, logged["version"], version_description(report.metrics, ctx.store.key, run_id), uri
+            )
             _record_registration(ctx, out, uri)
         return out
 

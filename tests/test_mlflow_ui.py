@@ -118,6 +118,19 @@ def test_demo_pipeline_on_a_real_mlflow_server_leaves_the_lineage_a_reviewer_wal
     fusion = next(r for r in grandchildren if r.data.tags["stage"] == "fusion")
     assert c.list_artifacts(fusion.info.run_id, "gallery")
 
+    # review at a glance: a training experiment, the headline on the pipeline run and on the model version
+    assert c.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert parent.data.metrics["test.fused.macro_auroc"] == float(train.data.metrics["fused.macro_auroc"])
+    assert parent.data.tags["model_alias"] == "champion"
+    note = parent.data.tags["mlflow.note.content"]
+    assert "Test fold macro-AUROC" in note and "Prototype gallery" in note and "phecodes tested" in note
+    assert "Test fold macro-AUROC" in version.description and "Promotion: **champion**" in version.description
+    evaluate = next(r for r in grandchildren if r.data.tags["stage"] == "evaluate")
+    assert "evaluation/summary.md" in {f.path for f in c.list_artifacts(evaluate.info.run_id, "evaluation")}
+    assert [f for f in c.list_artifacts(evaluate.info.run_id, "explanations") if f.path.endswith(".png")]
+    joint = next(r for r in grandchildren if r.data.tags["stage"] == "joint")
+    assert c.get_metric_history(joint.info.run_id, "train_loss.bce")  # each loss term has its curve
+
 
 def _gallery_image(url: str, run_id: str) -> str:
     from mlflow import MlflowClient
@@ -181,3 +194,40 @@ def test_run_page_renders_a_prototype_image_in_headless_chromium(
     assert width > 200  # the prototype figure itself, decoded by the browser
     assert shot.stat().st_size > 10_000
     c.log_artifact(parent.info.run_id, str(shot), "ui_check")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed (.ci/run installs it)")
+def test_the_pipeline_run_page_shows_its_description_and_headline_in_the_training_view(
+    mlflow_server: SimpleNamespace, demo_pipeline: SimpleNamespace
+) -> None:
+    from playwright.sync_api import sync_playwright
+
+    from ecgproto import tracking
+    from mlflow import MlflowClient
+
+    c = MlflowClient(tracking_uri=mlflow_server.url)
+    parent = c.get_run(demo_pipeline.out["parent_run_id"])
+    # the URLs ecgproto prints: `make demo` (the pipeline run) and `ecgproto ui` (the experiment)
+    run_url = tracking.run_url(parent.info.run_id, ui=mlflow_server.url, uri=mlflow_server.url)
+    experiment_url = tracking.experiment_url(ui=mlflow_server.url, uri=mlflow_server.url)
+    shots = demo_pipeline.home / "screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        page.goto(run_url, timeout=120_000)
+        page.get_by_text("Test fold macro-AUROC").first.wait_for(timeout=90_000)  # the description, rendered
+        page.get_by_text("test.fused.macro_auroc").first.wait_for(timeout=30_000)  # the headline metric
+        run_page = page.inner_text("body")
+        page.screenshot(path=str(shots / "pipeline_run.png"), full_page=True)
+        page.goto(experiment_url, timeout=120_000)
+        page.get_by_text("Run Name").first.wait_for(timeout=90_000)  # the training view's runs table
+        page.get_by_text("pipeline", exact=True).first.wait_for(state="attached", timeout=30_000)
+        experiment_page = page.inner_text("body")
+        page.screenshot(path=str(shots / "experiment.png"), full_page=True)
+        browser.close()
+    assert "Prototype gallery" in run_page
+    assert "Judges" not in experiment_page and "Evaluation runs" not in experiment_page  # not the GenAI view
+    for name in ("pipeline_run.png", "experiment.png"):
+        c.log_artifact(parent.info.run_id, str(shots / name), "ui_check")

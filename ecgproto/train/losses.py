@@ -86,13 +86,19 @@ def joint_loss(
     jac: torch.Tensor,
     weight: torch.Tensor | None,
     w: LossWeights,
+    parts: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The joint stage's objective: BCE + clustering + separation + diversity + contrastive co-occurrence."""
+    """The joint stage's objective: BCE + clustering + separation + diversity + contrastive co-occurrence.
+    `parts`, when given, receives each weighted term (detached): the curves that say why the sum moves (the
+    clustering and contrastive terms are minus similarities, so the total can be negative)."""
     logits, sims = logits.float(), sims.float()
-    return (
-        bce(logits, targets, weight)
-        + w.clustering * clustering(sims, targets, identity)
-        + w.separation * separation(sims, targets, identity)
-        + w.diversity * diversity(prototypes)
-        + w.contrastive * contrastive(prototypes, identity, jac)
-    )
+    terms = {
+        "bce": bce(logits, targets, weight),
+        "clustering": w.clustering * clustering(sims, targets, identity),
+        "separation": w.separation * separation(sims, targets, identity),
+        "diversity": w.diversity * diversity(prototypes),
+        "contrastive": w.contrastive * contrastive(prototypes, identity, jac),
+    }
+    if parts is not None:
+        parts.update({k: v.detach() for k, v in terms.items()})
+    return torch.stack(list(terms.values())).sum()

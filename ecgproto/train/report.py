@@ -40,11 +40,82 @@ def projection_report(provenance: pd.DataFrame) -> StageReport:
 
 
 def evaluation_report(
-    metrics: dict[str, float], tables: dict[str, pd.DataFrame], planted: tuple[str, ...] = ()
+    metrics: dict[str, float],
+    tables: dict[str, pd.DataFrame],
+    planted: tuple[str, ...] = (),
+    descriptions: dict[str, str] | None = None,
 ) -> StageReport:
+    """Whole-fold metrics (kept one per key for search) and the summary a reviewer reads: one row per label
+    with its description, positives and AUROC [95% CI], labels without test positives listed apart."""
     r = StageReport(metrics=dict(metrics), tables={f"evaluation/{k}": v for k, v in tables.items()})
     if planted:
         t = tables["fused"]
         sel = t[t["code"].isin(planted) & t["auroc"].notna()]
         r.metrics["fused.planted_macro_auroc"] = float(sel["auroc"].mean())
+    summary, without = evaluation_summary(tables["side_by_side"], descriptions or {})
+    r.tables["evaluation/summary"] = summary
+    r.formats["evaluation/summary"] = ("csv",)
+    r.documents["evaluation/summary.md"] = summary_markdown(metrics, summary, without)
     return r
+
+
+def evaluation_summary(side: pd.DataFrame, descriptions: dict[str, str]) -> tuple[pd.DataFrame, list[str]]:
+    """(label, description, branch, n_pos, AUROC [CI], black box) for labels with test positives, best first;
+    and the labels without a positive in the fold (no AUROC exists for them)."""
+    has = side["n_pos"].to_numpy() > 0
+    t = side[has].copy()
+    out = pd.DataFrame(
+        {
+            "label": t["code"],
+            "description": [descriptions.get(c, "") for c in t["code"]],
+            "branch": t["branch"],
+            "n_pos": t["n_pos"].astype(int),
+            "auroc": t["auroc"].round(4),
+            "auroc_95ci": [f"[{lo:.3f}, {hi:.3f}]" for lo, hi in zip(t["auroc_lo"], t["auroc_hi"], strict=True)],
+        }
+    )
+    if "baseline_auroc" in t:
+        out["black_box_auroc"] = t["baseline_auroc"].round(4)
+    return out.sort_values("auroc", ascending=False).reset_index(drop=True), list(side.loc[~has, "code"])
+
+
+def summary_markdown(metrics: dict[str, float], summary: pd.DataFrame, without: list[str]) -> str:
+    def ci(key: str) -> str:
+        return f"{metrics[key]:.4f} [{metrics[key + '_lo']:.4f}, {metrics[key + '_hi']:.4f}]"
+
+    lines = ["# Test fold, whole-fold metrics", "", f"- prototype model macro-AUROC: {ci('fused.macro_auroc')}"]
+    if "baseline.macro_auroc" in metrics:
+        lines.append(f"- black box (1D ResNet, same data) macro-AUROC: {ci('baseline.macro_auroc')}")
+        d = "fused_minus_baseline.macro_auroc"
+        lines.append(
+            f"- paired difference (prototype - black box): {metrics[d]:+.4f} "
+            f"[{metrics[d + '_lo']:+.4f}, {metrics[d + '_hi']:+.4f}]"
+        )
+    lines += ["", "| label | description | branch | positives | AUROC | 95% CI |"]
+    lines[-1] += " black box |" if "black_box_auroc" in summary else ""
+    lines.append("|" + "---|" * (7 if "black_box_auroc" in summary else 6))
+    for row in summary.itertuples(index=False):
+        cells = [row.label, row.description, row.branch, str(row.n_pos), f"{row.auroc:.4f}", row.auroc_95ci]
+        if "black_box_auroc" in summary:
+            cells.append(f"{row.black_box_auroc:.4f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    if without:
+        lines += ["", f"No positive in the test fold (no AUROC): {', '.join(without)}."]
+    return "\n".join(lines) + "\n"
+
+
+def version_description(metrics: dict[str, float], dataset_hash: str, run_id: str) -> str:
+    """A registered version's Description: what it scored on the test fold and what it was trained on."""
+    m = metrics
+    lines = [
+        f"Test fold macro-AUROC {m['fused.macro_auroc']:.4f} "
+        f"[{m['fused.macro_auroc_lo']:.4f}, {m['fused.macro_auroc_hi']:.4f}] (whole fold, 95% bootstrap CI)."
+    ]
+    if "baseline.macro_auroc" in m:
+        d = "fused_minus_baseline.macro_auroc"
+        lines.append(
+            f"Black box trained beside it: {m['baseline.macro_auroc']:.4f}; paired difference {m[d]:+.4f} "
+            f"[{m[d + '_lo']:+.4f}, {m[d + '_hi']:+.4f}]."
+        )
+    lines.append(f"Training data: store hash `{dataset_hash[:16]}`; evaluated in run `{run_id}`.")
+    return "\n\n".join(lines)

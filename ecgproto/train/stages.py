@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -33,6 +34,9 @@ from ecgproto.train.config import TrainConfig
 from ecgproto.train.data import SplitData
 from ecgproto.train.metrics import evaluation_table, macro_auroc, paired_bootstrap_difference
 from ecgproto.train.trainer import EpochCallback, FitResult, fit, load_checkpoint
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 SPLITS = ("train", "val", "test")
 
@@ -180,11 +184,13 @@ def train_joint(ctx: TrainContext, name: str, on_epoch: EpochCallback | None = N
     pw = ctx.pos_weight[idx].to(ctx.device)
     train, val = ctx.splits["train"], ctx.splits["val"]
 
-    def loss_fn(batch) -> torch.Tensor:  # noqa: ANN001
+    def loss_fn(batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # noqa: ANN001
         x, y = batch.x.to(ctx.device), batch.y.to(ctx.device)
         with ctx.autocast():
             logits, sims = net(x, batch.beats.to(ctx.device))
-        return losses.joint_loss(logits, sims, branch.prototypes.prototypes, y, identity, jac, pw, w)
+        parts: dict[str, torch.Tensor] = {}
+        loss = losses.joint_loss(logits, sims, branch.prototypes.prototypes, y, identity, jac, pw, w, parts)
+        return loss, parts
 
     def validate() -> float:
         logits, _ = _branch_outputs(ctx, branch, "val")
@@ -437,6 +443,23 @@ def predict(ctx: TrainContext, model: ECGProtoNet, split: str) -> dict[str, np.n
     out = {"fused": torch.cat(fused).numpy()}
     out.update({n: torch.cat(v).numpy() for n, v in per_branch.items()})
     return out
+
+
+def explanation_examples(
+    ctx: TrainContext, split: str = "test", preferred: tuple[str, ...] = (), n: int = 3, top_k: int = 3
+) -> Iterator[tuple[str, Figure, dict[str, Any]]]:
+    """(name, figure, explanation) for `n` labelled ECGs of `split`, each explained for its label (the case a
+    reviewer opens first: why the model scores this label on an ECG that has it)."""
+    from ecgproto.explain import example_cases, explain, explanation_figure
+
+    model = load_model(ctx).cpu().eval()
+    data = ctx.splits[split]
+    for row, code in example_cases(data.labels, ctx.labels.codes, preferred, n):
+        signal = data.signals(np.array([row]))[0]
+        result = explain(model, signal, top_k=top_k, codes=[code])
+        name = f"{data.record_ids[row]}_{code}"
+        title = f"{split} ECG {data.record_ids[row]}, labelled {code}: the prototypes behind its score"
+        yield name, explanation_figure(model, signal, result, title=title), result
 
 
 def evaluate(ctx: TrainContext, split: str = "test") -> tuple[dict[str, float], dict[str, pd.DataFrame]]:

@@ -52,7 +52,7 @@ def _schedule(
 def fit(
     model: nn.Module,
     parameters: Iterable[nn.Parameter],
-    loss_fn: Callable[[Any], torch.Tensor],
+    loss_fn: Callable[[Any], torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]],
     batches: Callable[[int], Iterator[Any]],
     validate: Callable[[], float],
     cfg: StageConfig,
@@ -65,6 +65,8 @@ def fit(
     main_process: bool = True,
 ) -> FitResult:
     """Train `parameters` of `model`; keep the state with the best validation score (higher is better).
+    `loss_fn` returns the loss, or (loss, its named terms): each term's epoch mean joins the history as
+    `train_loss.<name>`.
 
     Under DDP every rank calls this with its share of each batch; only the main process writes the
     checkpoint (every rank resumes from it)."""
@@ -90,8 +92,13 @@ def fit(
         torch.manual_seed(seed * 1009 + epoch)  # dropout and anything else drawn from torch's RNG
         model.train()
         step_losses: list[torch.Tensor] = []  # kept on the device: no host sync per step
+        step_parts: dict[str, list[torch.Tensor]] = {}
         for batch in batches(epoch):
             loss = loss_fn(batch)
+            if isinstance(loss, tuple):
+                loss, parts = loss
+                for k, v in parts.items():
+                    step_parts.setdefault(k, []).append(v)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -111,6 +118,7 @@ def fit(
         train_loss = float(torch.stack(step_losses).double().mean()) if step_losses else 0.0
         history.append(
             {"epoch": epoch, "train_loss": train_loss, "val_macro_auroc": score, "lr": opt.param_groups[0]["lr"]}
+            | {f"train_loss.{k}": float(torch.stack(v).double().mean()) for k, v in step_parts.items()}
         )
         if main_process:
             save_atomic(

@@ -1,0 +1,57 @@
+"""One line per epoch on the terminal while a stage trains: which stage, how far, how well, how long to go.
+
+Written to stderr directly (not through `print`): Prefect turns a flow's prints into INFO log records, which
+the commands keep off the console. `ECGPROTO_QUIET=1` silences it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import TextIO
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class EpochProgress:
+    """Callable as a trainer's `on_epoch(epoch, metrics)`; prints e.g.
+    `train rhythm_1d/joint  epoch 3/30  loss 0.412  val macro-AUROC 0.873 (best 0.880)  ~4 min left at most`."""
+
+    def __init__(
+        self, label: str, epochs: int, stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic
+    ):
+        self.label, self.epochs, self.clock = label, epochs, clock
+        self.stream = stream
+        self.start = clock()
+        self.first: int | None = None
+        self.best = float("-inf")
+
+    def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
+        if os.environ.get("ECGPROTO_QUIET"):
+            return
+        if self.first is None:
+            self.first = epoch  # a resumed stage starts later: time only the epochs run here
+        score = metrics.get("val_macro_auroc", float("nan"))
+        self.best = max(self.best, score)
+        done = epoch - self.first + 1
+        left = (self.clock() - self.start) / done * (self.epochs - epoch - 1)
+        eta = f"  ~{_duration(left)} left at most" if epoch + 1 < self.epochs else ""
+        line = (
+            f"{self.label}  epoch {epoch + 1}/{self.epochs}  loss {metrics.get('train_loss', float('nan')):.3f}  "
+            f"val macro-AUROC {score:.3f} (best {self.best:.3f}){eta}"
+        )
+        print(line, file=self.stream or sys.stderr, flush=True)
+
+
+def stage_line(text: str, stream: TextIO | None = None) -> None:
+    """A one-line announcement of a stage that has no epochs (projection, evaluation, ...)."""
+    if not os.environ.get("ECGPROTO_QUIET"):
+        print(text, file=stream or sys.stderr, flush=True)

@@ -1,0 +1,105 @@
+"""What a reviewer reads without digging: summaries, descriptions, loss terms, progress lines."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ecgproto.explain import example_cases
+from ecgproto.progress import EpochProgress
+from ecgproto.report import pipeline_report
+from ecgproto.train import losses
+from ecgproto.train.config import LossWeights
+from ecgproto.train.report import evaluation_summary, summary_markdown, version_description
+
+METRICS = {
+    "fused.macro_auroc": 0.91234,
+    "fused.macro_auroc_lo": 0.9,
+    "fused.macro_auroc_hi": 0.92,
+    "baseline.macro_auroc": 0.92,
+    "baseline.macro_auroc_lo": 0.91,
+    "baseline.macro_auroc_hi": 0.93,
+    "fused_minus_baseline.macro_auroc": -0.0077,
+    "fused_minus_baseline.macro_auroc_lo": -0.02,
+    "fused_minus_baseline.macro_auroc_hi": 0.004,
+}
+
+
+def test_the_summary_lists_labels_best_first_with_their_ci_and_those_without_positives_apart() -> None:
+    side = pd.DataFrame(
+        {
+            "code": ["NORM", "IMI", "WPW"],
+            "n_pos": [900, 40, 0],
+            "auroc": [0.93, 0.95, np.nan],
+            "auroc_lo": [0.92, 0.91, np.nan],
+            "auroc_hi": [0.94, 0.98, np.nan],
+            "baseline_auroc": [0.94, 0.93, np.nan],
+            "branch": ["global_2d", "morphology_2d_local", "rhythm_1d"],
+        }
+    )
+    summary, without = evaluation_summary(side, {"IMI": "inferior myocardial infarction"})
+    assert list(summary["label"]) == ["IMI", "NORM"] and without == ["WPW"]
+    assert summary.loc[0, "description"] == "inferior myocardial infarction"
+    assert summary.loc[0, "auroc_95ci"] == "[0.910, 0.980]"
+    text = summary_markdown(METRICS, summary, without)
+    assert "0.9123 [0.9000, 0.9200]" in text and "-0.0077 [-0.0200, +0.0040]" in text
+    assert "| IMI | inferior myocardial infarction |" in text
+    assert "No positive in the test fold (no AUROC): WPW." in text
+    assert "nan" not in text  # no blank rows mixed in
+
+
+def test_example_cases_explain_one_positive_ecg_per_label_planted_labels_first() -> None:
+    labels = np.zeros((6, 3), dtype=np.uint8)
+    labels[[0, 1, 2, 3], 0] = 1  # the most frequent
+    labels[[1, 4], 1] = 1
+    labels[[0], 2] = 1
+    assert example_cases(labels, ("NORM", "IMI", "STE"), preferred=("STE",), n=3) == [
+        (0, "STE"),
+        (1, "NORM"),
+        (4, "IMI"),
+    ]
+    assert example_cases(np.zeros((3, 2), dtype=np.uint8), ("A", "B")) == []
+
+
+def test_the_pipeline_description_says_the_headline_and_links_what_to_open_next() -> None:
+    summary = {"model_version": "3", "model_alias": "challenger", "dataset_hash": "a" * 64}
+    association = {"phecodes_tested": 120.0, "prototype.significant_phecodes": 4.0, "nlp.significant_phecodes": 2.0}
+    links = {"Prototype gallery": "#/experiments/1/runs/abc/artifacts/gallery"}
+    r = pipeline_report(summary, METRICS, association, links, "ecgproto pipeline on the demo data")
+    assert r.metrics["test.fused.macro_auroc"] == METRICS["fused.macro_auroc"]
+    assert r.metrics["association.prototype.significant_phecodes"] == 4.0
+    assert r.tags["model_alias"] == "challenger" and r.tags["dataset_hash"] == "a" * 64
+    note = r.tags["mlflow.note.content"]
+    assert "prototype model 0.9123 [0.9000, 0.9200]" in note and "paired difference -0.0077" in note
+    assert "version 3, alias **challenger**" in note and "120 phecodes tested" in note
+    assert "[Prototype gallery](#/experiments/1/runs/abc/artifacts/gallery)" in note
+    assert "Test fold macro-AUROC 0.9123" in version_description(METRICS, "b" * 64, "run1")
+
+
+def test_the_joint_loss_reports_its_terms_and_they_add_up_to_it() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits, sims = torch.randn(8, 3, generator=g), torch.rand(8, 6, generator=g)
+    prototypes = torch.randn(6, 16, generator=g)
+    targets = (torch.rand(8, 3, generator=g) < 0.4).float()
+    identity = torch.zeros(6, 3)
+    identity[torch.arange(6), torch.arange(6) % 3] = 1
+    parts: dict[str, torch.Tensor] = {}
+    w = LossWeights()
+    total = losses.joint_loss(logits, sims, prototypes, targets, identity, torch.eye(3), None, w, parts)
+    assert set(parts) == {"bce", "clustering", "separation", "diversity", "contrastive"}
+    assert torch.isclose(sum(parts.values()), total)
+    assert parts["clustering"] <= 0  # why the total can be negative: clustering is minus a similarity
+
+
+def test_a_progress_line_per_epoch_with_the_best_score_and_the_time_left() -> None:
+    out, now = io.StringIO(), iter([0.0, 60.0, 120.0])
+    show = EpochProgress("train rhythm_1d/joint", 30, out, clock=lambda: next(now))
+    show(0, {"train_loss": 0.5, "val_macro_auroc": 0.81})
+    show(1, {"train_loss": 0.4, "val_macro_auroc": 0.79})
+    first, second = out.getvalue().splitlines()
+    assert first.startswith("train rhythm_1d/joint  epoch 1/30  loss 0.500  val macro-AUROC 0.810 (best 0.810)")
+    assert first.endswith("~29 min left at most")
+    assert "(best 0.810)" in second and second.endswith("~28 min left at most")
