@@ -530,6 +530,10 @@ def main(argv: list[str] | None = None) -> int:
     debug = errors.debug_requested(args.debug)
     if not debug:
         errors.quiet_engine_errors()
+    from ecgproto.housekeeping import stop_orphaned_prefect_servers
+
+    for pid in stop_orphaned_prefect_servers(os.environ["PREFECT_HOME"]):
+        print(f"ecgproto: stopped a Prefect server (pid {pid}) left running by a killed earlier run", file=sys.stderr)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

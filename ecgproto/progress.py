@@ -1,7 +1,7 @@
 """One line per epoch on the terminal while a stage trains: which stage, how far, how well, how long to go.
 
-Written to stderr directly (not through `print`): Prefect turns a flow's prints into INFO log records, which
-the commands keep off the console. `ECGPROTO_QUIET=1` silences it.
+Written to stderr with `write` (never `print`): inside a flow, Prefect turns prints, to stdout and stderr
+alike, into INFO log records, which the commands keep off the console. `ECGPROTO_QUIET=1` silences it.
 """
 
 from __future__ import annotations
@@ -48,10 +48,16 @@ class EpochProgress:
             f"{self.label}  epoch {epoch + 1}/{self.epochs}  loss {metrics.get('train_loss', float('nan')):.3f}  "
             f"val macro-AUROC {score:.3f} (best {self.best:.3f}){eta}"
         )
-        print(line, file=self.stream or sys.stderr, flush=True)
+        _write(line, self.stream)
 
 
 def stage_line(text: str, stream: TextIO | None = None) -> None:
     """A one-line announcement of a stage that has no epochs (projection, evaluation, ...)."""
     if not os.environ.get("ECGPROTO_QUIET"):
-        print(text, file=stream or sys.stderr, flush=True)
+        _write(text, stream)
+
+
+def _write(line: str, stream: TextIO | None) -> None:
+    out = stream or sys.stderr
+    out.write(line + "\n")
+    out.flush()

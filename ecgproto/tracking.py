@@ -318,6 +318,7 @@ def log_model(
     import numpy as np
     import torch
     from mlflow.models import infer_signature
+    from mlflow.utils import logging_utils
 
     import mlflow
     from ecgproto.mlflow_model import WEIGHTS
@@ -332,14 +333,19 @@ def log_model(
         warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
         data = Path(tmp) / "ecgproto"
         persist.save(model.cpu(), data / WEIGHTS)
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            loader_module="ecgproto.mlflow_model",
-            data_path=str(data),
-            signature=signature,
-            registered_model_name=registered_name,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "ecgproto"],
-        )
+        stream = logging_utils.MLFLOW_LOGGING_STREAM
+        was, stream.enabled = stream.enabled, False  # "Registered model ... Creating a new version": ours to say
+        try:
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                loader_module="ecgproto.mlflow_model",
+                data_path=str(data),
+                signature=signature,
+                registered_model_name=registered_name,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "ecgproto"],
+            )
+        finally:
+            stream.enabled = was
     out = {"model_uri": info.model_uri}
     if registered_name:
         versions = client(uri).search_model_versions(f"name = '{registered_name}' and run_id = '{run_id}'")

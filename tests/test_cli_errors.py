@@ -61,3 +61,47 @@ def test_an_unreachable_tracking_server_fails_fast_with_one_line(tmp_path: Path,
     )
     assert time.perf_counter() - start < 30
     assert out.returncode == 2 and "cannot be reached" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def _running(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc (Linux)")
+def test_a_prefect_server_left_by_a_killed_run_is_stopped_by_the_next_command(tmp_path: Path) -> None:
+    from ecgproto.housekeeping import orphaned_prefect_servers
+
+    home = tmp_path / ".prefect"
+    env = {**os.environ, "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT_HOME": str(home)}
+    sleeper = "import time; time.sleep(120)"
+    # what a kill -9 of a command leaves: its temporary server, its parent gone
+    starter = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess as s, sys; "
+            f"print(s.Popen([sys.executable, '-c', {sleeper!r}], stdout=s.DEVNULL, stderr=s.DEVNULL).pid)",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    left = int(starter.stdout)
+    live = subprocess.Popen([sys.executable, "-c", sleeper], env=env)  # another command's, still running
+    try:
+        assert orphaned_prefect_servers(home) == [left]
+        out = _ecgproto("ingest", str(tmp_path / "nope"), env={"PREFECT_HOME": str(home)}, cwd=tmp_path)
+        assert f"stopped a Prefect server (pid {left}) left running by a killed earlier run" in out.stderr
+        deadline = time.time() + 10
+        while _running(left) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not _running(left) and live.poll() is None
+    finally:
+        live.kill()
+        if _running(left):
+            os.kill(left, 9)
