@@ -50,7 +50,8 @@ def _config_options(q: argparse.ArgumentParser) -> None:
 
 
 def _ingest_options(
-    group: argparse.ArgumentParser | argparse._ArgumentGroup, layouts: tuple[str, ...] = ("auto", "ptbxl", "mimic_ecg")
+    group: argparse.ArgumentParser | argparse._ArgumentGroup,
+    layouts: tuple[str, ...] = ("auto", "ptbxl", "mimic_ecg", "challenge", "wfdb"),
 ) -> None:
     """The ingest settings, for `ingest` and for the commands that ingest a dataset folder first."""
     group.add_argument("--layout", choices=layouts, default=layouts[0], help="dataset layout")

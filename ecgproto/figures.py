@@ -135,15 +135,17 @@ def _paper(ax: plt.Axes, duration: float, height_mv: float) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_aspect(0.4 / 1.0)  # 0.2 s and 0.5 mV are both 5 mm
+    ax.set_xlabel("25 mm/s, 10 mm/mV: a large square is 0.2 s x 0.5 mV", fontsize=7, loc="right")
 
 
 def plot_label_prevalence(table: pd.DataFrame) -> Figure:
-    """Bars of positives per label (columns code, n_train, n_val, n_test), labels with >0 only."""
-    t = table[table[["n_train", "n_val", "n_test"]].sum(axis=1) > 0].sort_values("n_total", ascending=True)
+    """Bars of positives per label (columns code, n_<split> per split, n_total), labels with >0 only."""
+    cols = [c for c in table.columns if c.startswith("n_") and c != "n_total"]
+    t = table[table[cols].sum(axis=1) > 0].sort_values("n_total", ascending=True)
     fig = Figure(figsize=(7, 0.22 * len(t) + 1.2))
     ax = fig.subplots()
     left = np.zeros(len(t))
-    for col, color in (("n_train", "tab:blue"), ("n_val", "tab:orange"), ("n_test", "tab:green")):
+    for col, color in zip(cols, ("tab:blue", "tab:orange", "tab:green", "tab:purple"), strict=False):
         ax.barh(t["code"], t[col], left=left, color=color, label=col[2:])
         left += t[col].to_numpy()
     ax.set_xlabel("records")

@@ -49,7 +49,7 @@ from ecgproto.data.wfdb_io import RecordError, read_record
 class IngestConfig(BaseModel):
     """Everything that decides the content of a store (and so its cache key), plus how to run."""
 
-    layout: Literal["auto", "ptbxl", "mimic_ecg"] = "auto"
+    layout: Literal["auto", "ptbxl", "mimic_ecg", "challenge", "wfdb"] = "auto"
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     beats: BeatConfig = Field(default_factory=BeatConfig)
     min_likelihood: float = Field(0.0, description="an scp code counts when its likelihood >= this")
@@ -351,6 +351,8 @@ def _finish(
     manifest = manifest.sort_values("row").reset_index(drop=True)
     atomic_write_parquet(manifest, partial / "manifest.parquet")
     atomic_write_parquet(quarantine, partial / "quarantine.parquet")
+    if listing.label_mapping is not None:  # which source codes became which statements, and which did not
+        atomic_write_parquet(listing.label_mapping, partial / "label_mapping.parquet")
     labels = load_label_set()
     info = {
         "format": STORE_FORMAT,

@@ -1,4 +1,11 @@
-"""Dataset layouts as downloaded from PhysioNet: PTB-XL and MIMIC-IV-ECG -> a listing of records.
+"""Dataset layouts as downloaded from PhysioNet -> a listing of records.
+
+  ptbxl      PTB-XL: ptbxl_database.csv (labels: scp_codes; folds: strat_fold)
+  mimic_ecg  MIMIC-IV-ECG: record_list.csv (credentialed; no labels)
+  challenge  PhysioNet/CinC Challenge 2020/2021 sets (CPSC, Georgia, Chapman-Shaoxing, Ningbo, PTB, INCART,
+             ...): .hea + .mat (or .dat) pairs at any depth, `# Age:`, `# Sex:`, `# Dx:` (SNOMED CT codes,
+             mapped to the PTB-XL statements by the shipped `snomed_scp.csv`; unmapped codes are counted)
+  wfdb       any folder of WFDB records (every .hea below it), unlabelled
 
 A listing is what ingest works from: one row per record (id, WFDB path, metadata), the multi-hot
 labels where the layout has them, and the rows already refused (duplicate ids, malformed labels).
@@ -6,6 +13,7 @@ labels where the layout has them, and the rows already refused (duplicate ids, m
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -15,7 +23,9 @@ import pandas as pd
 
 from ecgproto.data.labels import LabelError, LabelSet, load_label_set, multi_hot, parse_scp_codes
 
-Layout = Literal["ptbxl", "mimic_ecg"]
+Layout = Literal["ptbxl", "mimic_ecg", "challenge", "wfdb"]
+LAYOUTS: tuple[str, ...] = ("ptbxl", "mimic_ecg", "challenge", "wfdb")
+_COMMENT = re.compile(r"^#\s*(Age|Sex|Dx)\s*:\s*(.*?)\s*$", re.IGNORECASE)
 QUARANTINE_COLUMNS = ["record_id", "file", "reason", "message"]
 
 
@@ -32,6 +42,7 @@ class DatasetListing:
     labels: np.ndarray | None  # (n_records, n_labels) uint8, aligned with records
     quarantine: pd.DataFrame  # QUARANTINE_COLUMNS
     metadata_files: list[Path] = field(default_factory=list)
+    label_mapping: pd.DataFrame | None = None  # challenge: every source code, its records and its statement
 
 
 def detect_layout(root: Path) -> Layout:
@@ -39,10 +50,31 @@ def detect_layout(root: Path) -> Layout:
         return "ptbxl"
     if (root / "record_list.csv").exists():
         return "mimic_ecg"
+    headers = _headers(root)
+    if headers:
+        return "challenge" if any(_comments(h).get("dx") for h in headers[:50]) else "wfdb"
     raise DatasetError(
-        f"{root}: neither ptbxl_database.csv (PTB-XL) nor record_list.csv (MIMIC-IV-ECG) found; "
-        "point ingest at the folder you downloaded from PhysioNet"
+        f"{root}: no ptbxl_database.csv (PTB-XL), record_list.csv (MIMIC-IV-ECG) or WFDB header (*.hea: a "
+        "PhysioNet Challenge set or any WFDB folder) found; point ingest at the folder you downloaded"
     )
+
+
+def _headers(root: Path) -> list[Path]:
+    """Every WFDB header below `root`, in a stable order (hidden folders, e.g. a store's, skipped)."""
+    return sorted(p for p in root.rglob("*.hea") if not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+def _comments(header: Path) -> dict[str, str]:
+    """`# Age:`, `# Sex:`, `# Dx:` of a header ({} when unreadable: the record's own read names the fault)."""
+    out: dict[str, str] = {}
+    try:
+        lines = header.read_text(errors="replace").splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        if m := _COMMENT.match(line.strip()):
+            out[m.group(1).lower()] = m.group(2)
+    return out
 
 
 def check_root(root: Path, layout: Layout | Literal["auto"] = "auto") -> Layout:
@@ -52,10 +84,11 @@ def check_root(root: Path, layout: Layout | Literal["auto"] = "auto") -> Layout:
         raise DatasetError(f"{root}: dataset folder does not exist")
     if layout == "auto":
         return detect_layout(root)
-    if layout not in ("ptbxl", "mimic_ecg"):
+    if layout not in LAYOUTS:
         raise DatasetError(
             f"unknown layout {layout!r}; recognised layouts: 'ptbxl' (ptbxl_database.csv), "
-            "'mimic_ecg' (record_list.csv), or 'auto'"
+            "'mimic_ecg' (record_list.csv), 'challenge' (.hea with # Dx: SNOMED codes), 'wfdb' (any .hea), "
+            "or 'auto'"
         )
     return layout
 
@@ -77,6 +110,8 @@ def list_records(
         listing = _ptbxl(root, model_fs, min_likelihood, labels or load_label_set())
     elif layout == "mimic_ecg":
         listing = _mimic_ecg(root)
+    else:
+        listing = _wfdb_folder(root, layout, labels or load_label_set())
     out = outside_root(listing.records, root, allow_outside_root).to_numpy()
     if out.any():
         refused = _refuse(
@@ -270,3 +305,62 @@ def _mimic_ecg(root: Path) -> DatasetListing:
         }
     )
     return DatasetListing("mimic_ecg", root, True, records, None, pd.concat(refused, ignore_index=True), [index_file])
+
+
+def load_snomed_map(path: Path | None = None) -> pd.DataFrame:
+    """The shipped SNOMED CT -> PTB-XL statement table (snomed_ct, abbreviation, diagnosis, scp_code)."""
+    from ecgproto.settings import reference_dir
+
+    table = pd.read_csv(path or reference_dir() / "snomed_scp.csv", dtype=str, keep_default_na=False)
+    return table
+
+
+def _wfdb_folder(root: Path, layout: Layout, labels: LabelSet) -> DatasetListing:
+    """Every .hea below `root` is a record (id: its path relative to `root`, without extension). For the
+    challenge layout, `# Dx:` codes become labels through the SNOMED map."""
+    headers = _headers(root)
+    if not headers:
+        raise DatasetError(f"{root}: no WFDB header (*.hea) found below this folder")
+    rows, codes_of = [], []
+    for h in headers:
+        c = _comments(h)
+        rel = h.relative_to(root).with_suffix("").as_posix()
+        age = pd.to_numeric(c.get("age", ""), errors="coerce")
+        sex = c.get("sex", "").strip().lower()
+        rows.append(
+            {
+                "record_id": rel,
+                "path": rel,
+                "age": float(age) if pd.notna(age) else np.nan,
+                "sex": {"male": "male", "m": "male", "female": "female", "f": "female"}.get(sex, ""),
+                "split": "external",
+            }
+        )
+        codes_of.append([x.strip() for x in c.get("dx", "").split(",") if x.strip()])
+    records = pd.DataFrame(rows)
+    empty = pd.DataFrame(columns=QUARANTINE_COLUMNS)
+    if layout == "wfdb":
+        return DatasetListing("wfdb", root, False, records, None, empty, [])
+    table = load_snomed_map()
+    index = labels.index
+    to_scp = {r.snomed_ct: r.scp_code for r in table.itertuples() if r.scp_code in index}
+    y = np.zeros((len(records), len(labels)), dtype=np.uint8)
+    seen: dict[str, int] = {}
+    for i, codes in enumerate(codes_of):
+        for code in dict.fromkeys(codes):
+            seen[code] = seen.get(code, 0) + 1
+            if code in to_scp:
+                y[i, index[to_scp[code]]] = 1
+    names = table.set_index("snomed_ct")
+    mapping = pd.DataFrame(
+        {
+            "snomed_ct": list(seen),
+            "abbreviation": [names["abbreviation"].get(c, "") for c in seen],
+            "diagnosis": [names["diagnosis"].get(c, "") for c in seen],
+            "n_records": list(seen.values()),
+            "scp_code": [to_scp.get(c, "") for c in seen],
+        }
+    ).sort_values("n_records", ascending=False, kind="stable")
+    mapping["mapped"] = mapping["scp_code"] != ""
+    records["dx_codes"] = [",".join(c) for c in codes_of]
+    return DatasetListing("challenge", root, False, records, y, empty, [], mapping.reset_index(drop=True))

@@ -50,8 +50,11 @@ def cache_key(payload: dict[str, Any], record_paths: list[Path]) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"format": STORE_FORMAT, **payload}, sort_keys=True, default=str).encode())
     for base in record_paths:
-        for suffix in (".hea", ".dat"):
-            h.update(f"{base.name}{suffix}{file_identity(base.with_name(base.name + suffix))}".encode())
+        for suffix in (".hea", ".dat", ".mat"):
+            path = base.with_name(base.name + suffix)
+            if suffix == ".mat" and not path.exists():  # Challenge sets' signal files; absent elsewhere
+                continue
+            h.update(f"{base.name}{suffix}{file_identity(path)}".encode())
     return h.hexdigest()
 
 

@@ -26,10 +26,13 @@ def label_prevalence(store: ArrayStore, labels: LabelSet | None = None) -> pd.Da
         raise ValueError(f"{store.path}: this store has no labels (layout {store.info['layout']})")
     m = store.manifest
     table = pd.DataFrame({"code": labels.codes, "description": labels.descriptions, "branch": labels.branch_of})
-    for split in SPLITS:
+    present = set(m["split"].astype(str))
+    splits = list(SPLITS) if present & set(SPLITS) or not present else []
+    splits += sorted(present - set(SPLITS))  # e.g. an external validation set's one split
+    for split in splits:
         rows = m.loc[m["split"] == split, "row"].to_numpy()
         table[f"n_{split}"] = np.asarray(store.labels[np.sort(rows)]).sum(axis=0).astype(int) if len(rows) else 0
-    table["n_total"] = table[[f"n_{s}" for s in SPLITS]].sum(axis=1)
+    table["n_total"] = table[[f"n_{s}" for s in splits]].sum(axis=1)
     table["prevalence"] = table["n_total"] / max(len(m), 1)
     return table
 
@@ -133,6 +136,11 @@ def ingest_report(store: ArrayStore, *, cache_hit: bool, seconds: float, config:
             summary = suppress_counts(summary, ["n_subjects"])
     report.tables["manifest_summary"] = summary
     report.tables["quarantine"] = quarantine_table(store)
+    if (store.path / "label_mapping.parquet").exists():  # a Challenge set: source codes -> statements
+        mapping = pd.read_parquet(store.path / "label_mapping.parquet")
+        report.tables["label_mapping"] = mapping
+        report.metrics["source_codes_mapped"] = float(mapping["mapped"].sum())
+        report.metrics["source_codes_unmapped"] = float((~mapping["mapped"]).sum())
     if store.labels is not None:
         prevalence = label_prevalence(store)
         report.tables["label_prevalence"] = prevalence

@@ -118,7 +118,11 @@ def heatmap(results: pd.DataFrame, max_features: int = 40, max_phecodes: int = 3
     ax.set_xticks(range(len(codes)), [f"{c} {labels.get(c, '')[:24]}" for c in codes], rotation=90, fontsize=6)
     ax.set_yticks(range(len(feats)), list(feats), fontsize=6)
     fig.colorbar(im, ax=ax, label="sign(beta) x -log10 p")
-    ax.set_title("prototype x phecode")
+    ax.set_title(
+        f"prototype x phecode: the {len(feats)} strongest prototypes x {len(codes)} phecodes\n"
+        "logistic regression on age and sex; red: higher activation with the phecode",
+        fontsize=9,
+    )
     fig.tight_layout()
     return fig
 
@@ -135,7 +139,11 @@ def feature_set_comparison(strength: pd.DataFrame) -> Figure:
         ax.bar(np.arange(len(piv)) + k * width, piv[fs].to_numpy(), width, label=str(fs))
     ax.set_xticks(np.arange(len(piv)) + 0.4 - width / 2, list(piv.index), rotation=45, ha="right", fontsize=7)
     ax.set_ylabel("Bonferroni-significant phecodes")
-    ax.set_title("feature sets by phecode category")
+    ax.set_title(
+        "conditions with a Bonferroni-significant association, by phecode category and feature set\n"
+        "(logistic regression on age and sex; a condition counted once)",
+        fontsize=9,
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

@@ -1,0 +1,123 @@
+"""External validation sets: PhysioNet Challenge 2020/2021 folders and generic WFDB folders are ingested
+with their labels mapped from SNOMED CT, unmapped codes counted, and records of any rate and length."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+import wfdb
+
+from ecgproto.data.ingest import IngestConfig, ingest
+from ecgproto.data.labels import load_label_set
+from ecgproto.data.layouts import detect_layout, list_records
+from ecgproto.data.summary import ingest_report
+
+CANONICAL = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
+
+
+def _signal(fs: int, seconds: float) -> np.ndarray:
+    """(12, n) mV: lead k a 1.2 Hz wave of amplitude (k + 1) / 10, so the lead order can be checked."""
+    t = np.arange(int(fs * seconds)) / fs
+    return np.stack([(k + 1) * 0.1 * np.sin(2 * np.pi * 1.2 * t) for k in range(12)])
+
+
+def _challenge_mat(folder: Path, name: str, fs: int, seconds: float, comments: list[str]) -> None:
+    """A Challenge record as distributed: a MATLAB v4 `val` matrix (int16, leads x samples) read at a 24-byte
+    offset, lower-case and reordered lead names, and Age/Sex/Dx comments."""
+    folder.mkdir(parents=True, exist_ok=True)
+    order = [1, 0, 2, 3, 4, 5, 6, 7, 8, 9, 11, 10]
+    digital = np.round(_signal(fs, seconds)[order] * 1000).astype(np.int16)
+    scipy.io.savemat(folder / f"{name}.mat", {"val": digital}, format="4")
+    lines = [f"{name} 12 {fs} {digital.shape[1]}"] + [
+        f"{name}.mat 16+24 1000/mV 16 0 {digital[i, 0]} 0 0 {CANONICAL[order[i]].lower()}" for i in range(12)
+    ]
+    (folder / f"{name}.hea").write_text("\n".join(lines + comments) + "\n")
+
+
+def _wfdb_dat(folder: Path, name: str, fs: int, seconds: float, comments: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    wfdb.wrsamp(
+        name,
+        fs=fs,
+        units=["mV"] * 12,
+        sig_name=CANONICAL,
+        p_signal=_signal(fs, seconds).T,
+        fmt=["16"] * 12,
+        write_dir=str(folder),
+        comments=comments,
+    )
+
+
+@pytest.fixture()
+def challenge(tmp_path: Path) -> Path:
+    root = tmp_path / "challenge"
+    _challenge_mat(root / "g1", "A0001", 500, 30, ["#Age: 74", "#Sex: Male", "#Dx: 426783006,39732003"])
+    _challenge_mat(root / "g1", "A0002", 257, 5, ["#Age: 61", "#Sex: Female", "#Dx: 164889003"])  # too short
+    _wfdb_dat(root / "g2", "HR00003", 1000, 10, ["Age: NaN", "Sex: Female", "Dx: 164889003,59118001,251146004"])
+    return root
+
+
+def test_a_challenge_folder_is_detected_and_its_snomed_codes_become_statements(challenge: Path) -> None:
+    assert detect_layout(challenge) == "challenge"
+    listing = list_records(challenge)
+    labels = load_label_set()
+    assert list(listing.records["record_id"]) == ["g1/A0001", "g1/A0002", "g2/HR00003"]
+    assert listing.records.loc[0, "age"] == 74 and listing.records.loc[0, "sex"] == "male"
+    assert np.isnan(listing.records.loc[2, "age"])
+    assert listing.labels is not None
+    positives = [{labels.codes[j] for j in np.flatnonzero(row)} for row in listing.labels]
+    # RBBB (59118001) is scored as complete RBBB; low QRS voltages (251146004) is LVOLT
+    assert positives == [{"SR"}, {"AFIB"}, {"AFIB", "CRBBB", "LVOLT"}]
+    mapping = listing.label_mapping.set_index("snomed_ct")
+    assert mapping.loc["39732003", "abbreviation"] == "LAD" and not mapping.loc["39732003", "mapped"]
+    assert mapping.loc["164889003", "n_records"] == 2 and mapping.loc["164889003", "scp_code"] == "AFIB"
+
+
+def test_records_of_any_rate_and_length_become_the_first_10_s_at_100_hz_and_short_ones_are_quarantined(
+    challenge: Path, tmp_path: Path
+) -> None:
+    result = ingest(challenge, tmp_path / "store", IngestConfig(workers=1), progress=False)
+    store = result.store
+    assert list(store.manifest["record_id"]) == ["g1/A0001", "g2/HR00003"]
+    q = store.quarantine.set_index("record_id")
+    assert q.loc["g1/A0002", "reason"] == "too_short"
+    assert store.signals.shape[1:] == (12, 1000) and set(store.manifest["split"]) == {"external"}
+    # a reordered, lower-case .mat record comes out in the canonical lead order at its amplitudes
+    x = np.asarray(store.signals[int(store.manifest.loc[0, "row"])], dtype=np.float32)
+    expected = _signal(100, 10)  # the same wave, resampled 500 -> 100 Hz and high-passed by ingest
+    amplitude = np.abs(x).max(axis=1)
+    np.testing.assert_allclose(amplitude, np.abs(expected).max(axis=1), rtol=0.15)
+    assert np.argsort(amplitude).tolist() == list(range(12))
+    assert store.info["labels"] and store.info["layout"] == "challenge"
+    report = ingest_report(store, cache_hit=False, seconds=1.0, config={})  # what the ingest run logs
+    assert report.metrics["source_codes_unmapped"] == 1.0 and "label_mapping" in report.tables
+    prevalence = report.tables["label_prevalence"].set_index("code")
+    assert prevalence.loc["AFIB", "n_external"] == 1 and "n_train" not in prevalence  # A0002 was too short
+
+
+def test_a_folder_of_plain_wfdb_records_is_ingested_without_labels(tmp_path: Path) -> None:
+    root = tmp_path / "export"
+    _wfdb_dat(root / "2024" / "05", "ecg_17", 250, 12, ["exported from a hospital system"])
+    assert detect_layout(root) == "wfdb"
+    store = ingest(root, tmp_path / "store", IngestConfig(workers=1), progress=False).store
+    assert store.labels is None and list(store.manifest["record_id"]) == ["2024/05/ecg_17"]
+
+
+def test_a_folder_without_any_recognised_layout_is_one_line_naming_the_layouts(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("no ECGs here")
+    out = subprocess.run(
+        [sys.executable, "-m", "ecgproto.cli", "ingest", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "ECGPROTO_HOME": str(tmp_path)},
+    )
+    assert out.returncode == 2
+    (line,) = out.stderr.strip().splitlines()
+    assert "ptbxl_database.csv (PTB-XL)" in line and "record_list.csv (MIMIC-IV-ECG)" in line and "*.hea" in line
