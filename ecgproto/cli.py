@@ -192,6 +192,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ecgproto import tracking
+    from ecgproto.flows.evaluate import evaluate_flow
+
+    source = Path(args.source).resolve()
+    store = source
+    if not (source / "store.json").exists():  # a dataset folder: ingest it first (a cache hit if done before)
+        from ecgproto.data.layouts import check_root
+        from ecgproto.flows.ingest import ingest_flow
+
+        config = _ingest_config(args)
+        check_root(source, config.layout)
+        store = Path(ingest_flow(str(source), config, args.store)["store"])
+    out = evaluate_flow(str(store), args.model, device=args.device, bootstrap=args.bootstrap)
+    print(f"{out['summary']}\nMLflow run: {tracking.run_url(out['run_id'])}")
+    return 0
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     import json
 
@@ -438,6 +456,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--store", default=str(store_root()), help="store folder when SOURCE is a dataset")
     _ingest_options(q.add_argument_group("ingest, when SOURCE is a PTB-XL folder"), layouts=("ptbxl",))
     q.set_defaults(func=cmd_train)
+
+    q = sub.add_parser(
+        "evaluate",
+        help="external validation: a trained model on another labelled set (a PhysioNet Challenge folder, "
+        "another PTB-XL): per-label AUROC, AUPRC, calibration beside its own test fold",
+    )
+    q.add_argument("source", help="a labelled dataset folder (ingested first) or a store folder from `ecgproto ingest`")
+    q.add_argument(
+        "--model",
+        default=DEFAULT_MODEL_URI,
+        help="MLflow model URI: models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID/model",
+    )
+    q.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    q.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the 95%% CIs")
+    q.add_argument("--store", default=str(store_root()), help="store folder when SOURCE is a dataset")
+    _ingest_options(q.add_argument_group("ingest, when SOURCE is a dataset folder"))
+    q.set_defaults(func=cmd_evaluate)
 
     q = sub.add_parser("explain", help="explain one ECG: predicted labels and the prototypes behind them (PNG + JSON)")
     q.add_argument("record", help="a WFDB record path without extension (e.g. records100/00000/00001_lr)")

@@ -30,6 +30,7 @@ from ecgproto.report import StageReport, flatten
 from ecgproto.settings import default_tracking_uri, in_checkout, mlflow_dir
 
 if TYPE_CHECKING:
+    import pandas as pd
     from matplotlib.figure import Figure
 
 DEFAULT_EXPERIMENT = "ecgproto"
@@ -326,7 +327,7 @@ def log_model(
 
     mlflow.set_tracking_uri(tracking_uri(uri))
     with torch.no_grad():
-        output = model(torch.as_tensor(input_example)).numpy()
+        output = model(torch.as_tensor(np.array(input_example))).numpy()  # a copy: a store memmap is read-only
     signature = infer_signature(np.asarray(input_example), output)
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         # the signature states the input; an example ECG (12,000 numbers as JSON) would add nothing to it
@@ -405,12 +406,16 @@ def model_lineage(model_uri: str, uri: str | None = None) -> dict[str, str]:
         if "@" in ref:
             name, alias = ref.split("@", 1)
             mv = c.get_model_version_by_alias(name, alias)
+        elif "/" not in ref:  # a logged model that was never registered: models:/m-<id>
+            out["model_run_id"] = c.get_logged_model(ref).source_run_id
+            mv = None
         else:
             name, version = ref.split("/", 1)
             if version == "latest":
                 version = str(max(int(v.version) for v in c.search_model_versions(f"name = '{name}'")))
             mv = c.get_model_version(name, version)
-        out.update(model_name=mv.name, model_version=str(mv.version), model_run_id=mv.run_id)
+        if mv is not None:
+            out.update(model_name=mv.name, model_version=str(mv.version), model_run_id=mv.run_id)
     elif model_uri.startswith("runs:/"):
         out["model_run_id"] = model_uri.removeprefix("runs:/").split("/", 1)[0]
     run_id = out.get("model_run_id")
@@ -459,6 +464,19 @@ def run_link(run_id: str, path: str | None = None, uri: str | None = None) -> st
     """A link the MLflow UI opens (relative: `#/...`): the run's page, or one of its artifacts, training view."""
     exp = client(uri).get_run(run_id).info.experiment_id
     return f"#/experiments/{exp}/runs/{run_id}" + (f"/artifacts/{path}" if path else "") + TRAINING_VIEW
+
+
+def run_table(run_id: str, path: str, uri: str | None = None) -> pd.DataFrame | None:
+    """A CSV artifact of a run as a table (e.g. the per-label test metrics of the run that logged a model);
+    None when the run does not have it."""
+    import pandas as pd
+
+    c = client(uri)
+    folder = str(Path(path).parent)
+    if path not in {f.path for f in c.list_artifacts(run_id, folder if folder != "." else None)}:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        return pd.read_csv(c.download_artifacts(run_id, path, tmp))
 
 
 def child_run_id(parent: str, stage: str, uri: str | None = None) -> str | None:

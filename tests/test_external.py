@@ -121,3 +121,78 @@ def test_a_folder_without_any_recognised_layout_is_one_line_naming_the_layouts(t
     assert out.returncode == 2
     (line,) = out.stderr.strip().splitlines()
     assert "ptbxl_database.csv (PTB-XL)" in line and "record_list.csv (MIMIC-IV-ECG)" in line and "*.hea" in line
+
+
+def test_calibration_error_and_the_operating_point_match_their_definitions() -> None:
+    from sklearn.metrics import confusion_matrix
+
+    from ecgproto.validation import expected_calibration_error, external_table
+
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0, 1, 20_000)
+    calibrated = (rng.uniform(0, 1, p.size) < p).astype(int)
+    assert expected_calibration_error(calibrated, p) < 0.02
+    overconfident = (rng.uniform(0, 1, p.size) < 0.5 + 0.5 * (p - 0.5) * 0.2).astype(int)
+    reference = sum(
+        ((b <= p * 10) & (p * 10 < b + 1)).mean()
+        * abs(overconfident[(b <= p * 10) & (p * 10 < b + 1)].mean() - p[(b <= p * 10) & (p * 10 < b + 1)].mean())
+        for b in range(10)
+    )
+    assert expected_calibration_error(overconfident, p) == pytest.approx(reference, abs=1e-9)
+    assert reference > 0.15
+
+    y = np.stack([calibrated, np.zeros_like(calibrated), np.r_[np.ones(5), np.zeros(p.size - 5)]], axis=1)
+    probs = np.stack([p, p, p], axis=1)
+    table, apart = external_table(y, probs, ("A", "B", "C"), ("a", "b", "c"), n_boot=20, credentialed=True)
+    tn, fp, fn, tp = confusion_matrix(calibrated, p >= 0.5).ravel()
+    row = table.set_index("label").loc["A"]
+    assert row["sensitivity"] == pytest.approx(tp / (tp + fn)) and row["specificity"] == pytest.approx(tn / (tn + fp))
+    assert row["auroc_lo"] < row["auroc"] < row["auroc_hi"]
+    assert dict(zip(apart["label"], apart["why"], strict=True)) == {
+        "B": "no positives",
+        "C": "fewer than 10 (credentialed)",
+    }
+    import pandas as pd
+
+    from ecgproto.validation import external_report
+
+    own = pd.DataFrame({"code": ["A", "B", "C"], "n_pos": [300, 20, 9], "auroc": [0.9, 0.8, 0.7]})
+    report = external_report(y, probs, ("A", "B", "C"), ("a", "b", "c"), own, n_boot=10)
+    side = report.tables["external/labels"].set_index("label")
+    assert side.loc["A", "training_test_auroc"] == 0.9  # the model's own test fold, beside the external figure
+    assert report.metrics["macro_auroc_same_labels_training_test"] == pytest.approx((0.9 + 0.7) / 2)
+
+
+@pytest.mark.slow
+def test_evaluate_logs_each_label_of_the_external_set_beside_nothing_identifying(
+    challenge: Path, tmp_path: Path, prefect_server: None, mlflow_uri: str
+) -> None:
+    import torch
+
+    from ecgproto import tracking
+    from ecgproto.flows.evaluate import evaluate_flow
+    from ecgproto.model.config import ModelConfig
+    from ecgproto.model.network import ECGProtoNet
+
+    store = ingest(challenge, tmp_path / "store", IngestConfig(workers=1), progress=False).store
+    torch.manual_seed(0)
+    model = ECGProtoNet(ModelConfig.small(), load_label_set()).eval()
+    with tracking.stage_run("train", uri=mlflow_uri) as run_id:
+        logged = tracking.log_model(run_id, model, np.asarray(store.signals[:1], dtype=np.float32), None, mlflow_uri)
+    out = evaluate_flow(str(store.path), logged["model_uri"], tracking_uri=mlflow_uri, device="cpu", bootstrap=10)
+    info = tracking.describe(out["run_id"], mlflow_uri)
+    assert info["status"] == "FINISHED" and info["tags"]["external"] == "true"
+    assert {"external/labels.csv", "external/labels_not_reported.csv", "external/reliability.png"} <= set(
+        info["artifacts"]
+    )
+    table = tracking.run_table(out["run_id"], "external/labels.csv", mlflow_uri)
+    # the labels with a positive and a negative among the 2 records; the other 67 listed apart
+    assert set(table["label"]) == {"SR", "AFIB", "CRBBB", "LVOLT"}
+    assert info["metrics"]["labels_reported"] == 4.0 and info["metrics"]["labels_apart"] == 67.0
+    assert 0 <= info["metrics"]["mean_ece"] <= 1
+    logged_text = " ".join(
+        Path(tracking.client(mlflow_uri).download_artifacts(out["run_id"], a, str(tmp_path / "dl"))).read_text()
+        for a in info["artifacts"]
+        if a.endswith(".csv")
+    )
+    assert "A0001" not in logged_text and "HR00003" not in logged_text
