@@ -34,6 +34,7 @@ def _ingest_config(args: argparse.Namespace):  # noqa: ANN202
         workers=args.workers or 0,
         min_likelihood=args.min_likelihood,
         allow_outside_root=getattr(args, "allow_outside_root", False),
+        labels_csv=str(Path(args.labels).resolve()) if getattr(args, "labels", None) else None,
         preprocess=PreprocessConfig(fs=args.fs, allow_resample=not args.no_resample, dtype=args.dtype),
     )
 
@@ -67,6 +68,13 @@ def _ingest_options(
         help="read records whose index path leads outside the dataset folder (default: quarantined)",
     )
     group.add_argument("--workers", type=int, help="processes (default: one per core)")
+    if "wfdb" in layouts:
+        group.add_argument(
+            "--labels",
+            metavar="CSV",
+            help="a WFDB folder's labels: columns record (path below the folder, no extension) and scp_codes "
+            "(e.g. 'AFIB,CRBBB'); records it does not list are quarantined as unlabelled",
+        )
 
 
 def _train_config(args: argparse.Namespace):  # noqa: ANN202

@@ -196,3 +196,24 @@ def test_evaluate_logs_each_label_of_the_external_set_beside_nothing_identifying
         if a.endswith(".csv")
     )
     assert "A0001" not in logged_text and "HR00003" not in logged_text
+
+
+def test_a_wfdb_folder_takes_its_labels_from_a_csv_and_quarantines_records_it_does_not_list(tmp_path: Path) -> None:
+    root = tmp_path / "export"
+    for name in ("a", "b", "c", "d"):
+        _wfdb_dat(root / "ward", name, 500, 10, [])
+    labels_csv = tmp_path / "labels.csv"
+    labels_csv.write_text('record,scp_codes\nward/a,"AFIB,CRBBB"\nward/b,"{\'SR\': 100.0}"\nward/c,"AFIB,NOT_A_CODE"\n')
+    config = IngestConfig(workers=1, labels_csv=str(labels_csv))
+    store = ingest(root, tmp_path / "store", config, progress=False).store
+    labels = load_label_set()
+    positives = {
+        rid: {labels.codes[j] for j in np.flatnonzero(store.labels[row])}
+        for rid, row in zip(store.manifest["record_id"], store.manifest["row"], strict=True)
+    }
+    assert positives == {"ward/a": {"AFIB", "CRBBB"}, "ward/b": {"SR"}}
+    q = store.quarantine.set_index("record_id")["reason"].to_dict()
+    assert q == {"ward/c": "unknown_label", "ward/d": "unlabelled"}
+    labels_csv.write_text(labels_csv.read_text() + "ward/d,SR\n")  # a changed labels file is a new store
+    again = ingest(root, tmp_path / "store", config, progress=False)
+    assert not again.cache_hit and "ward/d" in set(again.store.manifest["record_id"])

@@ -58,6 +58,12 @@ class IngestConfig(BaseModel):
         description="read records whose index path leads outside the dataset "
         "folder (otherwise quarantined as outside_root)",
     )
+    labels_csv: str | None = Field(
+        None,
+        description="wfdb layout: a CSV of `record` (the id: path below the folder, no extension) and "
+        "`scp_codes` (PTB-XL statements, 'AFIB,CRBBB' or PTB-XL's dict literal); listed records are "
+        "labelled, the others quarantined as unlabelled",
+    )
     workers: int = Field(0, description="processes; 0 = one per CPU core (at most 8), 1 = in-process")
     chunk_size: int = Field(256, ge=1, description="records per work unit (and per resume checkpoint)")
     start_method: Literal["fork", "forkserver", "spawn"] = Field(
@@ -221,6 +227,7 @@ def ingest(
         model_fs=config.preprocess.fs,
         min_likelihood=config.min_likelihood,
         allow_outside_root=config.allow_outside_root,
+        labels_csv=Path(config.labels_csv) if config.labels_csv else None,
     )
     record_paths = [listing.root / p for p in listing.records["path"]]
     payload = {

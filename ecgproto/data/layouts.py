@@ -101,6 +101,7 @@ def list_records(
     min_likelihood: float = 0.0,
     labels: LabelSet | None = None,
     allow_outside_root: bool = False,
+    labels_csv: Path | None = None,
 ) -> DatasetListing:
     """`allow_outside_root`: accept record paths that lead outside `root` (otherwise quarantined as
     outside_root: an index file should not make ingest read files elsewhere on the machine)."""
@@ -111,7 +112,7 @@ def list_records(
     elif layout == "mimic_ecg":
         listing = _mimic_ecg(root)
     else:
-        listing = _wfdb_folder(root, layout, labels or load_label_set())
+        listing = _wfdb_folder(root, layout, labels or load_label_set(), labels_csv)
     out = outside_root(listing.records, root, allow_outside_root).to_numpy()
     if out.any():
         refused = _refuse(
@@ -315,9 +316,10 @@ def load_snomed_map(path: Path | None = None) -> pd.DataFrame:
     return table
 
 
-def _wfdb_folder(root: Path, layout: Layout, labels: LabelSet) -> DatasetListing:
+def _wfdb_folder(root: Path, layout: Layout, labels: LabelSet, labels_csv: Path | None = None) -> DatasetListing:
     """Every .hea below `root` is a record (id: its path relative to `root`, without extension). For the
-    challenge layout, `# Dx:` codes become labels through the SNOMED map."""
+    challenge layout, `# Dx:` codes become labels through the SNOMED map; for a wfdb folder, the rows of
+    `labels_csv` (record, scp_codes) when given."""
     headers = _headers(root)
     if not headers:
         raise DatasetError(f"{root}: no WFDB header (*.hea) found below this folder")
@@ -340,7 +342,9 @@ def _wfdb_folder(root: Path, layout: Layout, labels: LabelSet) -> DatasetListing
     records = pd.DataFrame(rows)
     empty = pd.DataFrame(columns=QUARANTINE_COLUMNS)
     if layout == "wfdb":
-        return DatasetListing("wfdb", root, False, records, None, empty, [])
+        if labels_csv is None:
+            return DatasetListing("wfdb", root, False, records, None, empty, [])
+        return _with_labels_csv(DatasetListing("wfdb", root, False, records, None, empty, []), labels_csv, labels)
     table = load_snomed_map()
     index = labels.index
     to_scp = {r.snomed_ct: r.scp_code for r in table.itertuples() if r.scp_code in index}
@@ -364,3 +368,47 @@ def _wfdb_folder(root: Path, layout: Layout, labels: LabelSet) -> DatasetListing
     mapping["mapped"] = mapping["scp_code"] != ""
     records["dx_codes"] = [",".join(c) for c in codes_of]
     return DatasetListing("challenge", root, False, records, y, empty, [], mapping.reset_index(drop=True))
+
+
+def _with_labels_csv(listing: DatasetListing, csv: Path, labels: LabelSet) -> DatasetListing:
+    """Label a wfdb folder from a CSV of `record, scp_codes` ('AFIB,CRBBB', or PTB-XL's dict literal): a
+    record the file does not list is quarantined as unlabelled, a malformed row as malformed_scp_codes."""
+    table, unreadable = read_index(csv, {"record": str, "scp_codes": str})
+    _require(table, ["record", "scp_codes"], csv)
+    given = dict(zip(table["record"].str.strip(), table["scp_codes"].fillna(""), strict=True))
+    records = listing.records
+    y = np.zeros((len(records), len(labels)), dtype=np.uint8)
+    keep = np.ones(len(records), dtype=bool)
+    why: list[str] = []
+    reasons: list[str] = []
+    for i, rid in enumerate(records["record_id"]):
+        text = given.get(rid)
+        if text is None:
+            keep[i] = False
+            reasons.append("unlabelled")
+            why.append(f"not in {csv.name}; add a row for it (record, scp_codes) or leave the labels file out")
+            continue
+        try:
+            codes = (
+                parse_scp_codes(text)
+                if text.strip().startswith("{")
+                else {c.strip(): 100.0 for c in text.split(",") if c.strip()}
+            )
+        except LabelError as exc:
+            keep[i] = False
+            reasons.append("malformed_scp_codes")
+            why.append(f"{csv.name}: {exc}")
+            continue
+        if unknown := [c for c in codes if c not in labels.index]:
+            keep[i] = False
+            reasons.append("unknown_label")
+            why.append(f"{csv.name}: {', '.join(unknown)} not among the 71 PTB-XL statements the model knows")
+            continue
+        y[i] = multi_hot(codes, labels)
+    refused = records.loc[~keep, ["record_id", "path"]].rename(columns={"path": "file"})
+    refused["reason"], refused["message"] = reasons, why
+    listing.records = records.loc[keep].reset_index(drop=True)
+    listing.labels = y[keep]
+    listing.quarantine = pd.concat([listing.quarantine, unreadable, refused[QUARANTINE_COLUMNS]], ignore_index=True)
+    listing.metadata_files = [csv]
+    return listing
