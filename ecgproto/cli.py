@@ -39,6 +39,14 @@ def _ingest_config(args: argparse.Namespace):  # noqa: ANN202
     )
 
 
+def _model_option(q: argparse.ArgumentParser, more: str = "") -> None:
+    q.add_argument(
+        "--model",
+        default=DEFAULT_MODEL_URI,
+        help=f"MLflow model URI: models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID/model{more}",
+    )
+
+
 def _config_options(q: argparse.ArgumentParser) -> None:
     q.add_argument(
         "--config",
@@ -420,11 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
         "shards (prototype similarities, label probabilities); optionally on a Dask cluster",
     )
     q.add_argument("store", help="a store folder from `ecgproto ingest` (e.g. a MIMIC-IV-ECG cohort)")
-    q.add_argument(
-        "--model",
-        default=DEFAULT_MODEL_URI,
-        help="MLflow model URI: models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID/model",
-    )
+    _model_option(q)
     q.add_argument("--out", help="folder for the activation store (default: the store folder's parent)")
     q.add_argument("--shard-size", type=int, default=65_536, help="ECGs per shard: one task, one resume checkpoint")
     q.add_argument("--batch-size", type=int, default=256, help="ECGs per forward pass")
@@ -471,11 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
         "another PTB-XL): per-label AUROC, AUPRC, calibration beside its own test fold",
     )
     q.add_argument("source", help="a labelled dataset folder (ingested first) or a store folder from `ecgproto ingest`")
-    q.add_argument(
-        "--model",
-        default=DEFAULT_MODEL_URI,
-        help="MLflow model URI: models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID/model",
-    )
+    _model_option(q)
     q.add_argument("--device", default="auto", help="auto | cpu | cuda")
     q.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the 95%% CIs")
     q.add_argument("--store", default=str(store_root()), help="store folder when SOURCE is a dataset")
@@ -484,11 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("explain", help="explain one ECG: predicted labels and the prototypes behind them (PNG + JSON)")
     q.add_argument("record", help="a WFDB record path without extension (e.g. records100/00000/00001_lr)")
-    q.add_argument(
-        "--model",
-        default=DEFAULT_MODEL_URI,
-        help="MLflow model URI: models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID/model",
-    )
+    _model_option(q)
     q.add_argument("--top-k", type=int, default=3, help="prototypes shown per predicted label")
     q.add_argument(
         "--label",
@@ -502,11 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("associate", help="associate a model's prototypes with discharge phecodes in a MIMIC-IV cohort")
     q.add_argument("cohort", help="a MIMIC-IV-ECG folder (holds record_list.csv; ingested first) or its store folder")
     q.add_argument("--hosp", required=True, help="the MIMIC-IV hosp folder (patients, admissions, diagnoses_icd)")
-    q.add_argument(
-        "--model",
-        default=DEFAULT_MODEL_URI,
-        help="MLflow model URI (models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/model); '' = NLP only",
-    )
+    _model_option(q, "; '' = NLP only")
     q.add_argument(
         "--machine-measurements", help="machine_measurements.csv for NLP concepts (default: in the cohort folder)"
     )
