@@ -23,14 +23,22 @@ def _duration(seconds: float) -> str:
 
 class EpochProgress:
     """Callable as a trainer's `on_epoch(epoch, metrics)`; prints e.g.
-    `train rhythm_1d/joint  epoch 3/30  loss 0.412  val macro-AUROC 0.873 (best 0.880)  ~4 min left at most`."""
+    `train rhythm_1d/joint  epoch 3/30  loss 0.412  val macro-AUROC 0.873 (best 0.880)  ~4 min left at most`
+    for the first and the last epoch, a new best, and otherwise at most every `every` seconds (a stage of
+    hundreds of one-second epochs stays a few lines)."""
 
     def __init__(
-        self, label: str, epochs: int, stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic
+        self,
+        label: str,
+        epochs: int,
+        stream: TextIO | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        every: float = 10.0,
     ):
-        self.label, self.epochs, self.clock = label, epochs, clock
+        self.label, self.epochs, self.clock, self.every = label, epochs, clock, every
         self.stream = stream
         self.start = clock()
+        self.shown = float("-inf")
         self.first: int | None = None
         self.best = float("-inf")
 
@@ -40,9 +48,14 @@ class EpochProgress:
         if self.first is None:
             self.first = epoch  # a resumed stage starts later: time only the epochs run here
         score = metrics.get("val_macro_auroc", float("nan"))
+        improved = score > self.best
         self.best = max(self.best, score)
+        now = self.clock()
+        if not (epoch == self.first or epoch + 1 == self.epochs or improved or now - self.shown >= self.every):
+            return
+        self.shown = now
         done = epoch - self.first + 1
-        left = (self.clock() - self.start) / done * (self.epochs - epoch - 1)
+        left = (now - self.start) / done * (self.epochs - epoch - 1)
         eta = f"  ~{_duration(left)} left at most" if epoch + 1 < self.epochs else ""
         line = (
             f"{self.label}  epoch {epoch + 1}/{self.epochs}  loss {metrics.get('train_loss', float('nan')):.3f}  "

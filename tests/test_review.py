@@ -95,11 +95,14 @@ def test_the_joint_loss_reports_its_terms_and_they_add_up_to_it() -> None:
 
 
 def test_a_progress_line_per_epoch_with_the_best_score_and_the_time_left() -> None:
-    out, now = io.StringIO(), iter([0.0, 60.0, 120.0])
+    out, now = io.StringIO(), iter([0.0, 60.0, 120.0, 121.0, 122.0, 123.0])
     show = EpochProgress("train rhythm_1d/joint", 30, out, clock=lambda: next(now))
     show(0, {"train_loss": 0.5, "val_macro_auroc": 0.81})
-    show(1, {"train_loss": 0.4, "val_macro_auroc": 0.79})
-    first, second = out.getvalue().splitlines()
+    show(1, {"train_loss": 0.4, "val_macro_auroc": 0.79})  # 60 s later: shown
+    show(2, {"train_loss": 0.3, "val_macro_auroc": 0.80})  # 1 s later, no new best: quiet
+    show(3, {"train_loss": 0.3, "val_macro_auroc": 0.83})  # a new best: shown
+    first, second, third = out.getvalue().splitlines()
     assert first.startswith("train rhythm_1d/joint  epoch 1/30  loss 0.500  val macro-AUROC 0.810 (best 0.810)")
     assert first.endswith("~29 min left at most")
     assert "(best 0.810)" in second and second.endswith("~28 min left at most")
+    assert third.startswith("train rhythm_1d/joint  epoch 4/30") and "(best 0.830)" in third
