@@ -169,8 +169,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"  {tracking.run_url(out['parent_run_id'])}")
     if "model_uri" in out:
         print(
-            "  (training: the 'train' child run, its branch/stage runs, the prototype gallery under 'fusion',\n"
-            "   test-fold metrics beside the baseline under 'evaluate')"
+            "  (its description: the result, and links to what to open next; training: the 'train' child run,\n"
+            "   its branch/stage runs, the prototype gallery under 'fusion', evaluation/summary.md and\n"
+            "   explanations/ under 'evaluate')"
         )
     if "associate_run_id" in out:
         print(
