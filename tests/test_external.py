@@ -22,9 +22,11 @@ CANONICAL = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5"
 
 
 def _signal(fs: int, seconds: float) -> np.ndarray:
-    """(12, n) mV: lead k a 1.2 Hz wave of amplitude (k + 1) / 10, so the lead order can be checked."""
+    """(12, n) mV: lead k a 1.2 Hz wave of amplitude (k + 1) / 10, so the lead order can be checked; after the
+    first 10 s three times larger, so which window became the model's input can be checked too."""
     t = np.arange(int(fs * seconds)) / fs
-    return np.stack([(k + 1) * 0.1 * np.sin(2 * np.pi * 1.2 * t) for k in range(12)])
+    gain = np.where(t < 10, 1.0, 3.0)
+    return np.stack([(k + 1) * 0.1 * gain * np.sin(2 * np.pi * 1.2 * t) for k in range(12)])
 
 
 def _challenge_mat(folder: Path, name: str, fs: int, seconds: float, comments: list[str]) -> None:
@@ -88,7 +90,7 @@ def test_records_of_any_rate_and_length_become_the_first_10_s_at_100_hz_and_shor
     q = store.quarantine.set_index("record_id")
     assert q.loc["g1/A0002", "reason"] == "too_short"
     assert store.signals.shape[1:] == (12, 1000) and set(store.manifest["split"]) == {"external"}
-    # a reordered, lower-case .mat record comes out in the canonical lead order at its amplitudes
+    # a reordered, lower-case 30 s .mat record comes out as its first 10 s, in the canonical lead order
     x = np.asarray(store.signals[int(store.manifest.loc[0, "row"])], dtype=np.float32)
     expected = _signal(100, 10)  # the same wave, resampled 500 -> 100 Hz and high-passed by ingest
     amplitude = np.abs(x).max(axis=1)
