@@ -140,13 +140,16 @@ def external_report(
     seed: int = 0,
     credentialed: bool = False,
 ) -> StageReport:
-    """The evaluate run: per-label table (with the model's own test-fold AUROC beside when `training`, the
-    training run's `evaluation/fused.csv`, is given), labels apart, macro figures, reliability diagrams."""
+    """The evaluate run: per-label table, with the same figures of the model on its own test fold beside when
+    `training` is given (the training run's `evaluation/operating.csv`: n_pos, prevalence, AUROC, AUPRC, ECE,
+    sensitivity, specificity; or, from an older training, `evaluation/fused.csv`: n_pos and AUROC), labels
+    apart, macro figures, reliability diagrams."""
     table, apart = external_table(y, p, codes, descriptions, n_boot=n_boot, seed=seed, credentialed=credentialed)
     if training is not None and len(table):
-        own = training.set_index("code")
-        table["training_test_auroc"] = table["label"].map(own["auroc"])
-        table["training_test_n_pos"] = table["label"].map(own["n_pos"])
+        own = training.rename(columns={"code": "label"}).set_index("label")
+        for column in ("n_pos", "prevalence", "auroc", "auprc", "ece", "sensitivity", "specificity"):
+            if column in own:
+                table[f"training_test_{column}"] = table["label"].map(own[column])
     r = StageReport(tables={"external/labels": table, "external/labels_not_reported": apart})
     r.formats = {"external/labels": ("csv",), "external/labels_not_reported": ("csv",)}
     r.metrics = {"records": float(len(y)), "labels_reported": float(len(table)), "labels_apart": float(len(apart))}

@@ -60,11 +60,11 @@ def evaluate_flow(
         rows = s.manifest["row"].to_numpy()
         _, probs = score_rows(model, s, rows, batch_size=batch_size, device=dev, progress=True, desc="evaluate")
         y = np.asarray(s.labels[rows])
-        own = (
-            tracking.run_table(lineage["model_run_id"], "evaluation/fused.csv", tracking_uri)
-            if ("model_run_id" in lineage)
-            else None
-        )
+        own = None
+        if "model_run_id" in lineage:  # the model's own test fold, as its training's evaluate stage logged it
+            own = tracking.run_table(lineage["model_run_id"], "evaluation/operating.csv", tracking_uri)
+            if own is None:  # trained by an earlier ecgproto: AUROC and positives only
+                own = tracking.run_table(lineage["model_run_id"], "evaluation/fused.csv", tracking_uri)
         report = external_report(
             y, probs, labels.codes, labels.descriptions, own, n_boot=bootstrap, credentialed=credentialed
         )

@@ -163,6 +163,12 @@ def test_calibration_error_and_the_operating_point_match_their_definitions() -> 
     side = report.tables["external/labels"].set_index("label")
     assert side.loc["A", "training_test_auroc"] == 0.9  # the model's own test fold, beside the external figure
     assert report.metrics["macro_auroc_same_labels_training_test"] == pytest.approx((0.9 + 0.7) / 2)
+    # what a training of this ecgproto logs (evaluation/operating.csv): every figure has its twin
+    operating, _ = external_table(y, probs, ("A", "B", "C"), ("a", "b", "c"), n_boot=0)
+    report = external_report(y, probs, ("A", "B", "C"), ("a", "b", "c"), operating, n_boot=10)
+    side = report.tables["external/labels"].set_index("label")
+    for column in ("auroc", "auprc", "ece", "sensitivity", "specificity", "prevalence"):
+        assert side.loc["A", f"training_test_{column}"] == pytest.approx(side.loc["A", column])
 
 
 @pytest.mark.slow
