@@ -160,7 +160,7 @@ def explanation_figure(model: ECGProtoNet, signal: np.ndarray, explanation: dict
     from ecgproto.figures import draw_beats
 
     rows = [(lab, ev) for lab in explanation["labels"] for ev in lab["evidence"]]
-    fig = Figure(figsize=(24, 4.2 * len(rows)))
+    fig = Figure(figsize=(17, 4.2 * len(rows)))  # the ECG panels keep their paper aspect: no width to spare
     axes = fig.subplots(len(rows), 3, squeeze=False, width_ratios=[10, 4, 10])
     for (lab, ev), (left, middle, right) in zip(rows, axes, strict=True):
         w = ev["input_window"]

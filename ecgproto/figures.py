@@ -6,6 +6,8 @@ many of them can be built and saved) and never shows it.
 
 from __future__ import annotations
 
+import textwrap
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -92,7 +94,9 @@ def draw_ecg(
     ax.text(0.05, y0 + 0.9, strip, fontsize=8, weight="bold")
     if highlight:
         ax.axvspan(*highlight, ymin=0, ymax=1 / rows, color="tab:orange", alpha=0.25, lw=0)
-    ax.set_title(title, fontsize=9, loc="left")
+    ax.set_title(
+        textwrap.fill(title, 110), fontsize=9, loc="left"
+    )  # a long title wraps, never runs into the next panel
 
 
 def draw_beats(
@@ -135,7 +139,7 @@ def _paper(ax: plt.Axes, duration: float, height_mv: float) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_aspect(0.4 / 1.0)  # 0.2 s and 0.5 mV are both 5 mm
-    ax.set_xlabel("25 mm/s, 10 mm/mV: a large square is 0.2 s x 0.5 mV", fontsize=7, loc="right")
+    ax.set_xlabel("25 mm/s, 10 mm/mV", fontsize=7, loc="right")  # a large square: 0.2 s x 0.5 mV
 
 
 def plot_label_prevalence(table: pd.DataFrame) -> Figure:
