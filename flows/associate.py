@@ -18,6 +18,7 @@ from prefect.runtime import flow_run
 from ecgproto import tracking
 from ecgproto.data.store import ArrayStore, file_identity
 from ecgproto.phenotype.study import PhenotypeStudy, StudyConfig, StudyResult, study_report
+from ecgproto.progress import stage_line
 from ecgproto.scoring import ActivationStore, model_id
 from ecgproto.settings import DEFAULT_MODEL_URI
 
@@ -100,6 +101,7 @@ def associate_flow(
     # The logging run of the resolved version, never 'latest' or an alias (and unique across tracking
     # stores), so the cache cannot hand back another model's study.
     resolved = f"runs:/{lineage['model_run_id']}/model" if "model_run_id" in lineage else model_uri
+    stage_line("associate: the cohort scored, its diagnoses mapped to phecodes, every feature x phecode tested")
     with tracking.stage_run(
         "associate",
         parent_run_id=parent_run_id,

@@ -38,6 +38,7 @@ from ecgproto.errors import ConfigError
 from ecgproto.flows.ingest import ingest_flow
 from ecgproto.flows.train import REGISTERED_NAME, train_flow
 from ecgproto.model.persist import ModelFileError
+from ecgproto.progress import stage_line
 from ecgproto.promotion import PromotionDecision, decide, test_fold_auroc
 from ecgproto.report import StageReport
 from ecgproto.train.config import TrainConfig
@@ -149,6 +150,7 @@ def compare_and_promote(
     run_id: str, store: str, name: str, version: str, tolerance: float, uri: str | None
 ) -> dict[str, Any]:
     """Score the new version and the champion on the same test fold; move the alias accordingly."""
+    stage_line(f"promote: version {version} and the champion of {name}, both scored on the same test fold")
     data = ArrayStore.open(store)
     challenger = test_fold_auroc(tracking.load_model(f"models:/{name}/{version}", uri), data)
     champion_version = tracking.alias_version(name, CHAMPION, uri)
