@@ -496,6 +496,24 @@ def evaluate(ctx: TrainContext, split: str = "test") -> tuple[dict[str, float], 
                 "fused_minus_baseline.macro_auroc_hi": hi,
             }
         )
+    # calibration: a temperature per model fitted on the validation fold, the test fold's ECE before and after;
+    # selective prediction: macro-AUROC on the records the fused model is most certain about
+    from ecgproto.calibration import calibration_table, selective
+
+    label_index = {"fused": np.arange(len(codes)), **{n: ctx.labels.branch_indices(n) for n in BRANCHES}}
+    calibration, _ = calibration_table(ctx.splits["val"].labels, predict(ctx, model, "val"), y, scores, label_index)
+    tables["calibration"] = calibration
+    tables["selective"] = selective(y, scores["fused"])
+    fused = calibration.set_index("model").loc["fused"]
+    metrics.update(
+        {
+            "fused.temperature": float(fused["temperature"]),
+            "fused.mean_ece": float(fused["test_mean_ece"]),
+            "fused.mean_ece_scaled": float(fused["test_mean_ece_scaled"]),
+        }
+    )
+    for row in tables["selective"].itertuples(index=False):
+        metrics[f"fused.macro_auroc_coverage_{int(round(row.coverage * 100))}"] = float(row.macro_auroc)
     # the fused model's operating figures per label (prevalence, AUPRC, calibration, sensitivity/specificity
     # at 0.5): what an external validation (`ecgproto evaluate`) puts beside its own
     from ecgproto.validation import external_table
