@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ecgproto.settings import (
     DEFAULT_MODEL_URI,
@@ -14,6 +15,9 @@ from ecgproto.settings import (
     demo_dir,
     store_root,
 )
+
+if TYPE_CHECKING:  # imported where used: `ecgproto --help` stays fast
+    from ecgproto.data.ingest import IngestConfig
 
 
 def _demo_config(args: argparse.Namespace):  # noqa: ANN202
@@ -37,6 +41,18 @@ def _ingest_config(args: argparse.Namespace):  # noqa: ANN202
         labels_csv=str(Path(args.labels).resolve()) if getattr(args, "labels", None) else None,
         preprocess=PreprocessConfig(fs=args.fs, allow_resample=not args.no_resample, dtype=args.dtype),
     )
+
+
+def _store_of(source: Path, config: IngestConfig, store_root: str) -> Path:
+    """`source` itself when it is a store; else the dataset folder's store, ingested first (a cache hit if done
+    before; a wrong folder is one line before any flow starts)."""
+    if (source / "store.json").exists():
+        return source
+    from ecgproto.data.layouts import check_root
+    from ecgproto.flows.ingest import ingest_flow
+
+    check_root(source, config.layout)
+    return Path(ingest_flow(str(source), config, store_root)["store"])
 
 
 def _model_option(q: argparse.ArgumentParser, more: str = "") -> None:
@@ -187,12 +203,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ecgproto import tracking
     from ecgproto.flows.train import train_flow
 
-    source = Path(args.source).resolve()
-    store = source
-    if not (source / "store.json").exists():  # a dataset folder: ingest it first (a cache hit if done before)
-        from ecgproto.flows.ingest import ingest_flow
-
-        store = Path(ingest_flow(str(source), _ingest_config(args), args.store)["store"])
+    store = _store_of(Path(args.source).resolve(), _ingest_config(args), args.store)
     config = _train_config(args)
     updates = {
         "device": args.device,
@@ -213,15 +224,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ecgproto import tracking
     from ecgproto.flows.evaluate import evaluate_flow
 
-    source = Path(args.source).resolve()
-    store = source
-    if not (source / "store.json").exists():  # a dataset folder: ingest it first (a cache hit if done before)
-        from ecgproto.data.layouts import check_root
-        from ecgproto.flows.ingest import ingest_flow
-
-        config = _ingest_config(args)
-        check_root(source, config.layout)
-        store = Path(ingest_flow(str(source), config, args.store)["store"])
+    store = _store_of(Path(args.source).resolve(), _ingest_config(args), args.store)
     out = evaluate_flow(str(store), args.model, device=args.device, bootstrap=args.bootstrap)
     print(f"{out['summary']}\nMLflow run: {tracking.run_url(out['run_id'])}")
     return 0
@@ -256,19 +259,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_associate(args: argparse.Namespace) -> int:
     from ecgproto import tracking
+    from ecgproto.data.ingest import IngestConfig
     from ecgproto.flows.associate import associate_flow
     from ecgproto.phenotype.cohort import CohortConfig
     from ecgproto.phenotype.study import StudyConfig
 
     source = Path(args.cohort).resolve()
-    store = source
     mm = Path(args.machine_measurements) if args.machine_measurements else None
-    if not (source / "store.json").exists():  # a MIMIC-IV-ECG folder: ingest it first (a cache hit if done before)
-        from ecgproto.data.ingest import IngestConfig
-        from ecgproto.flows.ingest import ingest_flow
-
-        cohort = IngestConfig(layout="mimic_ecg", workers=args.workers or 0)  # the model's rate and sample type
-        store = Path(ingest_flow(str(source), cohort, args.store)["store"])
+    cohort = IngestConfig(layout="mimic_ecg", workers=args.workers or 0)  # the model's rate and sample type
+    store = _store_of(source, cohort, args.store)
+    if store != source:  # a MIMIC-IV-ECG folder, ingested: its machine measurements sit beside its records
         mm = mm or (source / "machine_measurements.csv" if (source / "machine_measurements.csv").exists() else None)
     config = StudyConfig(
         phecode_version=args.phecodes,

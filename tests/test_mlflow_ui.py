@@ -133,6 +133,24 @@ def test_demo_pipeline_on_a_real_mlflow_server_leaves_the_lineage_a_reviewer_wal
     assert c.get_metric_history(joint.info.run_id, "train_loss.bce")  # each loss term has its curve
 
 
+def _browser_page(p):  # noqa: ANN001, ANN202 (playwright objects)
+    """Debian's headless Chromium, offline (no background networking), and one page of 1600 x 1000."""
+    browser = p.chromium.launch(
+        executable_path=CHROMIUM,
+        args=[
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ],
+    )
+    return browser, browser.new_page(viewport={"width": 1600, "height": 1000})
+
+
 def _gallery_image(url: str, run_id: str) -> str:
     from mlflow import MlflowClient
 
@@ -165,20 +183,7 @@ def test_run_page_renders_a_prototype_image_in_headless_chromium(
     shot = demo_pipeline.home / "screenshots" / "run_page_artifact.png"
     shot.parent.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-            ],
-        )
-        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        browser, page = _browser_page(p)
         page.goto(page_url, wait_until="domcontentloaded", timeout=120_000)  # the UI keeps polling: no networkidle
         # The UI fetches the file through the server's artifact API and shows it from a blob: URL.
         page.wait_for_function(
@@ -215,8 +220,7 @@ def test_the_pipeline_run_page_shows_its_description_and_headline_in_the_trainin
     shots = demo_pipeline.home / "screenshots"
     shots.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        browser, page = _browser_page(p)
         page.goto(run_url, timeout=120_000)
         page.get_by_text("Test fold macro-AUROC").first.wait_for(timeout=90_000)  # the description, rendered
         page.get_by_text("test.fused.macro_auroc").first.wait_for(timeout=30_000)  # the headline metric
