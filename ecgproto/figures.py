@@ -31,18 +31,25 @@ def plot_ecg(
     highlight: tuple[float, float] | None = None,
     highlight_leads: tuple[str, ...] | None = None,
     beat: bool = False,
+    inches_per_s: float = 0.8,
 ) -> Figure:
     """(12, n) mV in LEADS order -> paper-style figure at 25 mm/s, 10 mm/mV.
+
+    The figure is `inches_per_s` wide per second of signal: 0.8 puts a 10 s ECG (and the enlarged beat) in ~11 in,
+    1,100 px at the 100 dpi figures are saved with, so the lead names stay legible at the width MLflow's artifact
+    panel shows an image.
 
     `highlight` (start_s, end_s) shades a window, on `highlight_leads` only if given; with `beat` the window is
     also drawn alone, enlarged, in those leads (a beat-scale prototype: the beat itself, not just its place).
     """
     duration = signal.shape[1] / fs
-    height = (len(PAPER_GRID) + 1) * ROW_MV * 0.5 + 0.6
+    scale = inches_per_s / 1.25
+    height = ((len(PAPER_GRID) + 1) * ROW_MV * 0.5) * scale + 0.8
     zoom = beat and highlight is not None and bool(highlight_leads)
-    fig = Figure(figsize=(duration * 1.25 + (4.0 if zoom else 0), height))  # not kept by pyplot
-    axes = fig.subplots(1, 2, width_ratios=[duration * 1.25, 4.0]) if zoom else [fig.subplots()]
-    draw_ecg(axes[0], signal, fs, title, highlight, highlight_leads)
+    ecg_width, beat_width = duration * inches_per_s, 4.0 * scale
+    fig = Figure(figsize=(ecg_width + (beat_width if zoom else 0), height))  # not kept by pyplot
+    axes = fig.subplots(1, 2, width_ratios=[ecg_width, beat_width]) if zoom else [fig.subplots()]
+    draw_ecg(axes[0], signal, fs, title, highlight, highlight_leads, wrap=int(14 * (ecg_width + beat_width * zoom)))
     if zoom:
         assert highlight is not None and highlight_leads is not None
         draw_beats(axes[1], [("beat", signal, highlight)], highlight_leads, fs)
@@ -57,9 +64,10 @@ def draw_ecg(
     title: str = "",
     highlight: tuple[float, float] | None = None,
     highlight_leads: tuple[str, ...] | None = None,
+    wrap: int = 110,
 ) -> None:
     """Draw the paper layout (3 x 4 leads of 2.5 s, then a 10 s rhythm strip: lead II, or the highlighted
-    window's middle lead when the window is not on lead II) on `ax`."""
+    window's middle lead when the window is not on lead II) on `ax`; a title longer than `wrap` characters wraps."""
     if signal.shape[0] != len(LEADS):
         raise ValueError(f"expected (12, n) in {LEADS} order, got {signal.shape}")
     n = signal.shape[1]
@@ -73,7 +81,7 @@ def draw_ecg(
         for c, lead in enumerate(row):
             sl = slice(int(c * seg * fs), int((c + 1) * seg * fs))
             ax.plot(t[sl], signal[LEADS.index(lead), sl] + y0, color="black", lw=0.6)
-            ax.text(c * seg + 0.05, y0 + 0.9, lead, fontsize=8, weight="bold")
+            ax.text(c * seg + 0.05, y0 + 0.9, lead, fontsize=9, weight="bold")
             if highlight and (highlight_leads is None or lead in highlight_leads):
                 lo, hi = max(highlight[0], c * seg), min(highlight[1], (c + 1) * seg)
                 if lo < hi:
@@ -91,11 +99,11 @@ def draw_ecg(
     strip = "II" if not highlight_leads or "II" in highlight_leads else highlight_leads[len(highlight_leads) // 2]
     y0 = 0.5 * ROW_MV
     ax.plot(t, signal[LEADS.index(strip)] + y0, color="black", lw=0.6)
-    ax.text(0.05, y0 + 0.9, strip, fontsize=8, weight="bold")
+    ax.text(0.05, y0 + 0.9, strip, fontsize=9, weight="bold")
     if highlight:
         ax.axvspan(*highlight, ymin=0, ymax=1 / rows, color="tab:orange", alpha=0.25, lw=0)
     ax.set_title(
-        textwrap.fill(title, 110), fontsize=9, loc="left"
+        textwrap.fill(title, wrap), fontsize=9, loc="left"
     )  # a long title wraps, never runs into the next panel
 
 
@@ -118,7 +126,7 @@ def draw_beats(
         for r, lead in enumerate(leads):
             y0 = (len(leads) - r - 0.5) * ROW_MV
             ax.plot(t, signal[LEADS.index(lead), lo:hi] + y0, color="black", lw=0.8)
-            ax.text(x0 + 0.02, y0 + 0.9, lead, fontsize=8, weight="bold")
+            ax.text(x0 + 0.02, y0 + 0.9, lead, fontsize=9, weight="bold")
 
 
 def _paper(ax: plt.Axes, duration: float, height_mv: float) -> None:

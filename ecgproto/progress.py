@@ -64,6 +64,43 @@ class EpochProgress:
         _write(line, self.stream)
 
 
+class CountProgress:
+    """Progress of a count of items (e.g. records ingested) as lines, for a stream that is not a terminal (a log
+    file, CI, a notebook's captured stderr), where a progress bar is switched off: `update(n)` after each batch;
+    prints the first batch, then at most every `every` seconds, and the end, e.g.
+    `ingest  5,120/21,799 records (23%)  1,480 records/s  ~11 s left`."""
+
+    def __init__(
+        self,
+        label: str,
+        total: int,
+        done: int = 0,
+        unit: str = "records",
+        stream: TextIO | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        every: float = 10.0,
+    ):
+        self.label, self.total, self.done, self.unit = label, total, done, unit
+        self.stream, self.clock, self.every = stream, clock, every
+        self.start, self.start_done = clock(), done
+        self.shown = float("-inf")
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = self.clock()
+        if os.environ.get("ECGPROTO_QUIET") or (now - self.shown < self.every and self.done < self.total):
+            return
+        self.shown = now
+        elapsed = max(now - self.start, 1e-9)
+        rate = (self.done - self.start_done) / elapsed
+        left = f"  ~{_duration((self.total - self.done) / rate)} left" if self.done < self.total and rate > 0 else ""
+        share = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
+        _write(
+            f"{self.label}  {self.done:,}/{self.total:,} {self.unit}{share}  {rate:,.0f} {self.unit}/s{left}",
+            self.stream,
+        )
+
+
 def stage_line(text: str, stream: TextIO | None = None) -> None:
     """A one-line announcement of a stage that has no epochs (projection, evaluation, ...)."""
     if not os.environ.get("ECGPROTO_QUIET"):

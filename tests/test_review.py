@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from ecgproto.explain import example_cases
-from ecgproto.progress import EpochProgress
+from ecgproto.progress import CountProgress, EpochProgress
 from ecgproto.report import pipeline_report
 from ecgproto.train import losses
 from ecgproto.train.config import LossWeights
@@ -107,6 +108,30 @@ def test_a_progress_line_per_epoch_with_the_best_score_and_the_time_left() -> No
     assert first.endswith("~29 min left at most")
     assert "(best 0.810)" in second and second.endswith("~28 min left at most")
     assert third.startswith("train rhythm_1d/joint  epoch 4/30") and "(best 0.830)" in third
+
+
+def test_counted_progress_shows_the_first_batch_then_every_10_s_and_the_end() -> None:
+    out, now = io.StringIO(), iter([0.0, 2.0, 5.0, 14.0, 20.0])
+    show = CountProgress("ingest", 1000, stream=out, clock=lambda: next(now))
+    show.update(100)  # 2 s: the first batch, shown
+    show.update(100)  # 5 s: quiet
+    show.update(300)  # 14 s: shown
+    show.update(500)  # 20 s: the end, shown
+    first, second, last = out.getvalue().splitlines()
+    assert first == "ingest  100/1,000 records (10%)  50 records/s  ~18 s left"
+    assert second.startswith("ingest  500/1,000 records (50%)") and second.endswith("~14 s left")
+    assert last == "ingest  1,000/1,000 records (100%)  50 records/s"
+
+
+def test_ingest_reports_its_progress_as_lines_when_stderr_is_not_a_terminal(
+    demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ecgproto.data.ingest import IngestConfig, ingest
+
+    ingest(demo_root / "ptbxl", tmp_path / "store", IngestConfig(workers=1))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and lines[-1].startswith("ingest  240/240 records (100%)")  # no bar codes, a readable last line
+    assert all("\r" not in line and "\x1b" not in line for line in lines)
 
 
 def test_temperature_scaling_recovers_a_known_temperature_and_lowers_the_calibration_error() -> None:

@@ -44,6 +44,7 @@ from ecgproto.data.store import (
     publish,
 )
 from ecgproto.data.wfdb_io import RecordError, read_record
+from ecgproto.progress import CountProgress
 
 
 class IngestConfig(BaseModel):
@@ -318,11 +319,18 @@ def _plan_chunks(partial: Path, listing: DatasetListing, config: IngestConfig) -
 def _run_chunks(
     chunks: list[IngestChunk], workers: int, start_method: str, progress: bool, total: int, done: int
 ) -> None:
-    bar = tqdm(total=total, initial=done, unit="rec", desc="ingest", disable=None if progress else True, leave=False)
+    # a bar on a terminal; on a log file or CI, where a bar is unreadable, a line at most every 10 s
+    on_terminal = bool(getattr(sys.stderr, "isatty", lambda: False)())
+    bar: tqdm | CountProgress | None = None
+    if progress and on_terminal:
+        bar = tqdm(total=total, initial=done, unit="rec", desc="ingest", leave=False)
+    elif progress:
+        bar = CountProgress("ingest", total, done)
+    update = bar.update if bar is not None else (lambda n: None)
     try:
         if workers <= 1 or len(chunks) <= 1:
             for c in chunks:
-                bar.update(ingest_chunk(c))
+                update(ingest_chunk(c))
             return
         ctx = mp.get_context(start_method)
         if start_method == "forkserver":
@@ -335,9 +343,10 @@ def _run_chunks(
             initargs=(parent,) if parent else (),
         ) as pool:
             for future in as_completed([pool.submit(ingest_chunk, c) for c in chunks]):
-                bar.update(future.result())
+                update(future.result())
     finally:
-        bar.close()
+        if isinstance(bar, tqdm):
+            bar.close()
 
 
 def _finish(
