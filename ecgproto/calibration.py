@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 from scipy.optimize import minimize_scalar
 
 from ecgproto.train.metrics import macro_auroc
@@ -53,14 +54,101 @@ def uncertainty(p: np.ndarray) -> np.ndarray:
     return -(q * np.log2(q) + (1 - q) * np.log2(1 - q)).mean(axis=1)
 
 
-def selective(y: np.ndarray, p: np.ndarray, coverages: tuple[float, ...] = (1.0, 0.9, 0.8)) -> pd.DataFrame:
-    """Macro-AUROC over the most certain `coverage` share of the records, for each coverage."""
-    order = np.argsort(uncertainty(p), kind="stable")
+COVERAGES = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
+
+
+def selective(
+    y: np.ndarray,
+    p: np.ndarray,
+    coverages: tuple[float, ...] = (1.0, 0.9, 0.8),
+    scores: dict[str, np.ndarray] | None = None,
+) -> pd.DataFrame:
+    """Macro-AUROC of `p` over the most certain `coverage` share of the records, for each coverage and each
+    per-record uncertainty score in `scores` (name -> (N,), lower = more certain; by default the mean binary
+    entropy of `p` itself, named "entropy"). Columns: score, coverage, records, macro_auroc."""
+    scores = scores if scores is not None else {"entropy": uncertainty(p)}
     rows = []
-    for c in coverages:
-        keep = order[: max(int(round(c * len(order))), 1)]
-        rows.append({"coverage": c, "records": len(keep), "macro_auroc": macro_auroc(y[keep], p[keep])})
+    for name, u in scores.items():
+        order = np.argsort(np.asarray(u), kind="stable")
+        for c in coverages:
+            keep = order[: max(int(round(c * len(order))), 1)]
+            rows.append(
+                {"score": name, "coverage": c, "records": len(keep), "macro_auroc": macro_auroc(y[keep], p[keep])}
+            )
     return pd.DataFrame(rows)
+
+
+def reliability_table(
+    y: np.ndarray, p: dict[str, np.ndarray], temperatures: dict[str, float], label_index: dict, bins: int = 10
+) -> pd.DataFrame:
+    """Reliability of each model over all its (record, label) cells, before and after its temperature: per
+    equal-width bin the mean predicted probability, the observed rate and the cells in it. Columns: model,
+    scaled, bin, mean_probability, observed_rate, cells."""
+    rows = []
+    for name, pn in p.items():
+        yn = np.asarray(y)[:, label_index[name]].ravel()
+        for scaled in (False, True):
+            q = (apply_temperature(pn, temperatures[name]) if scaled else np.asarray(pn, dtype=np.float64)).ravel()
+            which = np.clip((q * bins).astype(int), 0, bins - 1)
+            for b in np.unique(which):
+                sel = which == b
+                rows.append(
+                    {
+                        "model": name,
+                        "scaled": scaled,
+                        "bin": int(b),
+                        "mean_probability": float(q[sel].mean()),
+                        "observed_rate": float(yn[sel].mean()),
+                        "cells": int(sel.sum()),
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def reliability_figure(table: pd.DataFrame, calibration: pd.DataFrame) -> Figure:
+    """One reliability diagram per model (fused and each branch): observed rate against mean predicted
+    probability over 10 equal-width bins, before and after temperature scaling, with each one's mean ECE."""
+    models = list(dict.fromkeys(table["model"]))
+    fig = Figure(figsize=(3.6 * len(models), 4.0))
+    axes = fig.subplots(1, len(models), squeeze=False)[0]
+    ece = calibration.set_index("model")
+    for ax, name in zip(axes, models, strict=True):
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+        for scaled, style, label in ((False, "o-", "as trained"), (True, "s-", "temperature-scaled")):
+            r = table[(table["model"] == name) & (table["scaled"] == scaled)]
+            key = "test_mean_ece_scaled" if scaled else "test_mean_ece"
+            label = f"{label} (ECE {ece.loc[name, key]:.3f})"
+            ax.plot(r["mean_probability"], r["observed_rate"], style, ms=4, label=label)
+        ax.set_title(f"{name} (T = {ece.loc[name, 'temperature']:.2f})", fontsize=10)
+        ax.set_xlabel("mean predicted probability")
+        ax.set_ylabel("observed rate of the label")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle(
+        "test fold: calibration over every (record, label) cell, 10 equal-width bins; temperature fitted on the "
+        "validation fold; ECE = mean over labels",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    return fig
+
+
+def coverage_figure(table: pd.DataFrame) -> Figure:
+    """Selective prediction: macro-AUROC of the fused model on the most certain share of the test records, for
+    each uncertainty score; a score that finds the hard records rises as coverage falls."""
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
+    for name, g in table.groupby("score", sort=False):
+        ax.plot(100 * g["coverage"], g["macro_auroc"], marker="o", ms=4, label=str(name))
+    ax.invert_xaxis()
+    ax.set_xlabel("coverage: share of test records kept, most certain first (%)")
+    ax.set_ylabel("macro-AUROC on the kept records")
+    ax.set_title("test fold: selective prediction by uncertainty score", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def calibration_table(

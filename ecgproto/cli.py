@@ -249,10 +249,23 @@ def cmd_explain(args: argparse.Namespace) -> int:
     (out / f"{name}.explanation.json").write_text(json.dumps(result, indent=2))
     explanation_figure(model, signal, result, title=name).savefig(out / f"{name}.explanation.png", dpi=80)
     for lab in result["labels"]:
+        lo, hi = lab["probability_range"]
         print(
-            f"{lab['code']:6s} p={lab['probability']:.2f}  "
-            + ", ".join(f"{e['name']} {e['contribution']:+.2f}" for e in lab["evidence"])
+            f"{lab['code']:6s} p={lab['probability']:.2f} (calibrated {lab['calibrated_probability']:.2f}, "
+            f"heads {lo:.2f}-{hi:.2f})  "
+            + ", ".join(
+                f"{e['name']} {e['contribution']:+.2f} (sim {e['similarity']:.2f}, "
+                f"{e['similarity_under_noise'][0]:.2f}-{e['similarity_under_noise'][1]:.2f} under noise)"
+                for e in lab["evidence"]
+            )
         )
+    u = result["uncertainty"]
+    where = (
+        f", more uncertain than {u['validation_percentile']:.0f}% of the validation ECGs"
+        if u["validation_percentile"] == u["validation_percentile"]
+        else ""
+    )
+    print(f"uncertainty: {u['total_bits']:.3f} bits per label ({u['epistemic_bits']:.3f} from the heads){where}")
     print(f"written: {out / (name + '.explanation.png')} and .json")
     return 0
 
@@ -276,6 +289,8 @@ def cmd_associate(args: argparse.Namespace) -> int:
         min_cases=args.min_cases,
         min_controls=args.min_controls,
         cohort=CohortConfig(admissions=args.admissions, strict=args.strict, window_before_days=args.window_days),
+        uncertain_ecgs=args.uncertain_ecgs,
+        uncertainty_percentile=args.uncertainty_percentile,
     )
     if args.no_nlp:
         config.feature_sets = tuple(f for f in config.feature_sets if f != "nlp_concept")
@@ -517,6 +532,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--strict", action="store_true", help="only ECGs inside [admittime, dischtime]")
     q.add_argument("--window-days", type=float, default=7.0, help="an ECG up to this many days before admission counts")
     q.add_argument("--device", default="cpu", help="cpu | cuda (bf16 autocast) for scoring the cohort")
+    q.add_argument(
+        "--uncertain-ecgs",
+        choices=["keep", "flag", "drop"],
+        default="keep",
+        help="ECGs whose prediction the model is unsure about (more uncertain than --uncertainty-percentile of "
+        "its validation ECGs): keep them unchecked (default), flag (count them in the run), or drop (leave "
+        "their admissions out, a step of the cohort flow)",
+    )
+    q.add_argument(
+        "--uncertainty-percentile",
+        type=float,
+        default=95.0,
+        help="the validation-fold percentile of uncertainty above which an ECG counts as uncertain (default 95)",
+    )
     q.add_argument(
         "--activations",
         help="an activation store from `ecgproto score` of this model on this cohort "

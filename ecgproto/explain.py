@@ -56,6 +56,8 @@ def explain(
         beat_sim.append(value)
     s = torch.cat(sims, dim=1)
     prob = torch.sigmoid(model.fusion(s))[0].numpy()
+    certainty = {k: v[0].numpy() for k, v in model.uncertainty(s).items()}
+    match_range = _match_under_perturbation(model, x, beats, s)  # (2, P) normalised similarity, lowest / highest
     contrib = model.fusion.contributions(s)[0].numpy()  # (L, P)
     similarity = model.fusion.normalised(s)[0].numpy()  # in [-1, 1], 1 at the prototype
     weight = model.fusion.effective_weight().numpy()
@@ -102,6 +104,9 @@ def explain(
                     "contribution": float(contrib[li, p]),
                     "weight": float(weight[li, p]),
                     "similarity": float(similarity[p]),
+                    # how certain the match is: the similarity's range over the input perturbed at ECG noise
+                    # level (Gaussian noise, baseline wander, a 40 ms shift; ecgproto.quality)
+                    "similarity_under_noise": [float(match_range[0, p]), float(match_range[1, p])],
                     "input_window": window,
                     "prototype_source": {
                         k: prov.get(k) for k in ("ecg_id", "start_s", "end_s", "leads", "source_labels", "fidelity")
@@ -112,12 +117,39 @@ def explain(
             {
                 "code": model.codes[li],
                 "probability": float(prob[li]),
+                # calibrated (the temperature fitted on the validation fold) and its range over the fusion heads
+                "calibrated_probability": float(certainty["probability"][li]),
+                "probability_range": [float(certainty["low"][li]), float(certainty["high"][li])],
                 "threshold": float(thresholds[li]),
                 "logit_bias": float(model.fusion.bias[li]),
                 "evidence": evidence,
             }
         )
-    return {"labels": labels, "probabilities": {c: float(p) for c, p in zip(model.codes, prob, strict=True)}}
+    return {
+        "labels": labels,
+        "probabilities": {c: float(p) for c, p in zip(model.codes, prob, strict=True)},
+        "uncertainty": {
+            "total_bits": float(certainty["uncertainty"]),
+            "epistemic_bits": float(certainty["epistemic"]),
+            "validation_percentile": float(certainty["percentile"]),
+        },
+    }
+
+
+@torch.no_grad()
+def _match_under_perturbation(
+    model: ECGProtoNet, x: torch.Tensor, beats: torch.Tensor | None, sims: torch.Tensor
+) -> np.ndarray:
+    """(2, P): each prototype's lowest and highest normalised similarity with the input over the input as it is
+    and perturbed (ecgproto.quality.perturbations)."""
+    from ecgproto.quality import perturbations
+
+    seen = [sims]
+    b = beats if beats is not None else torch.full((1, 1), -1, dtype=torch.long)
+    for _, xp, bp in perturbations(x, b, model.fs, seed=0):
+        seen.append(model.similarities(xp, bp if beats is not None else None))
+    s = model.fusion.normalised(torch.cat(seen, dim=0))  # (1 + perturbations, P)
+    return torch.stack([s.amin(dim=0), s.amax(dim=0)]).numpy()
 
 
 @torch.no_grad()
@@ -176,8 +208,9 @@ def explanation_figure(model: ECGProtoNet, signal: np.ndarray, explanation: dict
             left,
             signal,
             model.fs,
-            f"{title} {lab['code']} p={lab['probability']:.2f}: "
-            f"contribution {ev['contribution']:.2f} = w {ev['weight']:.2f} x sim {ev['similarity']:.2f}{along}",
+            f"{title} {lab['code']} p={lab['probability']:.2f}{_calibrated(lab)}: "
+            f"contribution {ev['contribution']:.2f} = w {ev['weight']:.2f} x sim {ev['similarity']:.2f}"
+            f"{_noise_range(ev)}{along}",
             (w["start_s"], w["end_s"]),
             tuple(w["leads"]),
         )
@@ -212,6 +245,21 @@ def explanation_figure(model: ECGProtoNet, signal: np.ndarray, explanation: dict
     return fig
 
 
+def _calibrated(label: dict[str, Any]) -> str:
+    """' (calibrated 0.78, heads 0.70-0.85)' where the explanation has it."""
+    if "calibrated_probability" not in label:
+        return ""
+    lo, hi = label["probability_range"]
+    return f" (calibrated {label['calibrated_probability']:.2f}, heads {lo:.2f}-{hi:.2f})"
+
+
+def _noise_range(evidence: dict[str, Any]) -> str:
+    if "similarity_under_noise" not in evidence:
+        return ""
+    lo, hi = evidence["similarity_under_noise"]
+    return f" ({lo:.2f}-{hi:.2f} under noise)"
+
+
 def prototype_gallery(model: ECGProtoNet, only_projected_own_class: bool = True) -> Iterator[tuple[str, Figure]]:
     """One figure per prototype, ('gallery/<branch>/<class>/P0207.png', Figure), made one at a time
     (a thousand prototype figures would not fit in memory together)."""
@@ -222,6 +270,12 @@ def prototype_gallery(model: ECGProtoNet, only_projected_own_class: bool = True)
             f"{prototype_name(prov['prototype'], prov['class'], prov['branch'])} | ECG {prov['ecg_id']} "
             f"[{prov['source_labels']}] | window {prov['start_s']:.2f}-{prov['end_s']:.2f} s, leads {prov['leads']} "
             f"| cos {prov['similarity']:.3f}, fidelity {prov.get('fidelity', float('nan')):.2f}"
+            + (
+                f" | purity {prov['purity']:.2f}, consistency {prov['consistency']:.2f}, "
+                f"stability {prov['stability']:.2f}" + (", near-duplicate" if prov.get("duplicate") else "")
+                if "purity" in prov
+                else ""
+            )
             + (" | no beats detected: window on the fallback grid" if prov.get("beat_source") == "grid" else "")
         )
         fig = plot_ecg(

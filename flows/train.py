@@ -24,6 +24,7 @@ from ecgproto.data.labels import BRANCHES
 from ecgproto.data.store import atomic_write_bytes
 from ecgproto.explain import prototype_gallery
 from ecgproto.progress import EpochProgress, stage_line
+from ecgproto.quality import quality_figure, quality_metrics, quality_summary
 from ecgproto.report import StageReport
 from ecgproto.settings import MODEL_NAME, workdir
 from ecgproto.train import distributed, stages
@@ -124,7 +125,14 @@ def fusion(store: str, config: TrainConfig, work_root: str, parent: str, uri: st
         result = stages.train_fusion(ctx, _curves(run_id, uri, "train fusion", config.fusion.epochs))
         report = fit_report(result, "fusion")
         model = stages.load_model(ctx)
-        report.tables["provenance"] = pd.DataFrame(model.provenance)
+        provenance = pd.DataFrame(model.provenance)
+        report.tables["provenance"] = provenance
+        if "purity" in provenance:  # the prototype-quality overview, also on the training run
+            summary = quality_summary(provenance)
+            report.tables["prototype_quality"] = summary
+            report.figures["prototype_quality.png"] = quality_figure(provenance)
+            report.metrics.update(quality_metrics(summary))
+            tracking.log_report(parent, StageReport(metrics=quality_metrics(summary)), uri)
         tracking.log_report(run_id, report, uri)
         if gallery:
             tracking.log_figures(run_id, prototype_gallery(model), uri)

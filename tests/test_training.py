@@ -21,7 +21,9 @@ from ecgproto import tracking
 from ecgproto.data.demo.beat_model import PLANTED_LABELS
 from ecgproto.data.demo.generate import DemoConfig, generate_demo
 from ecgproto.data.ingest import IngestConfig, ingest
+from ecgproto.data.labels import load_label_set
 from ecgproto.data.store import ArrayStore
+from ecgproto.explain import prototype_gallery
 from ecgproto.model import persist
 from ecgproto.train import stages
 from ecgproto.train.config import TrainConfig
@@ -272,6 +274,19 @@ def test_registered_model_scores_an_external_cohort_and_its_prototypes_meet_the_
         code = same.get(dx.phecode) or dx.phecode  # tested at the most specific code with the same cases
         hit = probs[(probs["phecode"] == code) & (probs["prototype_class"] == dx.pattern)].iloc[0]
         assert hit["significant_bonf"] and hit["beta"] > 0, (dx.name, hit["p_value"])
+    # the study option for ECGs the model is unsure about: flag counts them, drop leaves their admissions out
+    from ecgproto.phenotype.study import PhenotypeStudy, study_report
+
+    flagged = PhenotypeStudy(config.model_copy(update={"uncertain_ecgs": "flag", "uncertainty_percentile": 50.0}))
+    flag = flagged.run(store, cohort.mimic_hosp, model, progress=False)
+    dropped = PhenotypeStudy(config.model_copy(update={"uncertain_ecgs": "drop", "uncertainty_percentile": 50.0}))
+    drop = dropped.run(store, cohort.mimic_hosp, model, progress=False)
+    assert flag.uncertain is not None and flag.uncertain >= 10 and drop.uncertain == flag.uncertain
+    assert drop.cohort.n == flag.cohort.n - flag.uncertain  # every flagged admission left out, nothing else
+    step = drop.cohort.flow[drop.cohort.flow["step"].str.startswith("ECG not more uncertain than 50%")]
+    assert len(step) == 1 and int(step["n"].iloc[0]) == drop.cohort.n
+    assert study_report(flag, flagged.config).metrics["uncertain_ecgs_flagged"] == flag.uncertain
+    assert study_report(drop, dropped.config).metrics["uncertain_ecgs_dropped"] == flag.uncertain
 
 
 def test_same_seed_gives_identical_training_on_cpu(demo_root: Path, tmp_path: Path) -> None:
@@ -305,3 +320,80 @@ def test_a_stage_killed_mid_training_resumes_to_the_same_result(demo_root: Path,
     assert resumed.history == expected.history
     a, b = torch.load(straight.path("rhythm_1d", "joint.pt")), torch.load(broken.path("rhythm_1d", "joint.pt"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_prototypes_carry_their_purity_consistency_stability_and_near_duplicates(trained: SimpleNamespace) -> None:
+    """The planted inferior MI (Q waves in II, III, aVF in every beat) yields a prototype whose nearest training ECGs
+    are IMI ECGs and whose match survives ECG-level noise; the same prototype pushed onto a normal ECG's beat has a
+    low purity."""
+    from ecgproto.quality import prototype_quality
+    from ecgproto.train.data import SplitData
+
+    model = persist.load(Path(trained.out["work_dir"]) / "model.pt")
+    prov = pd.DataFrame(model.provenance)
+    for column in ("purity", "consistency", "stability"):
+        assert prov[column].between(-1, 1).all() and prov[column].notna().all(), column
+    assert set(prov["duplicate"].unique()) <= {True, False}
+    imi = prov[(prov["class"] == "IMI") & (prov["branch"] == "morphology_2d_local")].sort_values("purity")
+    best = imi.iloc[-1]
+    assert best["purity"] >= 0.8 and best["stability"] >= 0.9, imi[["leads", "purity", "stability"]]
+    # the same prototype, projected onto a beat of an ECG without IMI instead
+    branch = model.branches["morphology_2d_local"]
+    train = SplitData(trained.store, "train")
+    j = int(best["index_in_branch"])
+    labels = load_label_set()
+    normal = int(np.flatnonzero(train.labels[:, labels.codes.index("NORM")] > 0)[0])
+    x = torch.as_tensor(train.signals(np.array([normal])))
+    beats = torch.as_tensor(train.beats(np.array([normal])))
+    with torch.no_grad():
+        latent = branch.latent_windows(x, beats)[0, int(branch.prototypes.group[j])]
+        branch.prototypes.prototypes[j] = latent
+    moved = prototype_quality(branch, train, labels.branch_indices("morphology_2d_local"), model.fs)
+    assert moved.loc[j, "purity"] <= 0.3 < best["purity"]
+    # shown where a reviewer looks: the gallery title, the fusion run's overview, the training run's summaries
+    c = tracking.client(trained.uri)
+    parent = c.get_run(trained.out["run_id"])
+    children = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    fusion = next(r for r in children if r.data.tags["mlflow.runName"] == "fusion")
+    artifacts = set(tracking.describe(fusion.info.run_id, trained.uri)["artifacts"])
+    assert {"prototype_quality.png", "prototype_quality.csv"} <= artifacts
+    assert 0 < parent.data.metrics["quality.morphology_2d_local.purity_mean"] <= 1
+    _, figure = next(iter(prototype_gallery(model)))
+    assert "purity" in figure.axes[0].get_title(loc="left")
+
+
+@pytest.mark.slow
+def test_every_prediction_has_a_calibrated_probability_an_uncertainty_and_a_match_range(
+    trained: SimpleNamespace,
+) -> None:
+    from ecgproto.explain import explain
+
+    model = persist.load(Path(trained.out["work_dir"]) / "model.pt")
+    assert model.fusion_heads is not None and torch.isfinite(model.uncertainty_quantiles).all()
+    m = trained.store.manifest
+    val = m[m["split"] == "val"]["row"].to_numpy()
+    x = torch.as_tensor(np.asarray(trained.store.signals[np.sort(val)]))
+    beats = torch.as_tensor(np.asarray(trained.store.beats[np.sort(val)], dtype=np.int64))
+    with torch.no_grad():
+        u = model.uncertainty(model.similarities(x, beats))
+    assert ((u["low"] <= u["probability"] + 1e-6) & (u["probability"] <= u["high"] + 1e-6)).all()
+    assert float(u["spread"].max()) > 0  # the bootstrap heads do disagree somewhere
+    assert 35 <= float(u["percentile"].mean()) <= 65  # the validation ECGs are the reference: spread around 50
+    result = explain(model, np.asarray(trained.store.signals[val[0]]))
+    for label in result["labels"]:
+        lo, hi = label["probability_range"]
+        assert lo - 1e-6 <= label["calibrated_probability"] <= hi + 1e-6
+        for e in label["evidence"]:
+            low, high = e["similarity_under_noise"]
+            assert low - 1e-5 <= e["similarity"] <= high + 1e-5
+    assert 0 <= result["uncertainty"]["validation_percentile"] <= 100
+    # the evaluate run: reliability and coverage figures, selective prediction by three scores
+    run = tracking.describe(trained.out["evaluate_run_id"], trained.uri)
+    assert {"evaluation/reliability.png", "evaluation/coverage.png", "evaluation/selective.csv"} <= set(
+        run["artifacts"]
+    )
+    metrics = trained.out["metrics"]
+    assert metrics["fused.mean_ece_scaled"] <= metrics["fused.mean_ece"] + 0.01
+    kept = metrics["selective.total.macro_auroc_coverage_80"]
+    assert kept >= metrics["selective.total.macro_auroc_coverage_100"] - 0.005

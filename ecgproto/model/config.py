@@ -117,6 +117,12 @@ class FusionConfig(BaseModel):
         "class only; dense: the reference's signed dense layer",
     )
     normalise: bool = Field(True, description="divide each branch's similarities by its scale (each block in [-1, 1])")
+    heads: int = Field(
+        8,
+        ge=0,
+        description="bootstrap fusion heads beside the main one, for each prediction's uncertainty (their spread); "
+        "0: no uncertainty",
+    )
 
 
 def _reference_branches() -> dict[str, BranchConfig]:

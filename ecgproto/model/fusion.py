@@ -49,3 +49,40 @@ class Fusion(nn.Module):
             self.weight.clamp_(min=0)
         if self.mode == "class_connected":
             self.weight.mul_(self.own)
+
+
+class FusionHeads(nn.Module):
+    """K more fusion heads of the same family, each fitted on a bootstrap resample of the training records
+    (Poisson weights), stacked so one pass trains them all. They leave the model's prediction alone (that is
+    the main head's, whose weights the explanations show) and say how much it depends on which records the
+    last layer saw: where the heads disagree, the prediction is uncertain."""
+
+    def __init__(self, prototype_label: torch.Tensor, n_labels: int, n_heads: int, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        own = nn.functional.one_hot(prototype_label, n_labels).float().T  # (L, P)
+        self.register_buffer("own", own)
+        per_class = own.sum(dim=1, keepdim=True).clamp(min=1)
+        self.weight = nn.Parameter((own / per_class * 4.0).expand(n_heads, -1, -1).clone())  # (K, L, P)
+        self.bias = nn.Parameter(torch.full((n_heads, n_labels), -2.0))
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.weight.shape[0])
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.weight * self.own if self.mode == "class_connected" else self.weight
+
+    def forward(self, normalised: torch.Tensor) -> torch.Tensor:
+        """(B, P) normalised similarities (Fusion.normalised) -> (K, B, L) logits."""
+        return torch.einsum("bp,klp->kbl", normalised, self.effective_weight()) + self.bias.unsqueeze(1)
+
+    def off_class_l1(self) -> torch.Tensor:
+        return (self.weight.abs() * (1 - self.own)).sum()
+
+    @torch.no_grad()
+    def constrain(self) -> None:
+        if self.mode != "dense":
+            self.weight.clamp_(min=0)
+        if self.mode == "class_connected":
+            self.weight.mul_(self.own)

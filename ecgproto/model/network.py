@@ -15,7 +15,15 @@ from torch import nn
 from ecgproto.data.labels import BRANCHES, LabelSet
 from ecgproto.model.branch import Branch
 from ecgproto.model.config import ModelConfig
-from ecgproto.model.fusion import Fusion
+from ecgproto.model.fusion import Fusion, FusionHeads
+
+EPS = 1e-6
+
+
+def binary_entropy(p: torch.Tensor) -> torch.Tensor:
+    """Elementwise entropy in bits of Bernoulli(p)."""
+    q = p.clamp(EPS, 1 - EPS)
+    return -(q * torch.log2(q) + (1 - q) * torch.log2(1 - q))
 
 
 def build_branch(name: str, cfg: ModelConfig, labels: LabelSet) -> Branch:
@@ -38,6 +46,12 @@ class ECGProtoNet(nn.Module):
         self.register_buffer("prototype_label", torch.cat(label_of))
         self.fusion = Fusion(self.prototype_label, torch.cat(scales), len(labels), cfg.fusion)
         self.register_buffer("thresholds", torch.full((len(labels),), 0.5))
+        # uncertainty (see `uncertainty`): bootstrap fusion heads, the temperature fitted on the validation fold,
+        # and the validation fold's record uncertainties at each percentile 0..100 (NaN until fitted)
+        heads = cfg.fusion.heads
+        self.fusion_heads = FusionHeads(self.prototype_label, len(labels), heads, cfg.fusion.mode) if heads else None
+        self.register_buffer("temperature", torch.ones(()))
+        self.register_buffer("uncertainty_quantiles", torch.full((101,), float("nan")))
         # Filled by projection: one dict per prototype, and the source records (float16, mV).
         self.provenance: list[dict[str, Any]] = []
         self.register_buffer("source_signals", torch.zeros(0, cfg.n_leads, cfg.n_samples, dtype=torch.float16))
@@ -56,6 +70,45 @@ class ECGProtoNet(nn.Module):
     def forward(self, x: torch.Tensor, beats: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 12, n) float32 mV, LEADS order, model rate -> (B, 71) label probabilities."""
         return torch.sigmoid(self.fusion(self.similarities(x, beats)))
+
+    @torch.no_grad()
+    def uncertainty(self, sims: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, P) pooled similarities -> the calibrated prediction and how certain it is:
+
+        - probability (B, L): the main head's, temperature-scaled (same ranking as `forward`, calibrated);
+        - low, high (B, L): the lowest and highest calibrated probability among the main and bootstrap heads;
+        - spread (B, L): their standard deviation;
+        - uncertainty (B,): the record's total uncertainty, the mean over labels of the binary entropy (bits) of
+          the heads' mean probability; epistemic (B,): its part due to the heads' disagreement (mean entropy of
+          the mean minus mean of the entropies, the ensemble's mutual information);
+        - percentile (B,): where `uncertainty` falls among the validation fold's records (0-100; NaN before the
+          fit), so "more uncertain than 95% of the validation ECGs" reads the same for every model.
+        Without bootstrap heads, low = high = probability and the uncertainty is the entropy alone."""
+        logits = self.fusion(sims)
+        t = self.temperature
+        probability = torch.sigmoid(logits / t)
+        members = probability.unsqueeze(0)
+        if self.fusion_heads is not None:
+            heads = torch.sigmoid(self.fusion_heads(self.fusion.normalised(sims)) / t)
+            members = torch.cat([members, heads], dim=0)  # (K + 1, B, L)
+        mean = members.mean(dim=0)
+        total = binary_entropy(mean).mean(dim=1)
+        epistemic = total - binary_entropy(members).mean(dim=0).mean(dim=1)
+        q = self.uncertainty_quantiles
+        percentile = (
+            torch.searchsorted(q.contiguous(), total.contiguous()).float().clamp(max=100)
+            if torch.isfinite(q).all()
+            else torch.full_like(total, float("nan"))
+        )
+        return {
+            "probability": probability,
+            "low": members.amin(dim=0),
+            "high": members.amax(dim=0),
+            "spread": members.std(dim=0, unbiased=False),
+            "uncertainty": total,
+            "epistemic": epistemic.clamp(min=0),
+            "percentile": percentile,
+        }
 
     def prototype_offsets(self) -> dict[str, int]:
         """Where each branch's prototypes start in the concatenated similarity vector."""

@@ -113,7 +113,12 @@ def load(path: Path) -> nn.Module:
                 f"{meta_file}: trained on another label set than this ecgproto's "
                 f"({len(meta['codes'])} vs {len(labels.codes)} labels)"
             )
-        net = ECGProtoNet(ModelConfig.model_validate(meta["config"]), labels)
+        config = ModelConfig.model_validate(meta["config"])
+        if "heads" not in meta["config"].get("fusion", {}):  # saved before bootstrap heads and calibration
+            config.fusion.heads = 0
+            state.setdefault("temperature", torch.ones(()))
+            state.setdefault("uncertainty_quantiles", torch.full((101,), float("nan")))
+        net = ECGProtoNet(config, labels)
         net.source_signals = torch.empty_like(state["source_signals"])  # its size comes from the projection
         net.provenance = list(meta["provenance"])
         model = net

@@ -85,8 +85,16 @@ def link_ecgs(ecgs: pd.DataFrame, admissions: pd.DataFrame, config: CohortConfig
     return m[["hadm_id", "subject_id", "record_id", "row", "ecg_time", "admittime"]].reset_index(drop=True)
 
 
-def build_cohort(manifest: pd.DataFrame, hosp: Path, config: CohortConfig | None = None) -> Cohort:
-    """manifest: the cohort store's (record_id, subject_id, ecg_time, row); hosp: MIMIC-IV hosp folder."""
+def build_cohort(
+    manifest: pd.DataFrame,
+    hosp: Path,
+    config: CohortConfig | None = None,
+    drop_rows: np.ndarray | None = None,
+    drop_step: str = "",
+) -> Cohort:
+    """manifest: the cohort store's (record_id, subject_id, ecg_time, row); hosp: MIMIC-IV hosp folder.
+    `drop_rows`: store rows whose admissions are left out (not replaced by another ECG), as the flow step
+    `drop_step` (e.g. ECGs the model is too uncertain about)."""
     config = config or CohortConfig()
     patients = read_table(hosp, "patients", ["subject_id", "gender", "anchor_age", "anchor_year"])
     admissions = read_table(hosp, "admissions", ["subject_id", "hadm_id", "admittime", "dischtime"])
@@ -119,6 +127,9 @@ def build_cohort(manifest: pd.DataFrame, hosp: Path, config: CohortConfig | None
     if config.admissions == "first":
         linked = linked.sort_values(["subject_id", "admittime", "hadm_id"]).drop_duplicates("subject_id")
         steps.append(("first eligible admission per subject", len(linked), "admissions"))
+    if drop_rows is not None:
+        linked = linked[~linked["row"].isin(np.asarray(drop_rows))]
+        steps.append((drop_step or "rows left out", len(linked), "admissions"))
     table = linked.sort_values("hadm_id")[
         ["hadm_id", "subject_id", "record_id", "row", "ecg_time", "age", "age_top_coded", "male"]
     ].reset_index(drop=True)

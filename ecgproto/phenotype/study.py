@@ -11,12 +11,13 @@ subject/admission/record ids, no exported count below 10 and none derivable from
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+import torch
 from pydantic import BaseModel, Field
 
 from ecgproto.data.store import ArrayStore
@@ -76,6 +77,13 @@ class StudyConfig(BaseModel):
     batch_size: int = 256
     device: str = "cpu"
     min_cell: int = MIN_CELL
+    uncertain_ecgs: Literal["keep", "flag", "drop"] = Field(
+        "keep",
+        description="ECGs whose prediction the model is unsure about (more uncertain than `uncertainty_percentile` "
+        "of its validation fold; ECGProtoNet.uncertainty): keep (no check), flag (count them in the run) or drop "
+        "(leave their admissions out, a step of the cohort flow)",
+    )
+    uncertainty_percentile: float = Field(95.0, gt=0, lt=100)
 
 
 @dataclass
@@ -93,12 +101,11 @@ class StudyResult:
     curves: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     n_features: dict[str, int] = field(default_factory=dict)
     message: str = ""  # why nothing was tested, and what would make phecodes testable
+    uncertain: int | None = None  # cohort ECGs above the uncertainty percentile (None: not checked)
 
     def without_identifiers(self) -> StudyResult:
         """The same result with no subject, admission or record id and no diagnosis rows (what the
         Prefect result store may keep); the tables, counts and figures it reports are unchanged."""
-        from dataclasses import replace
-
         private = ("hadm_id", "subject_id", "record_id", "row", "ecg_time")
         cohort = Cohort(
             self.cohort.table.drop(columns=[c for c in private if c in self.cohort.table]),
@@ -110,6 +117,22 @@ class StudyResult:
         return replace(self, cohort=cohort)
 
 
+@torch.no_grad()
+def uncertainty_percentile(model: Any, similarities: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    """(n,) where each ECG's uncertainty falls among the model's validation ECGs (0-100;
+    ECGProtoNet.uncertainty), from its pooled similarities."""
+    if not torch.isfinite(model.uncertainty_quantiles).all():
+        raise ValueError(
+            "this model has no uncertainty reference (trained before ecgproto fitted one): train it again, or "
+            "run the study with --uncertain-ecgs keep"
+        )
+    out = [
+        model.uncertainty(torch.as_tensor(similarities[i : i + batch_size], dtype=torch.float32))["percentile"]
+        for i in range(0, len(similarities), batch_size)
+    ]
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
 class PhenotypeStudy:
     def __init__(self, config: StudyConfig | None = None) -> None:
         self.config = config or StudyConfig()
@@ -117,8 +140,11 @@ class PhenotypeStudy:
         if unknown:
             raise ValueError(f"unknown feature set(s) {sorted(unknown)}; choose from {ALL_SETS}")
 
-    def cohort(self, store: ArrayStore, hosp: Path) -> tuple[Cohort, PhecodeStatus, MappingReport]:
-        cohort = build_cohort(store.manifest, Path(hosp), self.config.cohort)
+    def cohort(
+        self, store: ArrayStore, hosp: Path, drop_rows: np.ndarray | None = None
+    ) -> tuple[Cohort, PhecodeStatus, MappingReport]:
+        step = f"ECG not more uncertain than {self.config.uncertainty_percentile:g}% of the model's validation ECGs"
+        cohort = build_cohort(store.manifest, Path(hosp), self.config.cohort, drop_rows, step)
         pmap = PhecodeMap.load(self.config.phecode_version)  # type: ignore[arg-type]
         pairs, detail = pmap.map_diagnoses(cohort.diagnoses)
         status = phecode_status(
@@ -174,6 +200,22 @@ class PhenotypeStudy:
             scores = score_cohort(model, store, rows, c.batch_size, c.device, progress)
         else:
             scores = None
+        uncertain = None
+        if c.uncertain_ecgs != "keep" and scores is not None:
+            if model is None:
+                raise ValueError(
+                    "the uncertainty check needs the model itself: run the study without --activations, or with "
+                    "--uncertain-ecgs keep"
+                )
+            flagged = uncertainty_percentile(model, scores.similarities) > c.uncertainty_percentile
+            uncertain = int(flagged.sum())
+            if c.uncertain_ecgs == "drop":
+                cohort, status, mapping = self.cohort(store, hosp, rows[flagged])
+                if status.status.shape[1] == 0:
+                    return replace(self._nothing_testable(cohort, status, mapping), uncertain=uncertain)
+                at = pd.Series(np.arange(len(rows)), index=rows).loc[cohort.table["row"].to_numpy()].to_numpy()
+                rows = rows[at]
+                scores = Scores(scores.similarities[at], scores.probabilities[at], scores.prototypes, scores.codes)
         if scores is not None and c.own_class_prototypes_only:
             scores = own_class_only(scores)
         reports = None
@@ -231,6 +273,7 @@ class PhenotypeStudy:
             summary,
             curves,
             n_features,
+            uncertain=uncertain,
         )
 
     def _nothing_testable(self, cohort: Cohort, status: PhecodeStatus, mapping: MappingReport) -> StudyResult:
@@ -379,6 +422,13 @@ def study_report(
         m[f"{fs}.significant_phecodes"] = float(g.loc[g["significant_bonf"], "phecode"].nunique())
     for _, row in result.prediction.iterrows():
         m[f"auc.{row['phecode']}.{row['model']}"] = float(row["auc"])
+    if result.uncertain is not None:  # a count below min_cell is not exported (nor is it derivable: flag only)
+        if result.uncertain >= config.min_cell:
+            m[f"uncertain_ecgs_{'dropped' if config.uncertain_ecgs == 'drop' else 'flagged'}"] = float(result.uncertain)
+        r.tags["uncertain_ecgs"] = (
+            f"{config.uncertain_ecgs}: ECGs more uncertain than {config.uncertainty_percentile:g}% of the model's "
+            f"validation ECGs: {result.uncertain if result.uncertain >= config.min_cell else f'<{config.min_cell}'}"
+        )
     r.metrics = m
     if result.message:  # nothing was tested: no figures
         return r

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from ecgproto.calibration import coverage_figure, reliability_figure
+from ecgproto.quality import quality_metrics, quality_summary
 from ecgproto.report import StageReport
 from ecgproto.train.trainer import FitResult
 
@@ -27,8 +29,10 @@ def fit_report(result: FitResult, stage: str, branch: str | None = None) -> Stag
 
 def projection_report(provenance: pd.DataFrame) -> StageReport:
     own = provenance["own_class_source"].to_numpy()
+    quality = quality_summary(provenance) if "purity" in provenance else None
     return StageReport(
-        metrics={
+        metrics=({} if quality is None else quality_metrics(quality))
+        | {
             "n_prototypes": float(len(provenance)),
             "n_projected_on_own_class": float(own.sum()),
             "mean_projection_cosine": float(provenance.loc[own, "similarity"].mean()) if own.any() else np.nan,
@@ -56,6 +60,10 @@ def evaluation_report(
     r.tables["evaluation/summary"] = summary
     r.formats["evaluation/summary"] = ("csv",)
     r.documents["evaluation/summary.md"] = summary_markdown(metrics, summary, without)
+    if "reliability" in tables and "calibration" in tables:
+        r.figures["evaluation/reliability.png"] = reliability_figure(tables["reliability"], tables["calibration"])
+    if "selective" in tables:
+        r.figures["evaluation/coverage.png"] = coverage_figure(tables["selective"])
     return r
 
 

@@ -28,6 +28,7 @@ from ecgproto.model.baseline import ResNet1DClassifier
 from ecgproto.model.branch import Branch
 from ecgproto.model.network import ECGProtoNet, build_branch
 from ecgproto.projection import project_prototypes
+from ecgproto.quality import mark_shared_sources, prototype_quality
 from ecgproto.settings import reference_dir
 from ecgproto.train import distributed, losses
 from ecgproto.train.config import TrainConfig
@@ -248,6 +249,18 @@ def project(ctx: TrainContext, name: str) -> pd.DataFrame:
         offset,
         seed=ctx.config.seed,
     )
+    # how good each prototype is as a case (ecgproto.quality), measured on the projected branch
+    quality = prototype_quality(
+        branch,
+        ctx.splits["train"],
+        ctx.labels.branch_indices(name),
+        ctx.config.model.fs,
+        device=ctx.device,
+        seed=ctx.config.seed,
+    )
+    at = quality["nearest_prototype"]
+    quality["nearest_prototype"] = np.where(at >= 0, at + offset, -1)
+    provenance = mark_shared_sources(pd.concat([provenance, quality], axis=1))
     atomic_write_parquet(provenance, table)
     persist.save_atomic(branch.cpu().state_dict(), out)
     return provenance
@@ -349,8 +362,67 @@ def train_fusion(ctx: TrainContext, on_epoch: EpochCallback | None = None) -> Fi
                 dtype=torch.float32,
             )
         )
+    if model.fusion_heads is not None:
+        train_fusion_heads(ctx, model, x, y, torch.as_tensor(sims["val"]))
+    calibrate(model, torch.as_tensor(sims["val"]), y_val)
     persist.save(model.cpu(), out)  # weights + model.json: rebuilt through the constructor, never unpickled
     return result
+
+
+def train_fusion_heads(
+    ctx: TrainContext, model: ECGProtoNet, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor
+) -> FitResult:
+    """The bootstrap fusion heads (ECGProtoNet.uncertainty): each head weighs every training record by its own
+    Poisson(1) draw, the bootstrap's resampling in weights, so all heads train together in one pass, on the
+    main head's schedule. Early stopping on their mean validation BCE (their job is probabilities, not ranks)."""
+    cfg = ctx.config
+    heads = model.fusion_heads
+    assert heads is not None
+    g = torch.Generator().manual_seed(cfg.seed + 7)
+    counts = torch.poisson(torch.ones(len(x), heads.n_heads), generator=g)  # (N, K)
+    normalised, val = model.fusion.normalised(x), model.fusion.normalised(x_val)
+    y_val = torch.as_tensor(ctx.splits["val"].labels, dtype=torch.float32)
+    target = torch.cat([y, counts], dim=1)  # batches carry each record's K weights beside its labels
+
+    def loss_fn(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        labels, w = batch[1][:, : y.shape[1]], batch[1][:, y.shape[1] :].T  # (B, L), (K, B)
+        z = heads(batch[0])  # (K, B, L)
+        cell = nn.functional.binary_cross_entropy_with_logits(
+            z, labels.expand_as(z), pos_weight=ctx.pos_weight, reduction="none"
+        )
+        bce = (cell.mean(dim=2) * w).sum() / w.sum().clamp(min=1)
+        return bce * heads.n_heads + cfg.loss.fusion_l1 * heads.off_class_l1()  # each head its own BCE + L1
+
+    def validate() -> float:
+        with torch.no_grad():
+            z = heads(val)
+            return -float(nn.functional.binary_cross_entropy_with_logits(z, y_val.expand_as(z)))
+
+    heads.constrain()
+    return fit(
+        heads,
+        heads.parameters(),
+        loss_fn,
+        _tensor_batches(normalised, target, cfg.fusion.batch_size, cfg.seed + 1),
+        validate,
+        cfg.fusion,
+        steps_per_epoch=_steps(len(x), cfg.fusion.batch_size),
+        checkpoint=ctx.path("fusion", "heads.ckpt"),
+        seed=cfg.seed + 1,
+        after_step=heads.constrain,
+    )
+
+
+@torch.no_grad()
+def calibrate(model: ECGProtoNet, sims_val: torch.Tensor, y_val: np.ndarray) -> None:
+    """The temperature of the fused model's logits (fitted on the validation fold: ranks unchanged), then the
+    validation records' uncertainties at each percentile, which `uncertainty` places a new record among."""
+    from ecgproto.calibration import fit_temperature
+
+    model.temperature.fill_(1.0)
+    model.temperature.fill_(fit_temperature(y_val, torch.sigmoid(model.fusion(sims_val)).numpy()))
+    u = model.uncertainty(sims_val)["uncertainty"].double().numpy()
+    model.uncertainty_quantiles.copy_(torch.as_tensor(np.quantile(u, np.linspace(0, 1, 101)), dtype=torch.float32))
 
 
 def load_model(ctx: TrainContext) -> ECGProtoNet:
@@ -427,10 +499,12 @@ def predict_baseline(ctx: TrainContext, net: nn.Module, split: str) -> np.ndarra
 
 
 @torch.no_grad()
-def predict(ctx: TrainContext, model: ECGProtoNet, split: str) -> dict[str, np.ndarray]:
-    """Scores of one split: fused probabilities (N, 71) and each branch's on its own labels."""
+def predict(ctx: TrainContext, model: ECGProtoNet, split: str, uncertainty: bool = False) -> dict[str, np.ndarray]:
+    """Scores of one split: fused probabilities (N, 71) and each branch's on its own labels; with `uncertainty`
+    also what `ECGProtoNet.uncertainty` gives, as `uncertainty.<key>`."""
     model.eval().to(ctx.device)
     fused, per_branch = [], {n: [] for n in BRANCHES}
+    extra: dict[str, list[torch.Tensor]] = {}
     for batch in ctx.splits[split].batches(ctx.config.eval_batch_size):
         x, beats = batch.x.to(ctx.device), batch.beats.to(ctx.device)
         sims = []
@@ -440,8 +514,12 @@ def predict(ctx: TrainContext, model: ECGProtoNet, split: str) -> dict[str, np.n
                 per_branch[n].append(torch.sigmoid(logits.float()).cpu())
                 sims.append(s.float())
             fused.append(torch.sigmoid(model.fusion(torch.cat(sims, dim=1)).float()).cpu())
+        if uncertainty:
+            for k, v in model.uncertainty(torch.cat(sims, dim=1).float()).items():
+                extra.setdefault(f"uncertainty.{k}", []).append(v.float().cpu())
     out = {"fused": torch.cat(fused).numpy()}
     out.update({n: torch.cat(v).numpy() for n, v in per_branch.items()})
+    out.update({k: torch.cat(v).numpy() for k, v in extra.items()})
     return out
 
 
@@ -466,7 +544,8 @@ def evaluate(ctx: TrainContext, split: str = "test") -> tuple[dict[str, float], 
     """Whole-fold metrics with bootstrap CIs: the fused model, each branch, and the baseline."""
     cfg, y = ctx.config, ctx.splits[split].labels
     model = load_model(ctx)
-    scores = predict(ctx, model, split)
+    scores = predict(ctx, model, split, uncertainty=True)
+    certainty = {k.split(".", 1)[1]: scores.pop(k) for k in list(scores) if k.startswith("uncertainty.")}
     codes = ctx.labels.codes
     metrics: dict[str, float] = {}
     tables: dict[str, pd.DataFrame] = {}
@@ -498,22 +577,43 @@ def evaluate(ctx: TrainContext, split: str = "test") -> tuple[dict[str, float], 
         )
     # calibration: a temperature per model fitted on the validation fold, the test fold's ECE before and after;
     # selective prediction: macro-AUROC on the records the fused model is most certain about
-    from ecgproto.calibration import calibration_table, selective
+    # by three per-record uncertainty scores: the plain model's entropy, the calibrated bootstrap heads' total
+    # uncertainty (ECGProtoNet.uncertainty), and its part from the heads' disagreement alone
+    from ecgproto.calibration import (
+        COVERAGES,
+        calibration_table,
+        mean_ece,
+        reliability_table,
+        selective,
+        uncertainty,
+    )
 
     label_index = {"fused": np.arange(len(codes)), **{n: ctx.labels.branch_indices(n) for n in BRANCHES}}
-    calibration, _ = calibration_table(ctx.splits["val"].labels, predict(ctx, model, "val"), y, scores, label_index)
+    calibration, temperatures = calibration_table(
+        ctx.splits["val"].labels, predict(ctx, model, "val"), y, scores, label_index
+    )
     tables["calibration"] = calibration
-    tables["selective"] = selective(y, scores["fused"])
+    tables["reliability"] = reliability_table(y, scores, temperatures, label_index)
+    by = {"entropy (plain model)": uncertainty(scores["fused"])}
+    if model.fusion_heads is not None:
+        by["total (calibrated, bootstrap heads)"] = certainty["uncertainty"]
+        by["epistemic (heads' disagreement)"] = certainty["epistemic"]
+    tables["selective"] = selective(y, scores["fused"], COVERAGES, by)
     fused = calibration.set_index("model").loc["fused"]
     metrics.update(
         {
             "fused.temperature": float(fused["temperature"]),
             "fused.mean_ece": float(fused["test_mean_ece"]),
             "fused.mean_ece_scaled": float(fused["test_mean_ece_scaled"]),
+            # the model's own calibrated probability (its stored temperature) and the heads' spread
+            "fused.mean_ece_model": mean_ece(y, certainty["probability"]),
+            "fused.mean_label_spread": float(certainty["spread"].mean()),
         }
     )
-    for row in tables["selective"].itertuples(index=False):
-        metrics[f"fused.macro_auroc_coverage_{int(round(row.coverage * 100))}"] = float(row.macro_auroc)
+    for name, key in zip(by, ("plain", "total", "epistemic"), strict=False):
+        sel = tables["selective"][tables["selective"]["score"] == name].set_index("coverage")["macro_auroc"]
+        for c in (1.0, 0.9, 0.8):
+            metrics[f"selective.{key}.macro_auroc_coverage_{int(round(c * 100))}"] = float(sel.loc[c])
     # the fused model's operating figures per label (prevalence, AUPRC, calibration, sensitivity/specificity
     # at 0.5): what an external validation (`ecgproto evaluate`) puts beside its own
     from ecgproto.validation import external_table
