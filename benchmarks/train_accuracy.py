@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from _common import default_device, ingest_real, set_threads
 
 from ecgproto.data.labels import BRANCHES
@@ -82,6 +83,30 @@ def real_data_accuracy(
         "[real]   fused vs baseline, mean AUROC over each branch's labels: "
         + "; ".join(f"{b} {r.auroc:.3f} vs {r.baseline_auroc:.3f}" for b, r in by_branch.iterrows())
     )
+    # calibration, selective prediction and prototype quality (ecgproto.calibration, ecgproto.quality)
+    for row in tables["calibration"].itertuples(index=False):
+        print(
+            f"[real]   calibration {row.model:20s} T {row.temperature:.2f}, {split} mean ECE "
+            f"{row.test_mean_ece:.4f} -> {row.test_mean_ece_scaled:.4f} temperature-scaled"
+        )
+    sel = tables["selective"]
+    for score, g in sel.groupby("score", sort=False):
+        at = g.set_index("coverage")["macro_auroc"]
+        print(
+            f"[real]   selective, {score:36s} macro-AUROC at 100/90/80% coverage "
+            f"{at.loc[1.0]:.4f} / {at.loc[0.9]:.4f} / {at.loc[0.8]:.4f}"
+        )
+    spread = metrics["fused.mean_label_spread"]
+    print(f"[real]   mean spread of a label's probability over the fusion heads {spread:.4f}")
+    from ecgproto.quality import quality_summary
+
+    provenance = pd.concat([pd.read_parquet(ctx.path(b, "provenance.parquet")) for b in BRANCHES], ignore_index=True)
+    for row in quality_summary(provenance).itertuples(index=False):
+        print(
+            f"[real]   quality {row.branch:20s} {row.prototypes} prototypes: purity {row.purity_mean:.2f} "
+            f"(p10 {row.purity_p10:.2f}), consistency {row.consistency_mean:.2f}, stability {row.stability_mean:.3f} "
+            f"(p10 {row.stability_p10:.3f}), near-duplicates {row.duplicates}"
+        )
     metrics["prototype_model_min"], metrics["baseline_min"] = proto_s / 60, wall["baseline"] / 60
     return metrics, ctx.store, {k: float(np.median(v)) for k, v in epochs.items()}
 

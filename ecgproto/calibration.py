@@ -2,7 +2,10 @@
 
 Temperature scaling (Guo et al. 2017): one temperature T per model, fitted on the validation fold by
 minimising the binary cross-entropy of sigmoid(logit / T) over every (record, label); it changes no
-ranking (AUROC is unchanged) and only how far probabilities sit from 0 and 1. Selective prediction:
+ranking (AUROC is unchanged) and only how far probabilities sit from 0 and 1. The models train with a
+positive-class weight w per label (a rare label's positives count more), which shifts every logit by
+log w at the optimum; that known shift is undone first (a per-label offset of -log w), since no single
+temperature can remove a per-label bias. Selective prediction:
 keep the records the model is most certain about (lowest mean binary entropy over the labels) and
 report macro-AUROC at each coverage; a useful uncertainty makes the kept records easier.
 """
@@ -30,15 +33,16 @@ def _bce(y: np.ndarray, z: np.ndarray) -> float:
     return float(np.mean(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))))
 
 
-def fit_temperature(y: np.ndarray, p: np.ndarray) -> float:
-    """The T in [0.05, 20] minimising the BCE of sigmoid(logit(p) / T) on (y, p)."""
-    z, y = logits(p), np.asarray(y, dtype=np.float64)
+def fit_temperature(y: np.ndarray, p: np.ndarray, offset: np.ndarray | float = 0.0) -> float:
+    """The T in [0.05, 20] minimising the BCE of sigmoid((logit(p) + offset) / T) on (y, p); `offset` (per label)
+    undoes a known shift of the logits first (a positive-class weight w in training shifts them by log w)."""
+    z, y = logits(p) + offset, np.asarray(y, dtype=np.float64)
     res = minimize_scalar(lambda log_t: _bce(y, z / np.exp(log_t)), bounds=(np.log(0.05), np.log(20)), method="bounded")
     return float(np.exp(res.x))
 
 
-def apply_temperature(p: np.ndarray, t: float) -> np.ndarray:
-    return 1 / (1 + np.exp(-logits(p) / t))
+def apply_temperature(p: np.ndarray, t: float, offset: np.ndarray | float = 0.0) -> np.ndarray:
+    return 1 / (1 + np.exp(-(logits(p) + offset) / t))
 
 
 def mean_ece(y: np.ndarray, p: np.ndarray) -> float:
@@ -79,7 +83,12 @@ def selective(
 
 
 def reliability_table(
-    y: np.ndarray, p: dict[str, np.ndarray], temperatures: dict[str, float], label_index: dict, bins: int = 10
+    y: np.ndarray,
+    p: dict[str, np.ndarray],
+    temperatures: dict[str, float],
+    label_index: dict,
+    offsets: dict[str, np.ndarray] | None = None,
+    bins: int = 10,
 ) -> pd.DataFrame:
     """Reliability of each model over all its (record, label) cells, before and after its temperature: per
     equal-width bin the mean predicted probability, the observed rate and the cells in it. Columns: model,
@@ -88,7 +97,9 @@ def reliability_table(
     for name, pn in p.items():
         yn = np.asarray(y)[:, label_index[name]].ravel()
         for scaled in (False, True):
-            q = (apply_temperature(pn, temperatures[name]) if scaled else np.asarray(pn, dtype=np.float64)).ravel()
+            shift = (offsets or {}).get(name, 0.0)
+            q = apply_temperature(pn, temperatures[name], shift) if scaled else np.asarray(pn, dtype=np.float64)
+            q = q.ravel()
             which = np.clip((q * bins).astype(int), 0, bins - 1)
             for b in np.unique(which):
                 sel = which == b
@@ -152,23 +163,30 @@ def coverage_figure(table: pd.DataFrame) -> Figure:
 
 
 def calibration_table(
-    y_val: np.ndarray, p_val: np.ndarray, y_test: np.ndarray, p_test: dict[str, np.ndarray], label_index: dict
+    y_val: np.ndarray,
+    p_val: np.ndarray,
+    y_test: np.ndarray,
+    p_test: dict[str, np.ndarray],
+    label_index: dict,
+    offsets: dict[str, np.ndarray] | None = None,
 ) -> tuple[pd.DataFrame, dict[str, float]]:
-    """Per model (fused, each branch on its labels): the temperature fitted on validation and the test-fold
-    mean ECE before and after. `p_val`/`p_test` map a model name to (N, its labels) probabilities;
-    `label_index` maps a name to its label columns of `y_*`."""
+    """Per model (fused, each branch on its labels): the temperature fitted on validation (after each label's
+    logit offset in `offsets`, if any) and the test-fold mean ECE before and after. `p_val`/`p_test` map a
+    model name to (N, its labels) probabilities; `label_index` maps a name to its label columns of `y_*`."""
     rows = []
     temperatures = {}
+    offsets = offsets or {}
     for name, pt in p_test.items():
         cols = label_index[name]
-        t = fit_temperature(y_val[:, cols], p_val[name])
+        shift = offsets.get(name, 0.0)
+        t = fit_temperature(y_val[:, cols], p_val[name], shift)
         temperatures[name] = t
         rows.append(
             {
                 "model": name,
                 "temperature": t,
                 "test_mean_ece": mean_ece(y_test[:, cols], pt),
-                "test_mean_ece_scaled": mean_ece(y_test[:, cols], apply_temperature(pt, t)),
+                "test_mean_ece_scaled": mean_ece(y_test[:, cols], apply_temperature(pt, t, shift)),
             }
         )
     return pd.DataFrame(rows), temperatures

@@ -51,6 +51,9 @@ class ECGProtoNet(nn.Module):
         heads = cfg.fusion.heads
         self.fusion_heads = FusionHeads(self.prototype_label, len(labels), heads, cfg.fusion.mode) if heads else None
         self.register_buffer("temperature", torch.ones(()))
+        # added to each label's logit before the temperature: minus the log of the positive-class weight the
+        # training's BCE used (a weighted BCE's optimum is the true log-odds plus log w)
+        self.register_buffer("logit_offset", torch.zeros(len(labels)))
         self.register_buffer("uncertainty_quantiles", torch.full((101,), float("nan")))
         # Filled by projection: one dict per prototype, and the source records (float16, mV).
         self.provenance: list[dict[str, Any]] = []
@@ -75,7 +78,8 @@ class ECGProtoNet(nn.Module):
     def uncertainty(self, sims: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, P) pooled similarities -> the calibrated prediction and how certain it is:
 
-        - probability (B, L): the main head's, temperature-scaled (same ranking as `forward`, calibrated);
+        - probability (B, L): the main head's, calibrated: its logit plus `logit_offset`, over the temperature
+          (each label's ranking is that of `forward`);
         - low, high (B, L): the lowest and highest calibrated probability among the main and bootstrap heads;
         - spread (B, L): their standard deviation;
         - uncertainty (B,): the record's total uncertainty, the mean over labels of the binary entropy (bits) of
@@ -84,12 +88,11 @@ class ECGProtoNet(nn.Module):
         - percentile (B,): where `uncertainty` falls among the validation fold's records (0-100; NaN before the
           fit), so "more uncertain than 95% of the validation ECGs" reads the same for every model.
         Without bootstrap heads, low = high = probability and the uncertainty is the entropy alone."""
-        logits = self.fusion(sims)
-        t = self.temperature
-        probability = torch.sigmoid(logits / t)
+        t, offset = self.temperature, self.logit_offset
+        probability = torch.sigmoid((self.fusion(sims) + offset) / t)
         members = probability.unsqueeze(0)
         if self.fusion_heads is not None:
-            heads = torch.sigmoid(self.fusion_heads(self.fusion.normalised(sims)) / t)
+            heads = torch.sigmoid((self.fusion_heads(self.fusion.normalised(sims)) + offset) / t)
             members = torch.cat([members, heads], dim=0)  # (K + 1, B, L)
         mean = members.mean(dim=0)
         total = binary_entropy(mean).mean(dim=1)

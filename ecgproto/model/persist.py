@@ -118,6 +118,7 @@ def load(path: Path) -> nn.Module:
             config.fusion.heads = 0
             state.setdefault("temperature", torch.ones(()))
             state.setdefault("uncertainty_quantiles", torch.full((101,), float("nan")))
+            state.setdefault("logit_offset", torch.zeros(len(labels)))
         net = ECGProtoNet(config, labels)
         net.source_signals = torch.empty_like(state["source_signals"])  # its size comes from the projection
         net.provenance = list(meta["provenance"])

@@ -364,7 +364,7 @@ def train_fusion(ctx: TrainContext, on_epoch: EpochCallback | None = None) -> Fi
         )
     if model.fusion_heads is not None:
         train_fusion_heads(ctx, model, x, y, torch.as_tensor(sims["val"]))
-    calibrate(model, torch.as_tensor(sims["val"]), y_val)
+    calibrate(model, torch.as_tensor(sims["val"]), y_val, ctx.pos_weight)
     persist.save(model.cpu(), out)  # weights + model.json: rebuilt through the constructor, never unpickled
     return result
 
@@ -414,13 +414,16 @@ def train_fusion_heads(
 
 
 @torch.no_grad()
-def calibrate(model: ECGProtoNet, sims_val: torch.Tensor, y_val: np.ndarray) -> None:
-    """The temperature of the fused model's logits (fitted on the validation fold: ranks unchanged), then the
+def calibrate(model: ECGProtoNet, sims_val: torch.Tensor, y_val: np.ndarray, pos_weight: torch.Tensor) -> None:
+    """Calibration of the fused model's probabilities (ranks unchanged): each label's logit offset undoes the
+    training's positive-class weight (-log w), then one temperature fitted on the validation fold. Then the
     validation records' uncertainties at each percentile, which `uncertainty` places a new record among."""
     from ecgproto.calibration import fit_temperature
 
-    model.temperature.fill_(1.0)
-    model.temperature.fill_(fit_temperature(y_val, torch.sigmoid(model.fusion(sims_val)).numpy()))
+    model.logit_offset.copy_(-torch.log(pos_weight.float()))
+    model.temperature.fill_(
+        fit_temperature(y_val, torch.sigmoid(model.fusion(sims_val)).numpy(), model.logit_offset.numpy())
+    )
     u = model.uncertainty(sims_val)["uncertainty"].double().numpy()
     model.uncertainty_quantiles.copy_(torch.as_tensor(np.quantile(u, np.linspace(0, 1, 101)), dtype=torch.float32))
 
@@ -589,11 +592,13 @@ def evaluate(ctx: TrainContext, split: str = "test") -> tuple[dict[str, float], 
     )
 
     label_index = {"fused": np.arange(len(codes)), **{n: ctx.labels.branch_indices(n) for n in BRANCHES}}
+    shift = -np.log(ctx.pos_weight.numpy().astype(np.float64))  # undo the training's positive-class weights
+    offsets = {name: shift[cols] for name, cols in label_index.items()}
     calibration, temperatures = calibration_table(
-        ctx.splits["val"].labels, predict(ctx, model, "val"), y, scores, label_index
+        ctx.splits["val"].labels, predict(ctx, model, "val"), y, scores, label_index, offsets
     )
     tables["calibration"] = calibration
-    tables["reliability"] = reliability_table(y, scores, temperatures, label_index)
+    tables["reliability"] = reliability_table(y, scores, temperatures, label_index, offsets)
     by = {"entropy (plain model)": uncertainty(scores["fused"])}
     if model.fusion_heads is not None:
         by["total (calibrated, bootstrap heads)"] = certainty["uncertainty"]
