@@ -65,8 +65,10 @@ def external_table(
     n_boot: int = 200,
     seed: int = 0,
     credentialed: bool = False,
+    calibrated: np.ndarray | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(one row per reportable label, best AUROC first; the labels not reported and why)."""
+    """(one row per reportable label, best AUROC first; the labels not reported and why). `calibrated`: the
+    model's calibrated probabilities (ECGProtoNet.uncertainty), whose ECE joins as `ece_calibrated`."""
     y = np.asarray(y).astype(int)
     rows, apart = [], []
     for j, code in enumerate(codes):
@@ -102,6 +104,8 @@ def external_table(
                 "specificity": float((~called[yj == 0]).mean()),
             }
         )
+        if calibrated is not None:
+            rows[-1]["ece_calibrated"] = expected_calibration_error(yj, calibrated[:, j])
     table = pd.DataFrame(rows)
     if len(table):
         table = table.sort_values("auroc", ascending=False).reset_index(drop=True)
@@ -139,15 +143,18 @@ def external_report(
     n_boot: int = 200,
     seed: int = 0,
     credentialed: bool = False,
+    calibrated: np.ndarray | None = None,
 ) -> StageReport:
     """The evaluate run: per-label table, with the same figures of the model on its own test fold beside when
     `training` is given (the training run's `evaluation/operating.csv`: n_pos, prevalence, AUROC, AUPRC, ECE,
-    sensitivity, specificity; or, from an older training, `evaluation/fused.csv`: n_pos and AUROC), labels
-    apart, macro figures, reliability diagrams."""
-    table, apart = external_table(y, p, codes, descriptions, n_boot=n_boot, seed=seed, credentialed=credentialed)
+    ECE of the calibrated probabilities, sensitivity, specificity; or, from an older training,
+    `evaluation/fused.csv`: n_pos and AUROC), labels apart, macro figures, reliability diagrams."""
+    table, apart = external_table(
+        y, p, codes, descriptions, n_boot=n_boot, seed=seed, credentialed=credentialed, calibrated=calibrated
+    )
     if training is not None and len(table):
         own = training.rename(columns={"code": "label"}).set_index("label")
-        for column in ("n_pos", "prevalence", "auroc", "auprc", "ece", "sensitivity", "specificity"):
+        for column in ("n_pos", "prevalence", "auroc", "auprc", "ece", "ece_calibrated", "sensitivity", "specificity"):
             if column in own:
                 table[f"training_test_{column}"] = table["label"].map(own[column])
     r = StageReport(tables={"external/labels": table, "external/labels_not_reported": apart})
@@ -159,6 +166,8 @@ def external_report(
             "macro_auprc": float(table["auprc"].mean()),
             "mean_ece": float(table["ece"].mean()),
         }
+        if "ece_calibrated" in table:
+            r.metrics["mean_ece_calibrated"] = float(table["ece_calibrated"].mean())
         if "training_test_auroc" in table and table["training_test_auroc"].notna().any():
             both = table.dropna(subset=["training_test_auroc"])
             r.metrics["macro_auroc_same_labels_training_test"] = float(both["training_test_auroc"].mean())

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from prefect import flow
 from prefect.runtime import flow_run
 
@@ -58,7 +59,11 @@ def evaluate_flow(
         if tuple(model.codes) != tuple(labels.codes):
             raise DatasetError(f"{lineage['model_uri']}: the model's labels are not this ecgproto's 71 statements")
         rows = s.manifest["row"].to_numpy()
-        _, probs = score_rows(model, s, rows, batch_size=batch_size, device=dev, progress=True, desc="evaluate")
+        sims, probs = score_rows(model, s, rows, batch_size=batch_size, device=dev, progress=True, desc="evaluate")
+        calibrated = None
+        if torch.isfinite(model.uncertainty_quantiles).all():  # a model that carries its calibration
+            with torch.no_grad():
+                calibrated = model.cpu().uncertainty(torch.as_tensor(sims))["probability"].numpy()
         y = np.asarray(s.labels[rows])
         own = None
         if "model_run_id" in lineage:  # the model's own test fold, as its training's evaluate stage logged it
@@ -66,7 +71,14 @@ def evaluate_flow(
             if own is None:  # trained by an earlier ecgproto: AUROC and positives only
                 own = tracking.run_table(lineage["model_run_id"], "evaluation/fused.csv", tracking_uri)
         report = external_report(
-            y, probs, labels.codes, labels.descriptions, own, n_boot=bootstrap, credentialed=credentialed
+            y,
+            probs,
+            labels.codes,
+            labels.descriptions,
+            own,
+            n_boot=bootstrap,
+            credentialed=credentialed,
+            calibrated=calibrated,
         )
         report.params = {"model_uri": model_uri, "bootstrap": bootstrap, "device": dev, "layout": s.info["layout"]}
         tracking.log_report(run_id, report, tracking_uri)
@@ -74,6 +86,7 @@ def evaluate_flow(
     summary = (
         f"evaluate: {int(m['records'])} ECGs, {int(m['labels_reported'])} labels reported"
         + (f", macro-AUROC {m['macro_auroc']:.4f}, mean ECE {m['mean_ece']:.3f}" if "macro_auroc" in m else "")
+        + (f" ({m['mean_ece_calibrated']:.3f} calibrated)" if "mean_ece_calibrated" in m else "")
         + (
             f"; on the same labels its own test fold gave {m['macro_auroc_same_labels_training_test']:.4f} "
             f"vs {m['macro_auroc_same_labels_external']:.4f} here"

@@ -169,6 +169,14 @@ def test_calibration_error_and_the_operating_point_match_their_definitions() -> 
     side = report.tables["external/labels"].set_index("label")
     for column in ("auroc", "auprc", "ece", "sensitivity", "specificity", "prevalence"):
         assert side.loc["A", f"training_test_{column}"] == pytest.approx(side.loc["A", column])
+    # the calibrated probabilities' ECE beside the raw one, and its twin from the training's test fold
+    scaled = np.clip(probs * 0.5, 0, 1)
+    operating, _ = external_table(y, probs, ("A", "B", "C"), ("a", "b", "c"), n_boot=0, calibrated=scaled)
+    report = external_report(y, probs, ("A", "B", "C"), ("a", "b", "c"), operating, n_boot=10, calibrated=scaled)
+    side = report.tables["external/labels"].set_index("label")
+    assert side.loc["A", "ece_calibrated"] == pytest.approx(expected_calibration_error(y[:, 0], scaled[:, 0]))
+    assert side.loc["A", "training_test_ece_calibrated"] == pytest.approx(side.loc["A", "ece_calibrated"])
+    assert report.metrics["mean_ece_calibrated"] == pytest.approx(side["ece_calibrated"].mean())
 
 
 @pytest.mark.slow

@@ -623,7 +623,9 @@ def evaluate(ctx: TrainContext, split: str = "test") -> tuple[dict[str, float], 
     # at 0.5): what an external validation (`ecgproto evaluate`) puts beside its own
     from ecgproto.validation import external_table
 
-    tables["operating"] = external_table(y, scores["fused"], codes, ctx.labels.descriptions, n_boot=0)[0]
+    tables["operating"] = external_table(
+        y, scores["fused"], codes, ctx.labels.descriptions, n_boot=0, calibrated=certainty["probability"]
+    )[0]
     side = tables["fused"][["code", "n_pos", "auroc", "auroc_lo", "auroc_hi"]].copy()
     if "baseline" in tables:
         side["baseline_auroc"] = tables["baseline"]["auroc"].to_numpy()
