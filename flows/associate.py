@@ -62,7 +62,8 @@ def run_study(
     result = PhenotypeStudy(config).run(
         ArrayStore.open(cohort_store),
         Path(hosp),
-        None if acts else model,
+        # with activations the model is not run; it is still needed to place each ECG's uncertainty
+        None if acts and config.uncertain_ecgs == "keep" else model,
         Path(machine_measurements) if machine_measurements else None,
         activations=acts,
     )

@@ -204,8 +204,8 @@ class PhenotypeStudy:
         if c.uncertain_ecgs != "keep" and scores is not None:
             if model is None:
                 raise ValueError(
-                    "the uncertainty check needs the model itself: run the study without --activations, or with "
-                    "--uncertain-ecgs keep"
+                    "the uncertainty check needs the model beside the activations: pass the model, or use "
+                    "uncertain_ecgs='keep'"
                 )
             flagged = uncertainty_percentile(model, scores.similarities) > c.uncertainty_percentile
             uncertain = int(flagged.sum())
