@@ -104,7 +104,8 @@ def real_data_accuracy(
     for row in quality_summary(provenance).itertuples(index=False):
         print(
             f"[real]   quality {row.branch:20s} {row.prototypes} prototypes: purity {row.purity_mean:.2f} "
-            f"(p10 {row.purity_p10:.2f}), consistency {row.consistency_mean:.2f}, stability {row.stability_mean:.3f} "
+            f"(p10 {row.purity_p10:.2f}; by chance {row.class_share_mean:.3f}), "
+            f"consistency {row.consistency_mean:.2f}, stability {row.stability_mean:.3f} "
             f"(p10 {row.stability_p10:.3f}), near-duplicates {row.duplicates}"
         )
     metrics["prototype_model_min"], metrics["baseline_min"] = proto_s / 60, wall["baseline"] / 60

@@ -2,7 +2,8 @@
 
 - purity: the share of the prototype's k nearest training ECGs (highest pooled similarity, the number the
   model uses) that carry its class. A prototype projected onto another class's ECG, or one that matches
-  every ECG alike, has a low purity.
+  every ECG alike, has a low purity. `class_share` beside it is the class's share of the training ECGs,
+  what purity would be by chance (most classes are rare: a purity of 0.3 for a class of 1% is 30 times it).
 - consistency: how alike those k nearest ECGs are where the prototype looks at them: the mean pairwise
   cosine of their latents in its window (its lead group, for a beat prototype). A prototype whose
   neighbours share one morphology scores high; one that collects unrelated ECGs scores low. (Beat
@@ -30,7 +31,15 @@ from matplotlib.figure import Figure
 from ecgproto.model.branch import Branch
 from ecgproto.train.data import SplitData
 
-QUALITY_COLUMNS = ("purity", "consistency", "stability", "nearest_prototype", "nearest_prototype_cos", "duplicate")
+QUALITY_COLUMNS = (
+    "purity",
+    "class_share",
+    "consistency",
+    "stability",
+    "nearest_prototype",
+    "nearest_prototype_cos",
+    "duplicate",
+)
 DUPLICATE_COS = 0.95
 NOISE_MV, WANDER_MV, WANDER_HZ, SHIFT_S = 0.015, 0.1, 0.3, 0.04
 
@@ -89,6 +98,7 @@ def prototype_quality(
     cls = branch.prototype_class.cpu().numpy()
     y = train.labels[sample][:, label_index]  # (n, C)
     purity = y[near.numpy(), cls[None, :]].mean(axis=0)
+    class_share = y.mean(axis=0)[cls]  # what purity would be by chance: the class's share of the sampled ECGs
     stability = 1 - moved.gather(0, near).mean(dim=0).numpy() / branch.scale
     # pass 2: the k nearest ECGs' latents in each prototype's window -> their mean pairwise cosine
     member = torch.zeros(len(sample), p, dtype=torch.bool)
@@ -105,6 +115,7 @@ def prototype_quality(
     return pd.DataFrame(
         {
             "purity": purity,
+            "class_share": class_share,
             "consistency": consistency,
             "stability": stability,
             "nearest_prototype": nearest,
@@ -142,6 +153,8 @@ def quality_summary(provenance: pd.DataFrame) -> pd.DataFrame:
         for c in ("purity", "consistency", "stability"):
             row[f"{c}_mean"] = float(g[c].mean())
             row[f"{c}_p10"] = float(g[c].quantile(0.1))
+        if "class_share" in g:  # purity by chance, for scale: most classes are rare
+            row["class_share_mean"] = float(g["class_share"].mean())
         row["duplicates"] = int(g["duplicate"].sum())
         rows.append(row)
     return pd.DataFrame(rows)
@@ -160,7 +173,7 @@ def quality_metrics(summary: pd.DataFrame) -> dict[str, float]:
 def quality_figure(provenance: pd.DataFrame) -> Figure:
     """The prototype-quality overview: per measure, the distribution over each branch's prototypes."""
     measures = (
-        ("purity", "class purity: share of its 20 nearest training ECGs with its class"),
+        ("purity", "class purity: share of its 20 nearest training ECGs with its class (chance: the class's share)"),
         ("consistency", "consistency: mean cosine among those 20 ECGs in its window"),
         ("stability", "stability: 1 - similarity change / scale under noise, wander, shift"),
     )
@@ -170,7 +183,10 @@ def quality_figure(provenance: pd.DataFrame) -> Figure:
     for ax, (column, title) in zip(axes, measures, strict=True):
         for name, g in provenance.groupby("branch", sort=False):
             values = g[column].clip(0, 1).dropna()
-            ax.hist(values, bins=bins, histtype="step", lw=1.5, label=f"{name} (mean {values.mean():.2f})")
+            label = f"{name} (mean {values.mean():.2f}"
+            if column == "purity" and "class_share" in g:
+                label += f"; chance {g['class_share'].mean():.2f}"
+            ax.hist(values, bins=bins, histtype="step", lw=1.5, label=label + ")")
         ax.set_title(textwrap.fill(title, 48), fontsize=9)
         ax.set_xlabel(column)
         ax.set_ylabel("prototypes")
