@@ -106,6 +106,11 @@ class TrainContext:
         return losses.pos_weight(self.splits["train"].labels)
 
     @cached_property
+    def fusion_pos_weight(self) -> torch.Tensor:
+        """The positive-class weights of the fusion's BCE (and of its bootstrap heads)."""
+        return self.pos_weight**self.config.loss.fusion_pos_weight_power
+
+    @cached_property
     def jaccard(self) -> np.ndarray:
         return losses.jaccard(self.splits["train"].labels)
 
@@ -335,7 +340,8 @@ def train_fusion(ctx: TrainContext, on_epoch: EpochCallback | None = None) -> Fi
     y_val = ctx.splits["val"].labels
 
     def loss_fn(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return losses.bce(fusion(batch[0]), batch[1], ctx.pos_weight) + cfg.loss.fusion_l1 * fusion.off_class_l1()
+        bce = losses.bce(fusion(batch[0]), batch[1], ctx.fusion_pos_weight)
+        return bce + cfg.loss.fusion_l1 * fusion.off_class_l1()
 
     def validate() -> float:
         with torch.no_grad():
@@ -364,7 +370,7 @@ def train_fusion(ctx: TrainContext, on_epoch: EpochCallback | None = None) -> Fi
         )
     if model.fusion_heads is not None:
         train_fusion_heads(ctx, model, x, y, torch.as_tensor(sims["val"]))
-    calibrate(model, torch.as_tensor(sims["val"]), y_val, ctx.pos_weight)
+    calibrate(model, torch.as_tensor(sims["val"]), y_val, ctx.fusion_pos_weight)
     persist.save(model.cpu(), out)  # weights + model.json: rebuilt through the constructor, never unpickled
     return result
 
@@ -388,7 +394,7 @@ def train_fusion_heads(
         labels, w = batch[1][:, : y.shape[1]], batch[1][:, y.shape[1] :].T  # (B, L), (K, B)
         z = heads(batch[0])  # (K, B, L)
         cell = nn.functional.binary_cross_entropy_with_logits(
-            z, labels.expand_as(z), pos_weight=ctx.pos_weight, reduction="none"
+            z, labels.expand_as(z), pos_weight=ctx.fusion_pos_weight, reduction="none"
         )
         bce = (cell.mean(dim=2) * w).sum() / w.sum().clamp(min=1)
         return bce * heads.n_heads + cfg.loss.fusion_l1 * heads.off_class_l1()  # each head its own BCE + L1
@@ -594,6 +600,7 @@ def evaluate(ctx: TrainContext, split: str = "test") -> tuple[dict[str, float], 
     label_index = {"fused": np.arange(len(codes)), **{n: ctx.labels.branch_indices(n) for n in BRANCHES}}
     shift = -np.log(ctx.pos_weight.numpy().astype(np.float64))  # undo the training's positive-class weights
     offsets = {name: shift[cols] for name, cols in label_index.items()}
+    offsets["fused"] = -np.log(ctx.fusion_pos_weight.numpy().astype(np.float64))
     calibration, temperatures = calibration_table(
         ctx.splits["val"].labels, predict(ctx, model, "val"), y, scores, label_index, offsets
     )
