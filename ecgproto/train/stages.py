@@ -369,18 +369,19 @@ def train_fusion(ctx: TrainContext, on_epoch: EpochCallback | None = None) -> Fi
             )
         )
     if model.fusion_heads is not None:
-        train_fusion_heads(ctx, model, x, y, torch.as_tensor(sims["val"]))
+        train_fusion_heads(ctx, model, x, y, torch.as_tensor(sims["val"]), epochs=result.best_epoch + 1)
     calibrate(model, torch.as_tensor(sims["val"]), y_val, ctx.fusion_pos_weight)
     persist.save(model.cpu(), out)  # weights + model.json: rebuilt through the constructor, never unpickled
     return result
 
 
 def train_fusion_heads(
-    ctx: TrainContext, model: ECGProtoNet, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor
+    ctx: TrainContext, model: ECGProtoNet, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, epochs: int
 ) -> FitResult:
     """The bootstrap fusion heads (ECGProtoNet.uncertainty): each head weighs every training record by its own
-    Poisson(1) draw, the bootstrap's resampling in weights, so all heads train together in one pass, on the
-    main head's schedule. Early stopping on their mean validation BCE (their job is probabilities, not ranks)."""
+    Poisson(1) draw, the bootstrap's resampling in weights, so all heads train together in one pass, for as many
+    epochs as the main head's best (its schedule, so they cost no more than it did); the state kept is the one
+    with the best mean validation BCE (their job is probabilities, not ranks)."""
     cfg = ctx.config
     heads = model.fusion_heads
     assert heads is not None
@@ -411,7 +412,7 @@ def train_fusion_heads(
         loss_fn,
         _tensor_batches(normalised, target, cfg.fusion.batch_size, cfg.seed + 1),
         validate,
-        cfg.fusion,
+        cfg.fusion.model_copy(update={"epochs": epochs, "patience": epochs}),
         steps_per_epoch=_steps(len(x), cfg.fusion.batch_size),
         checkpoint=ctx.path("fusion", "heads.ckpt"),
         seed=cfg.seed + 1,
