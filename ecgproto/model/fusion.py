@@ -14,30 +14,17 @@ from torch import nn
 from ecgproto.model.config import FusionConfig
 
 
-class Fusion(nn.Module):
-    def __init__(self, prototype_label: torch.Tensor, scales: torch.Tensor, n_labels: int, cfg: FusionConfig) -> None:
-        super().__init__()
-        self.mode = cfg.mode
-        own = nn.functional.one_hot(prototype_label, n_labels).float().T  # (L, P)
-        self.register_buffer("own", own)
-        self.register_buffer("inv_scale", (1.0 / scales) if cfg.normalise else torch.ones_like(scales))
-        per_class = own.sum(dim=1, keepdim=True).clamp(min=1)
-        self.weight = nn.Parameter(own / per_class * 4.0)
-        self.bias = nn.Parameter(torch.full((n_labels,), -2.0))
+class _FusionFamily(nn.Module):
+    """What the main fusion head and its bootstrap heads share: weights (..., L, P) of one family (`mode`) over
+    the label x prototype mask `own`, the L1 off each label's own prototypes, and the projection back into the
+    family after each update."""
+
+    mode: str
+    own: torch.Tensor
+    weight: nn.Parameter
 
     def effective_weight(self) -> torch.Tensor:
         return self.weight * self.own if self.mode == "class_connected" else self.weight
-
-    def normalised(self, sims: torch.Tensor) -> torch.Tensor:
-        return sims * self.inv_scale
-
-    def forward(self, sims: torch.Tensor) -> torch.Tensor:
-        """(B, P) raw branch similarities -> (B, L) logits."""
-        return self.normalised(sims) @ self.effective_weight().T + self.bias
-
-    def contributions(self, sims: torch.Tensor) -> torch.Tensor:
-        """(B, P) -> (B, L, P): each prototype's share of each label's logit (weight x similarity)."""
-        return self.normalised(sims).unsqueeze(1) * self.effective_weight().unsqueeze(0)
 
     def off_class_l1(self) -> torch.Tensor:
         return (self.weight.abs() * (1 - self.own)).sum()
@@ -51,7 +38,30 @@ class Fusion(nn.Module):
             self.weight.mul_(self.own)
 
 
-class FusionHeads(nn.Module):
+class Fusion(_FusionFamily):
+    def __init__(self, prototype_label: torch.Tensor, scales: torch.Tensor, n_labels: int, cfg: FusionConfig) -> None:
+        super().__init__()
+        self.mode = cfg.mode
+        own = nn.functional.one_hot(prototype_label, n_labels).float().T  # (L, P)
+        self.register_buffer("own", own)
+        self.register_buffer("inv_scale", (1.0 / scales) if cfg.normalise else torch.ones_like(scales))
+        per_class = own.sum(dim=1, keepdim=True).clamp(min=1)
+        self.weight = nn.Parameter(own / per_class * 4.0)
+        self.bias = nn.Parameter(torch.full((n_labels,), -2.0))
+
+    def normalised(self, sims: torch.Tensor) -> torch.Tensor:
+        return sims * self.inv_scale
+
+    def forward(self, sims: torch.Tensor) -> torch.Tensor:
+        """(B, P) raw branch similarities -> (B, L) logits."""
+        return self.normalised(sims) @ self.effective_weight().T + self.bias
+
+    def contributions(self, sims: torch.Tensor) -> torch.Tensor:
+        """(B, P) -> (B, L, P): each prototype's share of each label's logit (weight x similarity)."""
+        return self.normalised(sims).unsqueeze(1) * self.effective_weight().unsqueeze(0)
+
+
+class FusionHeads(_FusionFamily):
     """K more fusion heads of the same family, each fitted on a bootstrap resample of the training records
     (Poisson weights), stacked so one pass trains them all. They leave the model's prediction alone (that is
     the main head's, whose weights the explanations show) and say how much it depends on which records the
@@ -70,19 +80,6 @@ class FusionHeads(nn.Module):
     def n_heads(self) -> int:
         return int(self.weight.shape[0])
 
-    def effective_weight(self) -> torch.Tensor:
-        return self.weight * self.own if self.mode == "class_connected" else self.weight
-
     def forward(self, normalised: torch.Tensor) -> torch.Tensor:
         """(B, P) normalised similarities (Fusion.normalised) -> (K, B, L) logits."""
         return torch.einsum("bp,klp->kbl", normalised, self.effective_weight()) + self.bias.unsqueeze(1)
-
-    def off_class_l1(self) -> torch.Tensor:
-        return (self.weight.abs() * (1 - self.own)).sum()
-
-    @torch.no_grad()
-    def constrain(self) -> None:
-        if self.mode != "dense":
-            self.weight.clamp_(min=0)
-        if self.mode == "class_connected":
-            self.weight.mul_(self.own)
