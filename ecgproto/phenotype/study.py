@@ -126,8 +126,11 @@ def uncertainty_percentile(model: Any, similarities: np.ndarray, batch_size: int
             "this model has no uncertainty reference (trained before ecgproto fitted one): train it again, or "
             "run the study with --uncertain-ecgs keep"
         )
+    device = model.uncertainty_quantiles.device  # wherever the study scored the cohort (cpu or cuda)
     out = [
-        model.uncertainty(torch.as_tensor(similarities[i : i + batch_size], dtype=torch.float32))["percentile"]
+        model.uncertainty(torch.as_tensor(similarities[i : i + batch_size], dtype=torch.float32, device=device))[
+            "percentile"
+        ].cpu()
         for i in range(0, len(similarities), batch_size)
     ]
     return torch.cat(out).numpy() if out else np.zeros(0)
