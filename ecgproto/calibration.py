@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import torch
 from matplotlib.figure import Figure
 from scipy.optimize import minimize_scalar
 
+from ecgproto.model.network import EPS, binary_entropy
 from ecgproto.train.metrics import macro_auroc
 from ecgproto.validation import expected_calibration_error
-
-EPS = 1e-6
 
 
 def logits(p: np.ndarray) -> np.ndarray:
@@ -54,8 +54,7 @@ def mean_ece(y: np.ndarray, p: np.ndarray) -> float:
 
 def uncertainty(p: np.ndarray) -> np.ndarray:
     """Per record: mean binary entropy (bits) over the labels; 0 when every probability is 0 or 1."""
-    q = np.clip(np.asarray(p, dtype=np.float64), EPS, 1 - EPS)
-    return -(q * np.log2(q) + (1 - q) * np.log2(1 - q)).mean(axis=1)
+    return binary_entropy(torch.as_tensor(np.asarray(p, dtype=np.float64))).mean(dim=1).numpy()
 
 
 COVERAGES = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)

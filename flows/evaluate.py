@@ -60,10 +60,8 @@ def evaluate_flow(
             raise DatasetError(f"{lineage['model_uri']}: the model's labels are not this ecgproto's 71 statements")
         rows = s.manifest["row"].to_numpy()
         sims, probs = score_rows(model, s, rows, batch_size=batch_size, device=dev, progress=True, desc="evaluate")
-        calibrated = None
-        if torch.isfinite(model.uncertainty_quantiles).all():  # a model that carries its calibration
-            with torch.no_grad():
-                calibrated = model.cpu().uncertainty(torch.as_tensor(sims))["probability"].numpy()
+        # the model's calibrated probabilities, where it carries a calibration (ECGProtoNet.uncertainty)
+        calibrated = model.cpu().uncertainty(torch.as_tensor(sims))["probability"].numpy() if model.calibrated else None
         y = np.asarray(s.labels[rows])
         own = None
         if "model_run_id" in lineage:  # the model's own test fold, as its training's evaluate stage logged it

@@ -129,10 +129,11 @@ def fusion(store: str, config: TrainConfig, work_root: str, parent: str, uri: st
         report.tables["provenance"] = provenance
         if "purity" in provenance:  # the prototype-quality overview, also on the training run
             summary = quality_summary(provenance)
+            quality = quality_metrics(summary)
             report.tables["prototype_quality"] = summary
             report.figures["prototype_quality.png"] = quality_figure(provenance)
-            report.metrics.update(quality_metrics(summary))
-            tracking.log_report(parent, StageReport(metrics=quality_metrics(summary)), uri)
+            report.metrics.update(quality)
+            tracking.log_report(parent, StageReport(metrics=quality), uri)
         tracking.log_report(run_id, report, uri)
         if gallery:
             tracking.log_figures(run_id, prototype_gallery(model), uri)

@@ -19,9 +19,17 @@ class _FusionFamily(nn.Module):
     the label x prototype mask `own`, the L1 off each label's own prototypes, and the projection back into the
     family after each update."""
 
-    mode: str
     own: torch.Tensor
     weight: nn.Parameter
+
+    def __init__(self, prototype_label: torch.Tensor, n_labels: int, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.register_buffer("own", nn.functional.one_hot(prototype_label, n_labels).float().T)  # (L, P)
+
+    def initial_weight(self) -> torch.Tensor:
+        """(L, P): each label's own prototypes share a weight of 4, the others 0."""
+        return self.own / self.own.sum(dim=1, keepdim=True).clamp(min=1) * 4.0
 
     def effective_weight(self) -> torch.Tensor:
         return self.weight * self.own if self.mode == "class_connected" else self.weight
@@ -40,13 +48,9 @@ class _FusionFamily(nn.Module):
 
 class Fusion(_FusionFamily):
     def __init__(self, prototype_label: torch.Tensor, scales: torch.Tensor, n_labels: int, cfg: FusionConfig) -> None:
-        super().__init__()
-        self.mode = cfg.mode
-        own = nn.functional.one_hot(prototype_label, n_labels).float().T  # (L, P)
-        self.register_buffer("own", own)
+        super().__init__(prototype_label, n_labels, cfg.mode)
         self.register_buffer("inv_scale", (1.0 / scales) if cfg.normalise else torch.ones_like(scales))
-        per_class = own.sum(dim=1, keepdim=True).clamp(min=1)
-        self.weight = nn.Parameter(own / per_class * 4.0)
+        self.weight = nn.Parameter(self.initial_weight())
         self.bias = nn.Parameter(torch.full((n_labels,), -2.0))
 
     def normalised(self, sims: torch.Tensor) -> torch.Tensor:
@@ -68,12 +72,8 @@ class FusionHeads(_FusionFamily):
     last layer saw: where the heads disagree, the prediction is uncertain."""
 
     def __init__(self, prototype_label: torch.Tensor, n_labels: int, n_heads: int, mode: str) -> None:
-        super().__init__()
-        self.mode = mode
-        own = nn.functional.one_hot(prototype_label, n_labels).float().T  # (L, P)
-        self.register_buffer("own", own)
-        per_class = own.sum(dim=1, keepdim=True).clamp(min=1)
-        self.weight = nn.Parameter((own / per_class * 4.0).expand(n_heads, -1, -1).clone())  # (K, L, P)
+        super().__init__(prototype_label, n_labels, mode)
+        self.weight = nn.Parameter(self.initial_weight().expand(n_heads, -1, -1).clone())  # (K, L, P)
         self.bias = nn.Parameter(torch.full((n_heads, n_labels), -2.0))
 
     @property

@@ -74,6 +74,12 @@ class ECGProtoNet(nn.Module):
         """(B, 12, n) float32 mV, LEADS order, model rate -> (B, 71) label probabilities."""
         return torch.sigmoid(self.fusion(self.similarities(x, beats)))
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether training fitted the calibration and the validation reference `uncertainty` places records
+        among (models saved before ecgproto fitted them have neither)."""
+        return bool(torch.isfinite(self.uncertainty_quantiles).all())
+
     @torch.no_grad()
     def uncertainty(self, sims: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, P) pooled similarities -> the calibrated prediction and how certain it is:
@@ -97,10 +103,9 @@ class ECGProtoNet(nn.Module):
         mean = members.mean(dim=0)
         total = binary_entropy(mean).mean(dim=1)
         epistemic = total - binary_entropy(members).mean(dim=0).mean(dim=1)
-        q = self.uncertainty_quantiles
         percentile = (
-            torch.searchsorted(q.contiguous(), total.contiguous()).float().clamp(max=100)
-            if torch.isfinite(q).all()
+            torch.searchsorted(self.uncertainty_quantiles.contiguous(), total.contiguous()).float().clamp(max=100)
+            if self.calibrated
             else torch.full_like(total, float("nan"))
         )
         return {

@@ -121,7 +121,7 @@ class StudyResult:
 def uncertainty_percentile(model: Any, similarities: np.ndarray, batch_size: int = 4096) -> np.ndarray:
     """(n,) where each ECG's uncertainty falls among the model's validation ECGs (0-100;
     ECGProtoNet.uncertainty), from its pooled similarities."""
-    if not torch.isfinite(model.uncertainty_quantiles).all():
+    if not model.calibrated:
         raise ValueError(
             "this model has no uncertainty reference (trained before ecgproto fitted one): train it again, or "
             "run the study with --uncertain-ecgs keep"
