@@ -169,6 +169,12 @@ def cmd_score(args: argparse.Namespace) -> int:
         loader_workers=args.loader_workers,
     )
     print(f"activations: {out['activations']}\nMLflow run: {tracking.run_url(str(out['run_id']))}")
+    from ecgproto.scoring import ActivationStore
+
+    if "calibrated" in ActivationStore.open(out["activations"]).kinds:
+        print("stored per ECG: prototype similarities, probabilities (served and calibrated), uncertainty")
+    else:
+        print("stored per ECG: prototype similarities, probabilities (this model carries no calibration)")
     print(f"use them in a study: ecgproto associate {args.store} --hosp HOSP --activations {out['activations']}")
     return 0
 

@@ -5,10 +5,15 @@ memmap each, rows in file order), so loader workers read ahead while the model r
 batches are pinned, copied asynchronously and run under bf16 autocast.
 
 An activation store (a folder `activations-<key16>/`, published by one atomic rename) holds, per
-scored ECG, the pooled prototype similarities and the fused label probabilities as float16 shards:
+scored ECG, the pooled prototype similarities and the fused label probabilities as float16 shards,
+and, when the model carries its calibration (`ECGProtoNet.calibrated`), the calibrated probabilities
+and how uncertain each prediction is (`ECGProtoNet.uncertainty`):
 
   similarities-000000.npy   (n_shard, P) float16
-  probabilities-000000.npy  (n_shard, C) float16
+  probabilities-000000.npy  (n_shard, C) float16  as served (the F1 thresholds apply to these)
+  calibrated-000000.npy     (n_shard, C) float16  calibrated probabilities (same ranks per label)
+  uncertainty-000000.npy    (n_shard, 3) float32  total and epistemic uncertainty (bits per label) and
+                                                   its percentile among the validation ECGs (0-100)
   records.parquet           position, row (in the ECG store), record_id, shard
   prototypes.parquet        one row per prototype: prototype, branch, class, index_in_branch, ...
   activations.json          the plan: store key, model id, shard and batch size, shapes, label codes
@@ -39,7 +44,11 @@ from ecgproto.data.store import ArrayStore, atomic_write_bytes, atomic_write_par
 from ecgproto.model import persist
 from ecgproto.report import StageReport
 
-ACTIVATIONS_FORMAT = 1
+ACTIVATIONS_FORMAT = 2  # 2: calibrated probabilities and uncertainty beside the served probabilities
+KINDS = ("similarities", "probabilities")
+CALIBRATED_KINDS = ("calibrated", "uncertainty")
+UNCERTAINTY_COLUMNS = ("uncertainty_bits", "epistemic_bits", "percentile")
+_DTYPES = {"similarities": np.float16, "probabilities": np.float16, "calibrated": np.float16, "uncertainty": np.float32}
 
 
 class _StoreBatches(Dataset):
@@ -87,7 +96,6 @@ def store_batches(
     )
 
 
-@torch.no_grad()
 def score_rows(
     model: torch.nn.Module,
     store: ArrayStore,
@@ -100,12 +108,41 @@ def score_rows(
     desc: str = "scoring",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pooled similarities (n, P) and fused probabilities (n, C), float32, in the order of `rows`."""
+    out = score_arrays(
+        model, store, rows, batch_size=batch_size, device=device, workers=workers, progress=progress, desc=desc
+    )
+    return out["similarities"], out["probabilities"]
+
+
+def calibrated_kinds(model: torch.nn.Module) -> tuple[str, ...]:
+    """What scoring `model` yields: similarities and probabilities, and the calibrated kinds when it carries its
+    calibration (models trained before ecgproto fitted one do not)."""
+    return KINDS + (CALIBRATED_KINDS if bool(getattr(model, "calibrated", False)) else ())
+
+
+@torch.no_grad()
+def score_arrays(
+    model: torch.nn.Module,
+    store: ArrayStore,
+    rows: np.ndarray,
+    *,
+    kinds: tuple[str, ...] = KINDS,
+    batch_size: int = 256,
+    device: str = "cpu",
+    workers: int = 0,
+    progress: bool = False,
+    desc: str = "scoring",
+) -> dict[str, np.ndarray]:
+    """The `kinds` of every ECG at `rows`, float32, in the order of `rows`: similarities (n, P), probabilities
+    (n, C) and, from a calibrated model, calibrated (n, C) and uncertainty (n, 3: UNCERTAINTY_COLUMNS)."""
+    if unknown := set(kinds) - set(KINDS + CALIBRATED_KINDS):
+        raise ValueError(f"unknown score kinds {sorted(unknown)}; choose from {KINDS + CALIBRATED_KINDS}")
     rows = np.asarray(rows)
     order = np.argsort(rows, kind="stable")  # read the memmap front to back
     model = model.eval().to(device)
     n = len(rows)
-    sims = np.empty((n, model.n_prototypes), dtype=np.float32)
-    probs = np.empty((n, len(model.codes)), dtype=np.float32)
+    width = {"similarities": model.n_prototypes, "probabilities": len(model.codes), "calibrated": len(model.codes)}
+    out = {k: np.empty((n, width.get(k, len(UNCERTAINTY_COLUMNS))), dtype=np.float32) for k in kinds}
     cuda = device.startswith("cuda")
     lo = 0
     for x, beats in tqdm(
@@ -114,12 +151,16 @@ def score_rows(
         xt = x.to(device, non_blocking=cuda)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             s = model.similarities(xt, beats.to(device, non_blocking=cuda))
-            p = torch.sigmoid(model.fusion(s))
+            got = {"similarities": s, "probabilities": torch.sigmoid(model.fusion(s))}
+        if "calibrated" in kinds or "uncertainty" in kinds:  # in float32: entropies of probabilities near 0 or 1
+            u = model.uncertainty(s.float())
+            got["calibrated"] = u["probability"]
+            got["uncertainty"] = torch.stack([u["uncertainty"], u["epistemic"], u["percentile"]], dim=1)
         take = order[lo : lo + len(x)]
-        sims[take] = s.float().cpu().numpy()
-        probs[take] = p.float().cpu().numpy()
+        for k in kinds:
+            out[k][take] = got[k].float().cpu().numpy()
         lo += len(x)
-    return sims, probs
+    return out
 
 
 def model_id(model: torch.nn.Module) -> str:
@@ -142,14 +183,16 @@ class ScoringPlan:
     rows: tuple[tuple[int, int], ...]  # per shard: [start, end) positions into the store's manifest rows
     batch_size: int
     model: str  # model_id of the network
+    kinds: tuple[str, ...] = KINDS  # the arrays of each shard (calibrated_kinds of the model)
 
     @property
     def n_shards(self) -> int:
         return len(self.rows)
 
-    def shard_files(self, i: int) -> tuple[Path, Path]:
+    def shard_files(self, i: int) -> tuple[Path, ...]:
+        """Shard i's files, one per kind in `kinds` order (similarities first)."""
         p = Path(self.partial)
-        return p / f"similarities-{i:06d}.npy", p / f"probabilities-{i:06d}.npy"
+        return tuple(p / f"{kind}-{i:06d}.npy" for kind in self.kinds)
 
     def done(self, i: int) -> bool:
         return all(f.exists() for f in self.shard_files(i))
@@ -179,7 +222,7 @@ def plan_scoring(
     final, partial = out_root / f"activations-{key[:16]}", out_root / f".partial-activations-{key[:16]}"
     n = len(store.manifest)
     bounds = tuple((lo, min(lo + shard_size, n)) for lo in range(0, n, shard_size))
-    plan = ScoringPlan(str(store.path), str(partial), str(final), key, bounds, batch_size, mid)
+    plan = ScoringPlan(str(store.path), str(partial), str(final), key, bounds, batch_size, mid, calibrated_kinds(model))
     if not (final / "activations.json").exists():
         marker = partial / "plan.json"
         if not (marker.exists() and json.loads(marker.read_text()).get("key") == key):
@@ -195,7 +238,7 @@ def plan_scoring(
 def score_shard(
     plan: ScoringPlan, i: int, *, device: str = "cpu", workers: int = 0, model: torch.nn.Module | None = None
 ) -> int:
-    """Score shard i of `plan` and write its two float16 arrays atomically; returns its ECG count."""
+    """Score shard i of `plan` and write its arrays (one per kind) atomically; returns its ECG count."""
     if plan.done(i):
         return plan.rows[i][1] - plan.rows[i][0]
     store = ArrayStore.open(plan.store_path)
@@ -203,10 +246,12 @@ def score_shard(
         model = persist.load(Path(plan.partial) / "model.pt")
     lo, hi = plan.rows[i]
     rows = np.sort(store.manifest["row"].to_numpy())[lo:hi]
-    sims, probs = score_rows(model, store, rows, batch_size=plan.batch_size, device=device, workers=workers)
-    for path, arr in zip(plan.shard_files(i), (sims, probs), strict=True):
+    arrays = score_arrays(
+        model, store, rows, kinds=plan.kinds, batch_size=plan.batch_size, device=device, workers=workers
+    )
+    for path, kind in zip(plan.shard_files(i), plan.kinds, strict=True):
         buf = io.BytesIO()
-        np.save(buf, arr.astype(np.float16))
+        np.save(buf, arrays[kind].astype(_DTYPES[kind]))
         atomic_write_bytes(path, buf.getvalue())
     return hi - lo
 
@@ -247,6 +292,7 @@ def finish_scoring(plan: ScoringPlan, prototypes: pd.DataFrame, codes: tuple[str
         "n_prototypes": int(n_p),
         "codes": list(codes),
         "dtype": "float16",
+        "kinds": list(plan.kinds),
         "batch_size": plan.batch_size,
         "shards": [list(b) for b in plan.rows],
     }
@@ -303,6 +349,7 @@ def scoring_report(
         tags={
             "activations_key": info["key"][:16],
             "cache_hit": str(not shards_scored).lower(),
+            "calibrated": str("calibrated" in acts.kinds).lower(),  # calibrated probabilities and uncertainty stored
             **{k: v for k, v in lineage.items() if k in ("model_version", "train_run_id")},
         },
     )
@@ -336,7 +383,17 @@ class ActivationStore:
     def prototypes(self) -> pd.DataFrame:
         return pd.read_parquet(self.path / "prototypes.parquet")
 
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The arrays it holds (a store of format 1 holds similarities and probabilities only)."""
+        return tuple(self.info.get("kinds", KINDS))
+
     def shards(self, kind: str = "similarities") -> Iterator[np.ndarray]:
+        if kind not in self.kinds:
+            raise ValueError(
+                f"{self.path}: holds no {kind} (it has {', '.join(self.kinds)}): it was scored by a model without "
+                "calibration or by an older ecgproto; score the store again with a model trained by this version"
+            )
         for i in range(len(self.info["shards"])):
             yield np.load(self.path / f"{kind}-{i:06d}.npy", mmap_mode="r")
 
@@ -353,5 +410,7 @@ class ActivationStore:
         return out if out is not None else np.zeros((len(positions), 0), np.float32)
 
     def matrix(self, kind: str = "similarities") -> np.ndarray:
-        """(n, P) or (n, C) float16, rows in the order of `records`."""
-        return np.concatenate(list(self.shards(kind)), axis=0) if self.info["shards"] else np.zeros((0, 0), np.float16)
+        """(n, P), (n, C) float16 or (n, 3) float32 (uncertainty), rows in the order of `records`."""
+        return (
+            np.concatenate(list(self.shards(kind)), axis=0) if self.info["shards"] else np.zeros((0, 0), _DTYPES[kind])
+        )

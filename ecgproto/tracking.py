@@ -322,13 +322,13 @@ def log_model(
     from mlflow.utils import logging_utils
 
     import mlflow
-    from ecgproto.mlflow_model import WEIGHTS
+    from ecgproto.mlflow_model import PARAMS, WEIGHTS
     from ecgproto.model import persist
 
     mlflow.set_tracking_uri(tracking_uri(uri))
     with torch.no_grad():
         output = model(torch.as_tensor(np.array(input_example))).numpy()  # a copy: a store memmap is read-only
-    signature = infer_signature(np.asarray(input_example), output)
+    signature = infer_signature(np.asarray(input_example), output, params=PARAMS)
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         # the signature states the input; an example ECG (12,000 numbers as JSON) would add nothing to it
         warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)

@@ -71,17 +71,29 @@ def test_the_registered_model_is_weights_not_a_pickle_and_pyfunc_still_scores(ml
     import mlflow.pytorch
 
     from ecgproto import tracking
+    from ecgproto.train import losses, stages
 
     model, x = _model(), torch.randn(2, 12, 1000)
+    with torch.no_grad():  # the calibration the training fits (labels: any split of the scores)
+        sims = model.similarities(torch.randn(16, 12, 1000))
+        prob = torch.sigmoid(model.fusion(sims)).numpy()
+    y = (prob > np.median(prob, axis=0)).astype(np.float32)
+    stages.calibrate(model, sims, y, losses.pos_weight(y))
     run = tracking.start_run("fusion", uri=mlflow_uri)
     out = tracking.log_model(run, model, x[:1].numpy(), "ecgproto-test", mlflow_uri)
     loaded = tracking.load_model(f"models:/ecgproto-test/{out['version']}", mlflow_uri)
     with torch.no_grad():
         expected = model(x).numpy()
         np.testing.assert_allclose(loaded(x).numpy(), expected, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(
-        mlflow.pyfunc.load_model(out["model_uri"]).predict(x.numpy()), expected, rtol=1e-5, atol=1e-6
-    )
+    served = mlflow.pyfunc.load_model(out["model_uri"])
+    np.testing.assert_allclose(served.predict(x.numpy()), expected, rtol=1e-5, atol=1e-6)
+    # the calibrated probabilities, on request (an inference parameter of the signature)
+    with torch.no_grad():
+        calibrated = model.uncertainty(model.similarities(x))["probability"].numpy()
+    assert np.abs(calibrated - expected).max() > 0.01
+    np.testing.assert_allclose(served.predict(x.numpy(), params={"output": "calibrated"}), calibrated, atol=1e-6)
+    with pytest.raises(ValueError, match="choose one of probability, calibrated"):
+        served.predict(x.numpy(), params={"output": "logits"})
     # the commands' default, @champion, falls back to the latest version (with a warning) until one is promoted
     assert tracking.resolve_model_uri("models:/ecgproto-test@champion", mlflow_uri) == "models:/ecgproto-test/latest"
     tracking.set_alias("ecgproto-test", "champion", out["version"], mlflow_uri)

@@ -15,7 +15,8 @@ from ecgproto.data.store import ArrayStore
 from ecgproto.model.config import ModelConfig
 from ecgproto.model.network import ECGProtoNet
 from ecgproto.phenotype.features import prototype_table, score_cohort, scores_from_activations
-from ecgproto.scoring import ActivationStore, plan_scoring, score_shard, score_store
+from ecgproto.scoring import ActivationStore, plan_scoring, score_rows, score_shard, score_store
+from ecgproto.train import losses, stages
 
 pytest.importorskip("prefect_dask")
 
@@ -23,6 +24,17 @@ pytest.importorskip("prefect_dask")
 def small_model(seed: int = 3) -> ECGProtoNet:
     torch.manual_seed(seed)
     return ECGProtoNet(ModelConfig.small(), load_label_set()).eval()
+
+
+def calibrated_model(store: ArrayStore) -> ECGProtoNet:
+    """small_model() with its calibration fitted by the training's own step (stages.calibrate) on `store`, whose
+    labels here are any split of each label's scores: what is tested is that scoring stores what the model says."""
+    model = small_model()
+    sims, probs = score_rows(model, store, store.manifest["row"].to_numpy(), batch_size=64)
+    y = (probs > np.median(probs, axis=0)).astype(np.float32)
+    stages.calibrate(model, torch.as_tensor(sims), y, losses.pos_weight(y))
+    assert model.calibrated
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +75,7 @@ def test_sharded_scoring_on_a_local_dask_cluster_gives_the_same_activation_matri
     from ecgproto.flows.scale import runner
     from ecgproto.flows.score import score_flow
 
-    model = small_model()
+    model = calibrated_model(mimic_store)
     run = tracking.start_run("train", uri=mlflow_uri)
     x = torch.from_numpy(np.array(mimic_store.signals[:1], dtype=np.float32))
     logged = tracking.log_model(run, model, x.numpy(), "ecgproto-test", uri=mlflow_uri)
@@ -83,9 +95,12 @@ def test_sharded_scoring_on_a_local_dask_cluster_gives_the_same_activation_matri
 
     n = len(mimic_store.manifest)
     assert len(sharded.info["shards"]) == -(-n // 64) > 1 and len(one.info["shards"]) == 1
-    for kind in ("similarities", "probabilities"):
+    # a calibrated model's store also holds its calibrated probabilities and each ECG's uncertainty
+    assert sharded.kinds == one.kinds == ("similarities", "probabilities", "calibrated", "uncertainty")
+    assert tracking.describe(out["run_id"], mlflow_uri)["tags"]["calibrated"] == "true"
+    for kind in sharded.kinds:
         a, b = one.matrix(kind), sharded.matrix(kind)
-        assert a.dtype == np.float16 and a.shape[0] == n
+        assert a.dtype == (np.float32 if kind == "uncertainty" else np.float16) and a.shape[0] == n
         assert np.array_equal(a, b), f"{kind}: max |diff| {np.abs(a.astype(float) - b.astype(float)).max()}"
     pd.testing.assert_frame_equal(one.records.drop(columns="shard"), sharded.records.drop(columns="shard"))
     assert tracking.describe(out["run_id"], mlflow_uri)["metrics"]["n_scored"] == n
@@ -96,6 +111,14 @@ def test_sharded_scoring_on_a_local_dask_cluster_gives_the_same_activation_matri
     stored = scores_from_activations(sharded, rows)
     assert np.abs(stored.similarities - direct.similarities).max() < 2e-3
     assert np.abs(stored.probabilities - direct.probabilities).max() < 2e-3
+    certainty = model.uncertainty(torch.as_tensor(direct.similarities))
+    at = pd.Series(np.arange(n), index=sharded.records["row"].to_numpy()).loc[rows].to_numpy()
+    calibrated = sharded.take(at, "calibrated")
+    assert np.abs(calibrated - certainty["probability"].numpy()).max() < 2e-3
+    assert np.abs(calibrated - direct.probabilities).max() > 0.05  # the calibration moved them
+    assert stored.percentile is not None and direct.percentile is not None
+    assert np.abs(stored.percentile - certainty["percentile"].numpy()).max() <= 1  # one percentile step at most
+    assert np.abs(sharded.take(at, "uncertainty")[:, 0] - certainty["uncertainty"].numpy()).max() < 1e-4
 
 
 def test_a_killed_scoring_run_resumes_with_only_the_missing_shards(mimic_store: ArrayStore, tmp_path: Path) -> None:
@@ -112,6 +135,10 @@ def test_a_killed_scoring_run_resumes_with_only_the_missing_shards(mimic_store: 
     assert (acts.path / first.name).stat().st_mtime_ns == before  # published by rename, not re-scored
     whole = score_store(mimic_store, model, tmp_path / "again", prototype_table(model), shard_size=10**6, batch_size=16)
     assert np.array_equal(acts.matrix(), whole.matrix())
+    # a model without calibration (one saved by an older ecgproto) stores what it has, and says what is missing
+    assert acts.kinds == ("similarities", "probabilities")
+    with pytest.raises(ValueError, match="holds no calibrated"):
+        acts.matrix("calibrated")
     # another model is another store
     other = plan_scoring(mimic_store, small_model(seed=4), tmp_path, shard_size=32, batch_size=16)
     assert other.final != plan.final

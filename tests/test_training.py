@@ -287,6 +287,13 @@ def test_registered_model_scores_an_external_cohort_and_its_prototypes_meet_the_
     assert len(step) == 1 and int(step["n"].iloc[0]) == drop.cohort.n
     assert study_report(flag, flagged.config).metrics["uncertain_ecgs_flagged"] == flag.uncertain
     assert study_report(drop, dropped.config).metrics["uncertain_ecgs_dropped"] == flag.uncertain
+    # from an activation store (`ecgproto score`): the uncertainty is stored with the scores, no model needed
+    from ecgproto.phenotype.features import prototype_table
+    from ecgproto.scoring import score_store
+
+    acts = score_store(store, model, trained.root / "activations", prototype_table(model))
+    stored = flagged.run(store, cohort.mimic_hosp, None, progress=False, activations=acts)
+    assert stored.uncertain is not None and abs(stored.uncertain - flag.uncertain) <= 2  # batches differ: ties
 
 
 def test_same_seed_gives_identical_training_on_cpu(demo_root: Path, tmp_path: Path) -> None:

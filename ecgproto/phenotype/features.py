@@ -10,7 +10,7 @@ nlp_concept       concepts parsed from the machine report lines, hedged statemen
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -19,7 +19,7 @@ import torch
 from ecgproto.data.store import ArrayStore
 from ecgproto.phenotype.engine import FeatureSet
 from ecgproto.projection import prototype_name
-from ecgproto.scoring import ActivationStore, score_rows
+from ecgproto.scoring import KINDS, ActivationStore, calibrated_kinds, score_arrays
 
 HEDGES = ("possible", "probable", "consider", "borderline", "cannot rule out", "suggests", "likely", "questionable")
 _PUNCT = re.compile(r"[^a-z0-9+\-/ ]+")
@@ -33,6 +33,14 @@ class Scores:
     probabilities: np.ndarray  # (n, C) float32
     prototypes: pd.DataFrame  # one row per prototype: prototype, branch, class, index_in_branch, scale
     codes: tuple[str, ...]
+    # (n,) where each ECG's uncertainty falls among the model's validation ECGs (0-100; ECGProtoNet.uncertainty);
+    # None: not known (a model without calibration, or an activation store scored before ecgproto stored it)
+    percentile: np.ndarray | None = None
+
+    def take(self, at: np.ndarray) -> Scores:
+        """The same scores for the ECGs at positions `at`."""
+        pct = None if self.percentile is None else self.percentile[at]
+        return Scores(self.similarities[at], self.probabilities[at], self.prototypes, self.codes, pct)
 
 
 def score_cohort(
@@ -44,18 +52,23 @@ def score_cohort(
     progress: bool = True,
     workers: int = 0,
 ) -> Scores:
-    """Run the model unchanged on the cohort's ECGs (store rows), in batches, streaming from the memmap."""
-    sims, probs = score_rows(
+    """Run the model unchanged on the cohort's ECGs (store rows), in batches, streaming from the memmap; with
+    each ECG's uncertainty percentile when the model carries its calibration."""
+    # the calibrated probabilities are no feature of their own: per label, their z-scored logits are the served ones'
+    kinds = KINDS + (("uncertainty",) if "uncertainty" in calibrated_kinds(model) else ())
+    out = score_arrays(
         model,
         store,
         rows,
+        kinds=kinds,
         batch_size=batch_size,
         device=device,
         workers=workers,
         progress=progress,
         desc="scoring cohort",
     )
-    return Scores(sims, probs, prototype_table(model), tuple(model.codes))
+    pct = out["uncertainty"][:, 2] if "uncertainty" in out else None
+    return Scores(out["similarities"], out["probabilities"], prototype_table(model), tuple(model.codes), pct)
 
 
 def scores_from_activations(activations: ActivationStore, rows: np.ndarray) -> Scores:
@@ -69,7 +82,8 @@ def scores_from_activations(activations: ActivationStore, rows: np.ndarray) -> S
         )
     take = position.loc[rows].to_numpy()
     sims, probs = activations.take(take, "similarities"), activations.take(take, "probabilities")
-    return Scores(sims, probs, activations.prototypes, tuple(activations.info["codes"]))
+    pct = activations.take(take, "uncertainty")[:, 2] if "uncertainty" in activations.kinds else None
+    return Scores(sims, probs, activations.prototypes, tuple(activations.info["codes"]), pct)
 
 
 def prototype_table(model: torch.nn.Module) -> pd.DataFrame:
@@ -98,9 +112,7 @@ def prototype_table(model: torch.nn.Module) -> pd.DataFrame:
 def own_class_only(scores: Scores) -> Scores:
     """The same scores, listing only prototypes projected onto an ECG of their own class."""
     keep = scores.prototypes["own_class_source"].to_numpy(bool)
-    return Scores(
-        scores.similarities, scores.probabilities, scores.prototypes[keep].reset_index(drop=True), scores.codes
-    )
+    return replace(scores, prototypes=scores.prototypes[keep].reset_index(drop=True))
 
 
 def zscore(x: np.ndarray) -> np.ndarray:

@@ -205,12 +205,17 @@ class PhenotypeStudy:
             scores = None
         uncertain = None
         if c.uncertain_ecgs != "keep" and scores is not None:
-            if model is None:
+            if scores.percentile is not None:  # scored with the model's calibration (here or by `ecgproto score`)
+                pct = scores.percentile
+            elif model is not None:  # an activation store scored before ecgproto stored the uncertainty
+                pct = uncertainty_percentile(model, scores.similarities)
+            else:
                 raise ValueError(
-                    "the uncertainty check needs the model beside the activations: pass the model, or use "
-                    "uncertain_ecgs='keep'"
+                    f"{activations.path if activations is not None else 'the scores'}: hold no uncertainty (scored "
+                    "by an older ecgproto or by a model without calibration): score the cohort again with `ecgproto "
+                    "score`, pass the model beside the activations, or use uncertain_ecgs='keep'"
                 )
-            flagged = uncertainty_percentile(model, scores.similarities) > c.uncertainty_percentile
+            flagged = pct > c.uncertainty_percentile
             uncertain = int(flagged.sum())
             if c.uncertain_ecgs == "drop":
                 cohort, status, mapping = self.cohort(store, hosp, rows[flagged])
@@ -218,7 +223,7 @@ class PhenotypeStudy:
                     return replace(self._nothing_testable(cohort, status, mapping), uncertain=uncertain)
                 at = pd.Series(np.arange(len(rows)), index=rows).loc[cohort.table["row"].to_numpy()].to_numpy()
                 rows = rows[at]
-                scores = Scores(scores.similarities[at], scores.probabilities[at], scores.prototypes, scores.codes)
+                scores = scores.take(at)
         if scores is not None and c.own_class_prototypes_only:
             scores = own_class_only(scores)
         reports = None
