@@ -362,3 +362,62 @@ def test_the_rhythm_strip_shows_the_highlighted_window_on_its_own_lead() -> None
     assert strip_label(("II", "aVF", "III")) == "II"
     # V4-V6 are drawn at 7.5-10 s only, so a 2-4.5 s window there shows on a V5 strip, not on lead II
     assert strip_label(("V4", "V5", "V6")) == "V5"
+
+
+_G = torch.Generator().manual_seed(0)
+_X = torch.randn(512, 8, generator=_G)
+_Y = _X @ torch.randn(8, 1, generator=_G) + torch.randn(512, 1, generator=_G)
+_SOLUTION = torch.linalg.lstsq(_X.double(), _Y.double()).solution.float()  # once: every run scores against it
+
+
+def _noisy_regression_fit(tmp_path, ema_epochs: float, kill_after: int | None = None):  # noqa: ANN001, ANN202
+    """A linear model fitted by Adam steps on minibatches of noisy targets: the iterates jitter around the
+    least-squares solution; returns the fitted model, the solution and the fit result."""
+    from ecgproto.train.config import StageConfig
+    from ecgproto.train.trainer import fit
+
+    x, y, solution = _X, _Y, _SOLUTION
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 1, bias=False)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cfg = StageConfig(epochs=6, lr=0.05, batch_size=16, patience=6, schedule="constant", ema_epochs=ema_epochs)
+
+    def batches(epoch: int):  # noqa: ANN202
+        order = torch.randperm(512, generator=torch.Generator().manual_seed(epoch))
+        return ((x[i], y[i]) for i in order.split(16))
+
+    def validate() -> float:  # higher is better: minus the distance to the solution
+        return -float((model.weight.detach().T - solution).norm())
+
+    def on_epoch(epoch: int, metrics: dict) -> None:
+        if kill_after is not None and epoch == kill_after:
+            raise KeyboardInterrupt
+
+    result = fit(
+        model,
+        model.parameters(),
+        lambda b: ((model(b[0]) - b[1]) ** 2).mean(),
+        batches,
+        validate,
+        cfg,
+        steps_per_epoch=32,
+        checkpoint=tmp_path / "stage.ckpt",
+        seed=0,
+        on_epoch=on_epoch,
+    )
+    return model, solution, result
+
+
+def test_a_weight_average_ends_nearer_the_optimum_than_the_jittering_iterates_and_resumes_exactly(tmp_path) -> None:  # noqa: ANN001
+    _, _, plain = _noisy_regression_fit(tmp_path / "plain", 0.0)
+    averaged_model, solution, averaged = _noisy_regression_fit(tmp_path / "ema", 1.0)
+    # at a constant learning rate the last steps' noise stays in the weights; the average over an epoch removes it
+    assert -averaged.best_score < 0.75 * -plain.best_score
+    # what the stage hands on is the average it scored best, not the live weights
+    assert float((averaged_model.weight.detach().T - solution).norm()) == pytest.approx(-averaged.best_score, rel=1e-4)
+    # a stage killed after its second epoch resumes with its average and ends where an unbroken run ends
+    with pytest.raises(KeyboardInterrupt):
+        _noisy_regression_fit(tmp_path / "killed", 1.0, kill_after=1)
+    resumed_model, _, resumed = _noisy_regression_fit(tmp_path / "killed", 1.0)
+    assert resumed.resumed_from == 2 and resumed.history == averaged.history
+    assert torch.equal(resumed_model.weight, averaged_model.weight)

@@ -21,6 +21,13 @@ class StageConfig(BaseModel):
     patience: int = Field(10, description="epochs without a better validation macro-AUROC before stopping")
     schedule: str = Field("cosine", description="cosine | onecycle | constant")
     optimizer: Literal["adam", "adamw"] = Field("adam", description="adam (weight decay as L2) or adamw (decoupled)")
+    ema_epochs: float = Field(
+        0.0,
+        ge=0.0,
+        description="an exponential moving average of the weights (and batch-norm statistics) over about this many "
+        "epochs (decay per step 1 - 1 / (ema_epochs x steps per epoch), so the same on any dataset size); "
+        "validation, the best state and the stage's output use the average. 0 = off (the weights as trained)",
+    )
 
 
 class LossWeights(BaseModel):
