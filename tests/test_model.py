@@ -1,5 +1,8 @@
 """Model pieces: losses, receptive fields, lead localisation, strict loading, whole-fold metrics."""
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,12 +15,14 @@ from ecgproto.model.config import BackboneConfig, BranchConfig, FusionConfig, Mo
 from ecgproto.model.fusion import Fusion
 from ecgproto.model.network import build_branch
 from ecgproto.train import losses
+from ecgproto.train.config import StageConfig
 from ecgproto.train.metrics import (
     auroc_per_label,
     bootstrap_auroc,
     macro_auroc,
     paired_bootstrap_difference,
 )
+from ecgproto.train.trainer import FitResult, fit
 
 SMALL_BACKBONE = BackboneConfig(widths=(4, 8, 8, 16), blocks=(1, 1, 1, 1))
 
@@ -370,19 +375,18 @@ _Y = _X @ torch.randn(8, 1, generator=_G) + torch.randn(512, 1, generator=_G)
 _SOLUTION = torch.linalg.lstsq(_X.double(), _Y.double()).solution.float()  # once: every run scores against it
 
 
-def _noisy_regression_fit(tmp_path, ema_epochs: float, kill_after: int | None = None):  # noqa: ANN001, ANN202
+def _noisy_regression_fit(
+    tmp_path: Path, ema_epochs: float, kill_after: int | None = None
+) -> tuple[torch.nn.Linear, torch.Tensor, FitResult]:
     """A linear model fitted by Adam steps on minibatches of noisy targets: the iterates jitter around the
     least-squares solution; returns the fitted model, the solution and the fit result."""
-    from ecgproto.train.config import StageConfig
-    from ecgproto.train.trainer import fit
-
     x, y, solution = _X, _Y, _SOLUTION
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 1, bias=False)
     tmp_path.mkdir(parents=True, exist_ok=True)
     cfg = StageConfig(epochs=6, lr=0.05, batch_size=16, patience=6, schedule="constant", ema_epochs=ema_epochs)
 
-    def batches(epoch: int):  # noqa: ANN202
+    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.randperm(512, generator=torch.Generator().manual_seed(epoch))
         return ((x[i], y[i]) for i in order.split(16))
 
@@ -408,7 +412,7 @@ def _noisy_regression_fit(tmp_path, ema_epochs: float, kill_after: int | None = 
     return model, solution, result
 
 
-def test_a_weight_average_ends_nearer_the_optimum_than_the_jittering_iterates_and_resumes_exactly(tmp_path) -> None:  # noqa: ANN001
+def test_a_weight_average_ends_nearer_the_optimum_than_the_noisy_iterates_and_resumes_exactly(tmp_path: Path) -> None:
     _, _, plain = _noisy_regression_fit(tmp_path / "plain", 0.0)
     averaged_model, solution, averaged = _noisy_regression_fit(tmp_path / "ema", 1.0)
     # at a constant learning rate the last steps' noise stays in the weights; the average over an epoch removes it
