@@ -209,11 +209,12 @@ class PhenotypeStudy:
                 pct = scores.percentile
             elif model is not None:  # an activation store scored before ecgproto stored the uncertainty
                 pct = uncertainty_percentile(model, scores.similarities)
-            else:
+            else:  # no model: the scores came from an activation store
+                assert activations is not None
                 raise ValueError(
-                    f"{activations.path if activations is not None else 'the scores'}: hold no uncertainty (scored "
-                    "by an older ecgproto or by a model without calibration): score the cohort again with `ecgproto "
-                    "score`, pass the model beside the activations, or use uncertain_ecgs='keep'"
+                    f"{activations.path}: holds no uncertainty (scored by an older ecgproto or by a model without "
+                    "calibration): score the cohort again with `ecgproto score`, pass the model beside the "
+                    "activations, or use uncertain_ecgs='keep'"
                 )
             flagged = pct > c.uncertainty_percentile
             uncertain = int(flagged.sum())
