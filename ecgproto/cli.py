@@ -219,7 +219,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = config.model_copy(update=updates)
     if args.epochs is not None:
         config.joint.epochs = args.epochs
-    config.baseline.enabled = not args.no_baseline
+    if args.no_baseline:
+        config = config.without_baseline()
     out = train_flow(str(store), config, register_as=args.register or None)
     print(f"\nmodel: {out['model_uri']} (registered version {out['model_version']})")
     print(f"MLflow run: {tracking.run_url(out['run_id'])}")
@@ -478,7 +479,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--device", default="auto", help="auto | cpu | cuda (bf16 autocast on CUDA)")
     q.add_argument("--seed", type=int, help="random seed (default 20261123)")
-    q.add_argument("--no-baseline", action="store_true", help="skip the black-box 1D ResNet baseline")
+    q.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="skip the black-box 1D ResNet baseline (and with it its scores as the branches' soft targets: the "
+        "model then trains on the labels alone)",
+    )
     q.add_argument(
         "--world-size",
         type=int,

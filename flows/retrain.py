@@ -77,8 +77,7 @@ class TrainSection(_Section):
         if self.epochs is not None:
             c.joint.epochs = self.epochs
             c.baseline.stage.epochs = self.epochs
-        c.baseline.enabled = self.baseline
-        return c
+        return c if self.baseline else c.without_baseline()
 
 
 class RegistrySection(_Section):

@@ -260,12 +260,15 @@ def train_flow(
         tags={"prefect_flow_run_id": str(flow_run.id), "dataset_hash": ctx.store.key, "work_dir": str(ctx.workdir)},
     ) as parent:
         tracking.log_report(parent, StageReport(params={"config": config.model_dump()}), tracking_uri)
+        teacher_first = config.loss.distill > 0  # the branches and the fusion learn from the black box's scores
+        if teacher_first:
+            baseline(store, config, work_root, parent, tracking_uri)
         for name in BRANCHES:
             fit_branch(store, config, work_root, name, "joint", parent, tracking_uri)
             projection(store, config, work_root, name, parent, tracking_uri)
             fit_branch(store, config, work_root, name, "last_layer", parent, tracking_uri)
         fusion(store, config, work_root, parent, tracking_uri, gallery)
-        if config.baseline.enabled:
+        if config.baseline.enabled and not teacher_first:
             baseline(store, config, work_root, parent, tracking_uri)
         result = evaluate(store, config, work_root, parent, tracking_uri, register_as, tuple(planted))
     m = result["metrics"]

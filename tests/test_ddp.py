@@ -76,7 +76,7 @@ def test_training_flow_runs_its_joint_stages_on_the_world_size_it_is_given(
     cfg = TrainConfig.small()
     cfg.joint.epochs, cfg.last_layer.epochs, cfg.fusion.epochs = 1, 2, 2
     cfg.device, cfg.bootstrap, cfg.world_size = "cpu", 20, 2
-    cfg.baseline.enabled = False
+    cfg = cfg.without_baseline()
     out = train_flow(
         str(ptbxl_store.path),
         cfg,

@@ -73,7 +73,7 @@ def demo_pipeline(
     home = tmp_path_factory.mktemp("home")
     train = TrainConfig.small()
     train.joint.epochs = 2
-    train.baseline.enabled = False
+    train = train.without_baseline()
     train.bootstrap = 20
     study = StudyConfig(min_cases=5, min_controls=5, targets={"401.1": "hypertension"})
     with pytest.MonkeyPatch.context() as mp:

@@ -15,7 +15,7 @@ from ecgproto.model.config import BackboneConfig, BranchConfig, FusionConfig, Mo
 from ecgproto.model.fusion import Fusion
 from ecgproto.model.network import build_branch
 from ecgproto.train import losses
-from ecgproto.train.config import StageConfig
+from ecgproto.train.config import BaselineConfig, LossWeights, StageConfig, TrainConfig
 from ecgproto.train.metrics import (
     auroc_per_label,
     bootstrap_auroc,
@@ -49,6 +49,35 @@ def test_jaccard_and_pos_weight_follow_their_definitions() -> None:
     assert j[0, 1] == pytest.approx(2 / 4) and j[2, 2] == 1.0 and j[0, 2] == 0.0
     total = y.sum()  # T = all positive labels in train
     assert losses.pos_weight(y).numpy() == pytest.approx([(total - 3) / 3, (total - 3) / 3, 1.0])
+
+
+def test_a_teacher_moves_only_the_bce_and_by_the_share_asked_for() -> None:
+    """loss.distill = a: the BCE aims a of the way from the labels to the black box's scores (the same as mixing the
+    two BCEs), while the clustering and separation terms still follow the labels."""
+    g = torch.Generator().manual_seed(0)
+    logits, sims = torch.randn(6, 2, generator=g), torch.rand(6, 2, generator=g)
+    y = torch.tensor([[1.0, 0], [0, 1], [1, 1], [0, 0], [1, 0], [0, 1]])
+    teacher = torch.rand(6, 2, generator=g)
+    w = torch.tensor([2.0, 3.0])
+    mixed = losses.bce(logits, losses.soft_targets(y, teacher, 0.3), w)
+    assert mixed.item() == pytest.approx((0.7 * losses.bce(logits, y, w) + 0.3 * losses.bce(logits, teacher, w)).item())
+    assert torch.equal(losses.soft_targets(y, teacher, 0.0), y) and torch.equal(losses.soft_targets(y, None, 0.5), y)
+    identity, jac, protos = torch.eye(2), torch.eye(2), torch.randn(2, 4, generator=g)
+    weights = LossWeights(distill=0.5)
+    parts_t: dict[str, torch.Tensor] = {}
+    parts_y: dict[str, torch.Tensor] = {}
+    losses.joint_loss(logits, sims, protos, y, identity, jac, w, weights, parts_t, teacher)
+    losses.joint_loss(logits, sims, protos, y, identity, jac, w, weights, parts_y)
+    assert parts_t["bce"] != parts_y["bce"]
+    for term in ("clustering", "separation", "diversity", "contrastive"):
+        assert torch.equal(parts_t[term], parts_y[term])
+
+
+def test_a_teacher_needs_the_black_box_and_dropping_the_black_box_drops_the_teacher() -> None:
+    with pytest.raises(ValueError, match="enable the baseline"):
+        TrainConfig(loss=LossWeights(distill=0.5), baseline=BaselineConfig(enabled=False))
+    cfg = TrainConfig(loss=LossWeights(distill=0.5)).without_baseline()
+    assert not cfg.baseline.enabled and cfg.loss.distill == 0.0
 
 
 def test_clustering_uses_positive_cells_and_separation_only_foreign_classes() -> None:

@@ -27,6 +27,8 @@ from ecgproto.explain import prototype_gallery
 from ecgproto.model import persist
 from ecgproto.train import stages
 from ecgproto.train.config import TrainConfig
+from ecgproto.train.data import SplitData
+from ecgproto.train.metrics import macro_auroc
 
 PLANTED = tuple(PLANTED_LABELS)
 
@@ -115,6 +117,14 @@ def test_training_is_one_mlflow_run_tree_with_curves_gallery_and_a_registered_mo
     for branch in ("rhythm_1d", "morphology_2d_local", "global_2d"):
         assert {f"{branch}/joint", f"{branch}/projection", f"{branch}/last_layer"} <= set(names)
     assert {"fusion", "baseline", "evaluate"} <= set(names)
+    # the black box teaches the branches (loss.distill): it trains first, and its scores of the training records,
+    # kept beside it, rank the training labels as a teacher should
+    start = {r.data.tags["mlflow.runName"]: r.info.start_time for r in children}
+    assert start["baseline"] < min(v for k, v in start.items() if k.endswith("/joint"))
+    teacher = np.load(Path(trained.out["work_dir"]) / "baseline" / "train_scores.npy")
+    train = SplitData(trained.store, "train")
+    assert teacher.shape == (len(train), 71) and 0 <= teacher.min() and teacher.max() <= 1
+    assert macro_auroc(train.labels, teacher) > 0.9
     assert parent.data.params["config.joint.lr"] and parent.data.tags["dataset_hash"] == trained.store.key
     joint = next(r for r in children if r.data.tags["mlflow.runName"] == "rhythm_1d/joint")
     curve = c.get_metric_history(joint.info.run_id, "val_macro_auroc")
@@ -228,10 +238,20 @@ def _store(demo_root: Path, tmp_path: Path) -> ArrayStore:
 
 
 def _one_branch_config() -> TrainConfig:
-    cfg = TrainConfig.small()
+    cfg = TrainConfig.small().without_baseline()  # one branch on the labels alone (no black box, no teacher)
     cfg.joint.epochs = 3
     cfg.joint.patience = 10
     return cfg
+
+
+def test_a_stage_that_learns_from_the_black_box_says_to_train_it_first(demo_root: Path, tmp_path: Path) -> None:
+    store = _store(demo_root, tmp_path)
+    cfg = TrainConfig.small()
+    cfg.loss.distill = 0.5
+    ctx = stages.TrainContext.open(store.path, cfg, tmp_path / "work")
+    with pytest.raises(FileNotFoundError, match=r"baseline\.pt.*run the baseline stage first"):
+        stages.train_joint(ctx, "rhythm_1d")
+    assert not ctx.path("rhythm_1d", "joint.ckpt").exists()  # nothing half-done left behind
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from ecgproto.model.config import ModelConfig
 
@@ -48,6 +48,15 @@ class LossWeights(BaseModel):
         description="the fusion's BCE weighs a label's positives by w ** power (w: the positive-class weight the "
         "branches use); 1 = the reference, 0 = unweighted",
     )
+    distill: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="the black box trained beside the model as a teacher: the BCE of the joint stages and of the "
+        "fusion aims at (1 - distill) x the labels + distill x the black box's scores of the training records "
+        "(trained first; the clustering and separation terms keep the labels). The model at prediction time is "
+        "the prototype network alone. 0 = the labels only (the reference); needs the baseline enabled",
+    )
 
 
 class BaselineConfig(BaseModel):
@@ -86,6 +95,23 @@ class TrainConfig(BaseModel):
         "torchrun: one GPU per rank, or gloo on CPU); 1 = one process",
     )
 
+    @model_validator(mode="after")
+    def _teacher_trained(self) -> TrainConfig:
+        if self.loss.distill > 0 and not self.baseline.enabled:
+            raise ValueError(
+                f"loss.distill = {self.loss.distill} learns from the black box's scores: enable the baseline "
+                "(baseline.enabled) or set loss.distill to 0"
+            )
+        return self
+
+    def without_baseline(self) -> TrainConfig:
+        """This configuration without the black box, and so without its teacher scores (`loss.distill` 0: the
+        model trains on the labels alone)."""
+        c = self.model_copy(deep=True)
+        c.baseline.enabled = False
+        c.loss.distill = 0.0
+        return c
+
     @classmethod
     def small(cls) -> TrainConfig:
         """The CPU configuration (minutes on 2 cores for the real PTB-XL subset, docs/benchmarks.md): `--small` and the
@@ -100,7 +126,9 @@ class TrainConfig(BaseModel):
             fusion=StageConfig(epochs=300, lr=1e-2, batch_size=64, patience=20),
             # the reference fusion L1 kept other labels' prototypes out where they help; the square root of the
             # positive-class weights ranks better in the fusion than the full weights or none (docs/experiments.md)
-            loss=LossWeights(fusion_l1=1e-5, fusion_pos_weight_power=0.5),
+            # the black box, trained first, teaches every branch and the fusion half-way (docs/design.md): the
+            # branches learn graded evidence the 0/1 statements lack
+            loss=LossWeights(fusion_l1=1e-5, fusion_pos_weight_power=0.5, distill=0.5),
             # the same 30 epochs as the prototype stages: the black box gets the same budget
             baseline=BaselineConfig(
                 widths=(16, 32, 64, 96),

@@ -17,7 +17,17 @@ from ecgproto.model.prototypes import diversity
 if TYPE_CHECKING:
     from ecgproto.train.config import LossWeights
 
-__all__ = ["bce", "clustering", "contrastive", "diversity", "jaccard", "joint_loss", "pos_weight", "separation"]
+__all__ = [
+    "bce",
+    "clustering",
+    "contrastive",
+    "diversity",
+    "jaccard",
+    "joint_loss",
+    "pos_weight",
+    "separation",
+    "soft_targets",
+]
 
 
 def pos_weight(targets: np.ndarray) -> torch.Tensor:
@@ -41,6 +51,14 @@ def jaccard(targets: np.ndarray) -> np.ndarray:
 
 def bce(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, targets, pos_weight=weight)
+
+
+def soft_targets(labels: torch.Tensor, teacher: torch.Tensor | None, distill: float) -> torch.Tensor:
+    """(1 - distill) x labels + distill x teacher scores: the BCE is linear in its target, so this is the same as
+    mixing the BCE on the labels and the BCE on the teacher's scores in that proportion."""
+    if teacher is None or distill == 0:
+        return labels
+    return (1 - distill) * labels + distill * teacher.to(labels)
 
 
 def clustering(sims: torch.Tensor, targets: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
@@ -87,13 +105,16 @@ def joint_loss(
     weight: torch.Tensor | None,
     w: LossWeights,
     parts: dict[str, torch.Tensor] | None = None,
+    teacher: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The joint stage's objective: BCE + clustering + separation + diversity + contrastive co-occurrence.
     `parts`, when given, receives each weighted term (detached): the curves that say why the sum moves (the
-    clustering and contrastive terms are minus similarities, so the total can be negative)."""
+    clustering and contrastive terms are minus similarities, so the total can be negative). With `teacher` (B, C)
+    scores in [0, 1], the BCE aims at `soft_targets` (w.distill of the way to the teacher); the clustering and
+    separation terms keep the labels (which prototypes a record should be near)."""
     logits, sims = logits.float(), sims.float()
     terms = {
-        "bce": bce(logits, targets, weight),
+        "bce": bce(logits, soft_targets(targets, teacher, w.distill), weight),
         "clustering": w.clustering * clustering(sims, targets, identity),
         "separation": w.separation * separation(sims, targets, identity),
         "diversity": w.diversity * diversity(prototypes),

@@ -9,6 +9,7 @@ was unfinished), and resumes mid-stage from its epoch checkpoint. The flow only 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from ecgproto.data.labels import BRANCHES, LabelSet, load_label_set
-from ecgproto.data.store import ArrayStore, atomic_write_parquet
+from ecgproto.data.store import ArrayStore, atomic_write_bytes, atomic_write_parquet
 from ecgproto.model import persist
 from ecgproto.model.baseline import ResNet1DClassifier
 from ecgproto.model.branch import Branch
@@ -189,13 +190,15 @@ def train_joint(ctx: TrainContext, name: str, on_epoch: EpochCallback | None = N
     jac = torch.as_tensor(ctx.jaccard[np.ix_(idx, idx)], dtype=torch.float32, device=ctx.device)
     pw = ctx.pos_weight[idx].to(ctx.device)
     train, val = ctx.splits["train"], ctx.splits["val"]
+    teacher = teacher_scores(ctx)
 
     def loss_fn(batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # noqa: ANN001
         x, y = batch.x.to(ctx.device), batch.y.to(ctx.device)
+        soft = None if teacher is None else torch.as_tensor(teacher[batch.index][:, idx], device=ctx.device)
         with ctx.autocast():
             logits, sims = net(x, batch.beats.to(ctx.device))
         parts: dict[str, torch.Tensor] = {}
-        loss = losses.joint_loss(logits, sims, branch.prototypes.prototypes, y, identity, jac, pw, w, parts)
+        loss = losses.joint_loss(logits, sims, branch.prototypes.prototypes, y, identity, jac, pw, w, parts, soft)
         return loss, parts
 
     def validate() -> float:
@@ -338,6 +341,8 @@ def train_fusion(ctx: TrainContext, on_epoch: EpochCallback | None = None) -> Fi
     x = torch.as_tensor(sims["train"])
     y = torch.as_tensor(ctx.splits["train"].labels, dtype=torch.float32)
     y_val = ctx.splits["val"].labels
+    teacher = teacher_scores(ctx)
+    target = losses.soft_targets(y, None if teacher is None else torch.as_tensor(teacher), cfg.loss.distill)
 
     def loss_fn(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         bce = losses.bce(fusion(batch[0]), batch[1], ctx.fusion_pos_weight)
@@ -352,7 +357,7 @@ def train_fusion(ctx: TrainContext, on_epoch: EpochCallback | None = None) -> Fi
         fusion,
         fusion.parameters(),
         loss_fn,
-        _tensor_batches(x, y, cfg.fusion.batch_size, cfg.seed),
+        _tensor_batches(x, target, cfg.fusion.batch_size, cfg.seed),
         validate,
         cfg.fusion,
         steps_per_epoch=_steps(len(x), cfg.fusion.batch_size),
@@ -496,6 +501,30 @@ def train_baseline(ctx: TrainContext, on_epoch: EpochCallback | None = None) -> 
         persist.save(net.cpu(), out)
     distributed.barrier()
     return result
+
+
+def teacher_scores(ctx: TrainContext) -> np.ndarray | None:
+    """The black box's scores (N, 71) of the training records, the soft targets of `loss.distill` (None when it is
+    0): computed once from the trained baseline (eval mode, no time roll) and kept beside it."""
+    if ctx.config.loss.distill == 0:
+        return None
+    out = ctx.path("baseline", "train_scores.npy")
+    if not out.exists():
+        weights = ctx.path("baseline", "baseline.pt")
+        if not weights.exists():
+            raise FileNotFoundError(
+                f"{weights}: loss.distill = {ctx.config.loss.distill} trains the branches and the fusion on the black "
+                "box's scores, and the black box is not trained yet: run the baseline stage first (the train flow "
+                "and benchmarks/train_accuracy.py do)"
+            )
+        net = persist.load(weights)
+        buf = io.BytesIO()
+        np.save(buf, predict_baseline(ctx, net, "train").astype(np.float32))
+        atomic_write_bytes(out, buf.getvalue())
+    scores = np.load(out)
+    if scores.shape != (len(ctx.splits["train"]), len(ctx.labels)):
+        raise ValueError(f"{out}: {scores.shape} scores for {len(ctx.splits['train'])} training records; delete it")
+    return scores
 
 
 @torch.no_grad()
