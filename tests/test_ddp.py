@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from pathlib import Path
 
@@ -38,13 +39,16 @@ def test_ranks_split_each_global_batch_without_overlap_and_with_the_same_augment
 def test_joint_stage_on_two_gloo_ranks_trains_like_one_process(ptbxl_store: ArrayStore, tmp_path: Path) -> None:
     cfg = TrainConfig.small()
     cfg.joint.epochs, cfg.device, cfg.threads = 2, "cpu", 1
+    cfg.baseline.stage.epochs = 1  # the teacher (loss.distill): each rank reads its scores of the rank's records
     one = stages.TrainContext.open(ptbxl_store.path, cfg, tmp_path / "one")
+    stages.train_baseline(one)
     r1 = stages.train_joint(one, "global_2d")
 
     cfg2 = cfg.model_copy(update={"world_size": 2})
-    distributed.launch("joint", str(ptbxl_store.path), cfg2, str(tmp_path / "two"), "global_2d")
     two = stages.TrainContext.open(ptbxl_store.path, cfg2, tmp_path / "two")
     assert two.workdir.name == one.workdir.name  # world size is how it runs, not what it trains
+    shutil.copytree(one.path("baseline"), two.path("baseline"))
+    distributed.launch("joint", str(ptbxl_store.path), cfg2, str(tmp_path / "two"), "global_2d")
     assert (two.path("global_2d", "joint.pt")).exists()
     r2 = stages.train_joint(two, "global_2d")  # finished: read back from rank 0's files
     assert len(r2.history) == len(r1.history) == 2
