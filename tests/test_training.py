@@ -252,6 +252,10 @@ def test_a_stage_that_learns_from_the_black_box_says_to_train_it_first(demo_root
     with pytest.raises(FileNotFoundError, match=r"baseline\.pt.*run the baseline stage first"):
         stages.train_joint(ctx, "rhythm_1d")
     assert not ctx.path("rhythm_1d", "joint.ckpt").exists()  # nothing half-done left behind
+    cfg.baseline.enabled = False  # switched off after the config was built: still no stage without its teacher
+    off = stages.TrainContext.open(store.path, cfg, tmp_path / "off")
+    with pytest.raises(ValueError, match="baseline is switched off"):
+        stages.train_joint(off, "rhythm_1d")
 
 
 @pytest.mark.slow

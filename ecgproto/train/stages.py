@@ -508,6 +508,11 @@ def teacher_scores(ctx: TrainContext) -> np.ndarray | None:
     0): computed once from the trained baseline (eval mode, no time roll) and kept beside it."""
     if ctx.config.loss.distill == 0:
         return None
+    if not ctx.config.baseline.enabled:
+        raise ValueError(
+            f"loss.distill = {ctx.config.loss.distill} learns from the black box, and the baseline is switched off: "
+            "enable it or set loss.distill to 0 (TrainConfig.without_baseline does both)"
+        )
     out = ctx.path("baseline", "train_scores.npy")
     if not out.exists():
         weights = ctx.path("baseline", "baseline.pt")
