@@ -56,8 +56,7 @@ def real_data_accuracy(
         cfg.seed = seed
     ctx = stages.TrainContext.open(store.path, cfg, scratch / "work")
     epochs: dict[str, list[int]] = {"joint": [], "last_layer": [], "fusion": [], "baseline": []}
-    teacher_first = cfg.loss.distill > 0  # the branches and the fusion learn from the black box's scores
-    if teacher_first:
+    if cfg.baseline_teaches:
         epochs["baseline"].append(len(clock("baseline", stages.train_baseline, ctx).history))
     for name in BRANCHES:
         epochs["joint"].append(len(clock(f"joint {name}", stages.train_joint, ctx, name).history))
@@ -65,7 +64,7 @@ def real_data_accuracy(
         epochs["last_layer"].append(len(clock(f"last layer {name}", stages.train_last_layer, ctx, name).history))
     epochs["fusion"].append(len(clock("fusion", stages.train_fusion, ctx).history))
     proto_s = sum(v for k, v in wall.items() if k not in ("ingest", "baseline"))
-    if not teacher_first:
+    if not cfg.baseline_teaches:
         epochs["baseline"].append(len(clock("baseline", stages.train_baseline, ctx).history))
     metrics, tables = clock(f"evaluate ({split})", stages.evaluate, ctx, split)
     n = {s: len(ctx.splits[s]) for s in ("train", "val", "test")}

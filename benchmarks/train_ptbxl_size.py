@@ -93,14 +93,14 @@ def ptbxl_size_timing(
         _sync(ctx.device)
         timed[key] = time.perf_counter() - t0
 
-    if cfg.loss.distill > 0:  # the branches and the fusion learn from the black box's scores
+    if cfg.baseline_teaches:
         clock("baseline", stages.train_baseline, ctx)
     for name in BRANCHES:
         clock(f"joint.{name}", stages.train_joint, ctx, name)
         clock(f"project.{name}", stages.project, ctx, name)
         clock(f"last_layer.{name}", stages.train_last_layer, ctx, name)
     clock("fusion", stages.train_fusion, ctx)
-    if cfg.loss.distill == 0:
+    if not cfg.baseline_teaches:
         clock("baseline", stages.train_baseline, ctx)
     clock("evaluate", stages.evaluate, ctx, "test")
     n = {s: len(ctx.splits[s]) for s in ("train", "val", "test")}

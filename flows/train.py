@@ -96,6 +96,8 @@ def _data_parallel(
 ) -> FitResult:
     """The stage on config.world_size DDP ranks (torchrun); its curves are logged once it is done."""
     tracking.set_tags(run_id, {"world_size": str(config.world_size)}, uri)
+    if stage == "joint":
+        stages.teacher_scores(ctx)  # computed once here (when the black box teaches): the ranks only read them
     distributed.launch(stage, store, config, work_root, branch)
     result = stages.train_joint(ctx, branch) if stage == "joint" else stages.train_baseline(ctx)  # finished: loads
     curves = _curves(run_id, uri)
@@ -260,15 +262,14 @@ def train_flow(
         tags={"prefect_flow_run_id": str(flow_run.id), "dataset_hash": ctx.store.key, "work_dir": str(ctx.workdir)},
     ) as parent:
         tracking.log_report(parent, StageReport(params={"config": config.model_dump()}), tracking_uri)
-        teacher_first = config.loss.distill > 0  # the branches and the fusion learn from the black box's scores
-        if teacher_first:
+        if config.baseline_teaches:
             baseline(store, config, work_root, parent, tracking_uri)
         for name in BRANCHES:
             fit_branch(store, config, work_root, name, "joint", parent, tracking_uri)
             projection(store, config, work_root, name, parent, tracking_uri)
             fit_branch(store, config, work_root, name, "last_layer", parent, tracking_uri)
         fusion(store, config, work_root, parent, tracking_uri, gallery)
-        if config.baseline.enabled and not teacher_first:
+        if config.baseline.enabled and not config.baseline_teaches:
             baseline(store, config, work_root, parent, tracking_uri)
         result = evaluate(store, config, work_root, parent, tracking_uri, register_as, tuple(planted))
     m = result["metrics"]

@@ -97,12 +97,18 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _teacher_trained(self) -> TrainConfig:
-        if self.loss.distill > 0 and not self.baseline.enabled:
+        if self.baseline_teaches and not self.baseline.enabled:
             raise ValueError(
                 f"loss.distill = {self.loss.distill} learns from the black box's scores: enable the baseline "
                 "(baseline.enabled) or set loss.distill to 0"
             )
         return self
+
+    @property
+    def baseline_teaches(self) -> bool:
+        """Whether the black box is the branches' and the fusion's teacher (`loss.distill` > 0): then it trains
+        first, before every joint stage."""
+        return self.loss.distill > 0
 
     def without_baseline(self) -> TrainConfig:
         """This configuration without the black box, and so without its teacher scores (`loss.distill` 0: the

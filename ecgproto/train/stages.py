@@ -191,10 +191,11 @@ def train_joint(ctx: TrainContext, name: str, on_epoch: EpochCallback | None = N
     pw = ctx.pos_weight[idx].to(ctx.device)
     train, val = ctx.splits["train"], ctx.splits["val"]
     teacher = teacher_scores(ctx)
+    teacher = None if teacher is None else teacher[:, idx]  # this branch's labels
 
     def loss_fn(batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # noqa: ANN001
         x, y = batch.x.to(ctx.device), batch.y.to(ctx.device)
-        soft = None if teacher is None else torch.as_tensor(teacher[batch.index][:, idx], device=ctx.device)
+        soft = None if teacher is None else torch.as_tensor(teacher[batch.index], device=ctx.device)
         with ctx.autocast():
             logits, sims = net(x, batch.beats.to(ctx.device))
         parts: dict[str, torch.Tensor] = {}
@@ -506,7 +507,7 @@ def train_baseline(ctx: TrainContext, on_epoch: EpochCallback | None = None) -> 
 def teacher_scores(ctx: TrainContext) -> np.ndarray | None:
     """The black box's scores (N, 71) of the training records, the soft targets of `loss.distill` (None when it is
     0): computed once from the trained baseline (eval mode, no time roll) and kept beside it."""
-    if ctx.config.loss.distill == 0:
+    if not ctx.config.baseline_teaches:
         return None
     if not ctx.config.baseline.enabled:
         raise ValueError(
