@@ -65,15 +65,22 @@ def draw_ecg(
     highlight: tuple[float, float] | None = None,
     highlight_leads: tuple[str, ...] | None = None,
     wrap: int = 110,
+    strips: tuple[str, ...] | None = None,
+    fontsize: float = 9,
 ) -> None:
-    """Draw the paper layout (3 x 4 leads of 2.5 s, then a 10 s rhythm strip: lead II, or the highlighted
-    window's middle lead when the window is not on lead II) on `ax`; a title longer than `wrap` characters wraps."""
+    """Draw the paper layout (3 x 4 leads of 2.5 s, then 10 s rhythm strips: `strips`, by default lead II, or the
+    highlighted window's middle lead when the window is not on lead II) on `ax`; a title longer than `wrap`
+    characters wraps. A window in a 2.5 s column shows only where that column's time covers it: `strips` of the
+    window's leads show it in each of them."""
     if signal.shape[0] != len(LEADS):
         raise ValueError(f"expected (12, n) in {LEADS} order, got {signal.shape}")
     n = signal.shape[1]
     duration = n / fs
     seg = duration / 4
-    rows = len(PAPER_GRID) + 1
+    if not strips:
+        middle = highlight_leads[len(highlight_leads) // 2] if highlight_leads else "II"
+        strips = ("II" if not highlight_leads or "II" in highlight_leads else middle,)
+    rows = len(PAPER_GRID) + len(strips)
     _paper(ax, duration, rows * ROW_MV)
     t = np.arange(n) / fs
     for r, row in enumerate(PAPER_GRID):
@@ -81,7 +88,7 @@ def draw_ecg(
         for c, lead in enumerate(row):
             sl = slice(int(c * seg * fs), int((c + 1) * seg * fs))
             ax.plot(t[sl], signal[LEADS.index(lead), sl] + y0, color="black", lw=0.6)
-            ax.text(c * seg + 0.05, y0 + 0.9, lead, fontsize=9, weight="bold")
+            ax.text(c * seg + 0.05, y0 + 0.9, lead, fontsize=fontsize, weight="bold")
             if highlight and (highlight_leads is None or lead in highlight_leads):
                 lo, hi = max(highlight[0], c * seg), min(highlight[1], (c + 1) * seg)
                 if lo < hi:
@@ -94,37 +101,49 @@ def draw_ecg(
                         alpha=0.25,
                         lw=0,
                     )
-    # The 10 s strip is lead II, unless the window is on other leads: then the middle one of them, so a
+    # The 10 s strips: lead II, unless the window is on other leads: then the middle one of them, so a
     # window the 2.5 s columns do not show (e.g. V5 at 2-4 s) is still visible on its own lead.
-    strip = "II" if not highlight_leads or "II" in highlight_leads else highlight_leads[len(highlight_leads) // 2]
-    y0 = 0.5 * ROW_MV
-    ax.plot(t, signal[LEADS.index(strip)] + y0, color="black", lw=0.6)
-    ax.text(0.05, y0 + 0.9, strip, fontsize=9, weight="bold")
-    if highlight:
-        ax.axvspan(*highlight, ymin=0, ymax=1 / rows, color="tab:orange", alpha=0.25, lw=0)
+    for i, strip in enumerate(strips):
+        y0 = (len(strips) - i - 0.5) * ROW_MV
+        ax.plot(t, signal[LEADS.index(strip)] + y0, color="black", lw=0.6)
+        ax.text(0.05, y0 + 0.9, strip, fontsize=fontsize, weight="bold")
+        if highlight and (highlight_leads is None or strip in highlight_leads):
+            lo, hi = (len(strips) - i - 1) / rows, (len(strips) - i) / rows
+            ax.axvspan(*highlight, ymin=lo, ymax=hi, color="tab:orange", alpha=0.25, lw=0)
     ax.set_title(
-        textwrap.fill(title, wrap), fontsize=9, loc="left"
+        textwrap.fill(title, wrap), fontsize=fontsize, loc="left"
     )  # a long title wraps, never runs into the next panel
 
 
 def draw_beats(
-    ax: plt.Axes, beats: list[tuple[str, np.ndarray, tuple[float, float]]], leads: tuple[str, ...], fs: float
+    ax: plt.Axes,
+    beats: list[tuple[str, np.ndarray, tuple[float, float]]],
+    leads: tuple[str, ...],
+    fs: float,
+    rows: int = 6,
 ) -> None:
     """Beat windows side by side on ECG paper, one row per lead: `beats` = (caption, (12, n) mV signal,
-    (start_s, end_s)), e.g. an input's best-matching beat beside the prototype's source beat in the same leads."""
+    (start_s, end_s)), e.g. an input's best-matching beat beside the prototype's source beat in the same leads. More
+    than `rows` leads (a whole 12-lead beat) take several columns of `rows` leads, each beat's columns together."""
     width = max(end - start for _, _, (start, end) in beats)
     gap = 0.12
-    total = len(beats) * width + (len(beats) - 1) * gap
-    _paper(ax, total, len(leads) * ROW_MV)
+    columns = [leads[i : i + rows] for i in range(0, len(leads), rows)]
+    n_rows = max(len(c) for c in columns)
+    panels = [(b, c) for b in range(len(beats)) for c in range(len(columns))]
+    total = len(panels) * width + (len(panels) - 1) * gap + gap * (len(beats) - 1)
+    _paper(ax, total, n_rows * ROW_MV)
     ax.set_title(
-        "  |  ".join(f"{caption} {start:.2f}-{end:.2f} s" for caption, _, (start, end) in beats), fontsize=8, loc="left"
+        textwrap.fill("  |  ".join(f"{caption} {start:.2f}-{end:.2f} s" for caption, _, (start, end) in beats), 40),
+        fontsize=9,
+        loc="left",
     )
-    for b, (_, signal, (start, end)) in enumerate(beats):
-        x0 = b * (width + gap)
+    for i, (b, c) in enumerate(panels):
+        caption, signal, (start, end) = beats[b]
+        x0 = i * (width + gap) + b * gap  # a wider gap between the beats than between one beat's columns
         lo, hi = int(round(start * fs)), int(round(end * fs))
         t = x0 + np.arange(hi - lo) / fs
-        for r, lead in enumerate(leads):
-            y0 = (len(leads) - r - 0.5) * ROW_MV
+        for r, lead in enumerate(columns[c]):
+            y0 = (n_rows - r - 0.5) * ROW_MV
             ax.plot(t, signal[LEADS.index(lead), lo:hi] + y0, color="black", lw=0.8)
             ax.text(x0 + 0.02, y0 + 0.9, lead, fontsize=9, weight="bold")
 

@@ -50,6 +50,7 @@ PROVENANCE_COLUMNS = (
     "source_labels",
     "own_class_source",
     "beat_source",
+    "merged_into",
 )
 
 
@@ -160,6 +161,7 @@ def project_prototypes(
                 "own_class_source": bool(has_pos[j]),
                 "beat_source": sources[rec] if branch.beat else "",
                 "split_position": rec,
+                "merged_into": offset + j,  # itself: a distinct case (until merge_near_duplicates)
             }
         )
     return pd.DataFrame(rows)
@@ -274,3 +276,32 @@ def _fidelity(
     var = (sxx - sx**2 / n).clamp(min=0) * (syy - sy**2 / n).clamp(min=0)
     r = torch.where(var > 0, cov / var.sqrt().clamp(min=1e-300), torch.zeros_like(cov))
     return r.cpu().numpy()
+
+
+@torch.no_grad()
+def merge_near_duplicates(branch: Branch, preference: np.ndarray, threshold: float) -> list[tuple[int, int]]:
+    """Merge the projected `branch`'s near-duplicates in place (Branch.merge); return the (duplicate, keeper) pairs,
+    indices within the branch.
+
+    Two prototypes whose latents have a cosine >= `threshold` (of the same lead group, for beat prototypes) are one
+    case shown twice. Best `preference` first (e.g. fidelity: the truest stand-in for its trained prototype), each
+    prototype is kept unless it is that near a prototype already kept; then it merges into the nearest of those.
+    The kept prototypes are pairwise below the threshold; a class may end with fewer distinct cases than it was
+    given prototypes, and a keeper may speak for two classes whose prototypes sat on near-identical beats."""
+    z = torch.nn.functional.normalize(branch.prototypes.prototypes.detach().float().cpu(), dim=-1)
+    cos = z @ z.T
+    if branch.beat:  # beat prototypes of different lead groups never look at the same leads
+        g = branch.prototypes.group.cpu()
+        cos = cos.masked_fill(g[:, None] != g[None, :], -np.inf)
+    order = np.argsort(-np.nan_to_num(np.asarray(preference, dtype=float), nan=-np.inf), kind="stable")
+    kept: list[int] = []
+    pairs: list[tuple[int, int]] = []
+    for j in (int(i) for i in order):
+        near = [k for k in kept if float(cos[j, k]) >= threshold]
+        if near:
+            keeper = max(near, key=lambda k: float(cos[j, k]))
+            branch.merge(j, keeper)
+            pairs.append((j, keeper))
+        else:
+            kept.append(j)
+    return pairs

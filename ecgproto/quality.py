@@ -112,7 +112,7 @@ def prototype_quality(
         total += (picked * member[i : i + len(x)].unsqueeze(-1)).sum(dim=0)
     consistency = ((total.pow(2).sum(dim=1) - k) / (k * (k - 1))).numpy() if k > 1 else np.ones(p)
     nearest, nearest_cos = _nearest_prototypes(branch)
-    return pd.DataFrame(
+    out = pd.DataFrame(
         {
             "purity": purity,
             "class_share": class_share,
@@ -123,6 +123,10 @@ def prototype_quality(
             "duplicate": nearest_cos >= DUPLICATE_COS,
         }
     )
+    merged = ~branch.distinct.cpu().numpy()  # no case of their own: their keeper's row speaks for them
+    out.loc[merged, ["purity", "consistency", "stability", "nearest_prototype_cos"]] = np.nan
+    out.loc[merged, "nearest_prototype"] = -1
+    return out
 
 
 def _nearest_prototypes(branch: Branch) -> tuple[np.ndarray, np.ndarray]:
@@ -130,6 +134,9 @@ def _nearest_prototypes(branch: Branch) -> tuple[np.ndarray, np.ndarray]:
     z = F.normalize(branch.prototypes.prototypes.detach().float().cpu(), dim=-1)
     cos = z @ z.T
     cos.fill_diagonal_(-np.inf)
+    merged = ~branch.distinct.cpu()
+    cos[:, merged] = -np.inf  # only distinct prototypes count as another case
+    cos[merged, :] = -np.inf
     if branch.beat:
         g = branch.prototypes.group.cpu()
         cos = cos.masked_fill(g[:, None] != g[None, :], -np.inf)
@@ -138,18 +145,43 @@ def _nearest_prototypes(branch: Branch) -> tuple[np.ndarray, np.ndarray]:
 
 
 def mark_shared_sources(provenance: pd.DataFrame) -> pd.DataFrame:
-    """`duplicate` also where two prototypes of a branch sit on the same source window."""
-    key = provenance[["branch", "ecg_id", "start_s", "end_s", "leads"]].astype(str).agg("|".join, axis=1)
+    """`duplicate` also where two distinct prototypes of a branch sit on the same source window."""
     out = provenance.copy()
-    out["duplicate"] = out["duplicate"].astype(bool) | key.duplicated(keep=False).to_numpy()
+    distinct = _distinct(out)
+    key = out[["branch", "ecg_id", "start_s", "end_s", "leads"]].astype(str).agg("|".join, axis=1)
+    shared = key.where(distinct).duplicated(keep=False).to_numpy() & distinct
+    out["duplicate"] = out["duplicate"].astype(bool) | shared
     return out
+
+
+def _distinct(provenance: pd.DataFrame) -> np.ndarray:
+    """(rows,) bool: the provenance rows of distinct prototypes (all of them before merging existed)."""
+    if "merged_into" not in provenance:
+        return np.ones(len(provenance), dtype=bool)
+    return (provenance["merged_into"].to_numpy() == provenance["prototype"].to_numpy()).astype(bool)
+
+
+def distinct_cases(provenance: pd.DataFrame) -> pd.DataFrame:
+    """Per branch and class: prototypes configured, distinct cases after merging near-duplicates, and how many of
+    those sit on an ECG of their own class (what the gallery shows a reviewer per class)."""
+    t = provenance.assign(distinct=_distinct(provenance))
+    own = t["own_class_source"].astype(bool) if "own_class_source" in t else pd.Series(True, index=t.index)
+    t = t.assign(own_distinct=t["distinct"] & own)
+    out = t.groupby(["branch", "class"], sort=False).agg(
+        prototypes=("prototype", "size"),
+        distinct=("distinct", "sum"),
+        distinct_own_class_source=("own_distinct", "sum"),
+    )
+    return out.reset_index()
 
 
 def quality_summary(provenance: pd.DataFrame) -> pd.DataFrame:
     """Per branch: prototypes, mean and lowest-decile purity / consistency / stability, duplicates."""
     rows = []
     for name, g in provenance.groupby("branch", sort=False):
-        row: dict[str, object] = {"branch": name, "prototypes": len(g)}
+        distinct = _distinct(g)
+        row: dict[str, object] = {"branch": name, "prototypes": len(g), "distinct": int(distinct.sum())}
+        g = g[distinct]  # a merged prototype is its keeper's case
         for c in ("purity", "consistency", "stability"):
             row[f"{c}_mean"] = float(g[c].mean())
             row[f"{c}_p10"] = float(g[c].quantile(0.1))
@@ -165,7 +197,7 @@ def quality_metrics(summary: pd.DataFrame) -> dict[str, float]:
     out: dict[str, float] = {}
     for row in summary.to_dict(orient="records"):
         for key, value in row.items():
-            if key not in ("branch", "prototypes"):
+            if key not in ("branch", "prototypes"):  # "distinct" stays: how many cases the branch shows
                 out[f"quality.{row['branch']}.{key}"] = float(value)
     return out
 

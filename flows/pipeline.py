@@ -134,7 +134,8 @@ def review_links(out: dict[str, str], uri: str | None) -> dict[str, str]:
         fusion = tracking.child_run_id(out["train_run_id"], "fusion", uri)
         evaluate = tracking.child_run_id(out["train_run_id"], "evaluate", uri)
         if fusion:
-            links["Prototype gallery (every prototype on its source ECG)"] = tracking.run_link(fusion, "gallery", uri)
+            gallery = "Prototype gallery (every distinct case on its source ECG; README.md lists them)"
+            links[gallery] = tracking.run_link(fusion, "gallery/README.md", uri)
         if evaluate:
             links["Explained test ECGs"] = tracking.run_link(evaluate, "explanations", uri)
             links["Per-label test metrics beside the black box"] = tracking.run_link(

@@ -22,9 +22,9 @@ from prefect.runtime import flow_run
 from ecgproto import tracking
 from ecgproto.data.labels import BRANCHES
 from ecgproto.data.store import atomic_write_bytes
-from ecgproto.explain import prototype_gallery
+from ecgproto.explain import gallery_index, prototype_gallery
 from ecgproto.progress import EpochProgress, stage_line
-from ecgproto.quality import quality_figure, quality_metrics, quality_summary
+from ecgproto.quality import distinct_cases, quality_figure, quality_metrics, quality_summary
 from ecgproto.report import StageReport
 from ecgproto.settings import MODEL_NAME, workdir
 from ecgproto.train import distributed, stages
@@ -133,12 +133,15 @@ def fusion(store: str, config: TrainConfig, work_root: str, parent: str, uri: st
             summary = quality_summary(provenance)
             quality = quality_metrics(summary)
             report.tables["prototype_quality"] = summary
+            report.tables["distinct_cases"] = distinct_cases(provenance)  # per class: how many cases it shows
             report.figures["prototype_quality.png"] = quality_figure(provenance)
             report.metrics.update(quality)
             tracking.log_report(parent, StageReport(metrics=quality), uri)
         tracking.log_report(run_id, report, uri)
         if gallery:
             tracking.log_figures(run_id, prototype_gallery(model), uri)
+            index = gallery_index(model, lambda path: tracking.run_link(run_id, path, uri))
+            tracking.log_report(run_id, StageReport(documents={"gallery/README.md": index}), uri)
         return result.best_score
 
     return run_stage("fusion", parent, uri, None, work)

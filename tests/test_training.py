@@ -129,12 +129,25 @@ def test_training_is_one_mlflow_run_tree_with_curves_gallery_and_a_registered_mo
     joint = next(r for r in children if r.data.tags["mlflow.runName"] == "rhythm_1d/joint")
     curve = c.get_metric_history(joint.info.run_id, "val_macro_auroc")
     assert len(curve) >= 2 and [m.step for m in curve] == sorted(m.step for m in curve)
-    fusion = tracking.describe(
-        next(r for r in children if r.data.tags["mlflow.runName"] == "fusion").info.run_id, trained.uri
-    )
+    fusion_id = next(r for r in children if r.data.tags["mlflow.runName"] == "fusion").info.run_id
+    fusion = tracking.describe(fusion_id, trained.uri)
     gallery = [a for a in fusion["artifacts"] if a.startswith("gallery/") and a.endswith(".png")]
     assert any("/AFIB/" in a for a in gallery) and any("/LVH/" in a for a in gallery)
     assert "provenance.csv" in fusion["artifacts"]
+    # one figure per distinct case, none dropped (prototypes of classes without a training ECG are shown, marked),
+    # and a README that lists every prototype, merged ones with the case they repeat
+    model = persist.load(Path(trained.out["work_dir"]) / "model.pt")
+    prov = pd.DataFrame(model.provenance)
+    distinct = prov[prov["merged_into"] == prov["prototype"]]
+    assert sorted(gallery) == sorted(
+        f"gallery/{r.branch}/{r['class']}/P{r.prototype:04d}.png" for _, r in distinct.iterrows()
+    )
+    assert not distinct["own_class_source"].all()  # the demo has classes without training ECGs: still shown
+    readme = Path(c.download_artifacts(fusion_id, "gallery/README.md", str(trained.root)))
+    text = readme.read_text()
+    assert f"{len(distinct)} distinct cases of {len(prov)} prototypes" in text
+    assert all(f"P{p:04d}" in text for p in prov["prototype"])
+    assert all(column in text for column in ("cos", "fidelity", "purity", "consistency", "stability", "near-duplicate"))
     version = c.get_model_version("ecgproto-protoecgnet", trained.out["model_version"])
     assert version.run_id == trained.out["evaluate_run_id"]
     loaded = tracking.load_model(f"models:/ecgproto-protoecgnet/{trained.out['model_version']}", trained.uri)
@@ -161,8 +174,13 @@ def test_explain_command_writes_a_png_and_json_ranked_by_contribution(
         assert (tmp_path / f"{stem}.explanation.png").stat().st_size > 10_000
         result = json.loads((tmp_path / f"{stem}.explanation.json").read_text())
         for label in result["labels"]:
-            contributions = [e["contribution"] for e in label["evidence"]]
-            assert contributions == sorted(contributions, reverse=True)
+            # the label's own cases first, by contribution; then what the ECG also resembles, marked as such
+            own = [e["own_class"] for e in label["evidence"]]
+            assert own == sorted(own, reverse=True) and own[0], label
+            for flag in (True, False):
+                contributions = [e["contribution"] for e in label["evidence"] if e["own_class"] == flag]
+                assert contributions == sorted(contributions, reverse=True)
+            assert all(e["contribution"] > 0 for e in label["evidence"][1:])
             assert all(e["input_window"]["leads"] for e in label["evidence"])
             for e in label["evidence"]:  # says how the similarity was pooled: over beats, or the whole record
                 local = e["branch"] == "morphology_2d_local"
@@ -281,7 +299,8 @@ def test_registered_model_scores_an_external_cohort_and_its_prototypes_meet_the_
     )
     model = tracking.load_model(trained.out["model_uri"], trained.uri)
     proto = results[results["feature_set"] == "prototype"]
-    own = [p for p in model.provenance if p["own_class_source"]]  # the others carry a misleading class name
+    # the others carry a misleading class name; a merged near-duplicate is its keeper's case, tested once
+    own = [p for p in model.provenance if p["own_class_source"] and p["merged_into"] == p["prototype"]]
     assert proto["feature_id"].nunique() == len(own) and 0 < len(own) < model.n_prototypes
     # a top hit links to its prototype's gallery image, which exists in the training's gallery run
     gallery = set(tracking.describe(str(proto["gallery_run_id"].iloc[0]), trained.uri)["artifacts"])
@@ -363,9 +382,16 @@ def test_prototypes_carry_their_purity_consistency_stability_and_near_duplicates
 
     model = persist.load(Path(trained.out["work_dir"]) / "model.pt")
     prov = pd.DataFrame(model.provenance)
+    distinct = prov[prov["merged_into"] == prov["prototype"]]
     for column in ("purity", "consistency", "stability"):
-        assert prov[column].between(-1, 1).all() and prov[column].notna().all(), column
-    assert set(prov["duplicate"].unique()) <= {True, False}
+        assert distinct[column].between(-1, 1).all() and distinct[column].notna().all(), column
+    # distinct cases: no near-duplicate is left in any branch; a merged prototype names a distinct one of its branch
+    assert not distinct["duplicate"].any()
+    assert len(distinct) < len(prov)  # the demo's whole-record branches collapse some of a class's prototypes
+    merged = prov[prov["merged_into"] != prov["prototype"]]
+    keepers = prov.set_index("prototype").loc[merged["merged_into"]]
+    assert (keepers["branch"].to_numpy() == merged["branch"].to_numpy()).all()
+    assert (keepers["merged_into"].to_numpy() == keepers.index.to_numpy()).all()
     imi = prov[(prov["class"] == "IMI") & (prov["branch"] == "morphology_2d_local")].sort_values("purity")
     best = imi.iloc[-1]
     assert best["purity"] >= 0.8 and best["stability"] >= 0.9, imi[["leads", "purity", "stability"]]

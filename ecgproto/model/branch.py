@@ -124,12 +124,21 @@ class Branch(nn.Module):
             group=group,
         )
         self.register_buffer("prototype_class", torch.arange(len(classes)).repeat_interleave(per_class))
+        # after projection, near-duplicate prototypes are merged (ecgproto.projection.merge_near_duplicates): each
+        # prototype's keeper, itself while it is a distinct case; a merged one scores 0 and its weights are the
+        # keeper's, which then also belongs to the merged one's class
+        self.register_buffer("merged_into", torch.arange(per_class * len(classes)))
         self.head = nn.Linear(per_class * len(classes), len(classes), bias=False)
         self.reset_head(cfg.head_negative)
 
     @property
     def n_prototypes(self) -> int:
         return int(self.prototype_class.numel())
+
+    @property
+    def distinct(self) -> torch.Tensor:
+        """(P,) bool: the prototypes that are cases of their own (not merged into another)."""
+        return self.merged_into == torch.arange(self.n_prototypes, device=self.merged_into.device)
 
     @property
     def window_grid(self) -> tuple[int, int]:
@@ -157,8 +166,21 @@ class Branch(nn.Module):
         return self.prototypes.scale
 
     def class_identity(self) -> torch.Tensor:
-        """(P, C) one-hot: which class each prototype belongs to."""
-        return nn.functional.one_hot(self.prototype_class, len(self.classes)).float()
+        """(P, C): which classes each prototype belongs to. One-hot until near-duplicates are merged; then a keeper
+        also belongs to the classes of the prototypes merged into it, and a merged prototype to none."""
+        own = nn.functional.one_hot(self.prototype_class, len(self.classes)).float()
+        return torch.zeros_like(own).index_add_(0, self.merged_into, own).clamp(max=1)
+
+    @torch.no_grad()
+    def merge(self, duplicate: int, keeper: int) -> None:
+        """Merge prototype `duplicate` into `keeper` (a distinct one): the head's weights of the two are summed on the
+        keeper, so where their similarities are equal every logit stays the same, and the duplicate scores 0 from
+        now on."""
+        if duplicate == keeper or not (bool(self.distinct[keeper]) and bool(self.distinct[duplicate])):
+            raise ValueError(f"merging {duplicate} into {keeper}: both must be distinct prototypes, and two")
+        self.head.weight[:, keeper] += self.head.weight[:, duplicate]
+        self.head.weight[:, duplicate] = 0
+        self.merged_into[self.merged_into == duplicate] = keeper
 
     def reset_head(self, negative: float) -> None:
         with torch.no_grad():
@@ -239,6 +261,7 @@ class Branch(nn.Module):
     def forward(self, x: torch.Tensor, beats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 12, n) -> logits (B, C), pooled similarities (B, P)."""
         sims = self.prototypes.pool(self.prototypes.similarity_map(self.latent_windows(x, beats)))
+        sims = sims * self.distinct.to(sims.dtype)  # merged prototypes are no evidence of their own
         return self.head(sims), sims
 
     def group_leads(self, group: int) -> tuple[str, ...]:

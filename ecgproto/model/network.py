@@ -118,6 +118,51 @@ class ECGProtoNet(nn.Module):
             "percentile": percentile,
         }
 
+    @property
+    def distinct(self) -> torch.Tensor:
+        """(P,) bool over all prototypes: a case of its own (not merged into a near-duplicate)."""
+        return torch.cat([b.distinct for b in self.branches.values()])
+
+    def membership(self) -> torch.Tensor:
+        """(L, P): which labels each prototype belongs to (its class, and after merging near-duplicates the classes
+        of those merged into it; none for a merged one): the fusion's own-class mask."""
+        own = torch.zeros(len(self.codes), self.n_prototypes)
+        offsets = self.prototype_offsets()
+        for name, branch in self.branches.items():
+            idx = torch.as_tensor([self.codes.index(c) for c in branch.classes])
+            at = offsets[name]
+            own[idx, at : at + branch.n_prototypes] = branch.class_identity().T.cpu()
+        return own
+
+    @torch.no_grad()
+    def adopt_merges(self) -> None:
+        """After the branches' near-duplicates were merged (before the fusion trains): the fusion heads' own-class
+        masks and initial weights follow the branches' membership."""
+        for family in (self.fusion, self.fusion_heads):
+            if family is not None:
+                family.own.copy_(self.membership().to(family.own))
+                family.weight.copy_(family.initial_weight().expand_as(family.weight))
+
+    @torch.no_grad()
+    def merge(self, duplicate: int, keeper: int) -> None:
+        """Merge prototype `duplicate` into `keeper` (indices over the whole model, same branch) in a trained model:
+        the branch head's and every fusion head's weights are summed on the keeper, which also takes the duplicate's
+        classes; where the two similarities are equal every output stays the same (see Branch.merge)."""
+        offsets = self.prototype_offsets()
+        name = next(n for n in reversed(offsets) if offsets[n] <= duplicate)
+        branch = self.branches[name]
+        if not offsets[name] <= keeper < offsets[name] + branch.n_prototypes:
+            raise ValueError(f"prototypes {duplicate} and {keeper} are in different branches")
+        branch.merge(duplicate - offsets[name], keeper - offsets[name])
+        for family in (self.fusion, self.fusion_heads):
+            if family is not None:
+                family.weight[..., keeper] += family.weight[..., duplicate]
+                family.weight[..., duplicate] = 0
+                family.own[:, keeper] = torch.maximum(family.own[:, keeper], family.own[:, duplicate])
+                family.own[:, duplicate] = 0
+        if self.provenance:
+            self.provenance[duplicate]["merged_into"] = keeper
+
     def prototype_offsets(self) -> dict[str, int]:
         """Where each branch's prototypes start in the concatenated similarity vector."""
         out, at = {}, 0

@@ -120,6 +120,9 @@ def load(path: Path) -> nn.Module:
             state.setdefault("uncertainty_quantiles", torch.full((101,), float("nan")))
             state.setdefault("logit_offset", torch.zeros(len(labels)))
         net = ECGProtoNet(config, labels)
+        for key, value in net.state_dict().items():  # saved before near-duplicates were merged: all distinct
+            if key.endswith(".merged_into"):
+                state.setdefault(key, value)
         net.source_signals = torch.empty_like(state["source_signals"])  # its size comes from the projection
         net.provenance = list(meta["provenance"])
         model = net

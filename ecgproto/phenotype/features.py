@@ -90,7 +90,10 @@ def prototype_table(model: torch.nn.Module) -> pd.DataFrame:
     rows = []
     for name, offset in model.prototype_offsets().items():
         branch = model.branches[name]
+        distinct = branch.distinct.tolist()
         for j, k in enumerate(branch.prototype_class.tolist()):
+            if not distinct[j]:  # a merged near-duplicate is its keeper's case: one feature, not two
+                continue
             rows.append(
                 {
                     "prototype": offset + j,

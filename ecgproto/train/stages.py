@@ -28,8 +28,8 @@ from ecgproto.model import persist
 from ecgproto.model.baseline import ResNet1DClassifier
 from ecgproto.model.branch import Branch
 from ecgproto.model.network import ECGProtoNet, build_branch
-from ecgproto.projection import project_prototypes
-from ecgproto.quality import mark_shared_sources, prototype_quality
+from ecgproto.projection import merge_near_duplicates, project_prototypes
+from ecgproto.quality import DUPLICATE_COS, mark_shared_sources, prototype_quality
 from ecgproto.settings import reference_dir
 from ecgproto.train import distributed, losses
 from ecgproto.train.config import TrainConfig
@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 SPLITS = ("train", "val", "test")
+# explanations of the test fold's positive labels whose local evidence is masked (a seeded sample: ~1 min on 2 cores)
+FAITHFULNESS_EXPLANATIONS = 1000
 
 
 def resolve_device(name: str) -> torch.device:
@@ -258,6 +260,9 @@ def project(ctx: TrainContext, name: str) -> pd.DataFrame:
         offset,
         seed=ctx.config.seed,
     )
+    # one case shown twice is one case: near-duplicates merge into the most faithful of them (ecgproto.projection)
+    for duplicate, keeper in merge_near_duplicates(branch, provenance["fidelity"].to_numpy(), DUPLICATE_COS):
+        provenance.loc[duplicate, "merged_into"] = offset + keeper
     # how good each prototype is as a case (ecgproto.quality), measured on the projected branch
     quality = prototype_quality(
         branch,
@@ -319,6 +324,7 @@ def assemble(ctx: TrainContext) -> ECGProtoNet:
     model = ECGProtoNet(ctx.config.model, ctx.labels)
     for name in BRANCHES:
         model.branches[name].load_state_dict(load_branch(ctx, name, "last_layer").state_dict(), strict=True)
+    model.adopt_merges()  # the fusion's own-class mask follows the branches' merged near-duplicates
     provenance = pd.concat([pd.read_parquet(ctx.path(n, "provenance.parquet")) for n in BRANCHES], ignore_index=True)
     train = ctx.splits["train"]
     positions = np.unique(provenance["split_position"].to_numpy())
@@ -577,7 +583,8 @@ def explanation_examples(
 
     model = load_model(ctx).cpu().eval()
     data = ctx.splits[split]
-    for row, code in example_cases(data.labels, ctx.labels.codes, preferred, n):
+    local = tuple(ctx.labels.codes[i] for i in ctx.labels.branch_indices("morphology_2d_local"))
+    for row, code in example_cases(data.labels, ctx.labels.codes, preferred, n, include_one_of=local):
         signal = data.signals(np.array([row]))[0]
         result = explain(model, signal, top_k=top_k, codes=[code])
         name = f"{data.record_ids[row]}_{code}"
@@ -669,6 +676,25 @@ def evaluate(ctx: TrainContext, split: str = "test") -> tuple[dict[str, float], 
     tables["operating"] = external_table(
         y, scores["fused"], codes, ctx.labels.descriptions, n_boot=0, calibrated=certainty["probability"]
     )[0]
+    # are the explanations faithful? masking the beats they point at vs as many random windows (ecgproto.faithfulness)
+    if model.branches["morphology_2d_local"].beat:
+        from ecgproto.faithfulness import faithfulness_summary, masking_faithfulness
+
+        data = ctx.splits[split]
+        every = np.arange(len(data))
+        faithful = masking_faithfulness(
+            model.cpu(),
+            data.signals(every),
+            data.beats(every),
+            y,
+            list(ctx.labels.branch_of),
+            max_explanations=FAITHFULNESS_EXPLANATIONS,
+            seed=cfg.seed,
+        )
+        tables["faithfulness"] = faithfulness_summary(faithful)
+        for row in tables["faithfulness"].itertuples(index=False):
+            for key in ("share_evidence_beats_random", "mean_drop_evidence", "mean_drop_random"):
+                metrics[f"faithfulness.{row.branch}.{key}"] = float(getattr(row, key))
     side = tables["fused"][["code", "n_pos", "auroc", "auroc_lo", "auroc_hi"]].copy()
     if "baseline" in tables:
         side["baseline_auroc"] = tables["baseline"]["auroc"].to_numpy()
