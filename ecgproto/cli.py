@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from ecgproto.settings import (
     DEFAULT_MODEL_URI,
@@ -18,6 +19,37 @@ from ecgproto.settings import (
 
 if TYPE_CHECKING:  # imported where used: `ecgproto --help` stays fast
     from ecgproto.data.ingest import IngestConfig
+
+
+def _ranged(kind: type, lo: float | None = None, hi: float | None = None) -> Callable[[str], float]:
+    """An argparse type: a number of `kind` in [lo, hi], checked before any work starts (a bad value is one line
+    naming the option and the range, exit code 2)."""
+    what = "an integer" if kind is int else "a number"
+    if lo is not None and hi is not None:
+        rule = f"{what} from {lo:g} to {hi:g}"
+    elif lo is not None:
+        rule = f"{what} >= {lo:g}"
+    else:
+        rule = f"{what} <= {hi:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}; give {rule}") from None
+        if (lo is not None and value < lo) or (hi is not None and value > hi) or value != value:  # NaN too
+            raise argparse.ArgumentTypeError(f"{text} is out of range; give {rule}")
+        return value
+
+    parse.__name__ = rule  # what argparse names in its own messages
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors (an unknown option, a value out of range) as the one line every ecgproto error is, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _demo_config(args: argparse.Namespace):  # noqa: ANN202
@@ -80,18 +112,20 @@ def _ingest_options(
 ) -> None:
     """The ingest settings, for `ingest` and for the commands that ingest a dataset folder first."""
     group.add_argument("--layout", choices=layouts, default=layouts[0], help="dataset layout")
-    group.add_argument("--fs", type=int, default=100, help="model sampling rate in Hz")
+    group.add_argument("--fs", type=_ranged(int, 50, 2000), default=100, help="model sampling rate in Hz")
     group.add_argument(
         "--no-resample", action="store_true", help="quarantine records at other rates instead of resampling"
     )
     group.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="stored sample type")
-    group.add_argument("--min-likelihood", type=float, default=0.0, help="scp code likelihood that counts as positive")
+    group.add_argument(
+        "--min-likelihood", type=_ranged(float, 0, 100), default=0.0, help="scp code likelihood that counts as positive"
+    )
     group.add_argument(
         "--allow-outside-root",
         action="store_true",
         help="read records whose index path leads outside the dataset folder (default: quarantined)",
     )
-    group.add_argument("--workers", type=int, help="processes (default: one per core)")
+    group.add_argument("--workers", type=_ranged(int, 1, 512), help="processes (default: one per core)")
     if "wfdb" in layouts:
         group.add_argument(
             "--labels",
@@ -403,7 +437,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="ecgproto",
         description=(
             "Interpretable prototype models and digital phenotypes for 12-lead ECGs. "
@@ -418,13 +452,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def demo_options(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--seed", type=int, help="random seed (default 20261123)")
-        q.add_argument("--n-ptbxl", type=int, help="PTB-XL-layout records (default 2000)")
+        q.add_argument("--seed", type=_ranged(int, 0, 2**32 - 1), help="random seed (default 20261123)")
+        q.add_argument("--n-ptbxl", type=_ranged(int, 50, 10_000_000), help="PTB-XL-layout records (default 2000)")
         q.add_argument(
-            "--mimic-subjects", type=int, help="MIMIC-layout subjects, ~2.4 ECGs each (default 1500; 0: none)"
+            "--mimic-subjects",
+            type=_ranged(int, 0, 10_000_000),
+            help="MIMIC-layout subjects, ~2.4 ECGs each (default 1500; 0: none)",
         )
         q.add_argument("--small", action="store_true", help="a small demo (300 records, 60 subjects) for quick checks")
-        q.add_argument("--workers", type=int, help="processes (default: one per core)")
+        q.add_argument("--workers", type=_ranged(int, 1, 512), help="processes (default: one per core)")
 
     q = sub.add_parser("demo-data", help="write the synthetic demo datasets (PTB-XL and MIMIC layouts)")
     q.add_argument("--out", default=str(demo_dir()), help="output folder")
@@ -453,10 +489,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("store", help="a store folder from `ecgproto ingest` (e.g. a MIMIC-IV-ECG cohort)")
     _model_option(q)
     q.add_argument("--out", help="folder for the activation store (default: the store folder's parent)")
-    q.add_argument("--shard-size", type=int, default=65_536, help="ECGs per shard: one task, one resume checkpoint")
-    q.add_argument("--batch-size", type=int, default=256, help="ECGs per forward pass")
+    q.add_argument(
+        "--shard-size", type=_ranged(int, 1), default=65_536, help="ECGs per shard: one task, one resume checkpoint"
+    )
+    q.add_argument("--batch-size", type=_ranged(int, 1, 65_536), default=256, help="ECGs per forward pass")
     q.add_argument("--device", default="auto", help="auto | cpu | cuda (bf16 autocast on CUDA)")
-    q.add_argument("--loader-workers", type=int, default=0, help="read-ahead processes per scoring task")
+    q.add_argument(
+        "--loader-workers", type=_ranged(int, 0, 64), default=0, help="read-ahead processes per scoring task"
+    )
     q.add_argument(
         "--dask",
         metavar="SPEC",
@@ -475,10 +515,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("source", help="a store folder from `ecgproto ingest`, or a PTB-XL folder (ingested first)")
     _config_options(q)
     q.add_argument(
-        "--epochs", type=int, help="upper bound on joint-stage epochs per branch (early stopping may end sooner)"
+        "--epochs",
+        type=_ranged(int, 1, 10_000),
+        help="upper bound on joint-stage epochs per branch (early stopping may end sooner)",
     )
     q.add_argument("--device", default="auto", help="auto | cpu | cuda (bf16 autocast on CUDA)")
-    q.add_argument("--seed", type=int, help="random seed (default 20261123)")
+    q.add_argument("--seed", type=_ranged(int, 0, 2**32 - 1), help="random seed (default 20261123)")
     q.add_argument(
         "--no-baseline",
         action="store_true",
@@ -487,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--world-size",
-        type=int,
+        type=_ranged(int, 1, 1024),
         default=1,
         help="DDP ranks for the joint stages and the baseline "
         "(torchrun on this machine: one GPU each, or gloo on CPU); 1 = one process",
@@ -505,7 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("source", help="a labelled dataset folder (ingested first) or a store folder from `ecgproto ingest`")
     _model_option(q)
     q.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    q.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the 95%% CIs")
+    q.add_argument(
+        "--bootstrap", type=_ranged(int, 10, 100_000), default=200, help="bootstrap resamples for the 95%% CIs"
+    )
     q.add_argument("--store", default=str(store_root()), help="store folder when SOURCE is a dataset")
     _ingest_options(q.add_argument_group("ingest, when SOURCE is a dataset folder"))
     q.set_defaults(func=cmd_evaluate)
@@ -513,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("explain", help="explain one ECG: predicted labels and the prototypes behind them (PNG + JSON)")
     q.add_argument("record", help="a WFDB record path without extension (e.g. records100/00000/00001_lr)")
     _model_option(q)
-    q.add_argument("--top-k", type=int, default=3, help="prototypes shown per predicted label")
+    q.add_argument("--top-k", type=_ranged(int, 1, 20), default=3, help="prototypes shown per predicted label")
     q.add_argument(
         "--label",
         action="append",
@@ -539,10 +583,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="first eligible admission per subject (default) or all admissions (then each subject is one "
         "row: its ECG features averaged, a case if any admission has the phecode)",
     )
-    q.add_argument("--min-cases", type=int, default=20, help="test a phecode only with this many case subjects")
-    q.add_argument("--min-controls", type=int, default=20, help="... and this many control subjects")
+    q.add_argument(
+        "--min-cases", type=_ranged(int, 1), default=20, help="test a phecode only with this many case subjects"
+    )
+    q.add_argument("--min-controls", type=_ranged(int, 1), default=20, help="... and this many control subjects")
     q.add_argument("--strict", action="store_true", help="only ECGs inside [admittime, dischtime]")
-    q.add_argument("--window-days", type=float, default=7.0, help="an ECG up to this many days before admission counts")
+    q.add_argument(
+        "--window-days",
+        type=_ranged(float, 0, 3650),
+        default=7.0,
+        help="an ECG up to this many days before admission counts",
+    )
     q.add_argument("--device", default="cpu", help="cpu | cuda (bf16 autocast) for scoring the cohort")
     q.add_argument(
         "--uncertain-ecgs",
@@ -554,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--uncertainty-percentile",
-        type=float,
+        type=_ranged(float, 0, 100),
         default=95.0,
         help="the validation-fold percentile of uncertainty above which an ECG counts as uncertain (default 95)",
     )
@@ -564,7 +615,9 @@ def build_parser() -> argparse.ArgumentParser:
         "store: used instead of scoring here",
     )
     q.add_argument("--store", default=str(store_root()), help="store folder when COHORT is a dataset")
-    q.add_argument("--workers", type=int, help="ingest processes when COHORT is a dataset (default: one per core)")
+    q.add_argument(
+        "--workers", type=_ranged(int, 1, 512), help="ingest processes when COHORT is a dataset (default: one per core)"
+    )
     q.set_defaults(func=cmd_associate)
 
     q = sub.add_parser(
@@ -574,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--mimic-ecg", help="MIMIC-IV-ECG folder for the association stage (holds record_list.csv)")
     q.add_argument("--hosp", help="MIMIC-IV hosp folder (patients, admissions, diagnoses_icd)")
     _config_options(q)
-    q.add_argument("--epochs", type=int, help="upper bound on joint-stage epochs per branch")
+    q.add_argument("--epochs", type=_ranged(int, 1, 10_000), help="upper bound on joint-stage epochs per branch")
     q.add_argument("--device", default="auto", help="auto | cpu | cuda")
     q.add_argument("--store", default=str(store_root()), help="store folder")
     q.set_defaults(func=cmd_run)
@@ -593,7 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_serve)
 
     q = sub.add_parser("ui", help="serve the MLflow UI for the local tracking store on 127.0.0.1")
-    q.add_argument("--port", type=int, default=5000)
+    q.add_argument("--port", type=_ranged(int, 1, 65_535), default=5000)
     q.set_defaults(func=cmd_ui)
     for parser in (p, *sub.choices.values()):  # --help shows every default; examples keep their layout
         parser.formatter_class = _HelpFormatter

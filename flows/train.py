@@ -200,6 +200,7 @@ def evaluate(
             report.documents[f"explanations/{name}.json"] = explanation
         tracking.log_report(run_id, report, uri)
         tracking.log_report(parent, StageReport(metrics=report.metrics), uri)  # headline on the parent too
+        stages.check_registrable(ctx, report.metrics)  # no epoch run, or no finite score: nothing is registered
         example = ctx.splits["test"].signals(np.arange(1))
         logged = tracking.log_model(run_id, stages.load_model(ctx), example, register_as, uri)
         out = {"metrics": report.metrics, **logged, "run_id": run_id}

@@ -105,3 +105,56 @@ def test_a_prefect_server_left_by_a_killed_run_is_stopped_by_the_next_command(tm
         live.kill()
         if _running(left):
             os.kill(left, 9)
+
+
+@pytest.mark.parametrize(
+    ("args", "option", "rule"),
+    [
+        (("train", "STORE", "--epochs", "-3"), "--epochs", "an integer from 1 to 10000"),
+        (("train", "STORE", "--world-size", "0"), "--world-size", "an integer from 1 to 1024"),
+        (("ingest", "DIR", "--fs", "0"), "--fs", "an integer from 50 to 2000"),
+        (("ingest", "DIR", "--fs", "-100"), "--fs", "an integer from 50 to 2000"),
+        (("explain", "REC", "--top-k", "-1"), "--top-k", "an integer from 1 to 20"),
+        (
+            ("associate", "DIR", "--hosp", "H", "--uncertainty-percentile", "nan"),
+            "--uncertainty-percentile",
+            "0 to 100",
+        ),
+        (("score", "STORE", "--batch-size", "many"), "--batch-size", "an integer from 1 to 65536"),
+    ],
+)
+def test_a_number_out_of_its_range_is_one_line_naming_the_option_before_any_work(
+    args: tuple[str, ...], option: str, rule: str, tmp_path: Path
+) -> None:
+    out = _ecgproto(*args, cwd=tmp_path)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and option in lines[0] and rule in lines[0], lines
+    assert not (tmp_path / "mlflow").exists() and not (tmp_path / "data").exists()  # nothing started
+
+
+def test_a_training_that_never_scored_registers_nothing(tmp_path: Path) -> None:
+    import torch
+
+    from ecgproto.data.labels import BRANCHES
+    from ecgproto.errors import UserError
+    from ecgproto.train.stages import check_registrable
+
+    class Work:
+        def path(self, *parts: str) -> Path:
+            p = tmp_path.joinpath(*parts)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            return p
+
+    work = Work()
+    done = {"history": [{"epoch": 0, "val_macro_auroc": 0.8}], "best": 0.8, "best_epoch": 0, "epoch": 0}
+    for name in BRANCHES:
+        for stage in ("joint", "last_layer"):
+            torch.save(done, work.path(name, f"{stage}.ckpt"))
+    torch.save(done, work.path("fusion", "fusion.ckpt"))
+    check_registrable(work, {"fused.macro_auroc": 0.9})  # a model that learned: registered
+    with pytest.raises(UserError, match="test fold's macro-AUROC is nan"):
+        check_registrable(work, {"fused.macro_auroc": float("nan")})
+    torch.save({**done, "history": [], "best": -1.797e308}, work.path("rhythm_1d", "joint.ckpt"))  # 0 epochs run
+    with pytest.raises(UserError, match="rhythm_1d/joint: the stage ran no epoch"):
+        check_registrable(work, {"fused.macro_auroc": 0.9})

@@ -14,11 +14,11 @@ from ecgproto.model.config import ModelConfig
 
 
 class StageConfig(BaseModel):
-    epochs: int = Field(ge=0, description="upper bound; early stopping may end sooner")
-    lr: float
-    weight_decay: float = 0.0
-    batch_size: int = 32
-    patience: int = Field(10, description="epochs without a better validation macro-AUROC before stopping")
+    epochs: int = Field(ge=1, description="upper bound; early stopping may end sooner")
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(32, ge=1)
+    patience: int = Field(10, ge=1, description="epochs without a better validation macro-AUROC before stopping")
     schedule: str = Field("cosine", description="cosine | onecycle | constant")
     optimizer: Literal["adam", "adamw"] = Field("adam", description="adam (weight decay as L2) or adamw (decoupled)")
     ema_epochs: float = Field(
@@ -83,9 +83,9 @@ class TrainConfig(BaseModel):
     loss: LossWeights = Field(default_factory=LossWeights)
     time_roll: bool = Field(True, description="augment training records with a random circular time shift")
     baseline: BaselineConfig = Field(default_factory=BaselineConfig)
-    eval_batch_size: int = 256
-    bootstrap: int = Field(1000, description="bootstrap resamples for the 95% CIs of the test fold")
-    threads: int = Field(0, description="torch CPU threads; 0 = torch's default")
+    eval_batch_size: int = Field(256, ge=1)
+    bootstrap: int = Field(1000, ge=10, description="bootstrap resamples for the 95% CIs of the test fold")
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
     device: str = Field("auto", description="auto | cpu | cuda")
     amp: bool = Field(True, description="bf16 autocast on CUDA")
     world_size: int = Field(

@@ -24,6 +24,7 @@ from torch import nn
 
 from ecgproto.data.labels import BRANCHES, LabelSet, load_label_set
 from ecgproto.data.store import ArrayStore, atomic_write_bytes, atomic_write_parquet
+from ecgproto.errors import UserError
 from ecgproto.model import persist
 from ecgproto.model.baseline import ResNet1DClassifier
 from ecgproto.model.branch import Branch
@@ -451,6 +452,26 @@ def load_model(ctx: TrainContext) -> ECGProtoNet:
     model = persist.load(ctx.path("model.pt"))
     assert isinstance(model, ECGProtoNet)
     return model
+
+
+def check_registrable(ctx: TrainContext, metrics: dict[str, float]) -> None:
+    """Refuse to hand on a model that did not train: a fit stage that ran no epoch or never got a finite validation
+    score, or a test-fold macro-AUROC that is not a number (a registered version must be a model that learned)."""
+    fits = [ctx.path(n, f"{s}.ckpt") for n in BRANCHES for s in ("joint", "last_layer")]
+    for ckpt in [*fits, ctx.path("fusion", "fusion.ckpt")]:
+        state = load_checkpoint(ckpt)
+        best = float("nan") if state is None else float(state.get("best", float("nan")))
+        if state is None or not state.get("history") or not 0 <= best <= 1:  # an AUROC, or never set
+            raise UserError(
+                f"{ckpt.parent.name}/{ckpt.stem}: the stage ran no epoch or never got a finite validation score - "
+                "no model is registered; check the data and the configuration (epochs, learning rate) and train again"
+            )
+    value = metrics.get("fused.macro_auroc", float("nan"))
+    if not np.isfinite(value):
+        raise UserError(
+            f"the test fold's macro-AUROC is {value} (no label has both classes in it?) - no model is registered; "
+            "check the store's folds"
+        )
 
 
 def best_f1_thresholds(y: np.ndarray, prob: np.ndarray) -> np.ndarray:
