@@ -22,6 +22,7 @@ import torch
 from matplotlib.figure import Figure
 
 from ecgproto.data.beats import detect_batch
+from ecgproto.data.ingest import READ_MARGIN_S
 from ecgproto.data.preprocess import PreprocessConfig, highpass, prepare_record
 from ecgproto.data.wfdb_io import read_record
 from ecgproto.figures import draw_ecg, plot_ecg
@@ -435,7 +436,7 @@ def load_record_for_model(path: str | Path, config: PreprocessConfig | None = No
     config = config or PreprocessConfig()
     base = Path(path)
     base = base.with_suffix("") if base.suffix in (".hea", ".dat") else base
-    x, _ = prepare_record(read_record(base), config, str(base))
+    x, _ = prepare_record(read_record(base, seconds=config.duration_s + READ_MARGIN_S), config, str(base))
     x = x.T  # (12, n)
     if config.highpass_hz:
         x = highpass(x, config.fs, config.highpass_hz, config.highpass_order, axis=-1)

@@ -239,3 +239,61 @@ def test_a_killed_parallel_ingest_leaves_no_orphan_workers_and_no_lock(demo_root
     assert time.time() - start < 60 and resumed.resumed_chunks > 0
     clean = ingest(demo_root / "ptbxl", tmp_path / "clean", IngestConfig(workers=1, chunk_size=20), progress=False)
     np.testing.assert_array_equal(np.asarray(resumed.store.signals), np.asarray(clean.store.signals))
+
+
+def test_headers_and_links_that_lead_outside_the_dataset_are_quarantined_as_outside_root(
+    ptbxl_copy: Path, tmp_path: Path
+) -> None:
+    """Every file a record reads is resolved, symlinks followed: a record whose .hea and .dat are links to files
+    elsewhere, a header whose signal-file field is absolute, and one whose field climbs out with '../'."""
+    db = pd.read_csv(ptbxl_copy / "ptbxl_database.csv", dtype=str, keep_default_na=False)
+    ids = db["ecg_id"].tolist()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    base = [ptbxl_copy / db.loc[i, "filename_lr"] for i in range(3)]
+    # 0: both files are links to copies outside the folder
+    for ext in (".hea", ".dat"):
+        target = outside / f"linked{ext}"
+        target.write_bytes(base[0].with_suffix(ext).read_bytes())
+        base[0].with_suffix(ext).unlink()
+        base[0].with_suffix(ext).symlink_to(target)
+    # 1: the header names an absolute signal file; 2: one reached with '../'
+    secret = outside / "secret.dat"
+    secret.write_bytes(base[1].with_suffix(".dat").read_bytes())
+    for record, name in ((base[1], str(secret)), (base[2], os.path.relpath(secret, base[2].parent))):
+        hea = record.with_suffix(".hea")
+        dat_name = record.name + ".dat"
+        hea.write_text(hea.read_text().replace(dat_name, name))
+    store = ingest(ptbxl_copy, tmp_path / "store", SERIAL, progress=False).store
+    q = store.quarantine.set_index("record_id")
+    for i in range(3):
+        assert q.loc[ids[i], "reason"] == "outside_root", q.loc[ids[i]].to_dict()
+    assert "link" in q.loc[ids[0], "message"] and "--allow-outside-root" in q.loc[ids[1], "message"]
+    allowed = ingest(ptbxl_copy, tmp_path / "store", IngestConfig(workers=1, allow_outside_root=True), progress=False)
+    assert set(ids[:3]) <= set(allowed.store.manifest["record_id"])
+
+
+def test_a_long_record_reads_only_the_window_it_keeps_and_gives_the_same_samples(tmp_path: Path) -> None:
+    from ecgproto.data.wfdb_io import read_record
+
+    rng = np.random.default_rng(0)
+    signal = np.cumsum(rng.normal(0, 0.01, (500 * 600, 12)), axis=0)  # 10 minutes at 500 Hz
+    wfdb.wrsamp(
+        "long",
+        fs=500,
+        units=["mV"] * 12,
+        sig_name=list(LEADS),
+        p_signal=signal,
+        fmt=["16"] * 12,
+        write_dir=str(tmp_path),
+    )
+    whole = read_record(tmp_path / "long")
+    window = read_record(tmp_path / "long", seconds=11.0)
+    assert window.signal.shape == (5500, 12) and whole.signal.shape == (300_000, 12)
+    np.testing.assert_array_equal(window.signal, whole.signal[:5500])
+    config = PreprocessConfig()
+    from ecgproto.data.preprocess import prepare_record
+
+    kept_whole, _ = prepare_record(whole, config, "long")
+    kept_window, _ = prepare_record(window, config, "long")
+    np.testing.assert_allclose(kept_window, kept_whole, atol=1e-6)  # the margin covers the resampler's edge

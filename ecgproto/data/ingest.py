@@ -46,6 +46,10 @@ from ecgproto.data.store import (
 from ecgproto.data.wfdb_io import RecordError, read_record
 from ecgproto.progress import CountProgress
 
+# seconds read past the kept window: the polyphase resampler's filter reaches ~0.1 s, so the kept samples equal those
+# of a whole-record read
+READ_MARGIN_S = 1.0
+
 
 class IngestConfig(BaseModel):
     """Everything that decides the content of a store (and so its cache key), plus how to run."""
@@ -108,6 +112,7 @@ class IngestChunk:
     files: list[str]
     preprocess: dict[str, object]
     beats: dict[str, object]
+    allow_outside_root: bool = False
 
 
 def _chunk_file(partial: Path, index: int) -> Path:
@@ -122,7 +127,9 @@ def ingest_chunk(chunk: IngestChunk) -> int:
     for row, record_id, path, file in zip(chunk.rows, chunk.record_ids, chunk.paths, chunk.files, strict=True):
         entry: dict[str, object] = {"row": row, "record_id": record_id, "file": file, "reason": "", "message": ""}
         try:
-            x, facts = prepare_record(read_record(path), config, file)
+            root = None if chunk.allow_outside_root else chunk.root
+            # the first 10 s and a margin for the resampling filter's edge: what is kept, the same as a whole read
+            x, facts = prepare_record(read_record(path, root, config.duration_s + READ_MARGIN_S), config, file)
             entry.update(facts)
             batch.append(x.T)  # (12, n_samples)
             good_rows.append(row)
@@ -311,6 +318,7 @@ def _plan_chunks(partial: Path, listing: DatasetListing, config: IngestConfig) -
             files[i : i + size],
             pre,
             beats,
+            config.allow_outside_root,
         )
         for i in range(0, len(recs), size)
     ]

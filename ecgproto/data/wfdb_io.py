@@ -115,17 +115,27 @@ def _parse_signal_line(i: int, line: str, hea: Path) -> SignalSpec:
     )
 
 
-def read_record(base: Path | str) -> RawRecord:
-    """Read a record's physical signal. Raises RecordError naming the file for any defect."""
+def read_record(base: Path | str, root: Path | str | None = None, seconds: float | None = None) -> RawRecord:
+    """Read a record's physical signal. Raises RecordError naming the file for any defect.
+
+    `root`: every file the record reads (its header and each signal file, symlinks followed) must lie inside this
+    folder, or the record is refused as `outside_root` (a dataset's index or header must not pull other files of the
+    machine into a store). `seconds`: read only the first this many seconds (a Holter-length file is not read
+    whole to keep 10 s; the rest of it is never touched)."""
     base = Path(base)
+    if root is not None:
+        _inside(base.with_suffix(".hea") if base.suffix != ".hea" else base, Path(root))
     header = read_header(base)
     files = {s.file for s in header.signals}
     for name in files:
         dat = base.parent / name
+        if root is not None:
+            _inside(dat, Path(root))
         if not dat.exists():
             raise RecordError("missing_dat", "signal file is missing; re-download the record", dat)
     if header.n_sig == 0:
         raise RecordError("no_signals", "header lists no signals", base.with_suffix(".hea"))
+    frames = None if seconds is None else max(int(np.ceil(seconds * header.fs)), 1)
     fast = len(files) == 1 and all(s.fmt == "16" and s.simple for s in header.signals)
     if fast:
         dat = base.parent / header.signals[0].file
@@ -139,13 +149,14 @@ def read_record(base: Path | str) -> RawRecord:
                 dat,
             )
         n = header.n_samples or size // (2 * header.n_sig)
+        n = n if frames is None else min(n, frames)
         digital = np.fromfile(dat, dtype="<i2", count=n * header.n_sig).reshape(n, header.n_sig)
         gain = np.array([s.gain for s in header.signals], dtype=np.float32)
         baseline = np.array([s.baseline for s in header.signals], dtype=np.float32)
         signal = (digital.astype(np.float32) - baseline) / gain
         signal[digital == _INVALID_16] = np.nan
     else:
-        signal = _read_with_wfdb(base, header)
+        signal = _read_with_wfdb(base, header, frames)
     return RawRecord(
         signal=signal,
         fs=header.fs,
@@ -154,7 +165,20 @@ def read_record(base: Path | str) -> RawRecord:
     )
 
 
-def _read_with_wfdb(base: Path, header: Header) -> np.ndarray:
+def _inside(file: Path, root: Path) -> None:
+    """Refuse a file that is not inside `root` once every symlink is followed (an absolute or '../' signal-file
+    field in a header, or a header or signal file that is a link to elsewhere)."""
+    if not file.resolve().is_relative_to(root.resolve()):
+        where = "a link to a file" if file.is_symlink() else "a file"
+        raise RecordError(
+            "outside_root",
+            f"{where} outside the dataset folder ({file.resolve()}); move the record into the folder, or allow this "
+            "with --allow-outside-root",
+            file,
+        )
+
+
+def _read_with_wfdb(base: Path, header: Header, frames: int | None = None) -> np.ndarray:
     import wfdb  # imported lazily: only unusual formats need it
 
     for name in {s.file for s in header.signals}:
@@ -166,7 +190,8 @@ def _read_with_wfdb(base: Path, header: Header) -> np.ndarray:
                 "truncated_dat", "signal file is shorter than the header says; fetch the record again", dat
             )
     try:
-        record = wfdb.rdrecord(str(base), physical=True)
+        sampto = None if frames is None or not header.n_samples else min(frames, header.n_samples)
+        record = wfdb.rdrecord(str(base), physical=True, sampto=sampto)
     except Exception as exc:  # wfdb raises many types for corrupt files
         raise RecordError(
             "unreadable", f"wfdb could not read the record ({type(exc).__name__}: {exc})", base.with_suffix(".hea")
