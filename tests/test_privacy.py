@@ -70,3 +70,36 @@ def test_cohort_flow_steps_never_differ_by_a_small_count_and_the_analysed_total_
     af = out.phecodes.set_index("phecode").loc["427.21"]
     assert af["n_cases"] == "<10" and af["n_excluded"] == "<10"  # 4 + 6 = 10: the pair's sum may show
     assert out.leaks == []
+
+
+def test_a_count_the_ingest_run_hid_is_not_recoverable_from_the_association_run() -> None:
+    """A credentialed ingest of 3,632 listed records quarantines 3: it publishes 3,632 and hides the 3 and the 3,629
+    stored. The association run on that store knows the listed total too; it must not publish 3,629 (or any count
+    that, with 3,632, gives a number below 10)."""
+    from ecgproto.data.summary import credentialed_counts
+    from ecgproto.phenotype.cohort import LISTED_STEP
+
+    ingest_shown, _ = credentialed_counts(
+        {"n_listed": 3632, "n_records": 3629, "n_quarantined": 3, "n_beat_fallback": 0},
+        pd.DataFrame({"reason": ["flat_lead"] * 3}),
+    )
+    assert ingest_shown["n_listed"] == "3632" and ingest_shown["n_quarantined"] == "<10"
+    assert ingest_shown["n_records"] != "3629"
+    flow = pd.DataFrame(
+        {
+            "step": [LISTED_STEP, "ECGs in the store", "readable ecg_time", "admissions", "in window", "analysed"],
+            "n": [3632, 3629, 3629, 2100, 1800, 1500],
+            "unit": ["ECGs", "ECGs", "ECGs", "admissions", "admissions", "subjects"],
+        }
+    )
+    phecodes = pd.DataFrame({"phecode": ["401.1"], "n_cases": [300], "n_controls": [1195], "n_excluded": [5]})
+    empty = pd.DataFrame(columns=["icd_version", "chapter", "rows", "mapped", "exact", "trimmed", "mapping_rate"])
+    out = protect_study_counts(flow, phecodes, empty.drop(columns="chapter"), empty, pd.DataFrame(), 10)
+    shown = out.flow["n"].tolist()
+    assert shown[0] == "3632"  # what the ingest run already published
+    published = [int(s) for s in shown[:3] if s.isdigit()] + [
+        int(ingest_shown[k]) for k in ("n_listed", "n_records", "n_quarantined") if str(ingest_shown[k]).isdigit()
+    ]
+    for a, b in itertools.combinations(published, 2):  # every number of both runs, pairwise
+        assert not 0 < abs(a - b) < 10, (a, b, shown, ingest_shown)
+    assert out.leaks == []

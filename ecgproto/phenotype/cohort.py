@@ -85,12 +85,16 @@ def link_ecgs(ecgs: pd.DataFrame, admissions: pd.DataFrame, config: CohortConfig
     return m[["hadm_id", "subject_id", "record_id", "row", "ecg_time", "admittime"]].reset_index(drop=True)
 
 
+LISTED_STEP = "ECG records the dataset lists (the ingest run's n_listed)"
+
+
 def build_cohort(
     manifest: pd.DataFrame,
     hosp: Path,
     config: CohortConfig | None = None,
     drop_rows: np.ndarray | None = None,
     drop_step: str = "",
+    listed: int | None = None,
 ) -> Cohort:
     """manifest: the cohort store's (record_id, subject_id, ecg_time, row); hosp: MIMIC-IV hosp folder.
     `drop_rows`: store rows whose admissions are left out (not replaced by another ECG), as the flow step
@@ -101,7 +105,10 @@ def build_cohort(
     diagnoses = read_table(hosp, "diagnoses_icd", ["subject_id", "hadm_id", "icd_code", "icd_version"])
     ecgs = manifest[["record_id", "subject_id", "ecg_time", "row"]].copy()
     ecgs["subject_id"] = pd.to_numeric(ecgs["subject_id"], errors="raise").astype("int64")
-    steps = [("ECGs in the store", len(ecgs), "ECGs")]
+    # `listed`: the records the dataset's index listed (the ingest run publishes it): with it in the flow, a count
+    # the ingest run hid (its quarantine) stays hidden here too, however the two runs' numbers are combined
+    steps = [] if listed is None else [(LISTED_STEP, int(listed), "ECGs")]
+    steps.append(("ECGs in the store", len(ecgs), "ECGs"))
     ecgs = ecgs[pd.to_datetime(ecgs["ecg_time"], errors="coerce").notna()]
     steps.append(("ECGs with a readable ecg_time (others left out)", len(ecgs), "ECGs"))
     steps.append(("admissions in hosp", len(admissions), "admissions"))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from ecgproto.phenotype.cohort import LISTED_STEP
 from ecgproto.privacy import Disclosure
 
 COUNTS = ("n_cases", "n_controls", "n_excluded")
@@ -48,14 +49,11 @@ def protect_study_counts(
     d = Disclosure(min_cell)
     # cohort flow: one chain for ECGs, one for admissions then subjects; the subjects analysed are kept longest
     flow_cells = []
-    for i, (unit, n) in enumerate(zip(flow["unit"], flow["n"], strict=True)):
+    for i, (step, unit, n) in enumerate(zip(flow["step"], flow["unit"], flow["n"], strict=True)):
         last = i == len(flow) - 1
-        flow_cells.append(
-            d.cell(
-                int(n),
-                keep=2 if last else 1 if unit == "admissions" and flow["unit"].iloc[i + 1] != "admissions" else 0,
-            )
-        )
+        keep = 2 if last else 1 if unit == "admissions" and flow["unit"].iloc[i + 1] != "admissions" else 0
+        # the records the dataset lists are published by the ingest run: hiding them here would hide nothing
+        flow_cells.append(d.cell(int(n), keep=3 if step == LISTED_STEP else keep))
     units = flow["unit"].to_numpy()
     d.chain([c for c, u in zip(flow_cells, units, strict=True) if u == "ECGs"])
     d.chain([c for c, u in zip(flow_cells, units, strict=True) if u in ("admissions", "subjects")])

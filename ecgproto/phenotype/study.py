@@ -147,7 +147,8 @@ class PhenotypeStudy:
         self, store: ArrayStore, hosp: Path, drop_rows: np.ndarray | None = None
     ) -> tuple[Cohort, PhecodeStatus, MappingReport]:
         step = f"ECG not more uncertain than {self.config.uncertainty_percentile:g}% of the model's validation ECGs"
-        cohort = build_cohort(store.manifest, Path(hosp), self.config.cohort, drop_rows, step)
+        listed = store.info.get("n_listed")
+        cohort = build_cohort(store.manifest, Path(hosp), self.config.cohort, drop_rows, step, listed)
         pmap = PhecodeMap.load(self.config.phecode_version)  # type: ignore[arg-type]
         pairs, detail = pmap.map_diagnoses(cohort.diagnoses)
         status = phecode_status(
