@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +44,26 @@ def _ranged(kind: type, lo: float | None = None, hi: float | None = None) -> Cal
 
     parse.__name__ = rule  # what argparse names in its own messages
     return parse
+
+
+def _device(text: str) -> str:
+    """An argparse type for --device: auto, cpu, mps, cuda or cuda:N, and cuda only where this torch sees a GPU."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; give auto, cpu, cuda, cuda:N or mps")
+    if text.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU-only build" if torch.version.cuda is None else "no GPU is visible"
+            raise argparse.ArgumentTypeError(f"{text}: {why}; use --device cpu (or auto)")
+        index = int(text.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return text
+
+
+def _device_option(q: argparse.ArgumentParser, default: str = "auto", what: str = "") -> None:
+    q.add_argument("--device", type=_device, default=default, help=f"auto | cpu | cuda[:N] | mps{what}")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -493,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--shard-size", type=_ranged(int, 1), default=65_536, help="ECGs per shard: one task, one resume checkpoint"
     )
     q.add_argument("--batch-size", type=_ranged(int, 1, 65_536), default=256, help="ECGs per forward pass")
-    q.add_argument("--device", default="auto", help="auto | cpu | cuda (bf16 autocast on CUDA)")
+    _device_option(q, what=" (bf16 autocast on CUDA)")
     q.add_argument(
         "--loader-workers", type=_ranged(int, 0, 64), default=0, help="read-ahead processes per scoring task"
     )
@@ -519,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_ranged(int, 1, 10_000),
         help="upper bound on joint-stage epochs per branch (early stopping may end sooner)",
     )
-    q.add_argument("--device", default="auto", help="auto | cpu | cuda (bf16 autocast on CUDA)")
+    _device_option(q, what=" (bf16 autocast on CUDA)")
     q.add_argument("--seed", type=_ranged(int, 0, 2**32 - 1), help="random seed (default 20261123)")
     q.add_argument(
         "--no-baseline",
@@ -546,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("source", help="a labelled dataset folder (ingested first) or a store folder from `ecgproto ingest`")
     _model_option(q)
-    q.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    _device_option(q)
     q.add_argument(
         "--bootstrap", type=_ranged(int, 10, 100_000), default=200, help="bootstrap resamples for the 95%% CIs"
     )
@@ -594,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=7.0,
         help="an ECG up to this many days before admission counts",
     )
-    q.add_argument("--device", default="cpu", help="cpu | cuda (bf16 autocast) for scoring the cohort")
+    _device_option(q, "cpu", " (bf16 autocast on CUDA) for scoring the cohort")
     q.add_argument(
         "--uncertain-ecgs",
         choices=["keep", "flag", "drop"],
@@ -628,7 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--hosp", help="MIMIC-IV hosp folder (patients, admissions, diagnoses_icd)")
     _config_options(q)
     q.add_argument("--epochs", type=_ranged(int, 1, 10_000), help="upper bound on joint-stage epochs per branch")
-    q.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    _device_option(q)
     q.add_argument("--store", default=str(store_root()), help="store folder")
     q.set_defaults(func=cmd_run)
 

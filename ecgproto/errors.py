@@ -26,12 +26,14 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 
     from ecgproto.data.labels import LabelError
     from ecgproto.data.layouts import DatasetError
+    from ecgproto.data.wfdb_io import RecordError
     from ecgproto.phenotype.cohort import CohortError
     from ecgproto.phenotype.phecodes import PhecodeError
 
     return (
         UserError,
         DatasetError,
+        RecordError,
         LabelError,
         CohortError,
         PhecodeError,

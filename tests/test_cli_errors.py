@@ -158,3 +158,27 @@ def test_a_training_that_never_scored_registers_nothing(tmp_path: Path) -> None:
     torch.save({**done, "history": [], "best": -1.797e308}, work.path("rhythm_1d", "joint.ckpt"))  # 0 epochs run
     with pytest.raises(UserError, match="rhythm_1d/joint: the stage ran no epoch"):
         check_registrable(work, {"fused.macro_auroc": 0.9})
+
+
+@pytest.mark.parametrize(
+    ("device", "expected"),
+    [("banana", "'banana' is not a device"), ("cuda:x", "is not a device")]
+    + [("cuda", "use --device cpu")] * (not __import__("torch").cuda.is_available()),
+)
+def test_a_device_that_is_not_there_is_one_line_before_any_work(device: str, expected: str, tmp_path: Path) -> None:
+    out = _ecgproto("train", "STORE", "--device", device, cwd=tmp_path)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--device" in lines[0] and expected in lines[0], lines
+    assert "a GPU is here" not in out.stderr
+
+
+def test_a_record_that_cannot_be_read_is_a_user_error_naming_its_file(tmp_path: Path) -> None:
+    from ecgproto.data.wfdb_io import read_record
+    from ecgproto.errors import describe
+
+    (tmp_path / "r.hea").write_text("r 3 100 1000\nr.dat 16 200 16 0 0 0 0 I\nr.dat 16 200 16 0 0 0 0 II\n")
+    with pytest.raises(Exception) as caught:
+        read_record(tmp_path / "r")
+    code, text = describe(caught.value)
+    assert code == 2 and str(tmp_path / "r.hea") in text and "a bug" not in text
