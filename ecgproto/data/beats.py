@@ -1,11 +1,19 @@
-"""Beat positions of a 12-lead record: wfdb's XQRS detector, with a beat-scale grid when it fails.
+"""Beat positions of a 12-lead record, with a beat-scale grid when detection fails.
 
-The detector runs on the sum over the leads of the absolute first difference (a QRS is where every
-lead changes fastest, whichever its axis), and each detection is moved to the peak of that signal
-smoothed over 50 ms (`wfdb.processing.correct_peaks`), so the beats of a record share one fiducial
-point. Detection is refused, and beat-scale windows are laid on a regular grid instead (flagged
-`grid`), when it finds fewer than two beats, a median RR outside the plausible range, or peaks no
-higher than the record's background (noise, artefact, a flat record).
+Both detectors run on the sum over the leads of the absolute first difference (a QRS is where every
+lead changes fastest, whichever its axis).
+
+  peaks  (default) a whole batch of records at once: that energy smoothed over 70 ms (scipy.ndimage),
+         its local maxima at least a refractory period apart (scipy.signal.find_peaks) that reach
+         30% of the largest peak within 1 s either side, and `min_peak_ratio` times the record's
+         median. On the full PTB-XL it finds 99% of XQRS's beats within 50 ms, with under 1% extra,
+         where the model takes its beat windows (docs/benchmarks.md), ~20x faster.
+  xqrs   wfdb's XQRS, one record at a time, each detection moved to the peak of the energy smoothed
+         over 50 ms (`wfdb.processing.correct_peaks`): the reference the default is tested against.
+
+Detection is refused, and beat-scale windows are laid on a regular grid instead (flagged `grid`),
+when it finds fewer than two beats, a median RR outside the plausible range, or peaks no higher
+than the record's background (noise, artefact, a flat record).
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ from typing import Literal
 import numpy as np
 import wfdb.processing as wp
 from pydantic import BaseModel, Field
+from scipy.ndimage import maximum_filter1d, uniform_filter1d
+from scipy.signal import find_peaks
 
 BeatSource = Literal["detected", "grid"]
 
@@ -40,6 +50,16 @@ class BeatConfig(BaseModel):
     )
     grid_spacing_s: float = Field(1.0, gt=0, description="fallback: one beat-scale window per this many seconds")
     max_beats: int = Field(40, ge=1, description="beats kept per record (10 s at 240 bpm)")
+    detector: Literal["peaks", "xqrs"] = Field(
+        "peaks",
+        description="peaks: smoothed-energy local maxima over a batch of records (scipy; fast); xqrs: wfdb's XQRS "
+        "one record at a time (the reference)",
+    )
+    smooth_s: float = Field(0.07, gt=0, description="peaks: the energy is averaged over this window")
+    relative_height: float = Field(
+        0.3, gt=0, le=1, description="peaks: a beat reaches this share of the largest peak within `neighbourhood_s`"
+    )
+    neighbourhood_s: float = Field(2.0, gt=0, description="peaks: the window (centred) of that largest peak")
 
 
 @dataclass(frozen=True)
@@ -69,6 +89,46 @@ def grid_beats(n_samples: int, fs: float, config: BeatConfig) -> np.ndarray:
 def detect_beats(signal: np.ndarray, fs: float, config: BeatConfig | None = None) -> Beats:
     """(12, n) preprocessed signal in mV at `fs` -> its beats, detected or (when detection fails) a grid."""
     config = config or BeatConfig()
+    if config.detector == "peaks":
+        return _peak_beats(np.asarray(signal)[None], fs, config)[0]
+    return _xqrs_beats(signal, fs, config)
+
+
+def _peak_beats(signals: np.ndarray, fs: float, config: BeatConfig) -> list[Beats]:
+    """The `peaks` detector over a batch (B, 12, n): the filters run on the whole batch, find_peaks per record."""
+    x = np.asarray(signals, dtype=np.float32)
+    n = x.shape[-1]
+    energy = np.abs(np.diff(x, axis=-1, prepend=x[..., :1])).sum(axis=1)  # (B, n)
+    smooth = uniform_filter1d(energy, size=max(int(round(config.smooth_s * fs)), 1), axis=1, mode="nearest")
+    local = maximum_filter1d(smooth, size=max(int(round(config.neighbourhood_s * fs)), 1), axis=1, mode="nearest")
+    floor = config.min_peak_ratio * np.median(smooth, axis=1, keepdims=True)
+    threshold = np.maximum(config.relative_height * local, floor)
+    distance = max(int(round(config.refractory_s * fs)), 1)
+    # the fiducial point, as XQRS's correct_peaks sets it: the top of the energy minus its 50 ms mean, within 80 ms
+    sharp = energy - uniform_filter1d(energy, size=max(int(round(0.05 * fs)), 1), axis=1, mode="nearest")
+    radius = np.arange(-int(round(0.12 * fs)), int(round(0.08 * fs)) + 1)  # the smoothed peak lags a wide QRS
+    out = []
+    for b in range(len(x)):
+        peaks = np.zeros(0, dtype=np.int64)
+        if np.isfinite(smooth[b]).all() and smooth[b].max() > 0:
+            found, _ = find_peaks(smooth[b], distance=distance)
+            found = found[smooth[b, found] >= threshold[b, found]]
+            around = np.clip(found[:, None] + radius, 0, n - 1)
+            top = sharp[b, around]  # (k, window)
+            # a wide, notched QRS has several humps: its first one that reaches 60% of the highest (its onset side,
+            # where XQRS puts it), at that hump's own top
+            first = (top >= 0.6 * top.max(axis=1, keepdims=True)).argmax(axis=1)
+            ahead = np.clip(first[:, None] + np.arange(4), 0, top.shape[1] - 1)
+            at = ahead[np.arange(len(found)), np.take_along_axis(top, ahead, axis=1).argmax(axis=1)]
+            peaks = np.unique(around[np.arange(len(found)), at]).astype(np.int64)
+        if _plausible(peaks, energy[b], fs, config):
+            out.append(Beats(peaks[: config.max_beats], "detected"))
+        else:
+            out.append(Beats(grid_beats(n, fs, config)[: config.max_beats], "grid"))
+    return out
+
+
+def _xqrs_beats(signal: np.ndarray, fs: float, config: BeatConfig) -> Beats:
     n = signal.shape[-1]
     energy = qrs_energy(signal)
     peaks = np.zeros(0, dtype=np.int64)
@@ -114,7 +174,10 @@ def _plausible(peaks: np.ndarray, energy: np.ndarray, fs: float, config: BeatCon
 def detect_batch(signals: np.ndarray, fs: float, config: BeatConfig | None = None) -> tuple[np.ndarray, list[str]]:
     """(B, 12, n) -> (B, max_beats) int16 positions padded with -1, and each record's source."""
     config = config or BeatConfig()
-    found = [detect_beats(x, fs, config) for x in signals]
+    if config.detector == "peaks" and len(signals):
+        found = _peak_beats(signals, fs, config)
+    else:
+        found = [_xqrs_beats(x, fs, config) for x in signals]
     return np.stack([b.padded(config.max_beats) for b in found]) if found else np.zeros(
         (0, config.max_beats), dtype=np.int16
     ), [b.source for b in found]
