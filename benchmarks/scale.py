@@ -31,10 +31,10 @@ import torch
 from ecgproto.data.beats import BeatConfig, Beats, grid_beats
 from ecgproto.data.labels import load_label_set
 from ecgproto.data.store import ArrayStore
-from ecgproto.model.config import ModelConfig
 from ecgproto.model.network import ECGProtoNet
 from ecgproto.phenotype.features import prototype_table
 from ecgproto.scoring import score_rows, score_store
+from ecgproto.train.config import PRESETS, TrainConfig, resolve_preset
 
 MIMIC_ECGS = 800_000
 
@@ -96,8 +96,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--config",
-        choices=("reference", "small"),
-        help="network size (default: reference on CUDA, small on CPU, where the reference scores ~5 ECGs/s)",
+        choices=tuple(PRESETS),
+        help="the configuration whose network is scored (default: what `--config auto` trains on this machine)",
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--n", type=int, help="ECGs in the synthetic store (default 2,000 on CPU, 100,000 on CUDA)")
@@ -107,12 +107,12 @@ def main() -> None:
     p.add_argument("--workers", default="", help="comma-separated loader worker counts (default 0,2 / 0,4,8)")
     args = p.parse_args()
     cuda = args.device.startswith("cuda")
-    args.config = args.config or ("reference" if cuda else "small")
+    args.config = args.config or resolve_preset("auto", cuda)[0]
     n = args.n or (100_000 if cuda else 2_000)
     batches = [int(b) for b in (args.batch or ("256,1024,2048" if cuda else "256")).split(",")]
     workers = [int(w) for w in (args.workers or ("0,4,8" if cuda else "0,2")).split(",")]
     torch.manual_seed(0)
-    cfg = ModelConfig() if args.config == "reference" else ModelConfig.small()
+    cfg = TrainConfig.preset(args.config).model
     model = ECGProtoNet(cfg, load_label_set()).eval()
     name = torch.cuda.get_device_name() if cuda else f"{torch.get_num_threads()} CPU threads"
     print(

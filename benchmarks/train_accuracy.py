@@ -29,7 +29,7 @@ from _common import default_device, ingest_real, set_threads
 
 from ecgproto.data.labels import BRANCHES
 from ecgproto.data.store import ArrayStore
-from ecgproto.train.config import TrainConfig
+from ecgproto.train.config import PRESETS, TrainConfig
 from ecgproto.train.metrics import difference_text
 
 
@@ -50,7 +50,7 @@ def real_data_accuracy(
         return out
 
     store = clock("ingest", ingest_real, root, scratch)
-    cfg = TrainConfig.small() if config == "small" else TrainConfig()
+    cfg = TrainConfig.preset(config)
     cfg.device = device
     if seed is not None:
         cfg.seed = seed
@@ -118,7 +118,7 @@ def real_data_accuracy(
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("real", type=Path, help="an unpacked PTB-XL folder (the full PTB-XL or the 1,250-record subset)")
-    p.add_argument("--config", choices=("small", "reference"), default="small")
+    p.add_argument("--config", choices=tuple(PRESETS), default="small")
     p.add_argument("--device", default=default_device())
     p.add_argument(
         "--split",

@@ -30,7 +30,7 @@ from ecgproto.data.labels import BRANCHES, load_label_set
 from ecgproto.model.baseline import ResNet1DClassifier
 from ecgproto.model.network import build_branch
 from ecgproto.train import losses
-from ecgproto.train.config import TrainConfig
+from ecgproto.train.config import PRESETS, TrainConfig
 
 
 def _step_fn(
@@ -112,7 +112,7 @@ def variants(device: torch.device, name: str, try_compile: bool) -> dict[str, di
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", choices=("small", "reference"), default="small")
+    p.add_argument("--config", choices=tuple(PRESETS), default="small")
     p.add_argument("--device", default=default_device())
     p.add_argument("--batch", type=int, help="default: the config's joint batch size")
     p.add_argument("--steps", type=int, default=8)
@@ -121,7 +121,7 @@ def main() -> None:
     args = p.parse_args()
     set_threads(args.threads)
     device = torch.device(args.device)
-    cfg = TrainConfig.small() if args.config == "small" else TrainConfig()
+    cfg = TrainConfig.preset(args.config)
     batch = args.batch or cfg.joint.batch_size
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"device {device} ({where}), config {args.config}, batch {batch}, {args.steps} timed steps per variant")

@@ -117,12 +117,14 @@ def _model_option(q: argparse.ArgumentParser, more: str = "") -> None:
 
 
 def _config_options(q: argparse.ArgumentParser) -> None:
+    from ecgproto.train.config import PRESETS
+
     q.add_argument(
         "--config",
-        choices=("auto", "small", "reference"),
+        choices=("auto", *PRESETS),
         default="auto",
-        help="small: the CPU configuration; reference: ProtoECGNet's sizes (a GPU); auto: reference on a GPU, "
-        "else small",
+        help="; ".join(f"{k}: {v}" for k, v in PRESETS.items()) + "; auto: small (the one with full-PTB-XL "
+        "figures), on any device, and says why",
     )
     q.add_argument("--small", action="store_true", help="the same as --config small")
 
@@ -159,16 +161,13 @@ def _ingest_options(
 def _train_config(args: argparse.Namespace):  # noqa: ANN202
     """`--config`: small (the CPU configuration) or reference (ProtoECGNet's sizes, for a GPU); auto picks by
     the device and says so, since the reference configuration takes days on a few CPU cores."""
-    from ecgproto.train.config import TrainConfig
+    from ecgproto.train.config import TrainConfig, resolve_preset
     from ecgproto.train.stages import resolve_device
 
-    choice = "small" if args.small else args.config
-    if choice == "auto":
-        device = resolve_device(args.device)
-        choice = "reference" if device.type == "cuda" else "small"
-        why = "a GPU is here" if device.type == "cuda" else "no GPU here: the reference configuration would take days"
+    choice, why = resolve_preset("small" if args.small else args.config, resolve_device(args.device).type == "cuda")
+    if args.config == "auto" and not args.small:
         print(f"ecgproto: training the {choice} configuration ({why}; choose with --config)", file=sys.stderr)
-    return TrainConfig.small() if choice == "small" else TrainConfig()
+    return TrainConfig.preset(choice)
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
@@ -436,7 +435,7 @@ RETRAIN_EXAMPLE = """example retrain.toml (every key is checked; an unknown one 
     [data]
     ptbxl = "/data/physionet.org/files/ptb-xl/1.0.3"
     [train]
-    size = "reference"          # or "small"
+    size = "auto"               # or small | large | reference (see ecgproto train --help)
     device = "cuda"             # auto | cpu | cuda[:N] | mps
     epochs = 30                 # optional upper bound on joint-stage epochs
     [registry]

@@ -24,7 +24,7 @@ from ecgproto.flows.retrain import compare_and_promote
 from ecgproto.flows.train import REGISTERED_NAME, run_stage, train_flow
 from ecgproto.phenotype.study import StudyConfig
 from ecgproto.report import pipeline_report
-from ecgproto.train.config import TrainConfig
+from ecgproto.train.config import TrainConfig, default_preset
 from ecgproto.train.metrics import difference_text
 
 
@@ -68,7 +68,7 @@ def pipeline_flow(
             out.update(cohort_store=cohort["store"], cohort_ingest_run_id=cohort["run_id"])
         tracking.set_tags(parent, {"dataset_hash": train["dataset_hash"]}, tracking_uri)
         if train_model:
-            config = train_config or (TrainConfig.demo() if demo else TrainConfig())
+            config = train_config or TrainConfig.preset("demo" if demo else default_preset())
             planted = tuple(PLANTED_LABELS) if demo else ()
             t = train_flow(
                 train["store"],

@@ -11,7 +11,7 @@ Example config (TOML):
     [data]
     ptbxl = "/data/physionet.org/files/ptb-xl/1.0.3"
     [train]
-    size = "reference"          # or "small"
+    size = "auto"               # or small | large | reference
     device = "cuda"
     [registry]
     name = "ecgproto-protoecgnet"
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, task
 from prefect.runtime import flow_run
@@ -41,7 +41,8 @@ from ecgproto.model.persist import ModelFileError
 from ecgproto.progress import stage_line
 from ecgproto.promotion import PromotionDecision, decide, test_fold_auroc
 from ecgproto.report import StageReport
-from ecgproto.train.config import TrainConfig
+from ecgproto.train.config import PRESETS, TrainConfig, resolve_preset
+from ecgproto.train.stages import resolve_device
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -57,7 +58,7 @@ class DataSection(_Section):
 
 
 class TrainSection(_Section):
-    size: Literal["small", "reference"] = "reference"
+    size: str = Field("auto", description="a preset of ecgproto.train.config.PRESETS; auto: resolve_preset here")
     epochs: int | None = Field(None, ge=1, description="upper bound on joint-stage epochs per branch")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", description="auto | cpu | cuda[:N] | mps")
     seed: int | None = None
@@ -65,8 +66,16 @@ class TrainSection(_Section):
     work_root: str | None = None
     bootstrap: int | None = Field(None, ge=10)
 
+    @field_validator("size")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        if value != "auto" and value not in PRESETS:
+            raise ValueError(f"unknown configuration {value!r}; choose auto or one of {', '.join(PRESETS)}")
+        return value
+
     def config(self) -> TrainConfig:
-        c = TrainConfig.small() if self.size == "small" else TrainConfig()
+        name, _ = resolve_preset(self.size, resolve_device(self.device).type == "cuda")
+        c = TrainConfig.preset(name)
         c = c.model_copy(
             update={
                 "device": self.device,

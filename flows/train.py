@@ -28,7 +28,7 @@ from ecgproto.quality import distinct_cases, quality_figure, quality_metrics, qu
 from ecgproto.report import StageReport
 from ecgproto.settings import MODEL_NAME, workdir
 from ecgproto.train import distributed, stages
-from ecgproto.train.config import TrainConfig
+from ecgproto.train.config import TrainConfig, default_preset
 from ecgproto.train.metrics import difference_text
 from ecgproto.train.report import evaluation_report, fit_report, projection_report, version_description
 from ecgproto.train.trainer import FitResult
@@ -255,7 +255,7 @@ def train_flow(
     planted: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Train the three branches and the fusion (and the baseline) on a PTB-XL-layout store."""
-    config = config or TrainConfig()
+    config = config or TrainConfig.preset(default_preset())
     work_root = work_root or str(workdir() / "data" / "train")
     ctx = stages.TrainContext.open(store, config, work_root)
     with tracking.stage_run(

@@ -153,6 +153,26 @@ class TrainConfig(BaseModel):
         )
 
     @classmethod
+    def large(cls) -> TrainConfig:
+        """`small()`'s design (beat prototypes, the teacher, the fusion weighting, calibrated heads) at GPU widths:
+        wider backbones and latents, larger batches. Not yet measured on the full PTB-XL, so `auto` does not pick it
+        (see `resolve_preset`)."""
+        c = cls.small()
+        for name, branch in c.model.branches.items():
+            wide = branch.backbone.model_copy(update={"widths": tuple(2 * w for w in branch.backbone.widths)})
+            c.model.branches[name] = branch.model_copy(update={"latent_dim": 128, "backbone": wide})
+        c.joint = c.joint.model_copy(update={"batch_size": 128})
+        c.baseline = c.baseline.model_copy(update={"widths": (32, 64, 128, 192)})
+        return c
+
+    @classmethod
+    def preset(cls, name: str) -> TrainConfig:
+        """The named configuration (PRESETS; 'auto' is resolved first, by `resolve_preset`)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown configuration {name!r}; choose one of {', '.join(PRESETS)}")
+        return {"small": cls.small, "large": cls.large, "reference": cls, "demo": cls.demo}[name]()
+
+    @classmethod
     def demo(cls) -> TrainConfig:
         """`small()` on the 12-epoch joint and baseline schedule the generated demo data need (their planted
         signals converge within it: fused test macro-AUROC 0.986 at 12 epochs, 0.983 at 30), so `make demo`
@@ -161,3 +181,37 @@ class TrainConfig(BaseModel):
         c.joint = c.joint.model_copy(update={"epochs": 12, "patience": 4})
         c.baseline.stage = c.baseline.stage.model_copy(update={"epochs": 12, "patience": 12})
         return c
+
+
+# Every named configuration, in one place: the CLI, the retraining file, the pipeline and the benchmarks take them
+# from here, and `resolve_preset` is the only place that chooses one.
+PRESETS: dict[str, str] = {
+    "small": "the validated design (beat prototypes, the black box as teacher, calibrated fusion heads) at CPU "
+    "widths; its full-PTB-XL figures are in docs/benchmarks.md; runs on a GPU too, only faster",
+    "large": "the same design at GPU widths; not yet measured on the full PTB-XL",
+    "reference": "ProtoECGNet's published sizes and pooling, to reproduce the paper only (not the design this "
+    "project validated; a GPU, days on a CPU)",
+    "demo": "small on the short schedule of the generated demo data",
+}
+# `auto` picks `large` on a GPU only once its full-PTB-XL figures (fold 10, with the GPU's name) are recorded
+LARGE_VALIDATED = False
+
+
+def resolve_preset(name: str, cuda: bool) -> tuple[str, str]:
+    """'auto' (or a preset name) on a machine with or without CUDA -> (preset, why it was chosen)."""
+    if name != "auto":
+        if name not in PRESETS:
+            raise ValueError(f"unknown configuration {name!r}; choose auto or one of {', '.join(PRESETS)}")
+        return name, "asked for"
+    if cuda and LARGE_VALIDATED:
+        return "large", "a GPU is here, and large is validated on the full PTB-XL"
+    if cuda:
+        return "small", "a GPU is here, but only small has full-PTB-XL figures; it trains there too, only faster"
+    return "small", "no GPU here: small is the validated CPU design"
+
+
+def default_preset() -> str:
+    """What `auto` resolves to on this machine (the flows' default when called without a configuration)."""
+    import torch
+
+    return resolve_preset("auto", torch.cuda.is_available())[0]
