@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 
 from ecgproto.model.branch import Branch
+from ecgproto.quality import prototype_cosines
 from ecgproto.train.data import SplitData
 
 PROVENANCE_COLUMNS = (
@@ -288,11 +289,7 @@ def merge_near_duplicates(branch: Branch, preference: np.ndarray, threshold: flo
     prototype is kept unless it is that near a prototype already kept; then it merges into the nearest of those.
     The kept prototypes are pairwise below the threshold; a class may end with fewer distinct cases than it was
     given prototypes, and a keeper may speak for two classes whose prototypes sat on near-identical beats."""
-    z = torch.nn.functional.normalize(branch.prototypes.prototypes.detach().float().cpu(), dim=-1)
-    cos = z @ z.T
-    if branch.beat:  # beat prototypes of different lead groups never look at the same leads
-        g = branch.prototypes.group.cpu()
-        cos = cos.masked_fill(g[:, None] != g[None, :], -np.inf)
+    cos = prototype_cosines(branch)
     order = np.argsort(-np.nan_to_num(np.asarray(preference, dtype=float), nan=-np.inf), kind="stable")
     kept: list[int] = []
     pairs: list[tuple[int, int]] = []

@@ -129,17 +129,24 @@ def prototype_quality(
     return out
 
 
-def _nearest_prototypes(branch: Branch) -> tuple[np.ndarray, np.ndarray]:
-    """Each prototype's closest other prototype in the branch (within its lead group for beat prototypes)."""
+def prototype_cosines(branch: Branch) -> torch.Tensor:
+    """(P, P) cosines between the branch's prototypes; -inf between beat prototypes of different lead groups (they
+    never look at the same leads, so they are never one case)."""
     z = F.normalize(branch.prototypes.prototypes.detach().float().cpu(), dim=-1)
     cos = z @ z.T
+    if branch.beat:
+        g = branch.prototypes.group.cpu()
+        cos = cos.masked_fill(g[:, None] != g[None, :], -np.inf)
+    return cos
+
+
+def _nearest_prototypes(branch: Branch) -> tuple[np.ndarray, np.ndarray]:
+    """Each prototype's closest other prototype in the branch (within its lead group for beat prototypes)."""
+    cos = prototype_cosines(branch)
     cos.fill_diagonal_(-np.inf)
     merged = ~branch.distinct.cpu()
     cos[:, merged] = -np.inf  # only distinct prototypes count as another case
     cos[merged, :] = -np.inf
-    if branch.beat:
-        g = branch.prototypes.group.cpu()
-        cos = cos.masked_fill(g[:, None] != g[None, :], -np.inf)
     value, index = cos.max(dim=1)
     return np.where(np.isfinite(value.numpy()), index.numpy(), -1), np.nan_to_num(value.numpy(), neginf=np.nan)
 
