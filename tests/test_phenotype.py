@@ -554,3 +554,24 @@ def test_associate_flow_logs_tables_and_figures_without_identifiers_or_small_cou
     ):
         assert artifact in run["artifacts"], artifact
     assert out["metrics"]["phecodes_tested"] == 0
+
+
+def test_the_prototype_spread_comparison_holds_when_every_class_keeps_one_distinct_case() -> None:
+    """After the near-duplicate merge a class may keep a single prototype: the mixed-vs-uniform
+    spread comparison then has nothing to compare and says so, instead of failing the study."""
+    from ecgproto.phenotype import compare
+
+    table = pd.DataFrame({"branch": ["rhythm_1d", "rhythm_1d"], "class": ["AFIB", "NORM"], "prototype": [0, 1]})
+    distances = compare.intra_class_distance(np.eye(2), table)
+    assert distances.empty and "prototype_class" in distances.columns
+    results = pd.DataFrame(
+        {
+            "feature_set": ["prototype", "prototype"],
+            "prototype_class": ["AFIB", "NORM"],
+            "phecode": ["427.2", "427.2"],
+            "significant_bonf": [True, False],
+        }
+    )
+    merged, summary = compare.mixed_significance_test(results, distances)
+    assert merged.empty
+    assert summary["mixed_classes"] == 0 and np.isnan(summary["mannwhitney_p"])

@@ -196,7 +196,8 @@ def intra_class_distance(prototypes: np.ndarray, table: pd.DataFrame) -> pd.Data
         cos = v @ v.T
         iu = np.triu_indices(len(v), 1)
         rows.append({"branch": branch, "prototype_class": cls, "mean_cosine_distance": float((1 - cos[iu]).mean())})
-    return pd.DataFrame(rows)
+    # Columns even when no class keeps two distinct prototypes (after the near-duplicate merge).
+    return pd.DataFrame(rows, columns=["branch", "prototype_class", "mean_cosine_distance"])
 
 
 def mixed_significance_test(
