@@ -1,6 +1,7 @@
 """Accuracy on real PTB-XL: the prototype model and the black box trained in the same run, on one fold.
 
     python benchmarks/train_accuracy.py PTBXL_DIR [--split test|val] [--seeds S1,S2] [--config small|reference]
+        [--store STORE --work WORK_ROOT] [--unmerged]
 
 Ingests an unpacked PTB-XL folder (the full PTB-XL, or the 1,250-record subset), trains the model
 (the CPU configuration by default) and the black-box baseline through the real stages (folds 1-8 / 9
@@ -9,6 +10,12 @@ the baseline, macro-AUPRC, the paired fused-minus-baseline CI and the wall time 
 10 (--split test, the default) is for final candidates; designs are chosen on fold 9 (--split val).
 With --seeds it trains once per seed and also prints the mean and standard deviation over the seeds
 of both figures and of their paired difference: a change is judged on several seeds.
+
+--store/--work reuse an ingested store and a training work root (e.g. those of an `ecgproto train`
+run with the same seed: its finished stages are reused, not retrained). --unmerged also measures what
+the near-duplicate merge costs: from the same joint-trained branches it projects without merging,
+retrains the last layers and the fusion, and prints the paired macro-AUROC difference merged minus
+unmerged on the fold.
 
 Last line: `real_test_macro_auroc[_ptbxl_full]_fused=... baseline=... paired_diff=... train_min=...`.
 """
@@ -33,8 +40,41 @@ from ecgproto.train.config import PRESETS, TrainConfig
 from ecgproto.train.metrics import difference_text
 
 
+def unmerged_difference(ctx: Any, split: str) -> tuple[float, float, float, dict[str, int]]:
+    """Paired macro-AUROC difference (merged minus unmerged) on `split`, the unmerged model built from `ctx`'s
+    joint-trained branches (and its black box) in a sibling work folder; and the merges per branch."""
+    from ecgproto.train import stages
+    from ecgproto.train.metrics import paired_bootstrap_difference
+
+    twin = stages.TrainContext(ctx.store, ctx.config, ctx.workdir.with_name(ctx.workdir.name + "-unmerged"))
+    if (ctx.workdir / "baseline").exists() and not (twin.workdir / "baseline").exists():
+        shutil.copytree(ctx.workdir / "baseline", twin.workdir / "baseline")
+    merges = {}
+    for name in BRANCHES:
+        if not twin.path(name, "joint.pt").exists():
+            shutil.copy2(ctx.path(name, "joint.pt"), twin.path(name, "joint.pt"))
+        stages.project(twin, name, merge=False)
+        stages.train_last_layer(twin, name)
+        prov = pd.read_parquet(ctx.path(name, "provenance.parquet"))
+        merges[name] = int((prov["merged_into"] != prov["prototype"]).sum())
+    stages.train_fusion(twin)
+    y = ctx.splits[split].labels
+    merged = stages.predict(ctx, stages.load_model(ctx), split)["fused"]
+    unmerged = stages.predict(twin, stages.load_model(twin), split)["fused"]
+    d, lo, hi = paired_bootstrap_difference(y, merged, unmerged, ctx.config.bootstrap, ctx.config.seed)
+    return d, lo, hi, merges
+
+
 def real_data_accuracy(
-    root: Path, scratch: Path, device: str, config: str = "small", seed: int | None = None, split: str = "test"
+    root: Path,
+    scratch: Path,
+    device: str,
+    config: str = "small",
+    seed: int | None = None,
+    split: str = "test",
+    store_dir: Path | None = None,
+    work_root: Path | None = None,
+    unmerged: bool = False,
 ) -> tuple[dict[str, float], ArrayStore, dict[str, float]]:
     """Ingest `root`, train the model and the baseline through the real stages, score `split` (fold 10 = test,
     fold 9 = val: designs are chosen on val); print every figure and the wall time of each stage."""
@@ -49,12 +89,13 @@ def real_data_accuracy(
         print(f"[real]   {key:34s} {wall[key]:7.0f} s", flush=True)
         return out
 
-    store = clock("ingest", ingest_real, root, scratch)
+    store = ArrayStore.open(store_dir) if store_dir else clock("ingest", ingest_real, root, scratch)
+    wall.setdefault("ingest", 0.0)
     cfg = TrainConfig.preset(config)
     cfg.device = device
     if seed is not None:
         cfg.seed = seed
-    ctx = stages.TrainContext.open(store.path, cfg, scratch / "work")
+    ctx = stages.TrainContext.open(store.path, cfg, work_root or scratch / "work")
     epochs: dict[str, list[int]] = {"joint": [], "last_layer": [], "fusion": [], "baseline": []}
     if cfg.baseline_teaches:
         epochs["baseline"].append(len(clock("baseline", stages.train_baseline, ctx).history))
@@ -111,6 +152,13 @@ def real_data_accuracy(
             f"consistency {row.consistency_mean:.2f}, stability {row.stability_mean:.3f} "
             f"(p10 {row.stability_p10:.3f}), near-duplicates {row.duplicates}"
         )
+    if unmerged:
+        d, lo, hi, merges = clock("unmerged twin", unmerged_difference, ctx, split)
+        print(
+            f"[real]   merged - unmerged         {split} macro-AUROC {d:+.4f} [{lo:+.4f}, {hi:+.4f}] "
+            f"(paired bootstrap; prototypes merged away: {merges})"
+        )
+        metrics.update({"merged_minus_unmerged": d, "merged_minus_unmerged_lo": lo, "merged_minus_unmerged_hi": hi})
     metrics["prototype_model_min"], metrics["baseline_min"] = proto_s / 60, wall["baseline"] / 60
     return metrics, ctx.store, {k: float(np.median(v)) for k, v in epochs.items()}
 
@@ -132,13 +180,26 @@ def main() -> None:
         default=None,
         help="comma-separated training seeds (default: the config's); each is a full training",
     )
+    p.add_argument("--store", type=Path, default=None, help="an ingested store of PTB_DIR to reuse (skips ingest)")
+    p.add_argument("--work", type=Path, default=None, help="a training work root to reuse (finished stages are kept)")
+    p.add_argument("--unmerged", action="store_true", help="also measure the near-duplicate merge's cost (see above)")
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args()
     set_threads(args.threads)
     scratch = Path(tempfile.mkdtemp(prefix="ecgproto-bench-accuracy-"))
     try:
         runs = [
-            real_data_accuracy(args.real.resolve(), scratch, args.device, args.config, seed, args.split)
+            real_data_accuracy(
+                args.real.resolve(),
+                scratch,
+                args.device,
+                args.config,
+                seed,
+                args.split,
+                args.store,
+                args.work,
+                args.unmerged,
+            )
             for seed in (args.seeds or [None])
         ]
     finally:

@@ -240,8 +240,9 @@ def train_joint(ctx: TrainContext, name: str, on_epoch: EpochCallback | None = N
     return result
 
 
-def project(ctx: TrainContext, name: str) -> pd.DataFrame:
-    """Projection of one branch: writes projected.pt and provenance.parquet, returns the provenance."""
+def project(ctx: TrainContext, name: str, merge: bool = True) -> pd.DataFrame:
+    """Projection of one branch: writes projected.pt and provenance.parquet, returns the provenance.
+    `merge=False` keeps near-duplicates apart: only to measure what the merge costs (benchmarks/train_accuracy.py)."""
     out, table = ctx.path(name, "projected.pt"), ctx.path(name, "provenance.parquet")
     if out.exists() and table.exists():
         return pd.read_parquet(table)
@@ -262,7 +263,8 @@ def project(ctx: TrainContext, name: str) -> pd.DataFrame:
         seed=ctx.config.seed,
     )
     # one case shown twice is one case: near-duplicates merge into the most faithful of them (ecgproto.projection)
-    for duplicate, keeper in merge_near_duplicates(branch, provenance["fidelity"].to_numpy(), DUPLICATE_COS):
+    pairs = merge_near_duplicates(branch, provenance["fidelity"].to_numpy(), DUPLICATE_COS) if merge else []
+    for duplicate, keeper in pairs:
         provenance.loc[duplicate, "merged_into"] = offset + keeper
     # how good each prototype is as a case (ecgproto.quality), measured on the projected branch
     quality = prototype_quality(
