@@ -80,4 +80,11 @@ def ingest_flow(
         f"ingest {'cache hit' if hit else 'done'}: {store.info['n_records']} records, "
         f"{store.info['n_quarantined']} quarantined -> {path}"
     )
+    if unmatched := store.info.get("n_unmatched_label_rows", 0):
+        examples = ", ".join(store.info.get("unmatched_label_examples", []))
+        print(
+            f"ingest: {unmatched} row(s) of the labels file name no record below {Path(root).name}"
+            + (f" (e.g. {examples})" if examples else "")
+            + "; check their record names (paths relative to the folder, without extension)"
+        )
     return {"store": path, "run_id": run_id, "dataset_hash": store.key}

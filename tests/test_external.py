@@ -233,3 +233,23 @@ def test_a_wfdb_folder_takes_its_labels_from_a_csv_and_quarantines_records_it_do
     labels_csv.write_text(labels_csv.read_text() + "ward/d,SR\n")  # a changed labels file is a new store
     again = ingest(root, tmp_path / "store", config, progress=False)
     assert not again.cache_hit and "ward/d" in set(again.store.manifest["record_id"])
+
+
+def test_label_rows_that_name_no_record_are_counted_and_named_in_the_ingest(tmp_path: Path) -> None:
+    """A typo, a record not downloaded, '../x' or an absolute path in the labels file: reported, never read."""
+    from ecgproto.data.summary import ingest_report
+
+    root = tmp_path / "export"
+    _wfdb_dat(root / "ward", "a", 500, 10, [])
+    (tmp_path / "secret.hea").write_text("secret 12 500 5000\n")
+    labels_csv = tmp_path / "labels.csv"
+    labels_csv.write_text(
+        f"record,scp_codes\nward/a,AFIB\nward/typo,SR\n../secret,SR\n{(tmp_path / 'secret').as_posix()},SR\n"
+    )
+    result = ingest(root, tmp_path / "store", IngestConfig(workers=1, labels_csv=str(labels_csv)), progress=False)
+    info = result.store.info
+    assert list(result.store.manifest["record_id"]) == ["ward/a"]
+    assert info["n_unmatched_label_rows"] == 3
+    assert info["unmatched_label_examples"][:2] == ["ward/typo", "../secret"]
+    report = ingest_report(result.store, cache_hit=False, seconds=1.0, config={})
+    assert report.metrics["unmatched_label_rows"] == 3

@@ -390,6 +390,8 @@ def _finish(
         "n_records": int(len(manifest)),
         "n_quarantined": int(len(quarantine)),
         "n_beat_fallback": int((manifest["beat_source"] == "grid").sum()) if "beat_source" in manifest else 0,
+        "n_unmatched_label_rows": len(listing.unmatched_label_rows),
+        "unmatched_label_examples": [] if listing.credentialed else listing.unmatched_label_rows[:5],
         "shape": [int(len(listing.records)), len(LEADS), config.preprocess.n_samples],
         "dtype": config.preprocess.dtype,
         "leads": list(LEADS),

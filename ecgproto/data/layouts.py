@@ -43,6 +43,7 @@ class DatasetListing:
     quarantine: pd.DataFrame  # QUARANTINE_COLUMNS
     metadata_files: list[Path] = field(default_factory=list)
     label_mapping: pd.DataFrame | None = None  # challenge: every source code, its records and its statement
+    unmatched_label_rows: list[str] = field(default_factory=list)  # a labels file's rows naming no record found
 
 
 def detect_layout(root: Path) -> Layout:
@@ -411,4 +412,8 @@ def _with_labels_csv(listing: DatasetListing, csv: Path, labels: LabelSet) -> Da
     listing.labels = y[keep]
     listing.quarantine = pd.concat([listing.quarantine, unreadable, refused[QUARANTINE_COLUMNS]], ignore_index=True)
     listing.metadata_files = [csv]
+    # a row naming no record below the folder (a typo, a record not downloaded, '../x' or an absolute path) is
+    # reported with the ingest, never read
+    listed = set(records["record_id"])
+    listing.unmatched_label_rows = [r for r in given if r not in listed]
     return listing

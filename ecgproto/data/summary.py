@@ -125,6 +125,8 @@ def ingest_report(store: ArrayStore, *, cache_hit: bool, seconds: float, config:
     if not credentialed:
         for reason, n in q.groupby("reason").size().items():
             report.metrics[f"quarantined.{reason}"] = int(n)
+        if "n_unmatched_label_rows" in info:  # a labels file's rows that name no record found
+            report.metrics["unmatched_label_rows"] = int(info["n_unmatched_label_rows"])
     if not cache_hit and seconds > 0 and not credentialed:
         report.metrics["records_per_s"] = info["n_listed"] / seconds
     summary = manifest_summary(store) if len(store.manifest) else pd.DataFrame()
