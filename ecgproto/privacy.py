@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 
@@ -22,6 +24,26 @@ def suppress_counts(frame: pd.DataFrame, columns: list[str], min_cell: int = MIN
         out[c] = np.where((n > 0) & (n < min_cell), f"<{min_cell}", n.astype(str))
         out[c] = out[c].astype(str)
     return out
+
+
+_PATH = re.compile(r"(?:[A-Za-z]:)?[\w.~-]*(?:[/\\][\w.~-]+)+[/\\]?")  # a/b, /x/y.dat, files/p10/p1000/s4
+_DATE = re.compile(r"\b\d{4}-\d{2}-\d{2}(?:[ T]\d{2}:\d{2}(?::\d{2})?)?\b")  # a (shifted) date or time
+_NUMBER_ID = re.compile(r"\b[A-Za-z]?\d{4,}\b")  # subject, admission, study and record numbers
+_QUOTED = re.compile(r"(['\"])[^'\"]*\d[^'\"]*\1")  # a quoted name holding digits: a record or file name
+_SMALL_COUNT = re.compile(  # a count of people or their records below the small-cell limit
+    r"\b[1-9]\b(?=\s+(?:records?|ECGs?|admissions?|subjects?|patients?|cases?|controls?|rows?|stud(?:y|ies))\b)",
+    re.IGNORECASE,
+)
+
+
+def scrub_message(text: str) -> str:
+    """An error message as a credentialed cohort's run may keep it: its sentence, without the identifiers it
+    may carry (record paths, subject/admission/study numbers, dates, quoted names, counts below 10)."""
+    text = _PATH.sub("<path>", text)
+    text = _DATE.sub("<date>", text)
+    text = _QUOTED.sub("<name>", text)
+    text = _NUMBER_ID.sub("<id>", text)
+    return _SMALL_COUNT.sub("<10", text)
 
 
 def drop_identifiers(frame: pd.DataFrame) -> pd.DataFrame:

@@ -27,7 +27,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from ecgproto.report import StageReport, flatten
-from ecgproto.settings import default_tracking_uri, in_checkout, mlflow_dir
+from ecgproto.settings import default_tracking_uri, in_checkout, mlflow_dir, ui_url
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -171,8 +171,9 @@ def stage_run(
 ) -> Iterator[str]:
     """A run around a block: yields its id; ends it FINISHED, or FAILED (KILLED on Ctrl-C) with the error.
 
-    error_detail: put the error's text on the run (tag `error`, artifact `error.txt`). False for stages that
-    read credentialed cohorts, whose messages may name a record: then only the error's type is kept."""
+    error_detail: put the error's whole text on the run (tag `error`, artifact `error.txt`). False for stages
+    that read credentialed cohorts, whose messages may name a record: then the tag keeps the error's type and
+    its first line scrubbed of identifiers (privacy.scrub_message), and no artifact is written."""
     run_id = start_run(stage, tags=tags, parent_run_id=parent_run_id, uri=uri, run_name=run_name)
     try:
         yield run_id
@@ -186,7 +187,12 @@ def fail_run(run_id: str, exc: BaseException, uri: str | None = None, *, detail:
     """End a run FAILED (KILLED for an interrupt) and say why on it; never masks `exc` if MLflow fails too."""
     killed = isinstance(exc, (KeyboardInterrupt, SystemExit))
     text = str(exc).strip()
-    summary = type(exc).__name__ + (f": {text.splitlines()[0][:480]}" if detail and text else "")
+    first = text.splitlines()[0][:480] if text else ""
+    if not detail and first:
+        from ecgproto.privacy import scrub_message
+
+        first = scrub_message(first)
+    summary = type(exc).__name__ + (f": {first}" if first else "")
     try:
         set_tags(run_id, {"error": summary}, uri)
         if detail and text:
@@ -257,13 +263,14 @@ def _upload(c: MlflowClient, run_id: str, root: Path) -> None:
             c.log_artifact(run_id, str(entry))
 
 
-def run_url(run_id: str, ui: str = "http://127.0.0.1:5000", uri: str | None = None) -> str:
-    return f"{ui}/{run_link(run_id, uri=uri)}"
+def run_url(run_id: str, ui: str | None = None, uri: str | None = None) -> str:
+    """The run's page in the MLflow UI at `ui` (default: settings.ui_url(), the configured address)."""
+    return f"{ui or ui_url()}/{run_link(run_id, uri=uri)}"
 
 
-def experiment_url(ui: str = "http://127.0.0.1:5000", uri: str | None = None) -> str:
+def experiment_url(ui: str | None = None, uri: str | None = None) -> str:
     """The experiment's page in the MLflow UI, in the training view."""
-    return f"{ui}/#/experiments/{experiment_id(uri=uri)}{TRAINING_VIEW}"
+    return f"{ui or ui_url()}/#/experiments/{experiment_id(uri=uri)}{TRAINING_VIEW}"
 
 
 def ui_command(uri: str | None = None, port: int = 5000) -> list[str]:
@@ -389,10 +396,16 @@ def load_model(model_uri: str, uri: str | None = None) -> Any:
         flavor = (yaml.safe_load((local / "MLmodel").read_text()) or {}).get("flavors", {}).get("python_function", {})
         if flavor.get("loader_module") != "ecgproto.mlflow_model":
             raise ModelFileError(
-                f"{model_uri}: registered by an older ecgproto as a pickled torch model, which is no longer loaded "
-                "(unpickling can run code) - train and register it again (`ecgproto train`, or `ecgproto retrain`)"
+                f"{model_uri}: not loaded by ecgproto (its MLmodel names loader "
+                f"{flavor.get('loader_module') or 'none'}: registered by an older ecgproto as a pickled torch "
+                "model, by another tool, or altered since), and unpickling it could run code - train and register "
+                "it again (`ecgproto train`, or `ecgproto retrain`)"
             )
-        return load_from_data(local / flavor["data"])
+        try:
+            return load_from_data(local / flavor["data"])
+        except ModelFileError as exc:  # name the model the user gave, not the temporary download folder
+            text = str(exc).replace(str(local) + os.sep, "").replace(str(local), "")
+            raise ModelFileError(f"{model_uri}: {text}") from exc
 
 
 def model_lineage(model_uri: str, uri: str | None = None) -> dict[str, str]:
