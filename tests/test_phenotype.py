@@ -575,3 +575,24 @@ def test_the_prototype_spread_comparison_holds_when_every_class_keeps_one_distin
     merged, summary = compare.mixed_significance_test(results, distances)
     assert merged.empty
     assert summary["mixed_classes"] == 0 and np.isnan(summary["mannwhitney_p"])
+
+
+def test_the_nothing_testable_message_names_the_cohort_step_that_removed_the_cohort() -> None:
+    """Every admission discharged before it was admitted (a unit or export error): the message says so."""
+    from ecgproto.phenotype.study import _largest_loss
+
+    flow = pd.DataFrame(
+        [
+            ("ECGs in the store", 4000, "ECGs"),
+            ("admissions in hosp", 900, "admissions"),
+            ("with readable admittime and dischtime", 900, "admissions"),
+            ("dischtime not before admittime", 0, "admissions"),
+            ("with a usable ECG in the window", 0, "admissions"),
+            ("subjects analysed (one row each)", 0, "subjects"),
+        ],
+        columns=["step", "n", "unit"],
+    )
+    text = _largest_loss(flow)
+    assert "'dischtime not before admittime'" in text and "every one" in text
+    assert not any(ch.isdigit() for ch in text)  # counts are published in the flow table only, suppressed
+    assert _largest_loss(flow.assign(n=[4000, 900, 900, 880, 870, 700])) == ""  # no step took most of it

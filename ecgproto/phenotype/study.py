@@ -295,8 +295,8 @@ class PhenotypeStudy:
         message = (
             f"no phecode is testable: each needs >= {c.min_cases} case and >= {c.min_controls} control "
             f"subjects, and this cohort has {n_units if n_units >= c.min_cell else f'<{c.min_cell}'} subjects"
-            f" ({int(below.str.startswith('fewer than').sum())} phecodes seen, all below). Link more ECGs "
-            "(a larger cohort, --admissions all, a wider window) or lower --min-cases/--min-controls."
+            f" ({int(below.str.startswith('fewer than').sum())} phecodes seen, all below). {_largest_loss(cohort.flow)}"
+            "Link more ECGs (a larger cohort, --admissions all, a wider window) or lower --min-cases/--min-controls."
         )
         empty = pd.DataFrame(columns=RESULT_COLUMNS + ["bonferroni_threshold_shared", "significant_bonf_shared"])
         return StudyResult(
@@ -312,6 +312,22 @@ class PhenotypeStudy:
             {},
             message=message,
         )
+
+
+def _largest_loss(flow: pd.DataFrame) -> str:
+    """The cohort step that removed the largest share of what reached it, as a sentence naming the step
+    (no count: the flow table is where counts are published, suppressed)."""
+    best, share = "", 0.0
+    for (_, prev), (_, row) in zip(flow.iloc[:-1].iterrows(), flow.iloc[1:].iterrows(), strict=True):
+        if row["unit"] != prev["unit"] or prev["n"] <= 0:
+            continue
+        lost = 1 - row["n"] / prev["n"]
+        if lost > share:
+            best, share = str(row["step"]), lost
+    if not best or share < 0.5:
+        return ""
+    how = "every one" if share >= 1 else "most"
+    return f"The cohort step that removed the most: '{best}' ({how} of what reached it; see the cohort flow). "
 
 
 def resolve_targets(targets: dict[str, str], status: PhecodeStatus) -> dict[str, str]:
