@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from ecgproto.settings import (
     DEFAULT_MODEL_URI,
+    DEFAULT_UI_PORT,
     MODEL_NAME,
     configure_environment,
     demo_dir,
@@ -426,6 +427,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     command = tracking.ui_command(port=args.port)
     print(f"serving the MLflow UI at {tracking.experiment_url(f'http://127.0.0.1:{args.port}')}  (Ctrl-C to stop)")
+    if args.port != DEFAULT_UI_PORT and "ECGPROTO_UI_URL" not in os.environ:
+        print(
+            f"  set ECGPROTO_UI_URL=http://127.0.0.1:{args.port} so the run links other commands print point here",
+            file=sys.stderr,
+        )
     os.execvp(command[0], command)
     return 0
 
@@ -666,7 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_serve)
 
     q = sub.add_parser("ui", help="serve the MLflow UI for the local tracking store on 127.0.0.1")
-    q.add_argument("--port", type=_ranged(int, 1, 65_535), default=5000)
+    q.add_argument("--port", type=_ranged(int, 1, 65_535), default=DEFAULT_UI_PORT)
     q.set_defaults(func=cmd_ui)
     for parser in (p, *sub.choices.values()):  # --help shows every default; examples keep their layout
         parser.formatter_class = _HelpFormatter

@@ -55,6 +55,20 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{mlflow_dir() / 'mlflow.db'}"
 
 
+DEFAULT_UI_PORT = 5000
+
+
+def ui_url() -> str:
+    """Where the MLflow UI is browsed, for the run links commands print: ECGPROTO_UI_URL if set (e.g. a proxy,
+    another port); else a tracking server's own address (it serves the UI); else `ecgproto ui` on this machine."""
+    if url := os.environ.get("ECGPROTO_UI_URL", "").strip():
+        return url.rstrip("/")
+    tracking = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if tracking.startswith(("http://", "https://")):
+        return tracking.rstrip("/")
+    return f"http://127.0.0.1:{DEFAULT_UI_PORT}"
+
+
 def configure_environment() -> None:
     """Local, quiet defaults for Prefect and MLflow; a value the user already set always wins.
 

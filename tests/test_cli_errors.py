@@ -182,3 +182,16 @@ def test_a_record_that_cannot_be_read_is_a_user_error_naming_its_file(tmp_path: 
         read_record(tmp_path / "r")
     code, text = describe(caught.value)
     assert code == 2 and str(tmp_path / "r.hea") in text and "a bug" not in text
+
+
+def test_printed_run_links_use_the_configured_ui_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The UI behind a proxy or on another port: the links commands print go there, not to port 5000."""
+    from ecgproto import settings
+
+    monkeypatch.delenv("ECGPROTO_UI_URL", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert settings.ui_url() == "http://127.0.0.1:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.hospital.org:8080/")
+    assert settings.ui_url() == "http://mlflow.hospital.org:8080"  # a tracking server serves its own UI
+    monkeypatch.setenv("ECGPROTO_UI_URL", "https://review.hospital.org/mlflow/")
+    assert settings.ui_url() == "https://review.hospital.org/mlflow"
