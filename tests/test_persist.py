@@ -4,6 +4,7 @@ file that would unpickle code is refused unread, in the working folder and in th
 from __future__ import annotations
 
 import pickle
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -104,9 +105,12 @@ def test_the_registered_model_is_weights_not_a_pickle_and_pyfunc_still_scores(ml
     marker = tmp_path / "payload-ran"  # replace the registered weights with a payload
     for weights in Path(mlflow_uri.removeprefix("sqlite:///")).parent.rglob("weights.pt"):
         weights.write_bytes(pickle.dumps(Payload(marker)))
-    with pytest.raises(persist.ModelFileError, match="refusing to load it"):
+    with pytest.raises(persist.ModelFileError, match="refusing to load it") as refused:
         tracking.load_model(f"models:/ecgproto-test/{out['version']}", mlflow_uri)
     assert not marker.exists()
+    # the message names the model the user asked for, not a temporary download folder that is gone
+    assert str(refused.value).startswith(f"models:/ecgproto-test/{out['version']}: ")
+    assert tempfile.gettempdir() not in str(refused.value)
 
     old = tracking.start_run("fusion", uri=mlflow_uri)  # a champion registered by an older version
     mlflow.set_tracking_uri(mlflow_uri)
