@@ -78,3 +78,31 @@ def test_missing_and_truncated_files_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(RecordError) as err:
         read_record(tmp_path / "a")
     assert err.value.reason == "missing_dat" and "a.dat" in str(err.value)
+
+
+def test_the_fast_symlink_check_agrees_with_realpath_on_links_dotdot_and_missing_files(tmp_path: Path) -> None:
+    """The dataset-folder confinement resolves each file at one lstat: it must follow every link realpath does."""
+    import os
+
+    from ecgproto.data.wfdb_io import is_inside, real_path
+
+    root, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    (root / "records" / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    (elsewhere / "secret.dat").write_bytes(b"x")
+    (root / "records" / "a.dat").write_bytes(b"x")
+    (root / "records" / "link.dat").symlink_to(elsewhere / "secret.dat")
+    (root / "records" / "linked_folder").symlink_to(elsewhere)
+    (root / "records" / "inner_link.dat").symlink_to(root / "records" / "a.dat")
+    cases = {
+        root / "records" / "a.dat": True,
+        root / "records" / "link.dat": False,  # the file is a link out
+        root / "records" / "linked_folder" / "secret.dat": False,  # a folder on the way is a link out
+        root / "records" / "inner_link.dat": True,  # a link that stays inside
+        root / "records" / "sub" / ".." / ".." / ".." / "elsewhere" / "secret.dat": False,
+        root / "records" / "missing.dat": True,  # not there: the read says so, not this check
+        elsewhere / "secret.dat": False,
+    }
+    for path, inside in cases.items():
+        assert real_path(path) == os.path.realpath(path), path
+        assert is_inside(path, root) is inside, path

@@ -107,6 +107,7 @@ def _peak_beats(signals: np.ndarray, fs: float, config: BeatConfig) -> list[Beat
     # the fiducial point, as XQRS's correct_peaks sets it: the top of the energy minus its 50 ms mean, within 80 ms
     sharp = energy - uniform_filter1d(energy, size=max(int(round(0.05 * fs)), 1), axis=1, mode="nearest")
     radius = np.arange(-int(round(0.12 * fs)), int(round(0.08 * fs)) + 1)  # the smoothed peak lags a wide QRS
+    background = np.median(energy, axis=1)  # one call for the batch: the plausibility check's baseline
     out = []
     for b in range(len(x)):
         peaks = np.zeros(0, dtype=np.int64)
@@ -121,7 +122,7 @@ def _peak_beats(signals: np.ndarray, fs: float, config: BeatConfig) -> list[Beat
             ahead = np.clip(first[:, None] + np.arange(4), 0, top.shape[1] - 1)
             at = ahead[np.arange(len(found)), np.take_along_axis(top, ahead, axis=1).argmax(axis=1)]
             peaks = np.unique(around[np.arange(len(found)), at]).astype(np.int64)
-        if _plausible(peaks, energy[b], fs, config):
+        if _plausible(peaks, energy[b], fs, config, float(background[b])):
             out.append(Beats(peaks[: config.max_beats], "detected"))
         else:
             out.append(Beats(grid_beats(n, fs, config)[: config.max_beats], "grid"))
@@ -161,13 +162,17 @@ def _xqrs_beats(signal: np.ndarray, fs: float, config: BeatConfig) -> Beats:
     return Beats(grid_beats(n, fs, config)[: config.max_beats], "grid")
 
 
-def _plausible(peaks: np.ndarray, energy: np.ndarray, fs: float, config: BeatConfig) -> bool:
+def _plausible(
+    peaks: np.ndarray, energy: np.ndarray, fs: float, config: BeatConfig, background: float | None = None
+) -> bool:
+    """Enough beats at a heart rate people have, each standing out of the record's median energy (`background`,
+    computed here unless the caller has it)."""
     if len(peaks) < 2:
         return False
     rr = float(np.median(np.diff(peaks))) / fs
     if not config.min_rr_s <= rr <= config.max_rr_s:
         return False
-    background = float(np.median(energy))
+    background = float(np.median(energy)) if background is None else background
     return background > 0 and float(np.median(energy[peaks])) >= config.min_peak_ratio * background
 
 

@@ -183,8 +183,10 @@ def outside_root(frame: pd.DataFrame, root: Path, allow: bool) -> pd.Series:
     """Rows whose record path leads outside the dataset folder ('../x', an absolute path), unless allowed."""
     if allow:
         return pd.Series(False, index=frame.index)
+    from ecgproto.data.wfdb_io import is_inside
+
     base = root.resolve()
-    return frame["path"].astype(str).map(lambda p: not (base / p).resolve().is_relative_to(base))
+    return frame["path"].astype(str).map(lambda p: not is_inside(base / p, base))
 
 
 def _require(table: pd.DataFrame, columns: list[str], file: Path) -> None:
