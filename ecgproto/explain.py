@@ -7,8 +7,7 @@ the samples and leads its receptive field really sees. Under `beat` pooling (the
 local branch) the similarity is that of the record's mean beat latent in the prototype's own lead
 group, and the window shown is the input's single best-matching beat in those leads (`pooling`,
 `n_beats`, `beat_similarity`); under `lead_mean` pooling (the reference's local default) the
-similarity is the mean along that window's lead row over the whole strip (`pooled_span_s`); under
-`row_latent` the window is the best lead row's whole strip, whose mean latent was compared.
+similarity is the mean along that window's lead row over the whole strip (`pooled_span_s`).
 """
 
 from __future__ import annotations
@@ -91,7 +90,7 @@ def explain(
                 "leads": list(ext.leads),
                 "pooling": branch.prototypes.pool_mode if branch.kind == "local_2d" else "time_mean",
             }
-            if window["pooling"] in ("lead_mean", "row_latent"):
+            if window["pooling"] == "lead_mean":
                 window["pooled_span_s"] = [0.0, signal.shape[-1] / model.fs]  # the mean runs along the whole row
             if branch.beat:  # the pooled latent is the mean over n_beats beats; this beat alone matches so well
                 window.update(
@@ -235,7 +234,6 @@ def explanation_figure(model: ECGProtoNet, signal: np.ndarray, explanation: dict
         case = f"{ev['class']} case" if ev.get("own_class", True) else f"also resembles a {ev['class']} case"
         along = {
             "lead_mean": f"mean along {','.join(w['leads'])}, best window shown",
-            "row_latent": f"mean latent along {','.join(w['leads'])}",
             "beat": f"mean of {w.get('n_beats')} beats in {','.join(w['leads'])}; best beat shaded, "
             f"sim {w.get('beat_similarity', float('nan')):.2f}"
             + ("; no beats detected: 1 s grid windows" if w.get("beat_source") == "grid" else ""),

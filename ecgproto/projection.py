@@ -7,7 +7,7 @@ faithfully the real window reproduces the trained prototype (`fidelity`).
 
 Which window: under max pooling over many windows the nearest one (ProtoPNet's rule: the best
 window's similarity is what the model used, and the nearest real window keeps it). Under a pooling
-that averages windows (lead_mean, topk_mean, focal) the nearest window is a poor stand-in: the
+that averages windows (lead_mean) the nearest window is a poor stand-in: the
 trained prototype is a direction that matches a whole lead strip on average, and no single window
 lies near it (on the real PTB-XL subset the nearest window's cosine is ~0.2). There, among each
 prototype's nearest candidate windows, the one whose pooled similarities over the training records
@@ -16,8 +16,7 @@ real subset, joint head: nearest 0.772, this 0.785, before projection 0.802). Th
 window per record (the global branches: the nearest whole-record latent is still far, and what the
 head uses is how the similarity ranks the records; rhythm-branch macro-AUROC after projection, real
 subset, joint head, mean over 7 trained checkpoints: val/test +0.027/+0.021 over the nearest, up to
-+0.09, never worse by more than 0.013). Under row_latent (one mean latent per lead row) too; there the
-exp-cosine prototypes stay near real rows, and the most faithful row is often the nearest one. Under
++0.09, never worse by more than 0.013). Under
 beat pooling the candidates are single beats of the prototype's own lead group (never a record's mean
 over beats), so a projected prototype is one real P-QRS-T in named leads, taken by fidelity as well.
 """

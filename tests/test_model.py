@@ -139,16 +139,13 @@ def test_branch_weights_load_strictly_and_a_prefix_mismatch_fails() -> None:
         b.load_state_dict(prefixed, strict=True)
 
 
-def test_fusion_stays_non_negative_and_class_connected_when_asked() -> None:
+def test_fusion_stays_non_negative_and_its_contributions_explain_the_logit() -> None:
     label = torch.tensor([0, 0, 1, 2])
-    for mode in ("sparse_nonneg", "class_connected"):
-        f = Fusion(label, torch.full((4,), 2.0), 3, FusionConfig(mode=mode))
-        with torch.no_grad():
-            f.weight.sub_(5.0 * torch.rand_like(f.weight))
-        f.constrain()
-        assert (f.effective_weight() >= 0).all()
-        if mode == "class_connected":
-            assert (f.effective_weight()[f.own == 0] == 0).all()
+    f = Fusion(label, torch.full((4,), 2.0), 3, FusionConfig())
+    with torch.no_grad():
+        f.weight.sub_(5.0 * torch.rand_like(f.weight))
+    f.constrain()
+    assert (f.effective_weight() >= 0).all()  # a prototype can only add evidence
     contrib = f.contributions(torch.tensor([[2.0, 1.0, 0.0, 2.0]]))
     logits = f(torch.tensor([[2.0, 1.0, 0.0, 2.0]]))
     assert torch.allclose(contrib.sum(-1) + f.bias, logits)  # contributions explain the logit exactly
@@ -184,24 +181,12 @@ def test_paired_difference_sees_a_small_consistent_gain_that_two_separate_cis_ca
     assert paired_bootstrap_difference(y, b, a, n_boot=400, seed=0) == pytest.approx((-d, -hi, -lo))
 
 
-def test_focal_pooling_scores_a_local_match_and_ignores_a_match_everywhere() -> None:
-    from ecgproto.model.prototypes import PrototypeLayer
-
-    layer = PrototypeLayer(1, 4, scale=1.0, pool="focal")
-    everywhere = torch.full((1, 10, 1), 0.9)  # the prototype matches every window equally
-    local = torch.zeros(1, 10, 1)
-    local[0, 3] = 0.9  # one window matches
-    assert layer.pool(everywhere).item() == pytest.approx(0.0)
-    assert layer.pool(local).item() == pytest.approx(0.9 - 0.09)
-    assert layer.best_window(local).item() == 3  # projection and explanation still show the best window
-
-
 def test_exp_cosine_similarity_rewards_nearness_and_keeps_the_cosine_ranking() -> None:
     from ecgproto.model.prototypes import PrototypeLayer
 
     torch.manual_seed(0)
     cosine = PrototypeLayer(1, 8, scale=3.0)
-    near = PrototypeLayer(1, 8, scale=3.0, similarity="exp_cosine", sharpness=1.0)
+    near = PrototypeLayer(1, 8, scale=3.0, similarity="exp_cosine")
     near.prototypes.data.copy_(cosine.prototypes.data)
     proto = torch.nn.functional.normalize(cosine.prototypes.data[0], dim=0)
     other = torch.randn(8)
@@ -239,47 +224,14 @@ def test_lead_mean_pooling_rewards_a_morphology_that_recurs_along_one_lead_row()
         layer.pool(torch.zeros(1, 10, 2))
 
 
-def _row_latent_config() -> ModelConfig:
-    cfg = ModelConfig.small()
-    cfg.branches["morphology_2d_local"] = cfg.branches["morphology_2d_local"].model_copy(
-        update={
-            "pool": "row_latent",
-            "window_leads": 1,
-            "prototypes_per_class": 3,
-            "backbone": BackboneConfig(widths=(8, 16, 32, 64), blocks=(1, 1, 1, 1)),
-        }
-    )
-    return cfg
-
-
-def test_row_latent_compares_each_lead_rows_time_mean_and_shows_that_rows_whole_strip() -> None:
-    torch.manual_seed(0)
-    cfg = _row_latent_config()
-    branch = build_branch("morphology_2d_local", cfg, load_label_set()).eval()
-    assert branch.window_grid == (12, 1) and branch.n_windows == 12 and branch.prototype_dim == 64
-    # the same weights comparing one-column windows: a row latent is exactly their mean along the row
-    cfg.branches["morphology_2d_local"] = cfg.branches["morphology_2d_local"].model_copy(
-        update={"pool": "lead_mean", "window": 1}
-    )
-    windowed = build_branch("morphology_2d_local", cfg, load_label_set()).eval()
-    windowed.load_state_dict(branch.state_dict(), strict=True)
-    t = np.arange(1000)
-    beat = np.exp(-0.5 * ((t % 100 - 50) / 4.0) ** 2) - 0.3 * np.exp(-0.5 * ((t % 100 - 75) / 10.0) ** 2)
-    x = torch.as_tensor(np.stack([(1 + 0.2 * i) * beat for i in range(12)]), dtype=torch.float32)[None]
-    with torch.no_grad():
-        rows = branch.latent_windows(x)  # (1, 12, 64)
-        per_column = windowed.latent_windows(x).view(1, 12, -1, 64)
-        assert torch.allclose(rows, per_column.mean(dim=2), atol=1e-5)
-        # plant V1's row as a prototype: the record scores the full scale there, and the row shown is V1's strip
-        row = CABRERA.index("V1")
-        branch.prototypes.prototypes[0] = rows[0, row]
-        sim_map = branch.prototypes.similarity_map(rows)
-        assert branch.prototypes.pool(sim_map)[0, 0].item() == pytest.approx(branch.scale, abs=1e-4)
-        assert branch.prototypes.best_window(sim_map)[0, 0].item() == row
-        ext = branch.extent(row)
-        assert (ext.start, ext.end, ext.column) == (0, 1000, None) and "V1" in ext.leads
-    with pytest.raises(ValueError, match="row_latent"):
-        BranchConfig.model_validate({**cfg.branches["rhythm_1d"].model_dump(), "pool": "row_latent"})
+def test_configurations_name_only_what_this_version_builds() -> None:
+    """Every option is checked: a misspelt key or a retired pooling is an error, not a silent default."""
+    with pytest.raises(ValueError, match="prototypes_per_klass"):
+        BranchConfig.model_validate({"kind": "global_1d", "prototypes_per_klass": 3, "scale": 3.0})
+    with pytest.raises(ValueError, match="pool"):
+        BranchConfig.model_validate({"kind": "local_2d", "prototypes_per_class": 3, "scale": 3.0, "pool": "focal"})
+    with pytest.raises(ValueError, match="beat"):
+        BranchConfig.model_validate({"kind": "global_1d", "prototypes_per_class": 3, "scale": 3.0, "pool": "beat"})
 
 
 def _beats(n: int, inverted_t_in_v1: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -405,7 +357,7 @@ _SOLUTION = torch.linalg.lstsq(_X.double(), _Y.double()).solution.float()  # onc
 
 
 def _noisy_regression_fit(
-    tmp_path: Path, ema_epochs: float, kill_after: int | None = None
+    tmp_path: Path, kill_after: int | None = None
 ) -> tuple[torch.nn.Linear, torch.Tensor, FitResult]:
     """A linear model fitted by Adam steps on minibatches of noisy targets: the iterates jitter around the
     least-squares solution; returns the fitted model, the solution and the fit result."""
@@ -413,7 +365,7 @@ def _noisy_regression_fit(
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 1, bias=False)
     tmp_path.mkdir(parents=True, exist_ok=True)
-    cfg = StageConfig(epochs=6, lr=0.05, batch_size=16, patience=6, schedule="constant", ema_epochs=ema_epochs)
+    cfg = StageConfig(epochs=6, lr=0.05, batch_size=16, patience=6, schedule="constant")
 
     def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.randperm(512, generator=torch.Generator().manual_seed(epoch))
@@ -441,16 +393,12 @@ def _noisy_regression_fit(
     return model, solution, result
 
 
-def test_a_weight_average_ends_nearer_the_optimum_than_the_noisy_iterates_and_resumes_exactly(tmp_path: Path) -> None:
-    _, _, plain = _noisy_regression_fit(tmp_path / "plain", 0.0)
-    averaged_model, solution, averaged = _noisy_regression_fit(tmp_path / "ema", 1.0)
-    # at a constant learning rate the last steps' noise stays in the weights; the average over an epoch removes it
-    assert -averaged.best_score < 0.75 * -plain.best_score
-    # what the stage hands on is the average it scored best, not the live weights
-    assert float((averaged_model.weight.detach().T - solution).norm()) == pytest.approx(-averaged.best_score, rel=1e-4)
-    # a stage killed after its second epoch resumes with its average and ends where an unbroken run ends
+def test_a_fit_killed_after_its_second_epoch_resumes_to_the_unbroken_result(tmp_path: Path) -> None:
+    model, solution, unbroken = _noisy_regression_fit(tmp_path / "unbroken")
+    # what the stage hands on is the state it scored best
+    assert float((model.weight.detach().T - solution).norm()) == pytest.approx(-unbroken.best_score, rel=1e-4)
     with pytest.raises(KeyboardInterrupt):
-        _noisy_regression_fit(tmp_path / "killed", 1.0, kill_after=1)
-    resumed_model, _, resumed = _noisy_regression_fit(tmp_path / "killed", 1.0)
-    assert resumed.resumed_from == 2 and resumed.history == averaged.history
-    assert torch.equal(resumed_model.weight, averaged_model.weight)
+        _noisy_regression_fit(tmp_path / "killed", kill_after=1)
+    resumed_model, _, resumed = _noisy_regression_fit(tmp_path / "killed")
+    assert resumed.resumed_from == 2 and resumed.history == unbroken.history
+    assert torch.equal(resumed_model.weight, model.weight)

@@ -118,3 +118,28 @@ def test_the_registered_model_is_weights_not_a_pickle_and_pyfunc_still_scores(ml
         info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle")
     with pytest.raises(persist.ModelFileError, match="older ecgproto"):
         tracking.load_model(info.model_uri, mlflow_uri)
+
+
+def test_a_model_saved_with_since_retired_options_loads_when_it_used_their_kept_value(tmp_path: Path) -> None:
+    """Earlier versions wrote sharpness, topk, latent and the fusion mode into every model description."""
+    import json
+
+    model, x = _model(), torch.randn(2, 12, 1000)
+    persist.save(model, tmp_path / "model.pt")
+    meta_file = tmp_path / "model.json"
+    meta = json.loads(meta_file.read_text())
+    for branch in meta["config"]["branches"].values():
+        branch.update(sharpness=1.0, topk=3, latent="standardised")
+    meta["config"]["fusion"]["mode"] = "sparse_nonneg"
+    meta_file.write_text(json.dumps(meta))
+    with torch.no_grad():
+        torch.testing.assert_close(persist.load(tmp_path / "model.pt")(x), model(x))
+    meta["config"]["fusion"]["mode"] = "dense"  # a design this version no longer builds: refused, named
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(persist.ModelFileError, match="fusion.mode = 'dense'"):
+        persist.load(tmp_path / "model.pt")
+    meta["config"]["fusion"]["mode"] = "sparse_nonneg"
+    meta["config"]["branches"]["morphology_2d_local"]["pool"] = "row_latent"
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(persist.ModelFileError, match="branches.morphology_2d_local.pool"):
+        persist.load(tmp_path / "model.pt")

@@ -24,7 +24,7 @@ from typing import Literal
 
 import numpy as np
 import wfdb.processing as wp
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from scipy.ndimage import maximum_filter1d, uniform_filter1d
 from scipy.signal import find_peaks
 
@@ -33,6 +33,8 @@ BeatSource = Literal["detected", "grid"]
 
 class BeatConfig(BaseModel):
     """How beats are found; part of a store's cache key."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt option is an error, not a silent default
 
     min_rr_s: float = Field(0.24, gt=0, description="median RR below this (> 250 bpm) is not believed")
     max_rr_s: float = Field(3.0, gt=0, description="median RR above this (< 20 bpm) is not believed")

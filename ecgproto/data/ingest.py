@@ -25,7 +25,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 import ecgproto
@@ -53,6 +53,8 @@ READ_MARGIN_S = 1.0
 
 class IngestConfig(BaseModel):
     """Everything that decides the content of a store (and so its cache key), plus how to run."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt option is an error, not a silent default
 
     layout: Literal["auto", "ptbxl", "mimic_ecg", "challenge", "wfdb"] = "auto"
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)

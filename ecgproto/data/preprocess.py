@@ -10,7 +10,7 @@ from functools import lru_cache
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from scipy import signal as sps
 
 from ecgproto.data.leads import LEADS, LeadError, lead_permutation
@@ -19,6 +19,8 @@ from ecgproto.data.wfdb_io import RawRecord, RecordError
 
 class PreprocessConfig(BaseModel):
     """How raw signals become model input. Part of the store's cache key."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt option is an error, not a silent default
 
     fs: int = Field(100, description="model sampling rate (Hz)")
     duration_s: float = Field(10.0, description="window length; longer records are cropped from the start")

@@ -2,9 +2,6 @@
 
 global_1d  rhythm: 1D ResNet, time-averaged (shift-invariant) latent (D,), one window
 local_2d   local morphology: 2D ResNet, windows of `window` feature columns on one lead row;
-           with pool="row_latent" one latent per lead row instead: the row's latent averaged over
-           time (a morphology recurs in every beat, so its evidence is the whole strip of a lead),
-           compared with the prototypes once, the best row scoring
            with pool="beat" beat windows instead: each detected beat (P-QRS-T around its R peak) is
            cropped, encoded per lead, and its latent taken per lead group (e.g. II, aVF, III); the
            latents are averaged over the record's beats (a morphology recurs in every beat) and
@@ -64,9 +61,8 @@ class Branch(nn.Module):
     ) -> None:
         super().__init__()
         self.name, self.kind, self.classes, self.n_samples, self.fs = name, cfg.kind, tuple(classes), n_samples, fs
-        self.row_latent = cfg.pool == "row_latent"  # local_2d only (BranchConfig checks)
-        self.beat = cfg.pool == "beat"  # local_2d only
-        self.window = cfg.window if cfg.kind == "local_2d" and not (self.row_latent or self.beat) else 1
+        self.beat = cfg.pool == "beat"  # local_2d only (BranchConfig checks)
+        self.window = cfg.window if cfg.kind == "local_2d" and not self.beat else 1
         self.window_leads = cfg.window_leads if cfg.kind == "local_2d" else 1
         self.whole_group = self.beat and cfg.whole_beat_group
         # beat windows: samples before / after the R peak, beats per record (evaluation / joint stage), jitter
@@ -92,7 +88,7 @@ class Branch(nn.Module):
             nn.Parameter(torch.zeros(1, c, len(CABRERA), 1)) if cfg.kind == "local_2d" and cfg.lead_embedding else None
         )
         norm = {"global_1d": nn.BatchNorm1d, "local_2d": nn.BatchNorm2d, "global_2d": nn.BatchNorm1d}[cfg.kind]
-        last = norm(d, affine=False) if cfg.latent == "standardised" else nn.Sigmoid()
+        last = norm(d, affine=False)  # standardised latents: zero-mean, unit-variance, cosines across [-1, 1]
         # beat pooling: the first add-on layer reads a whole lead group (kernel = stride = its height), so a group's
         # latent combines its leads while groups stay apart
         first = (
@@ -116,11 +112,8 @@ class Branch(nn.Module):
             self.prototype_dim,
             cfg.scale,
             cfg.pool,
-            cfg.topk,
-            positive=cfg.latent == "sigmoid",
             rows=n_groups,
             similarity=cfg.similarity,
-            sharpness=cfg.sharpness,
             group=group,
         )
         self.register_buffer("prototype_class", torch.arange(len(classes)).repeat_interleave(per_class))
@@ -143,13 +136,13 @@ class Branch(nn.Module):
     @property
     def window_grid(self) -> tuple[int, int]:
         """(lead rows, time columns) of one record's latent windows, window index = row * columns + column;
-        (1, 1) for the global branches (one whole-record latent), (rows, 1) under row_latent."""
+        (1, 1) for the global branches (one whole-record latent)."""
         if self.kind != "local_2d":
             return 1, 1
         if self.beat:  # one pooled latent per lead group (and one of all leads)
             return len(CABRERA) // self.window_leads + int(self.whole_group), 1
         rows = len(CABRERA) - self.window_leads + 1
-        return (rows, 1) if self.row_latent else (rows, self._time_columns - self.window + 1)
+        return rows, self._time_columns - self.window + 1
 
     @property
     def beat_length(self) -> int:
@@ -208,9 +201,6 @@ class Branch(nn.Module):
         if self.lead_embedding is not None:
             f = f + self.lead_embedding
         z = self.add_on(f)  # (B, D, 12, T)
-        if self.row_latent:  # (B, D, 12, T) -> time mean -> rows of window_leads leads -> (B, R', D * leads)
-            r = z.mean(dim=-1).unfold(2, self.window_leads, 1)  # (B, D, R', leads)
-            return r.permute(0, 2, 1, 3).flatten(2)
         w = z.unfold(2, self.window_leads, 1).unfold(3, self.window, 1)  # (B, D, R', T', leads, window)
         b, d, rows, cols, nl, win = w.shape
         return w.permute(0, 2, 3, 1, 4, 5).reshape(b, rows * cols, d * nl * win)  # index = row * T' + col
@@ -287,15 +277,11 @@ class Branch(nn.Module):
                 start, min(int(beat_position) + self.beat_post, self.n_samples), self.group_leads(group), group, slot
             )
         row, col = divmod(int(window_index), self.window_grid[1])
-        start, end = (
-            (0, self.n_samples)
-            if self.row_latent
-            else self.backbone.time_field.samples(col, self.window, self.n_samples)
-        )
+        start, end = self.backbone.time_field.samples(col, self.window, self.n_samples)
         assert isinstance(self.backbone, Backbone2D)
         seen = {lead for r in range(row, row + self.window_leads) for lead in self.backbone.leads_seen(r)}
         leads = tuple(lead for lead in (c.lstrip("-") for c in CABRERA) if lead in seen)  # Cabrera order
-        return WindowExtent(start, end, leads, row, None if self.row_latent else col)
+        return WindowExtent(start, end, leads, row, col)
 
     def candidate_windows(
         self, x: torch.Tensor, beats: torch.Tensor | None = None

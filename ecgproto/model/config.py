@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 BranchKind = Literal["global_1d", "local_2d", "global_2d"]
 
 
 class BackboneConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt option is an error, not a silent default
+
     widths: tuple[int, int, int, int] = (64, 128, 256, 512)
     blocks: tuple[int, int, int, int] = (2, 2, 2, 2)
     stem_kernel: int = 7
@@ -23,13 +25,15 @@ class BackboneConfig(BaseModel):
 
 
 class BranchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     kind: BranchKind
     prototypes_per_class: int = Field(ge=1)
     latent_dim: int = 512
     window: int = Field(
         3,
         ge=1,
-        description="local_2d: prototype length in feature columns (row_latent: the whole row, this is not used)",
+        description="local_2d: prototype length in feature columns (beat pooling: the beat window, this is not used)",
     )
     window_leads: int = Field(
         1,
@@ -42,17 +46,16 @@ class BranchConfig(BaseModel):
     scale: float = Field(description="similarity = scale * cosine (reference: floor(sqrt(512*T))/T)")
     similarity: Literal["cosine", "exp_cosine"] = Field(
         "cosine",
-        description="'cosine' (reference): scale * c; 'exp_cosine': scale * (2 exp(sharpness (c - 1)) - 1), "
+        description="'cosine' (reference): scale * c; 'exp_cosine': scale * (2 exp(c - 1) - 1), "
         "which rewards nearness, so the trained prototypes stay near real latents and projection costs less (see "
-        "ecgproto.model.prototypes). For branches with one window per record or per lead row (row_latent); under "
+        "ecgproto.model.prototypes). For branches with one window per record or per beat group; under "
         "lead_mean the mean of an exp over a strip is dominated by its far windows",
     )
-    sharpness: float = Field(1.0, gt=0, description="exp_cosine: k")
-    pool: Literal["max", "topk_mean", "focal", "lead_mean", "row_latent", "beat"] = Field(
+    pool: Literal["max", "lead_mean", "beat"] = Field(
         "max",
         description="how windows are pooled into one similarity, in training, evaluation and explanation alike "
         "(see ecgproto.model.prototypes). 'max' is the reference; 'lead_mean': per lead row the mean over time, then "
-        "the best row; 'row_latent' (local_2d): per lead row the time mean of the latent, then the best row; 'beat' "
+        "the best row (the reference's local branch here); 'beat' "
         "(local_2d): the latent of each detected beat's window per lead group, averaged over the record's beats, each "
         "prototype compared with its own lead group only (see ecgproto.model.branch)",
     )
@@ -74,20 +77,12 @@ class BranchConfig(BaseModel):
         description="beat pooling: besides the lead groups, one group of all 12 leads, so a prototype can be "
         "a whole 12-lead beat (the axis, or voltage summed over limb and chest leads, spans the groups)",
     )
-    topk: int = Field(3, ge=1)
     dropout: float = 0.0
     head_negative: float = Field(
         0.0,
         description="initial (and, in the joint stage, frozen) head weight to other classes' prototypes. "
         "Reference -0.5: with many classes the summed negative votes invert majority classes (measured on the demo: "
         "SR validation AUROC 0.07 at -0.5 vs 0.91 at 0); the last-layer stage learns the cross-class weights",
-    )
-    latent: Literal["standardised", "sigmoid"] = Field(
-        "standardised",
-        description="add-on output: 'sigmoid' (reference, latents in (0, 1)) or 'standardised' "
-        "(batch norm without affine: zero-mean, unit-variance latents, cosine in [-1, 1]). With sigmoid latents every "
-        "cosine is high and a class-connected head has no way to say 'absent' (measured on the demo rhythm branch: "
-        "validation macro-AUROC 0.48 sigmoid vs 0.97 standardised after 5 epochs)",
     )
     lead_embedding: bool = Field(
         True,
@@ -98,7 +93,7 @@ class BranchConfig(BaseModel):
 
     @model_validator(mode="after")
     def _row_and_beat_pooling_are_local(self) -> BranchConfig:
-        if self.pool in ("row_latent", "beat") and self.kind != "local_2d":
+        if self.pool == "beat" and self.kind != "local_2d":
             raise ValueError(f"pool={self.pool!r} compares latents of lead rows: a local_2d option, not {self.kind}")
         if self.pool == "beat" and 12 % self.window_leads:
             raise ValueError(
@@ -111,11 +106,8 @@ class BranchConfig(BaseModel):
 
 
 class FusionConfig(BaseModel):
-    mode: Literal["sparse_nonneg", "class_connected", "dense"] = Field(
-        "sparse_nonneg",
-        description="sparse_nonneg: weights >= 0 with L1 off the own class; class_connected: own "
-        "class only; dense: the reference's signed dense layer",
-    )
+    model_config = ConfigDict(extra="forbid")
+
     normalise: bool = Field(True, description="divide each branch's similarities by its scale (each block in [-1, 1])")
     heads: int = Field(
         8,
@@ -136,6 +128,8 @@ def _reference_branches() -> dict[str, BranchConfig]:
 
 
 class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     n_leads: int = 12
     n_samples: int = 1000
     fs: float = 100.0

@@ -1,9 +1,10 @@
 """Fusion over the frozen, projected branches: all prototype similarities -> the 71 labels.
 
 Blocks are normalised (each branch's similarities divided by its scale, so every block lies in
-[-1, 1] and 1 means "this ECG is the prototype"), and by default the weights are non-negative with
-an L1 penalty off the own class: a prototype can only add evidence, and each case's evidence is
-weight x similarity.
+[-1, 1] and 1 means "this ECG is the prototype"), and the weights are non-negative with an L1
+penalty off the own class: a prototype can only add evidence, and each case's evidence is weight x
+similarity. (The reference's signed dense layer and an own-class-only layer were tried and retired:
+docs/experiments.md.)
 """
 
 from __future__ import annotations
@@ -15,16 +16,15 @@ from ecgproto.model.config import FusionConfig
 
 
 class _FusionFamily(nn.Module):
-    """What the main fusion head and its bootstrap heads share: weights (..., L, P) of one family (`mode`) over
-    the label x prototype mask `own`, the L1 off each label's own prototypes, and the projection back into the
-    family after each update."""
+    """What the main fusion head and its bootstrap heads share: non-negative weights (..., L, P), the label x
+    prototype mask `own`, the L1 off each label's own prototypes, and the projection back to >= 0 after each
+    update."""
 
     own: torch.Tensor
     weight: nn.Parameter
 
-    def __init__(self, prototype_label: torch.Tensor, n_labels: int, mode: str) -> None:
+    def __init__(self, prototype_label: torch.Tensor, n_labels: int) -> None:
         super().__init__()
-        self.mode = mode
         self.register_buffer("own", nn.functional.one_hot(prototype_label, n_labels).float().T)  # (L, P)
 
     def initial_weight(self) -> torch.Tensor:
@@ -32,23 +32,20 @@ class _FusionFamily(nn.Module):
         return self.own / self.own.sum(dim=1, keepdim=True).clamp(min=1) * 4.0
 
     def effective_weight(self) -> torch.Tensor:
-        return self.weight * self.own if self.mode == "class_connected" else self.weight
+        return self.weight
 
     def off_class_l1(self) -> torch.Tensor:
         return (self.weight.abs() * (1 - self.own)).sum()
 
     @torch.no_grad()
     def constrain(self) -> None:
-        """Projected gradient step: keep the weights inside the chosen family after each update."""
-        if self.mode != "dense":
-            self.weight.clamp_(min=0)
-        if self.mode == "class_connected":
-            self.weight.mul_(self.own)
+        """Projected gradient step: keep the weights non-negative after each update."""
+        self.weight.clamp_(min=0)
 
 
 class Fusion(_FusionFamily):
     def __init__(self, prototype_label: torch.Tensor, scales: torch.Tensor, n_labels: int, cfg: FusionConfig) -> None:
-        super().__init__(prototype_label, n_labels, cfg.mode)
+        super().__init__(prototype_label, n_labels)
         self.register_buffer("inv_scale", (1.0 / scales) if cfg.normalise else torch.ones_like(scales))
         self.weight = nn.Parameter(self.initial_weight())
         self.bias = nn.Parameter(torch.full((n_labels,), -2.0))
@@ -71,8 +68,8 @@ class FusionHeads(_FusionFamily):
     the main head's, whose weights the explanations show) and say how much it depends on which records the
     last layer saw: where the heads disagree, the prediction is uncertain."""
 
-    def __init__(self, prototype_label: torch.Tensor, n_labels: int, n_heads: int, mode: str) -> None:
-        super().__init__(prototype_label, n_labels, mode)
+    def __init__(self, prototype_label: torch.Tensor, n_labels: int, n_heads: int) -> None:
+        super().__init__(prototype_label, n_labels)
         self.weight = nn.Parameter(self.initial_weight().expand(n_heads, -1, -1).clone())  # (K, L, P)
         self.bias = nn.Parameter(torch.full((n_heads, n_labels), -2.0))
 

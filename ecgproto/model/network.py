@@ -49,7 +49,7 @@ class ECGProtoNet(nn.Module):
         # uncertainty (see `uncertainty`): bootstrap fusion heads, the temperature fitted on the validation fold,
         # and the validation fold's record uncertainties at each percentile 0..100 (NaN until fitted)
         heads = cfg.fusion.heads
-        self.fusion_heads = FusionHeads(self.prototype_label, len(labels), heads, cfg.fusion.mode) if heads else None
+        self.fusion_heads = FusionHeads(self.prototype_label, len(labels), heads) if heads else None
         self.register_buffer("temperature", torch.ones(()))
         # added to each label's logit before the temperature: minus the log of the positive-class weight the
         # training's BCE used (a weighted BCE's optimum is the true log-odds plus log w)

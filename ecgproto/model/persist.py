@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 import ecgproto
@@ -84,6 +85,31 @@ def load_weights(path: Path) -> dict[str, Any]:
         ) from exc
 
 
+# Options earlier versions saved in every model description, and the one value this version still builds
+# (None: any value, the option did nothing without a retired one). docs/experiments.md says why each went.
+_RETIRED_BRANCH = {"sharpness": 1.0, "latent": "standardised", "topk": None}
+_RETIRED_FUSION = {"mode": "sparse_nonneg"}
+
+
+def _without_retired_options(config: dict[str, Any], meta_file: Path) -> dict[str, Any]:
+    """A saved model's configuration without the options this version retired, when it used their one kept
+    value; a model that relied on a retired design is refused, naming the option."""
+    out = {**config, "branches": {k: dict(v) for k, v in config.get("branches", {}).items()}}
+    out["fusion"] = dict(config.get("fusion", {}))
+    sections = [(f"branches.{k}", v, _RETIRED_BRANCH) for k, v in out["branches"].items()]
+    for where, section, retired in [*sections, ("fusion", out["fusion"], _RETIRED_FUSION)]:
+        for key, kept in retired.items():
+            if key not in section:
+                continue
+            value = section.pop(key)
+            if kept is not None and value != kept:
+                raise ModelFileError(
+                    f"{meta_file}: trained with {where}.{key} = {value!r}, a design this version no longer builds "
+                    f"(only {kept!r}); train the model again with this version"
+                )
+    return out
+
+
 def load(path: Path) -> nn.Module:
     """Rebuild the network `path` holds (see `save`), in eval mode."""
     from ecgproto.data.labels import load_label_set
@@ -113,7 +139,14 @@ def load(path: Path) -> nn.Module:
                 f"{meta_file}: trained on another label set than this ecgproto's "
                 f"({len(meta['codes'])} vs {len(labels.codes)} labels)"
             )
-        config = ModelConfig.model_validate(meta["config"])
+        try:
+            config = ModelConfig.model_validate(_without_retired_options(meta["config"], meta_file))
+        except ValidationError as exc:  # e.g. a pooling this version retired
+            first = exc.errors()[0]
+            raise ModelFileError(
+                f"{meta_file}: its configuration is not one this version builds ({'.'.join(map(str, first['loc']))}: "
+                f"{first['msg']}); train the model again with this version"
+            ) from exc
         if "heads" not in meta["config"].get("fusion", {}):  # saved before bootstrap heads and calibration
             config.fusion.heads = 0
             state.setdefault("temperature", torch.ones(()))

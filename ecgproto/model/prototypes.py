@@ -3,7 +3,7 @@
 Similarity, from the cosine c of a window with a prototype (either form lies in [-scale, scale]):
 
   cosine      scale * c (the reference)
-  exp_cosine  scale * (2 exp(k (c - 1)) - 1): flat far from the prototype, steep near it, so a
+  exp_cosine  scale * (2 exp(c - 1) - 1): flat far from the prototype, steep near it, so a
               record scores high only when its latent lies near the prototype. Under plain cosine a
               one-window branch's similarity is linear in the prototype's direction, the joint stage
               turns prototypes into discriminant directions that no real latent lies near, and the
@@ -15,20 +15,16 @@ the nearest under max over many windows, the most faithful to the pooled similar
 ecgproto.projection):
 
   max        the best window (ProtoPNet, the reference)
-  topk_mean  the mean of the k best windows
-  focal      the best window minus the average window
   lead_mean  windows laid out as (rows, columns) of a lead x time grid: per lead row, the mean
              over time; then the best row. A morphology recurs in every beat, so its evidence is
              how well it matches along the whole strip of one lead group; the window shown is the
              best window of that row.
-  row_latent the branch hands one latent per lead row (its time mean, see ecgproto.model.branch),
-             and the best row scores: the strip is averaged before the comparison, not after, so
-             the prototype is a real row's mean latent, and what projection and an explanation
-             show is that row's whole strip.
   beat       the branch hands one latent per lead group: the mean over the record's beats of each
              beat window's latent (see ecgproto.model.branch). Each prototype belongs to one lead
              group (`group`) and is compared with that group only: a morphology in V1-V3 is never
              matched to II, aVF, III. Projection makes the prototype one real beat of one record.
+
+(Poolings tried and retired, with what they measured, are in docs/experiments.md.)
 """
 
 from __future__ import annotations
@@ -36,6 +32,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+POOLS = ("max", "lead_mean", "beat")
 
 
 class PrototypeLayer(nn.Module):
@@ -45,24 +43,20 @@ class PrototypeLayer(nn.Module):
         dim: int,
         scale: float,
         pool: str = "max",
-        topk: int = 3,
-        positive: bool = False,
         rows: int = 1,
         similarity: str = "cosine",
-        sharpness: float = 1.0,
         group: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
-        init = torch.rand(n_prototypes, dim) if positive else torch.randn(n_prototypes, dim)  # where latents live
-        self.prototypes = nn.Parameter(init)
+        if pool not in POOLS:
+            raise ValueError(f"unknown pooling {pool!r}; choose one of {', '.join(POOLS)}")
+        self.prototypes = nn.Parameter(torch.randn(n_prototypes, dim))  # where standardised latents live
         self.scale = scale
         self.pool_mode = pool
-        self.topk = topk
         self.rows = rows  # lead_mean: window index = row * (W // rows) + column
         if similarity not in ("cosine", "exp_cosine"):
             raise ValueError(f"unknown similarity {similarity!r}; choose cosine or exp_cosine")
         self.similarity = similarity
-        self.sharpness = sharpness
         if pool == "beat":
             if group is None or group.shape != (n_prototypes,):
                 raise ValueError("beat pooling needs the lead group of every prototype")
@@ -75,7 +69,7 @@ class PrototypeLayer(nn.Module):
     def from_cosine(self, cos: torch.Tensor) -> torch.Tensor:
         """Cosines -> similarities (increasing in the cosine, in [-scale, scale])."""
         if self.similarity == "exp_cosine":
-            return self.scale * (2 * torch.exp(self.sharpness * (cos - 1)) - 1)
+            return self.scale * (2 * torch.exp(cos - 1) - 1)
         return self.scale * cos
 
     def similarity_map(self, windows: torch.Tensor) -> torch.Tensor:
@@ -88,14 +82,9 @@ class PrototypeLayer(nn.Module):
         if self.pool_mode == "beat":
             g = self.group if group is None else group
             return sim_map.gather(1, g.view(1, 1, -1).expand(sim_map.shape[0], 1, -1)).squeeze(1)
-        if self.pool_mode in ("max", "row_latent") or sim_map.shape[1] == 1:
-            return sim_map.amax(dim=1)
-        if self.pool_mode == "lead_mean":
+        if self.pool_mode == "lead_mean" and sim_map.shape[1] > 1:
             return self._rows(sim_map).mean(dim=2).amax(dim=1)
-        if self.pool_mode == "focal":  # best window minus the average window: high only where the match is local
-            return sim_map.amax(dim=1) - sim_map.mean(dim=1)
-        k = min(self.topk, sim_map.shape[1])
-        return sim_map.topk(k, dim=1).values.mean(dim=1)
+        return sim_map.amax(dim=1)
 
     def best_window(self, sim_map: torch.Tensor) -> torch.Tensor:
         """(B, W, P) -> (B, P) index of the best-matching window (the one an explanation shows)."""

@@ -21,7 +21,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class CohortError(ValueError):
@@ -29,6 +29,8 @@ class CohortError(ValueError):
 
 
 class CohortConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt option is an error, not a silent default
+
     window_before_days: float = Field(7.0, ge=0, description="an ECG up to this long before admittime still counts")
     strict: bool = Field(False, description="only ECGs inside [admittime, dischtime]")
     min_age: float = 18.0

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from scipy import sparse, special, stats
 
 from ecgproto.phenotype.phecodes import PhecodeStatus
@@ -66,6 +66,8 @@ CATEGORY_COLUMNS = (
 
 
 class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt option is an error, not a silent default
+
     screen_p: float = Field(
         1e-3, gt=0, le=1, description="refit exactly where the score test p is at most this (1 = refit all)"
     )

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from ecgproto.data.store import ArrayStore
 from ecgproto.phenotype import compare
@@ -59,6 +59,8 @@ ALL_SETS = ("prototype", "prototype_top1", "prototype_class", "class_prob", "nlp
 
 
 class StudyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt option is an error, not a silent default
+
     cohort: CohortConfig = Field(default_factory=CohortConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     phecode_version: str = Field("1.2", pattern=r"^(1\.2|X)$")

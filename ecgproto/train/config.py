@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ecgproto.model.config import ModelConfig
 
 
 class StageConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt option is an error, not a silent default
+
     epochs: int = Field(ge=1, description="upper bound; early stopping may end sooner")
     lr: float = Field(gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -21,16 +23,11 @@ class StageConfig(BaseModel):
     patience: int = Field(10, ge=1, description="epochs without a better validation macro-AUROC before stopping")
     schedule: str = Field("cosine", description="cosine | onecycle | constant")
     optimizer: Literal["adam", "adamw"] = Field("adam", description="adam (weight decay as L2) or adamw (decoupled)")
-    ema_epochs: float = Field(
-        0.0,
-        ge=0.0,
-        description="an exponential moving average of the weights (and batch-norm statistics) over about this many "
-        "epochs (decay per step 1 - 1 / (ema_epochs x steps per epoch), so the same on any dataset size); "
-        "validation, the best state and the stage's output use the average. 0 = off (the weights as trained)",
-    )
 
 
 class LossWeights(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     clustering: float = 0.004
     separation: float = 0.0004
     diversity: float = 250.0
@@ -60,6 +57,8 @@ class LossWeights(BaseModel):
 
 
 class BaselineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     enabled: bool = True
     widths: tuple[int, int, int, int] = (64, 128, 256, 512)
     blocks: tuple[int, int, int, int] = (2, 2, 2, 2)
@@ -71,6 +70,8 @@ class BaselineConfig(BaseModel):
 
 
 class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     seed: int = 20261123
     model: ModelConfig = Field(default_factory=ModelConfig)
     joint: StageConfig = Field(

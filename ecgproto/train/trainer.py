@@ -3,12 +3,7 @@ and a checkpoint after each epoch so a killed stage resumes where it stopped.
 
 A checkpoint holds the model, optimiser and scheduler states, the best state so far and the
 history. Epoch randomness is derived from (seed, epoch), so a resumed run equals an unbroken one.
-
-With `StageConfig.ema_epochs` the loop also keeps an exponential moving average of the weights (and
-batch-norm statistics), in the checkpoint too; validation scores the average, which is what the
-best state and the stage's output are. A single epoch's weights carry that epoch's last steps'
-noise, so choosing the best epoch on a noisy validation fold chooses partly on noise; the average
-is smoother.
+(A moving average of the weights was tried and retired: docs/experiments.md.)
 """
 
 from __future__ import annotations
@@ -55,33 +50,6 @@ def _schedule(
     raise ValueError(f"unknown schedule {cfg.schedule!r}; choose cosine, onecycle or constant")
 
 
-class WeightAverage:
-    """Exponential moving average of a model's floating-point state (parameters and buffers) over optimiser
-    steps, with the usual warm-up (decay min(d, (1 + t) / (10 + t)) at step t), so early steps are not
-    dominated by the initial weights. Integer buffers (batch-norm step counts) are copied."""
-
-    def __init__(self, model: nn.Module, decay: float, state: dict[str, Any] | None = None) -> None:
-        self.decay = decay
-        live = model.state_dict()
-        self.steps = int(state["steps"]) if state is not None else 0
-        source = state["average"] if state is not None else live
-        self.average = {k: source[k].detach().to(live[k].device, copy=True) for k in live}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
-        for k, v in model.state_dict().items():
-            a = self.average[k]
-            if a.is_floating_point():
-                a.lerp_(v.detach(), 1.0 - d)
-            else:
-                a.copy_(v)
-        self.steps += 1
-
-    def state(self) -> dict[str, Any]:
-        return {"steps": self.steps, "average": self.average}
-
-
 def fit(
     model: nn.Module,
     parameters: Iterable[nn.Parameter],
@@ -117,10 +85,6 @@ def fit(
     else:
         start, best, best_epoch, bad, history = 0, -math.inf, -1, 0, []
         best_state = copy.deepcopy(model.state_dict())
-    average = None
-    if cfg.ema_epochs > 0:  # a horizon in epochs: the same smoothing on a small cohort and on the full PTB-XL
-        decay = max(0.0, 1.0 - 1.0 / (cfg.ema_epochs * steps_per_epoch))
-        average = WeightAverage(model, decay, state.get("ema") if state is not None else None)
     resumed_from = start
     if cfg.epochs == 0 or (state is not None and state.get("stopped")):
         model.load_state_dict(best_state)
@@ -142,14 +106,8 @@ def fit(
             sched.step()
             if after_step is not None:
                 after_step()
-            if average is not None:
-                average.update(model)
             step_losses.append(loss.detach())
         model.eval()
-        live = None
-        if average is not None:  # score (and keep) the average; training goes on from the live weights
-            live = copy.deepcopy(model.state_dict())
-            model.load_state_dict(average.average)
         score = validate()
         improved = score > best
         if improved:
@@ -157,8 +115,6 @@ def fit(
             best_state = copy.deepcopy(model.state_dict())
         else:
             bad += 1
-        if live is not None:
-            model.load_state_dict(live)
         stopped = bad >= cfg.patience or epoch == cfg.epochs - 1
         train_loss = float(torch.stack(step_losses).double().mean()) if step_losses else 0.0
         history.append(
@@ -178,8 +134,7 @@ def fit(
                     "best_state": best_state,
                     "history": history,
                     "stopped": stopped,
-                }
-                | ({"ema": average.state()} if average is not None else {}),
+                },
                 checkpoint,
             )
         if on_epoch is not None:
