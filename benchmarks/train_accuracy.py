@@ -97,16 +97,11 @@ def real_data_accuracy(
         cfg.seed = seed
     ctx = stages.TrainContext.open(store.path, cfg, work_root or scratch / "work")
     epochs: dict[str, list[int]] = {"joint": [], "last_layer": [], "fusion": [], "baseline": []}
-    if cfg.baseline_teaches:
-        epochs["baseline"].append(len(clock("baseline", stages.train_baseline, ctx).history))
-    for name in BRANCHES:
-        epochs["joint"].append(len(clock(f"joint {name}", stages.train_joint, ctx, name).history))
-        clock(f"projection {name}", stages.project, ctx, name)
-        epochs["last_layer"].append(len(clock(f"last layer {name}", stages.train_last_layer, ctx, name).history))
-    epochs["fusion"].append(len(clock("fusion", stages.train_fusion, ctx).history))
+    for step in stages.plan(cfg):
+        out = clock(step.key, stages.run_step, ctx, step)
+        if step.stage in epochs:
+            epochs[step.stage].append(len(out.history))
     proto_s = sum(v for k, v in wall.items() if k not in ("ingest", "baseline"))
-    if not cfg.baseline_teaches:
-        epochs["baseline"].append(len(clock("baseline", stages.train_baseline, ctx).history))
     metrics, tables = clock(f"evaluate ({split})", stages.evaluate, ctx, split)
     n = {s: len(ctx.splits[s]) for s in ("train", "val", "test")}
     fold = {"test": "fold 10", "val": "fold 9"}[split]
@@ -127,7 +122,7 @@ def real_data_accuracy(
         "[real]   fused vs baseline, mean AUROC over each branch's labels: "
         + "; ".join(f"{b} {r.auroc:.3f} vs {r.baseline_auroc:.3f}" for b, r in by_branch.iterrows())
     )
-    # calibration, selective prediction and prototype quality (ecgproto.calibration, ecgproto.quality)
+    # calibration, selective prediction and prototype quality (ecgproto.calibration, ecgproto.train.quality)
     for row in tables["calibration"].itertuples(index=False):
         print(
             f"[real]   calibration {row.model:20s} T {row.temperature:.2f}, {split} mean ECE "
@@ -142,7 +137,7 @@ def real_data_accuracy(
         )
     spread = metrics["fused.mean_label_spread"]
     print(f"[real]   mean spread of a label's probability over the fusion heads {spread:.4f}")
-    from ecgproto.quality import quality_summary
+    from ecgproto.train.quality import quality_summary
 
     provenance = pd.concat([pd.read_parquet(ctx.path(b, "provenance.parquet")) for b in BRANCHES], ignore_index=True)
     for row in quality_summary(provenance).itertuples(index=False):

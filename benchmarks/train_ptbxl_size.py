@@ -28,7 +28,6 @@ import pandas as pd
 from _common import PTBXL_SPLITS, default_device, ingest_real, set_threads
 from _common import sync as _sync
 
-from ecgproto.data.labels import BRANCHES
 from ecgproto.data.store import ArrayStore
 from ecgproto.train.config import TrainConfig
 
@@ -93,15 +92,8 @@ def ptbxl_size_timing(
         _sync(ctx.device)
         timed[key] = time.perf_counter() - t0
 
-    if cfg.baseline_teaches:
-        clock("baseline", stages.train_baseline, ctx)
-    for name in BRANCHES:
-        clock(f"joint.{name}", stages.train_joint, ctx, name)
-        clock(f"project.{name}", stages.project, ctx, name)
-        clock(f"last_layer.{name}", stages.train_last_layer, ctx, name)
-    clock("fusion", stages.train_fusion, ctx)
-    if not cfg.baseline_teaches:
-        clock("baseline", stages.train_baseline, ctx)
+    for step in stages.plan(cfg):
+        clock(step.key, stages.run_step, ctx, step)
     clock("evaluate", stages.evaluate, ctx, "test")
     n = {s: len(ctx.splits[s]) for s in ("train", "val", "test")}
     print(
@@ -112,8 +104,8 @@ def ptbxl_size_timing(
         print(f"[ptbxl-size]   {key:32s} {sec:8.1f} s")
 
     def total(epochs_of: dict[str, float]) -> float:
-        per_epoch = {k: timed[k] / epochs for k in timed if not k.startswith(("project", "evaluate"))}
-        t = sum(timed[k] for k in timed if k.startswith(("project", "evaluate")))
+        per_epoch = {k: timed[k] / epochs for k in timed if not k.startswith(("projection", "evaluate"))}
+        t = sum(timed[k] for k in timed if k.startswith(("projection", "evaluate")))
         for k, sec in per_epoch.items():
             t += sec * epochs_of[k.split(".")[0]]
         return t

@@ -25,8 +25,8 @@ from ecgproto.data.ingest import READ_MARGIN_S
 from ecgproto.data.preprocess import PreprocessConfig, highpass, prepare_record
 from ecgproto.data.wfdb_io import read_record
 from ecgproto.figures import draw_ecg, plot_ecg
+from ecgproto.model.names import gallery_path, prototype_name
 from ecgproto.model.network import ECGProtoNet
-from ecgproto.projection import gallery_path, prototype_name
 
 
 @torch.no_grad()
@@ -108,7 +108,7 @@ def explain(
                     "weight": float(weight[li, p]),
                     "similarity": float(similarity[p]),
                     # how certain the match is: the similarity's range over the input perturbed at ECG noise
-                    # level (Gaussian noise, baseline wander, a 40 ms shift; ecgproto.quality)
+                    # level (Gaussian noise, baseline wander, a 40 ms shift; ecgproto.train.quality)
                     "similarity_under_noise": [float(match_range[0, p]), float(match_range[1, p])],
                     "input_window": window,
                     "prototype_source": {
@@ -156,8 +156,8 @@ def _match_under_perturbation(
     model: ECGProtoNet, x: torch.Tensor, beats: torch.Tensor | None, sims: torch.Tensor
 ) -> np.ndarray:
     """(2, P): each prototype's lowest and highest normalised similarity with the input over the input as it is
-    and perturbed (ecgproto.quality.perturbations)."""
-    from ecgproto.quality import perturbations
+    and perturbed (ecgproto.train.quality.perturbations)."""
+    from ecgproto.train.quality import perturbations
 
     seen = [sims]
     b = beats if beats is not None else torch.full((1, 1), -1, dtype=torch.long)

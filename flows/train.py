@@ -20,16 +20,15 @@ from prefect import flow, task
 from prefect.runtime import flow_run
 
 from ecgproto import tracking
-from ecgproto.data.labels import BRANCHES
 from ecgproto.data.store import atomic_write_bytes
 from ecgproto.explain import gallery_index, prototype_gallery
 from ecgproto.progress import EpochProgress, stage_line
-from ecgproto.quality import distinct_cases, quality_figure, quality_metrics, quality_summary
 from ecgproto.report import StageReport
 from ecgproto.settings import MODEL_NAME, workdir
 from ecgproto.train import distributed, stages
 from ecgproto.train.config import TrainConfig, default_preset
 from ecgproto.train.metrics import difference_text
+from ecgproto.train.quality import distinct_cases, quality_figure, quality_metrics, quality_summary
 from ecgproto.train.report import evaluation_report, fit_report, projection_report, version_description
 from ecgproto.train.trainer import FitResult
 
@@ -266,15 +265,15 @@ def train_flow(
         tags={"prefect_flow_run_id": str(flow_run.id), "dataset_hash": ctx.store.key, "work_dir": str(ctx.workdir)},
     ) as parent:
         tracking.log_report(parent, StageReport(params={"config": config.model_dump()}), tracking_uri)
-        if config.baseline_teaches:
-            baseline(store, config, work_root, parent, tracking_uri)
-        for name in BRANCHES:
-            fit_branch(store, config, work_root, name, "joint", parent, tracking_uri)
-            projection(store, config, work_root, name, parent, tracking_uri)
-            fit_branch(store, config, work_root, name, "last_layer", parent, tracking_uri)
-        fusion(store, config, work_root, parent, tracking_uri, gallery)
-        if config.baseline.enabled and not config.baseline_teaches:
-            baseline(store, config, work_root, parent, tracking_uri)
+        for step in stages.plan(config):  # each stage a task of this flow, in the one order stages.plan gives
+            if step.stage == "baseline":
+                baseline(store, config, work_root, parent, tracking_uri)
+            elif step.stage == "fusion":
+                fusion(store, config, work_root, parent, tracking_uri, gallery)
+            elif step.stage == "projection":
+                projection(store, config, work_root, str(step.branch), parent, tracking_uri)
+            else:
+                fit_branch(store, config, work_root, str(step.branch), step.stage, parent, tracking_uri)
         result = evaluate(store, config, work_root, parent, tracking_uri, register_as, tuple(planted))
     m = result["metrics"]
     print(

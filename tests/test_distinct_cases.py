@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from ecgproto.data.labels import load_label_set
 from ecgproto.model.config import ModelConfig
 from ecgproto.model.network import ECGProtoNet, build_branch
-from ecgproto.projection import merge_near_duplicates
-from ecgproto.quality import DUPLICATE_COS, _nearest_prototypes
+from ecgproto.train.projection import merge_near_duplicates
+from ecgproto.train.quality import DUPLICATE_COS, _nearest_prototypes
 
 
 def _random_model(seed: int = 0) -> ECGProtoNet:

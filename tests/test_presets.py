@@ -39,3 +39,18 @@ def test_every_preset_is_built_from_the_registry_and_large_keeps_the_validated_d
     assert TrainConfig.preset("reference") == TrainConfig()
     with pytest.raises(ValueError, match="unknown configuration"):
         TrainConfig.preset("huge")
+
+
+def test_one_plan_orders_the_stages_the_flow_and_the_benchmarks_run() -> None:
+    from ecgproto.train.stages import plan
+
+    small = [s.key for s in plan(TrainConfig.preset("small"))]
+    # the black box teaches: it trains first; each branch is trained, projected onto real cases, re-headed
+    assert small[0] == "baseline" and small[-1] == "fusion" and small.count("baseline") == 1
+    assert small[1:4] == ["joint.rhythm_1d", "projection.rhythm_1d", "last_layer.rhythm_1d"]
+    assert len(small) == 1 + 3 * 3 + 1
+    reference = [s.key for s in plan(TrainConfig.preset("reference"))]
+    assert reference[-2:] == ["fusion", "baseline"]  # no teacher: the black box is trained last, for comparison
+    alone = TrainConfig.preset("reference")
+    alone.baseline.enabled = False
+    assert "baseline" not in [s.stage for s in plan(alone)]

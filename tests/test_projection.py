@@ -16,8 +16,8 @@ from ecgproto.data.ingest import IngestConfig, ingest
 from ecgproto.data.labels import load_label_set
 from ecgproto.model.config import ModelConfig
 from ecgproto.model.network import build_branch
-from ecgproto.projection import project_prototypes
 from ecgproto.train.data import SplitData
+from ecgproto.train.projection import project_prototypes
 
 
 @pytest.mark.parametrize(

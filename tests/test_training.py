@@ -377,8 +377,8 @@ def test_prototypes_carry_their_purity_consistency_stability_and_near_duplicates
     """The planted inferior MI (Q waves in II, III, aVF in every beat) yields a prototype whose nearest training ECGs
     are IMI ECGs and whose match survives ECG-level noise; the same prototype pushed onto a normal ECG's beat has a
     low purity."""
-    from ecgproto.quality import prototype_quality
     from ecgproto.train.data import SplitData
+    from ecgproto.train.quality import prototype_quality
 
     model = persist.load(Path(trained.out["work_dir"]) / "model.pt")
     prov = pd.DataFrame(model.provenance)

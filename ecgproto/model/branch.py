@@ -117,7 +117,7 @@ class Branch(nn.Module):
             group=group,
         )
         self.register_buffer("prototype_class", torch.arange(len(classes)).repeat_interleave(per_class))
-        # after projection, near-duplicate prototypes are merged (ecgproto.projection.merge_near_duplicates): each
+        # after projection, near-duplicate prototypes are merged (ecgproto.train.projection.merge_near_duplicates): each
         # prototype's keeper, itself while it is a distinct case; a merged one scores 0 and its weights are the
         # keeper's, which then also belongs to the merged one's class
         self.register_buffer("merged_into", torch.arange(per_class * len(classes)))

@@ -12,7 +12,7 @@ Similarity, from the cosine c of a window with a prototype (either form lies in 
 One pooling rule is used in training, evaluation and explanation alike, so the window an
 explanation shows is the window the loss saw (projection moves each prototype onto a real window:
 the nearest under max over many windows, the most faithful to the pooled similarities otherwise, see
-ecgproto.projection):
+ecgproto.train.projection):
 
   max        the best window (ProtoPNet, the reference)
   lead_mean  windows laid out as (rows, columns) of a lead x time grid: per lead row, the mean

@@ -17,8 +17,8 @@ import pandas as pd
 import torch
 
 from ecgproto.data.store import ArrayStore
+from ecgproto.model.names import prototype_name
 from ecgproto.phenotype.engine import FeatureSet
-from ecgproto.projection import prototype_name
 from ecgproto.scoring import KINDS, ActivationStore, calibrated_kinds, score_arrays
 
 HEDGES = ("possible", "probable", "consider", "borderline", "cannot rule out", "suggests", "likely", "questionable")

@@ -1,7 +1,7 @@
 """Data-parallel joint stages with torch DDP, launched through torchrun.
 
 The training flow stays one process; when `TrainConfig.world_size` > 1 it runs each joint stage (and
-the baseline) as `torchrun --standalone --nproc-per-node=W -m ecgproto.train.distributed ...`. Every
+the baseline) as `torchrun --standalone --nproc-per-node=W -m ecgproto.train.worker ...`. Every
 rank builds the same network from the same seed, takes its slice of each global batch (the global
 batch size is the config's, so the optimisation matches a one-process run), and DDP averages the
 gradients. Every rank validates on the whole validation fold with the same weights, so early
@@ -14,14 +14,11 @@ Backends: NCCL on CUDA (one GPU per rank, `cuda:LOCAL_RANK`), gloo on CPU (tests
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -92,7 +89,7 @@ def launch(stage: str, store: str, config: TrainConfig, work_root: str, branch: 
         "--standalone",
         f"--nproc-per-node={config.world_size}",
         "-m",
-        "ecgproto.train.distributed",
+        "ecgproto.train.worker",
         "--stage",
         stage,
         "--store",
@@ -115,28 +112,3 @@ def launch(stage: str, store: str, config: TrainConfig, work_root: str, branch: 
         raise RuntimeError(
             f"torchrun {stage} {branch or ''} failed (exit {done.returncode}): {cause[:300]}\n{done.stderr[-4000:]}"
         )
-
-
-def main(argv: list[str] | None = None) -> int:
-    from ecgproto.train import stages
-
-    p = argparse.ArgumentParser(description="one DDP rank of a training stage (started by torchrun)")
-    p.add_argument("--stage", choices=("joint", "baseline"), required=True)
-    p.add_argument("--branch")
-    p.add_argument("--store", required=True)
-    p.add_argument("--work-root", required=True)
-    p.add_argument("--config", required=True, help="TrainConfig as JSON")
-    args = p.parse_args(argv)
-    config = TrainConfig.model_validate(json.loads(args.config))
-    with process_group(config.device) as device:
-        config = config.model_copy(update={"device": str(device)})
-        ctx = stages.TrainContext.open(Path(args.store), config, Path(args.work_root))
-        if args.stage == "joint":
-            stages.train_joint(ctx, args.branch)
-        else:
-            stages.train_baseline(ctx)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

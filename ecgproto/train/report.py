@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 
 from ecgproto.calibration import coverage_figure, reliability_figure
-from ecgproto.quality import quality_metrics, quality_summary
 from ecgproto.report import StageReport
+from ecgproto.train.quality import quality_metrics, quality_summary
 from ecgproto.train.trainer import FitResult
 
 

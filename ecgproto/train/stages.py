@@ -29,13 +29,13 @@ from ecgproto.model import persist
 from ecgproto.model.baseline import ResNet1DClassifier
 from ecgproto.model.branch import Branch
 from ecgproto.model.network import ECGProtoNet, build_branch
-from ecgproto.projection import merge_near_duplicates, project_prototypes
-from ecgproto.quality import DUPLICATE_COS, mark_shared_sources, prototype_quality
 from ecgproto.settings import reference_dir
 from ecgproto.train import distributed, losses
-from ecgproto.train.config import TrainConfig
+from ecgproto.train.config import StageConfig, TrainConfig
 from ecgproto.train.data import SplitData
 from ecgproto.train.metrics import evaluation_table, macro_auroc, paired_bootstrap_difference
+from ecgproto.train.projection import merge_near_duplicates, project_prototypes
+from ecgproto.train.quality import DUPLICATE_COS, mark_shared_sources, prototype_quality
 from ecgproto.train.trainer import EpochCallback, FitResult, fit, load_checkpoint
 
 if TYPE_CHECKING:
@@ -44,6 +44,46 @@ if TYPE_CHECKING:
 SPLITS = ("train", "val", "test")
 # explanations of the test fold's positive labels whose local evidence is masked (a seeded sample: ~1 min on 2 cores)
 FAITHFULNESS_EXPLANATIONS = 1000
+
+
+@dataclass(frozen=True)
+class Step:
+    """One stage of a training, as `plan` orders them: baseline, joint, projection, last_layer or fusion."""
+
+    stage: str
+    branch: str | None = None
+
+    @property
+    def key(self) -> str:
+        """'joint.rhythm_1d', 'fusion': how logs and benchmarks name the step."""
+        return f"{self.stage}.{self.branch}" if self.branch else self.stage
+
+
+def plan(config: TrainConfig) -> list[Step]:
+    """The order of a training's stages (evaluation follows them): the black box first when it teaches (the
+    branches and the fusion learn from its scores), else last when it is trained at all; per branch the joint
+    stage, the projection onto real cases and the last layer; then the fusion over all branches."""
+    teacher = [Step("baseline")] if config.baseline_teaches else []
+    after = [Step("baseline")] if config.baseline.enabled and not config.baseline_teaches else []
+    branches = [Step(stage, name) for name in BRANCHES for stage in ("joint", "projection", "last_layer")]
+    return [*teacher, *branches, Step("fusion"), *after]
+
+
+def run_step(ctx: TrainContext, step: Step, on_epoch: EpochCallback | None = None) -> FitResult | pd.DataFrame:
+    """Run one planned stage in this process (the flow runs them as Prefect tasks, DDP ranks through torchrun);
+    a projection returns its provenance, every other stage its fit result."""
+    if step.stage == "baseline":
+        return train_baseline(ctx, on_epoch)
+    if step.stage == "fusion":
+        return train_fusion(ctx, on_epoch)
+    assert step.branch is not None
+    if step.stage == "joint":
+        return train_joint(ctx, step.branch, on_epoch)
+    if step.stage == "projection":
+        return project(ctx, step.branch)
+    if step.stage == "last_layer":
+        return train_last_layer(ctx, step.branch, on_epoch)
+    raise ValueError(f"unknown stage {step.stage!r}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -63,13 +103,12 @@ def run_key(store: ArrayStore, cfg: TrainConfig) -> str:
 
 @lru_cache(maxsize=1)
 def _code_digest() -> str:
-    """sha256 of the modules that decide what training produces: model, stages, losses, projection, labels."""
+    """sha256 of the modules that decide what training produces: model/, train/ (stages, losses, projection), labels."""
     root = Path(__file__).resolve().parents[1]
     files = sorted(
         [
             *(root / "model").glob("*.py"),
             *(root / "train").glob("*.py"),
-            root / "projection.py",
             root / "data" / "labels.py",
             reference_dir() / "scp_branches.csv",
         ]
@@ -220,22 +259,50 @@ def train_joint(ctx: TrainContext, name: str, on_epoch: EpochCallback | None = N
             part=part,
         )
 
-    result = fit(
+    return _fit_on_ranks(
+        ctx,
         branch,
-        branch.parameters(),
         loss_fn,
         batches,
         validate,
         cfg.joint,
-        steps_per_epoch=_steps(len(train), cfg.joint.batch_size),
-        checkpoint=ckpt,
-        seed=cfg.seed,
+        len(train),
+        ckpt,
+        lambda: persist.save_atomic(branch.cpu().state_dict(), out),
+        on_epoch,
+    )
+
+
+def _fit_on_ranks(
+    ctx: TrainContext,
+    module: nn.Module,
+    loss_fn: Callable[[Any], Any],
+    batches: Callable[[int], Iterator[Any]],
+    validate: Callable[[], float],
+    stage: StageConfig,
+    n_train: int,
+    checkpoint: Path,
+    save: Callable[[], None],
+    on_epoch: EpochCallback | None,
+) -> FitResult:
+    """The fit of a stage that may run on several DDP ranks (the joint stages, the black box), and its end: the
+    replicas must agree, the main rank writes the checkpoints and the output (`save`), every rank waits for it."""
+    result = fit(
+        module,
+        module.parameters(),
+        loss_fn,
+        batches,
+        validate,
+        stage,
+        steps_per_epoch=_steps(n_train, stage.batch_size),
+        checkpoint=checkpoint,
+        seed=ctx.config.seed,
         on_epoch=on_epoch,
         main_process=distributed.is_main(),
     )
-    distributed.check_replicas(branch)
+    distributed.check_replicas(module)
     if distributed.is_main():
-        persist.save_atomic(branch.cpu().state_dict(), out)
+        save()
     distributed.barrier()
     return result
 
@@ -262,11 +329,11 @@ def project(ctx: TrainContext, name: str, merge: bool = True) -> pd.DataFrame:
         offset,
         seed=ctx.config.seed,
     )
-    # one case shown twice is one case: near-duplicates merge into the most faithful of them (ecgproto.projection)
+    # one case shown twice is one case: near-duplicates merge into the most faithful of them (ecgproto.train.projection)
     pairs = merge_near_duplicates(branch, provenance["fidelity"].to_numpy(), DUPLICATE_COS) if merge else []
     for duplicate, keeper in pairs:
         provenance.loc[duplicate, "merged_into"] = offset + keeper
-    # how good each prototype is as a case (ecgproto.quality), measured on the projected branch
+    # how good each prototype is as a case (ecgproto.train.quality), measured on the projected branch
     quality = prototype_quality(
         branch,
         ctx.splits["train"],
@@ -513,24 +580,9 @@ def train_baseline(ctx: TrainContext, on_epoch: EpochCallback | None = None) -> 
             b.stage.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, time_roll=cfg.time_roll, part=part
         )
 
-    result = fit(
-        net,
-        net.parameters(),
-        loss_fn,
-        batches,
-        validate,
-        b.stage,
-        steps_per_epoch=_steps(len(train), b.stage.batch_size),
-        checkpoint=ckpt,
-        seed=cfg.seed,
-        on_epoch=on_epoch,
-        main_process=distributed.is_main(),
+    return _fit_on_ranks(
+        ctx, net, loss_fn, batches, validate, b.stage, len(train), ckpt, lambda: persist.save(net.cpu(), out), on_epoch
     )
-    distributed.check_replicas(net)
-    if distributed.is_main():
-        persist.save(net.cpu(), out)
-    distributed.barrier()
-    return result
 
 
 def teacher_scores(ctx: TrainContext) -> np.ndarray | None:

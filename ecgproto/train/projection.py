@@ -28,8 +28,9 @@ import pandas as pd
 import torch
 
 from ecgproto.model.branch import Branch
-from ecgproto.quality import prototype_cosines
+from ecgproto.model.names import prototype_name
 from ecgproto.train.data import SplitData
+from ecgproto.train.quality import prototype_cosines
 
 PROVENANCE_COLUMNS = (
     "prototype",
@@ -52,17 +53,6 @@ PROVENANCE_COLUMNS = (
     "beat_source",
     "merged_into",
 )
-
-
-def prototype_name(index: int, cls: str, branch: str) -> str:
-    """The one name of a prototype in tables, figures, gallery files and explanations: 'P0207 NORM (global_2d)'
-    (P + its index in the model, its class, its branch)."""
-    return f"P{int(index):04d} {cls} ({branch})"
-
-
-def gallery_path(index: int, cls: str, branch: str) -> str:
-    """Its gallery figure in the fusion run: gallery/<branch>/<class>/P0207.png."""
-    return f"gallery/{branch}/{cls}/P{int(index):04d}.png"
 
 
 @torch.no_grad()
