@@ -36,15 +36,15 @@ from _common import default_device, ingest_real, set_threads
 
 from ecgproto.data.labels import BRANCHES
 from ecgproto.data.store import ArrayStore
+from ecgproto.evaluation.metrics import difference_text
 from ecgproto.train.config import PRESETS, TrainConfig
-from ecgproto.train.metrics import difference_text
 
 
 def unmerged_difference(ctx: Any, split: str) -> tuple[float, float, float, dict[str, int]]:
     """Paired macro-AUROC difference (merged minus unmerged) on `split`, the unmerged model built from `ctx`'s
     joint-trained branches (and its black box) in a sibling work folder; and the merges per branch."""
+    from ecgproto.evaluation.metrics import paired_bootstrap_difference
     from ecgproto.train import stages
-    from ecgproto.train.metrics import paired_bootstrap_difference
 
     twin = stages.TrainContext(ctx.store, ctx.config, ctx.workdir.with_name(ctx.workdir.name + "-unmerged"))
     if (ctx.workdir / "baseline").exists() and not (twin.workdir / "baseline").exists():
@@ -122,7 +122,7 @@ def real_data_accuracy(
         "[real]   fused vs baseline, mean AUROC over each branch's labels: "
         + "; ".join(f"{b} {r.auroc:.3f} vs {r.baseline_auroc:.3f}" for b, r in by_branch.iterrows())
     )
-    # calibration, selective prediction and prototype quality (ecgproto.calibration, ecgproto.train.quality)
+    # calibration, selective prediction and prototype quality (ecgproto.evaluation.calibration, ecgproto.train.quality)
     for row in tables["calibration"].itertuples(index=False):
         print(
             f"[real]   calibration {row.model:20s} T {row.temperature:.2f}, {split} mean ECE "

@@ -682,11 +682,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     configure_environment()
     args = build_parser().parse_args(argv)
-    from ecgproto import errors
+    from ecgproto import cli_messages
 
-    debug = errors.debug_requested(args.debug)
+    debug = cli_messages.debug_requested(args.debug)
     if not debug:
-        errors.quiet_engine_errors()
+        cli_messages.quiet_engine_errors()
     from ecgproto.housekeeping import stop_orphaned_prefect_servers
 
     for pid in stop_orphaned_prefect_servers(os.environ["PREFECT_HOME"]):
@@ -699,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001  one line for the user; the traceback with --debug
         if debug:
             raise
-        code, text = errors.describe(exc)
+        code, text = cli_messages.describe(exc)
         print(f"ecgproto: {text}", file=sys.stderr)
         return code
 

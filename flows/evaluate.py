@@ -15,10 +15,10 @@ from ecgproto import tracking
 from ecgproto.data.labels import load_label_set
 from ecgproto.data.layouts import DatasetError
 from ecgproto.data.store import ArrayStore
+from ecgproto.evaluation.external import external_report
 from ecgproto.scoring import score_rows
 from ecgproto.settings import DEFAULT_MODEL_URI
 from ecgproto.train.stages import resolve_device
-from ecgproto.validation import external_report
 
 
 @flow(name="evaluate", log_prints=True)

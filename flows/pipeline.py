@@ -17,6 +17,7 @@ from ecgproto import tracking
 from ecgproto.data.demo.beat_model import PLANTED_LABELS
 from ecgproto.data.demo.generate import DemoConfig
 from ecgproto.data.ingest import IngestConfig
+from ecgproto.evaluation.metrics import difference_text
 from ecgproto.flows.associate import associate_flow
 from ecgproto.flows.demo_data import demo_data_flow
 from ecgproto.flows.ingest import ingest_flow
@@ -25,7 +26,6 @@ from ecgproto.flows.train import REGISTERED_NAME, run_stage, train_flow
 from ecgproto.phenotype.study import StudyConfig
 from ecgproto.report import pipeline_report
 from ecgproto.train.config import TrainConfig, default_preset
-from ecgproto.train.metrics import difference_text
 
 
 @flow(name="pipeline", log_prints=True)

@@ -35,11 +35,11 @@ from ecgproto import tracking
 from ecgproto.data.ingest import IngestConfig
 from ecgproto.data.store import ArrayStore
 from ecgproto.errors import ConfigError
+from ecgproto.evaluation.promotion import PromotionDecision, decide, test_fold_auroc
 from ecgproto.flows.ingest import ingest_flow
 from ecgproto.flows.train import REGISTERED_NAME, train_flow
 from ecgproto.model.persist import ModelFileError
 from ecgproto.progress import stage_line
-from ecgproto.promotion import PromotionDecision, decide, test_fold_auroc
 from ecgproto.report import StageReport
 from ecgproto.train.config import PRESETS, TrainConfig, resolve_preset
 from ecgproto.train.stages import resolve_device

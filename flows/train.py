@@ -21,13 +21,13 @@ from prefect.runtime import flow_run
 
 from ecgproto import tracking
 from ecgproto.data.store import atomic_write_bytes
+from ecgproto.evaluation.metrics import difference_text
 from ecgproto.explain import gallery_index, prototype_gallery
 from ecgproto.progress import EpochProgress, stage_line
 from ecgproto.report import StageReport
 from ecgproto.settings import MODEL_NAME, workdir
 from ecgproto.train import distributed, stages
 from ecgproto.train.config import TrainConfig, default_preset
-from ecgproto.train.metrics import difference_text
 from ecgproto.train.quality import distinct_cases, quality_figure, quality_metrics, quality_summary
 from ecgproto.train.report import evaluation_report, fit_report, projection_report, version_description
 from ecgproto.train.trainer import FitResult

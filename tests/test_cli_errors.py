@@ -174,8 +174,8 @@ def test_a_device_that_is_not_there_is_one_line_before_any_work(device: str, exp
 
 
 def test_a_record_that_cannot_be_read_is_a_user_error_naming_its_file(tmp_path: Path) -> None:
+    from ecgproto.cli_messages import describe
     from ecgproto.data.wfdb_io import read_record
-    from ecgproto.errors import describe
 
     (tmp_path / "r.hea").write_text("r 3 100 1000\nr.dat 16 200 16 0 0 0 0 I\nr.dat 16 200 16 0 0 0 0 II\n")
     with pytest.raises(Exception) as caught:

@@ -128,7 +128,8 @@ def test_a_folder_without_any_recognised_layout_is_one_line_naming_the_layouts(t
 def test_calibration_error_and_the_operating_point_match_their_definitions() -> None:
     from sklearn.metrics import confusion_matrix
 
-    from ecgproto.validation import expected_calibration_error, external_table
+    from ecgproto.evaluation.calibration import expected_calibration_error
+    from ecgproto.evaluation.external import external_table
 
     rng = np.random.default_rng(0)
     p = rng.uniform(0, 1, 20_000)
@@ -156,7 +157,7 @@ def test_calibration_error_and_the_operating_point_match_their_definitions() -> 
     }
     import pandas as pd
 
-    from ecgproto.validation import external_report
+    from ecgproto.evaluation.external import external_report
 
     own = pd.DataFrame({"code": ["A", "B", "C"], "n_pos": [300, 20, 9], "auroc": [0.9, 0.8, 0.7]})
     report = external_report(y, probs, ("A", "B", "C"), ("a", "b", "c"), own, n_boot=10)

@@ -10,18 +10,18 @@ from sklearn.metrics import roc_auc_score
 
 from ecgproto.data.labels import load_label_set
 from ecgproto.data.leads import LEADS
+from ecgproto.evaluation.metrics import (
+    auroc_per_label,
+    bootstrap_auroc,
+    macro_auroc,
+    paired_bootstrap_difference,
+)
 from ecgproto.model.backbones import CABRERA, Backbone1D, Backbone2D
 from ecgproto.model.config import BackboneConfig, BranchConfig, FusionConfig, ModelConfig
 from ecgproto.model.fusion import Fusion
 from ecgproto.model.network import build_branch
 from ecgproto.train import losses
 from ecgproto.train.config import BaselineConfig, LossWeights, StageConfig, TrainConfig
-from ecgproto.train.metrics import (
-    auroc_per_label,
-    bootstrap_auroc,
-    macro_auroc,
-    paired_bootstrap_difference,
-)
 from ecgproto.train.trainer import FitResult, fit
 
 SMALL_BACKBONE = BackboneConfig(widths=(4, 8, 8, 16), blocks=(1, 1, 1, 1))

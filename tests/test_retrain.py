@@ -21,7 +21,7 @@ import pytest
 from servers import free_port, wait_for
 
 from ecgproto import tracking
-from ecgproto.promotion import decide
+from ecgproto.evaluation.promotion import decide
 
 
 def test_promotion_rule_compares_with_the_tolerance() -> None:

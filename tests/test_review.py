@@ -135,7 +135,7 @@ def test_ingest_reports_its_progress_as_lines_when_stderr_is_not_a_terminal(
 
 
 def test_temperature_scaling_recovers_a_known_temperature_and_lowers_the_calibration_error() -> None:
-    from ecgproto.calibration import apply_temperature, fit_temperature, mean_ece, selective
+    from ecgproto.evaluation.calibration import apply_temperature, fit_temperature, mean_ece, selective
 
     rng = np.random.default_rng(0)
     z = rng.normal(0, 2, (4000, 3))

@@ -23,12 +23,12 @@ from ecgproto.data.demo.generate import DemoConfig, generate_demo
 from ecgproto.data.ingest import IngestConfig, ingest
 from ecgproto.data.labels import load_label_set
 from ecgproto.data.store import ArrayStore
+from ecgproto.evaluation.metrics import macro_auroc
 from ecgproto.explain import prototype_gallery
 from ecgproto.model import persist
 from ecgproto.train import stages
 from ecgproto.train.config import TrainConfig
 from ecgproto.train.data import SplitData
-from ecgproto.train.metrics import macro_auroc
 
 PLANTED = tuple(PLANTED_LABELS)
 

@@ -13,7 +13,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from ecgproto.train.metrics import auroc_per_label
+from ecgproto.evaluation.metrics import auroc_per_label
 
 TARGETS = {"427.21": "atrial fibrillation", "428": "heart failure", "994.2": "sepsis", "585": "renal failure"}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ecgproto.calibration import coverage_figure, reliability_figure
+from ecgproto.evaluation.calibration import coverage_figure, training_reliability_figure
 from ecgproto.report import StageReport
 from ecgproto.train.quality import quality_metrics, quality_summary
 from ecgproto.train.trainer import FitResult
@@ -61,7 +61,9 @@ def evaluation_report(
     r.formats["evaluation/summary"] = ("csv",)
     r.documents["evaluation/summary.md"] = summary_markdown(metrics, summary, without)
     if "reliability" in tables and "calibration" in tables:
-        r.figures["evaluation/reliability.png"] = reliability_figure(tables["reliability"], tables["calibration"])
+        r.figures["evaluation/reliability.png"] = training_reliability_figure(
+            tables["reliability"], tables["calibration"]
+        )
     if "selective" in tables:
         r.figures["evaluation/coverage.png"] = coverage_figure(tables["selective"])
     return r

@@ -25,6 +25,7 @@ from torch import nn
 from ecgproto.data.labels import BRANCHES, LabelSet, load_label_set
 from ecgproto.data.store import ArrayStore, atomic_write_bytes, atomic_write_parquet
 from ecgproto.errors import UserError
+from ecgproto.evaluation.metrics import evaluation_table, macro_auroc, paired_bootstrap_difference
 from ecgproto.model import persist
 from ecgproto.model.baseline import ResNet1DClassifier
 from ecgproto.model.branch import Branch
@@ -33,7 +34,6 @@ from ecgproto.settings import reference_dir
 from ecgproto.train import distributed, losses
 from ecgproto.train.config import StageConfig, TrainConfig
 from ecgproto.train.data import SplitData
-from ecgproto.train.metrics import evaluation_table, macro_auroc, paired_bootstrap_difference
 from ecgproto.train.projection import merge_near_duplicates, project_prototypes
 from ecgproto.train.quality import DUPLICATE_COS, mark_shared_sources, prototype_quality
 from ecgproto.train.trainer import EpochCallback, FitResult, fit, load_checkpoint
@@ -507,7 +507,7 @@ def calibrate(model: ECGProtoNet, sims_val: torch.Tensor, y_val: np.ndarray, pos
     """Calibration of the fused model's probabilities (ranks unchanged): each label's logit offset undoes the
     training's positive-class weight (-log w), then one temperature fitted on the validation fold. Then the
     validation records' uncertainties at each percentile, which `uncertainty` places a new record among."""
-    from ecgproto.calibration import fit_temperature
+    from ecgproto.evaluation.calibration import fit_temperature
 
     model.logit_offset.copy_(-torch.log(pos_weight.float()))
     model.temperature.fill_(
@@ -706,7 +706,7 @@ def evaluate(ctx: TrainContext, split: str = "test") -> tuple[dict[str, float], 
     # selective prediction: macro-AUROC on the records the fused model is most certain about
     # by three per-record uncertainty scores: the plain model's entropy, the calibrated bootstrap heads' total
     # uncertainty (ECGProtoNet.uncertainty), and its part from the heads' disagreement alone
-    from ecgproto.calibration import (
+    from ecgproto.evaluation.calibration import (
         COVERAGES,
         calibration_table,
         mean_ece,
@@ -746,7 +746,7 @@ def evaluate(ctx: TrainContext, split: str = "test") -> tuple[dict[str, float], 
             metrics[f"selective.{key}.macro_auroc_coverage_{int(round(c * 100))}"] = float(sel.loc[c])
     # the fused model's operating figures per label (prevalence, AUPRC, calibration, sensitivity/specificity
     # at 0.5): what an external validation (`ecgproto evaluate`) puts beside its own
-    from ecgproto.validation import external_table
+    from ecgproto.evaluation.external import external_table
 
     tables["operating"] = external_table(
         y, scores["fused"], codes, ctx.labels.descriptions, n_boot=0, calibrated=certainty["probability"]

@@ -13,47 +13,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from sklearn.metrics import average_precision_score, roc_auc_score
 
+from ecgproto.evaluation.calibration import expected_calibration_error, reliability_bins, reliability_figure
+from ecgproto.evaluation.metrics import auprc_per_label, auroc_per_label, percentile_ci, resampled
 from ecgproto.report import StageReport
 
 THRESHOLD = 0.5
 MIN_CELL = 10
-
-
-def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
-    """Sum over equal-width probability bins of (bin share) x |observed rate - mean probability|."""
-    y, p = np.asarray(y, dtype=float), np.asarray(p, dtype=float)
-    which = np.clip((p * bins).astype(int), 0, bins - 1)
-    total = 0.0
-    for b in range(bins):
-        inside = which == b
-        if inside.any():
-            total += inside.mean() * abs(y[inside].mean() - p[inside].mean())
-    return float(total)
-
-
-def reliability(y: np.ndarray, p: np.ndarray, bins: int = 10) -> pd.DataFrame:
-    """Per equal-width bin: records, mean probability, observed rate (the points of a reliability diagram)."""
-    which = np.clip((np.asarray(p) * bins).astype(int), 0, bins - 1)
-    frame = pd.DataFrame({"bin": which, "p": p, "y": y})
-    out = frame.groupby("bin").agg(n=("y", "size"), mean_probability=("p", "mean"), observed_rate=("y", "mean"))
-    return out.reset_index()
-
-
-def _bootstrap(y: np.ndarray, p: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, float, float]:
-    """95% percentile CIs of AUROC and AUPRC over record resamples that keep both classes."""
-    rng = np.random.default_rng(seed)
-    aurocs, auprcs = [], []
-    for _ in range(n_boot):
-        i = rng.integers(0, len(y), len(y))
-        if 0 < y[i].sum() < len(i):
-            aurocs.append(roc_auc_score(y[i], p[i]))
-            auprcs.append(average_precision_score(y[i], p[i]))
-    if not aurocs:
-        return (np.nan,) * 4
-    a, b = np.percentile(aurocs, [2.5, 97.5]), np.percentile(auprcs, [2.5, 97.5])
-    return float(a[0]), float(a[1]), float(b[0]), float(b[1])
 
 
 def external_table(
@@ -70,6 +36,12 @@ def external_table(
     """(one row per reportable label, best AUROC first; the labels not reported and why). `calibrated`: the
     model's calibrated probabilities (ECGProtoNet.uncertainty), whose ECE joins as `ece_calibrated`."""
     y = np.asarray(y).astype(int)
+    auroc, auprc = auroc_per_label(y, p), auprc_per_label(y, p)
+    # one bootstrap for every label (ecgproto.evaluation.metrics): the same record resamples for AUROC and AUPRC
+    auroc_lo, auroc_hi = percentile_ci(resampled(y, p, n_boot, seed)) if n_boot else (auroc * np.nan,) * 2
+    auprc_lo, auprc_hi = (
+        percentile_ci(resampled(y, p, n_boot, seed, auprc_per_label)) if n_boot else (auprc * np.nan,) * 2
+    )
     rows, apart = [], []
     for j, code in enumerate(codes):
         pos = int(y[:, j].sum())
@@ -85,7 +57,6 @@ def external_table(
             )
             continue
         yj, pj = y[:, j], p[:, j]
-        lo, hi, plo, phi = _bootstrap(yj, pj, n_boot, seed + j)
         called = pj >= THRESHOLD
         rows.append(
             {
@@ -93,12 +64,12 @@ def external_table(
                 "description": descriptions[j],
                 "n_pos": pos,
                 "prevalence": pos / len(y),
-                "auroc": roc_auc_score(yj, pj),
-                "auroc_lo": lo,
-                "auroc_hi": hi,
-                "auprc": average_precision_score(yj, pj),
-                "auprc_lo": plo,
-                "auprc_hi": phi,
+                "auroc": float(auroc[j]),
+                "auroc_lo": float(auroc_lo[j]),
+                "auroc_hi": float(auroc_hi[j]),
+                "auprc": float(auprc[j]),
+                "auprc_lo": float(auprc_lo[j]),
+                "auprc_hi": float(auprc_hi[j]),
                 "ece": expected_calibration_error(yj, pj),
                 "sensitivity": float(called[yj == 1].mean()),
                 "specificity": float((~called[yj == 0]).mean()),
@@ -112,25 +83,23 @@ def external_table(
     return table, pd.DataFrame(apart, columns=["label", "description", "why"])
 
 
-def reliability_figure(y: np.ndarray, p: np.ndarray, table: pd.DataFrame, codes: tuple[str, ...]) -> Figure:
-    """Reliability diagrams of the (up to 6) most frequent reported labels: observed rate vs mean probability."""
+def external_reliability_figure(y: np.ndarray, p: np.ndarray, table: pd.DataFrame, codes: tuple[str, ...]) -> Figure:
+    """Reliability diagrams of the (up to 6) most frequent reported labels, each with its ECE."""
     labels = table.sort_values("n_pos", ascending=False)["label"].head(6).tolist()
-    fig = Figure(figsize=(4 * max(len(labels), 1), 4.2))
-    axes = fig.subplots(1, max(len(labels), 1), squeeze=False)[0]
-    for ax, code in zip(axes, labels, strict=False):
-        j = codes.index(code)
-        r = reliability(y[:, j], p[:, j])
-        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
-        ax.plot(r["mean_probability"], r["observed_rate"], marker="o")
-        ece = float(table.loc[table["label"] == code, "ece"].iloc[0])
-        ax.set_title(f"{code}: ECE {ece:.3f}", fontsize=10)
-        ax.set_xlabel("mean predicted probability")
-        ax.set_ylabel("observed rate")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-    fig.suptitle("calibration on the external set (10 equal-width bins)", fontsize=10)
-    fig.tight_layout()
-    return fig
+    ece = table.set_index("label")["ece"]
+    curves = (
+        pd.concat(
+            [
+                reliability_bins(y[:, codes.index(c)], p[:, codes.index(c)]).assign(panel=c, series="external set")
+                for c in labels
+            ],
+            ignore_index=True,
+        )
+        if labels
+        else pd.DataFrame(columns=["panel", "series", "mean_probability", "observed_rate"])
+    )
+    titles = {c: f"{c}: ECE {ece[c]:.3f}" for c in labels}
+    return reliability_figure(curves, titles, "calibration on the external set (10 equal-width bins)")
 
 
 def external_report(
@@ -174,5 +143,5 @@ def external_report(
             r.metrics["macro_auroc_same_labels_external"] = float(both["auroc"].mean())
         for row in table.itertuples(index=False):
             r.metrics[f"auroc.{row.label}"] = float(row.auroc)
-        r.figures["external/reliability.png"] = reliability_figure(y, p, table, codes)
+        r.figures["external/reliability.png"] = external_reliability_figure(y, p, table, codes)
     return r

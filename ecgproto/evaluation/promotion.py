@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ecgproto.data.store import ArrayStore
-from ecgproto.train.metrics import macro_auroc
+from ecgproto.evaluation.metrics import macro_auroc
 
 
 @dataclass(frozen=True)

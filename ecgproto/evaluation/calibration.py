@@ -18,9 +18,28 @@ import torch
 from matplotlib.figure import Figure
 from scipy.optimize import minimize_scalar
 
+from ecgproto.evaluation.metrics import macro_auroc
 from ecgproto.model.network import EPS, binary_entropy
-from ecgproto.train.metrics import macro_auroc
-from ecgproto.validation import expected_calibration_error
+
+BINS = 10  # equal-width probability bins of every ECE and reliability diagram
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = BINS) -> float:
+    """Sum over equal-width probability bins of (bin share) x |observed rate - mean probability|."""
+    r = reliability_bins(y, p, bins)
+    if not len(r):
+        return 0.0
+    return float((r["n"] / r["n"].sum() * (r["observed_rate"] - r["mean_probability"]).abs()).sum())
+
+
+def reliability_bins(y: np.ndarray, p: np.ndarray, bins: int = BINS) -> pd.DataFrame:
+    """The points of a reliability diagram: per non-empty equal-width bin, its cells (n), their mean predicted
+    probability and the observed rate of the label among them."""
+    p = np.asarray(p, dtype=np.float64).ravel()
+    which = np.clip((p * bins).astype(int), 0, bins - 1)
+    frame = pd.DataFrame({"bin": which, "p": p, "y": np.asarray(y, dtype=np.float64).ravel()})
+    out = frame.groupby("bin").agg(n=("y", "size"), mean_probability=("p", "mean"), observed_rate=("y", "mean"))
+    return out.reset_index()
 
 
 def logits(p: np.ndarray) -> np.ndarray:
@@ -87,61 +106,71 @@ def reliability_table(
     temperatures: dict[str, float],
     label_index: dict,
     offsets: dict[str, np.ndarray] | None = None,
-    bins: int = 10,
+    bins: int = BINS,
 ) -> pd.DataFrame:
     """Reliability of each model over all its (record, label) cells, before and after its temperature: per
     equal-width bin the mean predicted probability, the observed rate and the cells in it. Columns: model,
     scaled, bin, mean_probability, observed_rate, cells."""
-    rows = []
+    parts = []
     for name, pn in p.items():
-        yn = np.asarray(y)[:, label_index[name]].ravel()
+        yn = np.asarray(y)[:, label_index[name]]
         for scaled in (False, True):
             shift = (offsets or {}).get(name, 0.0)
             q = apply_temperature(pn, temperatures[name], shift) if scaled else np.asarray(pn, dtype=np.float64)
-            q = q.ravel()
-            which = np.clip((q * bins).astype(int), 0, bins - 1)
-            for b in np.unique(which):
-                sel = which == b
-                rows.append(
-                    {
-                        "model": name,
-                        "scaled": scaled,
-                        "bin": int(b),
-                        "mean_probability": float(q[sel].mean()),
-                        "observed_rate": float(yn[sel].mean()),
-                        "cells": int(sel.sum()),
-                    }
-                )
-    return pd.DataFrame(rows)
+            r = reliability_bins(yn, q, bins).rename(columns={"n": "cells"})
+            parts.append(r.assign(model=name, scaled=scaled))
+    columns = ["model", "scaled", "bin", "mean_probability", "observed_rate", "cells"]
+    return pd.concat(parts, ignore_index=True)[columns] if parts else pd.DataFrame(columns=columns)
 
 
-def reliability_figure(table: pd.DataFrame, calibration: pd.DataFrame) -> Figure:
-    """One reliability diagram per model (fused and each branch): observed rate against mean predicted
-    probability over 10 equal-width bins, before and after temperature scaling, with each one's mean ECE."""
-    models = list(dict.fromkeys(table["model"]))
-    fig = Figure(figsize=(3.6 * len(models), 4.0))
-    axes = fig.subplots(1, len(models), squeeze=False)[0]
-    ece = calibration.set_index("model")
-    for ax, name in zip(axes, models, strict=True):
+def reliability_figure(curves: pd.DataFrame, titles: dict[str, str], suptitle: str) -> Figure:
+    """The one reliability diagram of the project: a panel per `panel` (a model, or a label), in rows of at most
+    three so each stays legible at the MLflow artifact viewer's width, one line per `series` (e.g. as trained and
+    temperature-scaled), observed rate against mean predicted probability, the diagonal for reference.
+    `curves`: panel, series, mean_probability, observed_rate."""
+    panels = list(dict.fromkeys(curves["panel"])) or [""]
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(4.0 * cols, 3.7 * rows + 0.5))
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, name in zip(axes, panels, strict=False):
         ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
-        for scaled, style, label in ((False, "o-", "as trained"), (True, "s-", "temperature-scaled")):
-            r = table[(table["model"] == name) & (table["scaled"] == scaled)]
-            key = "test_mean_ece_scaled" if scaled else "test_mean_ece"
-            label = f"{label} (ECE {ece.loc[name, key]:.3f})"
-            ax.plot(r["mean_probability"], r["observed_rate"], style, ms=4, label=label)
-        ax.set_title(f"{name} (T = {ece.loc[name, 'temperature']:.2f})", fontsize=10)
-        ax.set_xlabel("mean predicted probability")
-        ax.set_ylabel("observed rate of the label")
+        for (series, r), style in zip(
+            curves[curves["panel"] == name].groupby("series", sort=False), "os^", strict=False
+        ):
+            ax.plot(r["mean_probability"], r["observed_rate"], f"{style}-", ms=4, label=str(series))
+        ax.set_title(titles.get(name, str(name)), fontsize=10)
+        ax.set_xlabel("mean predicted probability", fontsize=9)
+        ax.set_ylabel("observed rate", fontsize=9)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
-        ax.legend(fontsize=7, loc="upper left")
-    fig.suptitle(
-        "test fold: calibration over every (record, label) cell, 10 equal-width bins; temperature fitted on the "
-        "validation fold; ECE = mean over labels",
-        fontsize=9,
-    )
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="upper left")
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def training_reliability_figure(table: pd.DataFrame, calibration: pd.DataFrame) -> Figure:
+    """The test fold's reliability per model (fused and each branch), before and after temperature scaling, each
+    with its mean ECE: `reliability_table` and `calibration_table` drawn by `reliability_figure`."""
+    ece = calibration.set_index("model")
+    names = {False: ("as trained", "test_mean_ece"), True: ("temperature-scaled", "test_mean_ece_scaled")}
+    curves = table.assign(
+        panel=table["model"],
+        series=[
+            f"{names[s][0]} (ECE {ece.loc[m, names[s][1]]:.3f})"
+            for m, s in zip(table["model"], table["scaled"], strict=True)
+        ],
+    )
+    titles = {m: f"{m} (T = {ece.loc[m, 'temperature']:.2f})" for m in ece.index}
+    return reliability_figure(
+        curves,
+        titles,
+        "test fold: every (record, label) cell, 10 equal-width bins; temperature fitted on the validation fold",
+    )
 
 
 def coverage_figure(table: pd.DataFrame) -> Figure:

@@ -1,14 +1,16 @@
 """Whole-fold metrics: macro-AUROC over every record of a fold at once (never averaged over
-batches), per-label AUROC with bootstrap 95% CIs, macro-AUPRC.
+batches), per-label AUROC and AUPRC with bootstrap 95% CIs, macro-AUPRC, and paired differences.
 
-AUROC is the Mann-Whitney statistic computed from ranks for all labels in one pass, which makes
-a 1,000-resample bootstrap over 71 labels take seconds.
+One bootstrap serves every CI (`resampled`): records are resampled with a seeded generator, so the
+same seed draws the same resamples for any scores, and two models' figures are paired. AUROC is the
+Mann-Whitney statistic computed from ranks for all labels in one pass, which makes a 1,000-resample
+bootstrap over 71 labels take seconds.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -33,6 +35,15 @@ def macro_auroc(y: np.ndarray, score: np.ndarray) -> float:
     return float(np.nanmean(auc)) if np.isfinite(auc).any() else float("nan")
 
 
+def auprc_per_label(y: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """(N, L) -> (L,) average precision; NaN where a label has no positives or no negatives."""
+    y = np.asarray(y, dtype=bool)
+    out = np.full(y.shape[1], np.nan)
+    for j in np.flatnonzero(y.any(axis=0) & ~y.all(axis=0)):
+        out[j] = average_precision_score(y[:, j], score[:, j])
+    return out
+
+
 def macro_auprc(y: np.ndarray, score: np.ndarray) -> float:
     y = np.asarray(y, dtype=bool)
     keep = y.any(axis=0)
@@ -41,16 +52,32 @@ def macro_auprc(y: np.ndarray, score: np.ndarray) -> float:
     return float(np.mean([average_precision_score(y[:, j], score[:, j]) for j in np.flatnonzero(keep)]))
 
 
-def resampled_aurocs(y: np.ndarray, score: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """(n_boot, L) per-label AUROC on bootstrap resamples of the records; a seed draws the same resamples
-    whatever the scores, so two models' rows are paired."""
+def resampled(
+    y: np.ndarray,
+    score: np.ndarray,
+    n_boot: int,
+    seed: int,
+    per_label: Callable[[np.ndarray, np.ndarray], np.ndarray] = auroc_per_label,
+) -> np.ndarray:
+    """(n_boot, L) a per-label statistic (AUROC by default) on bootstrap resamples of the records, NaN where a
+    resample lacks a label's positives or negatives; a seed draws the same resamples whatever the scores, so two
+    models' rows are paired. The one bootstrap of the project."""
     rng = np.random.default_rng(seed)
+    y = np.asarray(y)
     n = y.shape[0]
     per = np.empty((n_boot, y.shape[1]))
     for b in range(n_boot):
         idx = rng.integers(0, n, n)
-        per[b] = auroc_per_label(y[idx], score[idx])
+        per[b] = per_label(y[idx], score[idx])
     return per
+
+
+def percentile_ci(per: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile 95% interval of bootstrap figures along `axis`, ignoring NaN (resamples a label was absent from)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lo, hi = np.nanpercentile(per, [2.5, 97.5], axis=axis)
+    return lo, hi
 
 
 def bootstrap_auroc(
@@ -60,12 +87,12 @@ def bootstrap_auroc(
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Percentile 95% CIs: per-label (lo, hi) and macro (lo, hi), resampling records."""
-    per = resampled_aurocs(y, score, n_boot, seed)
+    per = resampled(y, score, n_boot, seed)
+    lo, hi = percentile_ci(per)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        lo, hi = np.nanpercentile(per, [2.5, 97.5], axis=0)
         macro = np.nanmean(per, axis=1)
-    mlo, mhi = np.nanpercentile(macro, [2.5, 97.5])
+    mlo, mhi = percentile_ci(macro)
     return lo, hi, np.array([mlo]), np.array([mhi])
 
 
@@ -78,10 +105,11 @@ def paired_bootstrap_difference(
     diff = macro_auroc(y, score_a) - macro_auroc(y, score_b)
     if not n_boot:
         return diff, float("nan"), float("nan")
-    per = resampled_aurocs(y, score_a, n_boot, seed) - resampled_aurocs(y, score_b, n_boot, seed)
+    per = resampled(y, score_a, n_boot, seed) - resampled(y, score_b, n_boot, seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        lo, hi = np.nanpercentile(np.nanmean(per, axis=1), [2.5, 97.5])
+        macro = np.nanmean(per, axis=1)
+    lo, hi = percentile_ci(macro)
     return diff, float(lo), float(hi)
 
 
