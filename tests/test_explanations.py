@@ -28,3 +28,16 @@ def test_explained_examples_include_a_local_morphology_label() -> None:
     local = example_cases(labels, codes, preferred=("NORM", "SR", "AFIB"), n=3, include_one_of=("IMI",))
     assert [c for _, c in local] == ["NORM", "SR", "IMI"]
     assert len({r for r, _ in local}) == 3  # never the same ECG twice
+
+
+def test_example_cases_explain_one_positive_ecg_per_label_planted_labels_first() -> None:
+    labels = np.zeros((6, 3), dtype=np.uint8)
+    labels[[0, 1, 2, 3], 0] = 1  # the most frequent
+    labels[[1, 4], 1] = 1
+    labels[[0], 2] = 1
+    assert example_cases(labels, ("NORM", "IMI", "STE"), preferred=("STE",), n=3) == [
+        (0, "STE"),
+        (1, "NORM"),
+        (4, "IMI"),
+    ]
+    assert example_cases(np.zeros((3, 2), dtype=np.uint8), ("A", "B")) == []

@@ -402,3 +402,20 @@ def test_a_fit_killed_after_its_second_epoch_resumes_to_the_unbroken_result(tmp_
     resumed_model, _, resumed = _noisy_regression_fit(tmp_path / "killed")
     assert resumed.resumed_from == 2 and resumed.history == unbroken.history
     assert torch.equal(resumed_model.weight, model.weight)
+
+
+def test_the_joint_loss_reports_its_terms_and_they_add_up_to_it() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits, sims = torch.randn(8, 3, generator=g), torch.rand(8, 6, generator=g)
+    prototypes = torch.randn(6, 16, generator=g)
+    targets = (torch.rand(8, 3, generator=g) < 0.4).float()
+    identity = torch.zeros(6, 3)
+    identity[torch.arange(6), torch.arange(6) % 3] = 1
+    parts: dict[str, torch.Tensor] = {}
+    w = LossWeights()
+    from ecgproto.train import losses
+
+    total = losses.joint_loss(logits, sims, prototypes, targets, identity, torch.eye(3), None, w, parts)
+    assert set(parts) == {"bce", "clustering", "separation", "diversity", "contrastive"}
+    assert torch.isclose(sum(parts.values()), total)
+    assert parts["clustering"] <= 0  # why the total can be negative: clustering is minus a similarity
