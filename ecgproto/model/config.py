@@ -1,6 +1,6 @@
 """Model configuration: one pydantic model per branch and one for the whole network.
 
-Defaults are the reference design of specs/model.md (widths 64-512, 5/18/7 prototypes per class,
+Defaults are the reference design, ProtoECGNet's published sizes (widths 64-512, 5/18/7 prototypes per class,
 latent 512); `ModelConfig.small()` is the CPU-sized variant the demo and the tests train.
 """
 

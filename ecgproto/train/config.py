@@ -1,7 +1,8 @@
 """Training configuration: the model, the optimisation of each stage, loss weights, the baseline.
 
-Defaults follow specs/model.md; `TrainConfig.small()` is the CPU-sized run (real records on CPU, the tests),
-`TrainConfig.demo()` the same on the short schedule the generated demo data need.
+Defaults follow ProtoECGNet's published settings (the `reference` preset); `TrainConfig.small()` is the
+CPU-sized run (real records on CPU, the tests), `TrainConfig.demo()` the same on the short schedule the
+generated demo data need.
 """
 
 from __future__ import annotations
