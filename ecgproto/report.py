@@ -12,6 +12,18 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 
+@dataclass(frozen=True)
+class DatasetRef:
+    """A dataset a run used or wrote, as MLflow shows it in the runs table's Dataset column: a store (or one of
+    its splits) by its dataset hash; `context` is training, validation, test, cohort, external or output."""
+
+    name: str
+    digest: str
+    source: str
+    context: str
+    profile: dict[str, Any] = field(default_factory=dict)  # e.g. {"records": 2183}; empty for credentialed sets
+
+
 @dataclass
 class StageReport:
     params: dict[str, Any] = field(default_factory=dict)
@@ -21,6 +33,8 @@ class StageReport:
     documents: dict[str, Any] = field(default_factory=dict)  # artifact path -> JSON-able object, or text (e.g. .md)
     tags: dict[str, str] = field(default_factory=dict)
     formats: dict[str, tuple[str, ...]] = field(default_factory=dict)  # table path -> formats; default csv+parquet
+    datasets: list[DatasetRef] = field(default_factory=list)  # MLflow dataset inputs of the run
+    description: str | None = None  # the run's Description (markdown): its headline and links
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -33,6 +47,36 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+_VOCABULARY = {
+    "fused.macro_auroc": "macro_auroc",
+    "fused.macro_auroc_lo": "macro_auroc_lo",
+    "fused.macro_auroc_hi": "macro_auroc_hi",
+    "fused.macro_auprc": "macro_auprc",
+    "fused.n_records": "n_records",
+    "fused.n_labels_scored": "n_labels",
+    "baseline.macro_auroc": "black_box.macro_auroc",
+    "baseline.macro_auroc_lo": "black_box.macro_auroc_lo",
+    "baseline.macro_auroc_hi": "black_box.macro_auroc_hi",
+    "baseline.macro_auprc": "black_box.macro_auprc",
+    "fused_minus_baseline.macro_auroc": "minus_black_box.macro_auroc",
+    "fused_minus_baseline.macro_auroc_lo": "minus_black_box.macro_auroc_lo",
+    "fused_minus_baseline.macro_auroc_hi": "minus_black_box.macro_auroc_hi",
+}
+
+
+def scored_metrics(metrics: dict[str, float], prefix: str = "test") -> dict[str, float]:
+    """The one metric vocabulary of every run that scores the model on a set (the training's test fold, the
+    pipeline run, an external evaluation), so one runs-table column compares them: `test.macro_auroc` with
+    `_lo`/`_hi`, `test.macro_auprc`, `test.n_records`, `test.n_labels`, and beside the black box trained with the
+    model `test.black_box.macro_auroc` and the paired `test.minus_black_box.macro_auroc` (with CIs)."""
+    return {f"{prefix}.{name}": float(metrics[key]) for key, name in _VOCABULARY.items() if key in metrics}
+
+
+def without_scored(metrics: dict[str, float]) -> dict[str, float]:
+    """The other figures of a scoring stage (branches, calibration, ...): what `scored_metrics` does not rename."""
+    return {k: v for k, v in metrics.items() if k not in _VOCABULARY and not k.startswith("baseline.")}
 
 
 def pipeline_report(
@@ -48,8 +92,7 @@ def pipeline_report(
     r = StageReport()
     lines = [f"## {title}", ""]
     if train:
-        keys = [k for k in train if k.startswith(("fused.macro_au", "baseline.macro_au", "fused_minus_baseline."))]
-        r.metrics.update({f"test.{k}": train[k] for k in keys})
+        r.metrics.update(scored_metrics(train))
 
         def ci(key: str, sign: str = "") -> str:
             return f"{train[key]:{sign}.4f} [{train[key + '_lo']:{sign}.4f}, {train[key + '_hi']:{sign}.4f}]"

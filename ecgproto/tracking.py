@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from ecgproto.report import StageReport, flatten
+from ecgproto.report import DatasetRef, StageReport, flatten
 from ecgproto.settings import default_tracking_uri, in_checkout, mlflow_dir, ui_url
 
 if TYPE_CHECKING:
@@ -168,19 +168,40 @@ def stage_run(
     uri: str | None = None,
     run_name: str | None = None,
     error_detail: bool = True,
+    system_metrics: bool = False,
 ) -> Iterator[str]:
     """A run around a block: yields its id; ends it FINISHED, or FAILED (KILLED on Ctrl-C) with the error.
 
+    system_metrics: sample CPU, memory, disk (and GPU) onto the run while the block runs (training, scoring).
     error_detail: put the error's whole text on the run (tag `error`, artifact `error.txt`). False for stages
     that read credentialed cohorts, whose messages may name a record: then the tag keeps the error's type and
     its first line scrubbed of identifiers (privacy.scrub_message), and no artifact is written."""
     run_id = start_run(stage, tags=tags, parent_run_id=parent_run_id, uri=uri, run_name=run_name)
+    monitor = _system_monitor(run_id, uri) if system_metrics else None
     try:
         yield run_id
     except BaseException as exc:
+        if monitor is not None:
+            monitor.finish()
         fail_run(run_id, exc, uri, detail=error_detail)
         raise
+    if monitor is not None:
+        monitor.finish()
     end_run(run_id, uri=uri)
+
+
+def _system_monitor(run_id: str, uri: str | None) -> Any:
+    """MLflow's system metrics (CPU, memory, disk, network; the GPU where there is one) on the run every 10 s,
+    as the UI's System metrics tab shows them; None when MLflow cannot sample here (the run goes on)."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=10, tracking_uri=tracking_uri(uri))
+        monitor.start()
+        return monitor
+    except Exception as e:  # noqa: BLE001 - monitoring is a nicety, never a reason to fail a run
+        logging.getLogger(__name__).warning("no system metrics for run %s: %s", run_id, e)
+        return None
 
 
 def fail_run(run_id: str, exc: BaseException, uri: str | None = None, *, detail: bool = True) -> None:
@@ -216,8 +237,15 @@ def log_report(run_id: str, report: StageReport, uri: str | None = None) -> None
     now = int(time.time() * 1000)
     metrics = [Metric(metric_name(k), float(v), now, 0) for k, v in report.metrics.items()]
     tags = [RunTag(k, str(v)) for k, v in report.tags.items()]
+    if report.description is not None:  # '](artifacts/x.csv)' links open the run's own artifact in the UI
+        text = re.sub(
+            r"\]\(artifacts/([^)\s]+)\)", lambda m: f"]({run_link(run_id, m.group(1), uri)})", report.description
+        )
+        tags.append(RunTag(NOTE_TAG, text))
     for i in range(0, max(len(params), 1), 100):  # MLflow caps a batch at 100 params
         c.log_batch(run_id, params=params[i : i + 100], metrics=metrics if i == 0 else [], tags=tags if i == 0 else [])
+    if report.datasets:
+        c.log_inputs(run_id, datasets=[_dataset_input(d) for d in report.datasets])
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for path, table in report.tables.items():
@@ -234,6 +262,17 @@ def log_report(run_id: str, report: StageReport, uri: str | None = None) -> None
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(doc if isinstance(doc, str) else json.dumps(doc, indent=2, default=str))
         _upload(c, run_id, root)
+
+
+def _dataset_input(ref: DatasetRef) -> Any:
+    """A DatasetRef as MLflow's dataset input (the runs table's Dataset column, with its context)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    dataset = Dataset(
+        ref.name, ref.digest, "local", json.dumps({"uri": ref.source}), profile=json.dumps(ref.profile) or None
+    )
+    return DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, ref.context)])
 
 
 def log_figures(run_id: str, figures: Iterable[tuple[str, Figure]], uri: str | None = None) -> int:
@@ -406,6 +445,31 @@ def load_model(model_uri: str, uri: str | None = None) -> Any:
         except ModelFileError as exc:  # name the model the user gave, not the temporary download folder
             text = str(exc).replace(str(local) + os.sep, "").replace(str(local), "")
             raise ModelFileError(f"{model_uri}: {text}") from exc
+
+
+BLACK_BOX_ARTIFACT = "black_box/baseline.pt"  # beside the logged model: the black box trained with it
+
+
+def log_black_box(run_id: str, weights: Path, uri: str | None = None) -> None:
+    """The black box trained beside a model, on the run that logs the model (weights + JSON description, the
+    format ecgproto.model.persist writes and reads without unpickling), so an external evaluation can score it."""
+    c = client(uri)
+    folder = str(Path(BLACK_BOX_ARTIFACT).parent)
+    for f in (weights, weights.with_suffix(".json")):
+        c.log_artifact(run_id, str(f), folder)
+
+
+def load_black_box(model_run_id: str, uri: str | None = None) -> Any | None:
+    """The black box logged beside a model (`log_black_box`), or None when its training had none."""
+    from ecgproto.model import persist
+
+    c = client(uri)
+    folder = str(Path(BLACK_BOX_ARTIFACT).parent)
+    if BLACK_BOX_ARTIFACT not in {f.path for f in c.list_artifacts(model_run_id, folder)}:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(c.download_artifacts(model_run_id, folder, tmp))
+        return persist.load(local / Path(BLACK_BOX_ARTIFACT).name)
 
 
 def model_lineage(model_uri: str, uri: str | None = None) -> dict[str, str]:

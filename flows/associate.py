@@ -17,7 +17,8 @@ from prefect.runtime import flow_run
 
 from ecgproto import tracking
 from ecgproto.data.store import ArrayStore, file_identity
-from ecgproto.phenotype.study import PhenotypeStudy, StudyConfig, StudyResult, study_report
+from ecgproto.data.summary import store_dataset
+from ecgproto.phenotype.study import PhenotypeStudy, StudyConfig, StudyResult, study_report, top_hits_markdown
 from ecgproto.progress import stage_line
 from ecgproto.scoring import ActivationStore, model_id
 from ecgproto.settings import DEFAULT_MODEL_URI
@@ -73,9 +74,21 @@ def run_study(
 
 @task(name="log-association")
 def log_association(
-    run_id: str, result: StudyResult, config: StudyConfig, lineage: dict[str, str], uri: str | None
+    run_id: str,
+    result: StudyResult,
+    config: StudyConfig,
+    lineage: dict[str, str],
+    uri: str | None,
+    cohort_store: str,
 ) -> dict[str, float]:
     report = study_report(result, config, lineage)
+    if gallery := lineage.get("gallery_run_id"):  # the top hits link each prototype to its gallery image
+        hits = report.tables.get("association/top_hits")
+        if hits is not None:
+            report.documents["association/top_hits.md"] = top_hits_markdown(
+                hits, lambda path: tracking.run_link(gallery, path, uri)
+            )
+    report.datasets.append(store_dataset(ArrayStore.open(cohort_store), "cohort"))
     tracking.log_report(run_id, report, uri)
     return report.metrics
 
@@ -116,7 +129,7 @@ def associate_flow(
         result = state.result()
         cached = state.name == "Cached"
         tracking.set_tags(run_id, {"study_cache_hit": str(cached).lower()}, tracking_uri)
-        metrics = log_association(run_id, result, config, lineage, tracking_uri)
+        metrics = log_association(run_id, result, config, lineage, tracking_uri, cohort_store)
     if result.message:
         summary = f"association: {result.message}"
     else:

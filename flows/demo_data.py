@@ -39,6 +39,12 @@ def demo_data_flow(
         root, seconds, reused = write_demo_data(out, config)
         report = demo_report(Path(root) / "ground_truth.json", Path(root) / "ptbxl", seconds)
         report.metrics["reused"] = float(reused)
+        report.description = (
+            f"**Demo data** {'reused from an earlier run' if reused else f'written in {seconds:.0f} s'} "
+            f"under `{root}`: "
+            "a PTB-XL-layout set with planted labels and a MIMIC-IV-layout cohort with planted associations "
+            "(synthetic; no patient). [Ground truth](artifacts/ground_truth.json): what each stage should find."
+        )
         tracking.log_report(run_id, report, tracking_uri)
     print(f"demo data {'reused' if reused else f'written in {seconds:.1f} s'}: {root}")
     return {"root": root, "run_id": run_id}

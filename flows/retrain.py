@@ -192,7 +192,9 @@ def compare_and_promote(
             )
         alias = CHAMPION if decision.promote else CHALLENGER
         tracking.set_alias(name, alias, version, uri, tags={"promotion": alias, "promotion_reason": decision.reason})
-        tracking.describe_model_version(name, version, f"Promotion: **{alias}**. {decision.reason}", uri, append=True)
+        tracking.describe_model_version(
+            name, version, f"Promotion: **{alias}**, because {decision.reason}.", uri, append=True
+        )
     report = StageReport(
         metrics={"challenger_macro_auroc": challenger, **({"champion_macro_auroc": champion} if champion else {})},
         tags={
@@ -209,6 +211,12 @@ def compare_and_promote(
                 "previous_champion_version": champion_version,
             }
         },
+        description=(
+            f"**Promotion** of {name} version {version}: now **{alias}**, because {decision.reason}. Both scored on "
+            f"the same test fold: this version {challenger:.4f}"
+            + (f", the previous champion (version {champion_version}) {champion:.4f}" if champion else "")
+            + "."
+        ),
     )
     tracking.log_report(run_id, report, uri)
     return {**decision.as_dict(), "alias": alias, "version": version, "previous_champion_version": champion_version}

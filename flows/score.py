@@ -16,6 +16,7 @@ from prefect.runtime import flow_run
 
 from ecgproto import tracking
 from ecgproto.data.store import ArrayStore
+from ecgproto.data.summary import store_dataset
 from ecgproto.phenotype.features import prototype_table
 from ecgproto.scoring import ScoringPlan, score_shard, score_store, scoring_report
 from ecgproto.settings import DEFAULT_MODEL_URI
@@ -53,6 +54,7 @@ def score_flow(
         uri=tracking_uri,
         error_detail=False,
         tags={"prefect_flow_run_id": str(flow_run.id), "cohort_dataset_hash": s.key},
+        system_metrics=True,
     ) as run_id:
         model = tracking.load_model(lineage["model_uri"], tracking_uri)
         shards: list[int] = []
@@ -86,6 +88,13 @@ def score_flow(
                 "device": dev,
                 "loader_workers": loader_workers,
             },
+        )
+        report.datasets.append(store_dataset(s, "cohort"))
+        rate = f" at {info['n'] / seconds:,.0f} ECGs/s" if shards else " (a cache hit: already scored)"
+        report.description = (
+            f"**Scoring** of {lineage.get('model_uri', model_uri)} on the store `{s.key[:16]}`: {info['n']:,} ECGs x "
+            f"{info['n_prototypes']} prototypes{rate}, into the float16 activation store `{info['key'][:16]}` that "
+            "`ecgproto associate --activations` reads. No record identifiers are logged."
         )
         tracking.log_report(run_id, report, tracking_uri)
     print(

@@ -21,15 +21,22 @@ from prefect.runtime import flow_run
 
 from ecgproto import tracking
 from ecgproto.data.store import atomic_write_bytes
+from ecgproto.data.summary import SPLIT_NAMES, store_dataset
 from ecgproto.evaluation.metrics import difference_text
 from ecgproto.explain import gallery_index, prototype_gallery
 from ecgproto.progress import EpochProgress, stage_line
-from ecgproto.report import StageReport
+from ecgproto.report import StageReport, scored_metrics, without_scored
 from ecgproto.settings import MODEL_NAME, workdir
 from ecgproto.train import distributed, stages
 from ecgproto.train.config import TrainConfig, default_preset
 from ecgproto.train.quality import distinct_cases, quality_figure, quality_metrics, quality_summary
-from ecgproto.train.report import evaluation_report, fit_report, projection_report, version_description
+from ecgproto.train.report import (
+    evaluation_report,
+    fit_report,
+    headline_markdown,
+    projection_report,
+    version_description,
+)
 from ecgproto.train.trainer import FitResult
 
 REGISTERED_NAME = MODEL_NAME
@@ -128,14 +135,24 @@ def fusion(store: str, config: TrainConfig, work_root: str, parent: str, uri: st
         model = stages.load_model(ctx)
         provenance = pd.DataFrame(model.provenance)
         report.tables["provenance"] = provenance
-        if "purity" in provenance:  # the prototype-quality overview, also on the training run
+        if "purity" in provenance:  # the prototype-quality overview
             summary = quality_summary(provenance)
-            quality = quality_metrics(summary)
             report.tables["prototype_quality"] = summary
             report.tables["distinct_cases"] = distinct_cases(provenance)  # per class: how many cases it shows
             report.figures["prototype_quality.png"] = quality_figure(provenance)
-            report.metrics.update(quality)
-            tracking.log_report(parent, StageReport(metrics=quality), uri)
+            report.metrics.update(quality_metrics(summary))
+        distinct = int((provenance["merged_into"] == provenance["prototype"]).sum())
+        report.description = (
+            f"**Fusion** over every branch's prototypes: best validation (fold 9) macro-AUROC "
+            f"**{result.best_score:.4f}**; the model's {distinct} distinct cases are its evidence.\n\nOpen: "
+            + (
+                "[the prototype gallery](artifacts/gallery/README.md) (every case, by branch and class), "
+                if gallery
+                else ""
+            )
+            + "[prototype quality](artifacts/prototype_quality.png), [provenance](artifacts/provenance.csv), "
+            "[cases per class](artifacts/distinct_cases.csv)."
+        )
         tracking.log_report(run_id, report, uri)
         if gallery:
             tracking.log_figures(run_id, prototype_gallery(model), uri)
@@ -176,10 +193,11 @@ def evaluate(
     def work(run_id: str) -> dict[str, Any]:
         if (done := _registered_before(ctx, register_as, uri)) is not None:
             # The same model.pt is already registered in this tracking store: no second version.
+            logged = scored_metrics(done["metrics"]) | without_scored(done["metrics"])
             tracking.log_report(
                 run_id,
                 StageReport(
-                    metrics=done["metrics"],
+                    metrics=logged,
                     tags={
                         "cache_hit": "true",
                         "model_version": str(done["version"]),
@@ -188,7 +206,7 @@ def evaluate(
                 ),
                 uri,
             )
-            tracking.log_report(parent, StageReport(metrics=done["metrics"]), uri)
+            tracking.log_report(parent, StageReport(metrics=scored_metrics(done["metrics"])), uri)
             return done
         stage_line("train evaluate: the whole test fold, bootstrap CIs, explained examples, registration")
         metrics, tables = stages.evaluate(ctx, "test")
@@ -197,20 +215,43 @@ def evaluate(
         for name, figure, explanation in stages.explanation_examples(ctx, "test", planted):
             report.figures[f"explanations/{name}.png"] = figure
             report.documents[f"explanations/{name}.json"] = explanation
+        report.datasets.append(store_dataset(ctx.store, "test", "test"))
         tracking.log_report(run_id, report, uri)
-        tracking.log_report(parent, StageReport(metrics=report.metrics), uri)  # headline on the parent too
-        stages.check_registrable(ctx, report.metrics)  # no epoch run, or no finite score: nothing is registered
+        tracking.log_report(parent, StageReport(metrics=scored_metrics(metrics)), uri)  # the headline on the parent
+        stages.check_registrable(ctx, metrics)  # no epoch run, or no finite score: nothing is registered
         example = ctx.splits["test"].signals(np.arange(1))
         logged = tracking.log_model(run_id, stages.load_model(ctx), example, register_as, uri)
-        out = {"metrics": report.metrics, **logged, "run_id": run_id}
+        if (black_box := ctx.path("baseline", "baseline.pt")).exists():  # scored beside the model elsewhere too
+            tracking.log_black_box(run_id, black_box, uri)
+        out = {"metrics": metrics | report.metrics, **logged, "run_id": run_id}
         if register_as:
             tracking.describe_model_version(
-                register_as, logged["version"], version_description(report.metrics, ctx.store.key, run_id), uri
+                register_as,
+                logged["version"],
+                version_description(metrics, ctx.store.key, run_id, tracking.run_link(parent, uri=uri)),
+                uri,
             )
             _record_registration(ctx, out, uri)
         return out
 
     return run_stage("evaluate", parent, uri, None, work)
+
+
+def _training_description(parent: str, result: dict[str, Any], uri: str | None) -> str:
+    """The training run's Description: the test-fold headline, the version it became, where to look next."""
+    links = {
+        "evaluation (every label, calibration, explained ECGs)": tracking.run_link(result["run_id"], uri=uri),
+    }
+    if fusion := tracking.child_run_id(parent, "fusion", uri):
+        links["the prototype gallery"] = tracking.run_link(fusion, "gallery/README.md", uri)
+    version = f" Registered as version {result['version']}." if result.get("version") else ""
+    return (
+        headline_markdown(result["metrics"], "Test fold (fold 10)")
+        + version
+        + "\n\nOpen: "
+        + ", ".join(f"[{k}]({v})" for k, v in links.items())
+        + "; each stage's curves are in the child runs below."
+    )
 
 
 def _registration_file(ctx: stages.TrainContext) -> Path:
@@ -263,8 +304,10 @@ def train_flow(
         uri=tracking_uri,
         run_name="train",
         tags={"prefect_flow_run_id": str(flow_run.id), "dataset_hash": ctx.store.key, "work_dir": str(ctx.workdir)},
+        system_metrics=True,
     ) as parent:
-        tracking.log_report(parent, StageReport(params={"config": config.model_dump()}), tracking_uri)
+        inputs = [store_dataset(ctx.store, SPLIT_NAMES[split], split) for split in ("train", "val", "test")]
+        tracking.log_report(parent, StageReport(params={"config": config.model_dump()}, datasets=inputs), tracking_uri)
         for step in stages.plan(config):  # each stage a task of this flow, in the one order stages.plan gives
             if step.stage == "baseline":
                 baseline(store, config, work_root, parent, tracking_uri)
@@ -275,6 +318,8 @@ def train_flow(
             else:
                 fit_branch(store, config, work_root, str(step.branch), step.stage, parent, tracking_uri)
         result = evaluate(store, config, work_root, parent, tracking_uri, register_as, tuple(planted))
+        description = _training_description(parent, result, tracking_uri)
+        tracking.log_report(parent, StageReport(description=description), tracking_uri)
     m = result["metrics"]
     print(
         f"test fold macro-AUROC: fused {m['fused.macro_auroc']:.4f} "

@@ -147,14 +147,13 @@ def test_calibration_error_and_the_operating_point_match_their_definitions() -> 
     y = np.stack([calibrated, np.zeros_like(calibrated), np.r_[np.ones(5), np.zeros(p.size - 5)]], axis=1)
     probs = np.stack([p, p, p], axis=1)
     table, apart = external_table(y, probs, ("A", "B", "C"), ("a", "b", "c"), n_boot=20, credentialed=True)
+    assert apart.set_index("label").loc["C", "n_pos"] == "<10"  # a credentialed count below 10 is not exported
     tn, fp, fn, tp = confusion_matrix(calibrated, p >= 0.5).ravel()
     row = table.set_index("label").loc["A"]
     assert row["sensitivity"] == pytest.approx(tp / (tp + fn)) and row["specificity"] == pytest.approx(tn / (tn + fp))
     assert row["auroc_lo"] < row["auroc"] < row["auroc_hi"]
-    assert dict(zip(apart["label"], apart["why"], strict=True)) == {
-        "B": "no positives",
-        "C": "fewer than 10 (credentialed)",
-    }
+    why = dict(zip(apart["label"], apart["why"], strict=True))
+    assert why["B"] == "no positives" and why["C"].startswith("fewer than 10 positives or negatives")
     import pandas as pd
 
     from ecgproto.evaluation.external import external_report
@@ -163,7 +162,8 @@ def test_calibration_error_and_the_operating_point_match_their_definitions() -> 
     report = external_report(y, probs, ("A", "B", "C"), ("a", "b", "c"), own, n_boot=10)
     side = report.tables["external/labels"].set_index("label")
     assert side.loc["A", "training_test_auroc"] == 0.9  # the model's own test fold, beside the external figure
-    assert report.metrics["macro_auroc_same_labels_training_test"] == pytest.approx((0.9 + 0.7) / 2)
+    # C has 5 positives: listed, not reported, so the like-for-like macro is over A alone
+    assert report.metrics["macro_auroc_same_labels_training_test"] == pytest.approx(0.9)
     # what a training of this ecgproto logs (evaluation/operating.csv): every figure has its twin
     operating, _ = external_table(y, probs, ("A", "B", "C"), ("a", "b", "c"), n_boot=0)
     report = external_report(y, probs, ("A", "B", "C"), ("a", "b", "c"), operating, n_boot=10)
@@ -177,7 +177,18 @@ def test_calibration_error_and_the_operating_point_match_their_definitions() -> 
     side = report.tables["external/labels"].set_index("label")
     assert side.loc["A", "ece_calibrated"] == pytest.approx(expected_calibration_error(y[:, 0], scaled[:, 0]))
     assert side.loc["A", "training_test_ece_calibrated"] == pytest.approx(side.loc["A", "ece_calibrated"])
-    assert report.metrics["mean_ece_calibrated"] == pytest.approx(side["ece_calibrated"].mean())
+    assert report.metrics["test.mean_ece_calibrated"] == pytest.approx(side["ece_calibrated"].mean())
+    # beside the black box trained with the model: per label and macro, paired over the same resamples
+    rng = np.random.default_rng(1)
+    black_box = np.clip(probs + rng.normal(0, 0.3, probs.shape), 0, 1)
+    report = external_report(y, probs, ("A", "B", "C"), ("a", "b", "c"), None, n_boot=50, black_box=black_box)
+    row = report.tables["external/labels"].set_index("label").loc["A"]
+    assert row["minus_black_box"] == pytest.approx(row["auroc"] - row["black_box_auroc"])
+    assert row["minus_black_box_lo"] < row["minus_black_box"] < row["minus_black_box_hi"]
+    m = report.metrics
+    assert m["test.n_labels"] == 1 and m["test.macro_auroc"] == pytest.approx(row["auroc"])  # over label A only
+    assert m["test.minus_black_box.macro_auroc_lo"] > 0  # the noisy black box ranks worse, and the CI says so
+    assert "black box trained beside it" in report.documents["external/labels.md"]
 
 
 @pytest.mark.slow
@@ -199,14 +210,14 @@ def test_evaluate_logs_each_label_of_the_external_set_beside_nothing_identifying
     out = evaluate_flow(str(store.path), logged["model_uri"], tracking_uri=mlflow_uri, device="cpu", bootstrap=10)
     info = tracking.describe(out["run_id"], mlflow_uri)
     assert info["status"] == "FINISHED" and info["tags"]["external"] == "true"
-    assert {"external/labels.csv", "external/labels_not_reported.csv", "external/reliability.png"} <= set(
-        info["artifacts"]
-    )
-    table = tracking.run_table(out["run_id"], "external/labels.csv", mlflow_uri)
-    # the labels with a positive and a negative among the 2 records; the other 67 listed apart
-    assert set(table["label"]) == {"SR", "AFIB", "CRBBB", "LVOLT"}
-    assert info["metrics"]["labels_reported"] == 4.0 and info["metrics"]["labels_apart"] == 67.0
-    assert 0 <= info["metrics"]["mean_ece"] <= 1
+    assert {"external/labels.csv", "external/labels_not_reported.csv", "external/labels.md"} <= set(info["artifacts"])
+    apart = tracking.run_table(out["run_id"], "external/labels_not_reported.csv", mlflow_uri).set_index("label")
+    # 2 records: a label with a positive and a negative is listed with its counts, never with a CI or a rank
+    few = apart[apart["why"].str.startswith("fewer than 10")]
+    assert set(few.index) == {"SR", "AFIB", "CRBBB", "LVOLT"} and (few["n_pos"] + few["n_neg"] == 2).all()
+    assert info["metrics"]["labels_reported"] == 0.0 and len(apart) == 71
+    assert info["metrics"]["test.n_records"] == 2.0 and "test.macro_auroc" not in info["metrics"]
+    assert "no label has >= 10 positives" in info["tags"]["mlflow.note.content"]
     logged_text = " ".join(
         Path(tracking.client(mlflow_uri).download_artifacts(out["run_id"], a, str(tmp_path / "dl"))).read_text()
         for a in info["artifacts"]

@@ -120,12 +120,26 @@ def test_demo_pipeline_on_a_real_mlflow_server_leaves_the_lineage_a_reviewer_wal
 
     # review at a glance: a training experiment, the headline on the pipeline run and on the model version
     assert c.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
-    assert parent.data.metrics["test.fused.macro_auroc"] == float(train.data.metrics["fused.macro_auroc"])
+    # one metric vocabulary: the same headline column on the pipeline, training and evaluate runs
+    evaluate = next(r for r in grandchildren if r.data.tags["stage"] == "evaluate")
+    headline = evaluate.data.metrics["test.macro_auroc"]
+    assert parent.data.metrics["test.macro_auroc"] == train.data.metrics["test.macro_auroc"] == headline
+    # every run below the pipeline says what it found, names its datasets and keeps its metrics scannable
+    for run in [*children, *grandchildren]:
+        assert run.data.tags.get("mlflow.note.content"), run.data.tags["mlflow.runName"]
+        assert len(run.data.metrics) <= 60 and not any(
+            "/" in k for k in run.data.metrics if not k.startswith("system/")
+        )
+    contexts = {
+        r.data.tags["stage"]: {i.tags[0].value for i in c.get_run(r.info.run_id).inputs.dataset_inputs}
+        for r in children
+    }
+    assert contexts["train"] == {"training", "validation", "test"} and contexts["associate"] == {"cohort"}
+    assert "output" in contexts["ingest"]
     assert parent.data.tags["model_alias"] == "champion"
     note = parent.data.tags["mlflow.note.content"]
     assert "Test fold macro-AUROC" in note and "Prototype gallery" in note and "phecodes tested" in note
     assert "Test fold macro-AUROC" in version.description and "Promotion: **champion**" in version.description
-    evaluate = next(r for r in grandchildren if r.data.tags["stage"] == "evaluate")
     logged = {f.path for f in c.list_artifacts(evaluate.info.run_id, "evaluation")}
     assert {"evaluation/summary.md", "evaluation/operating.csv"} <= logged  # what `ecgproto evaluate` sets beside
     assert [f for f in c.list_artifacts(evaluate.info.run_id, "explanations") if f.path.endswith(".png")]
@@ -223,7 +237,7 @@ def test_the_pipeline_run_page_shows_its_description_and_headline_in_the_trainin
         browser, page = _browser_page(p)
         page.goto(run_url, timeout=120_000)
         page.get_by_text("Test fold macro-AUROC").first.wait_for(timeout=90_000)  # the description, rendered
-        page.get_by_text("test.fused.macro_auroc").first.wait_for(timeout=30_000)  # the headline metric
+        page.get_by_text("test.macro_auroc").first.wait_for(timeout=30_000)  # the headline metric
         run_page = page.inner_text("body")
         page.screenshot(path=str(shots / "pipeline_run.png"), full_page=True)
         page.goto(experiment_url, timeout=120_000)

@@ -14,7 +14,7 @@ from ecgproto.data.labels import LabelSet, load_label_set, parse_scp_codes
 from ecgproto.data.store import ArrayStore
 from ecgproto.figures import plot_ecg, plot_label_prevalence
 from ecgproto.privacy import MIN_CELL, suppress_counts
-from ecgproto.report import StageReport
+from ecgproto.report import DatasetRef, StageReport
 
 SPLITS = ("train", "val", "test")
 
@@ -104,7 +104,7 @@ def ingest_report(store: ArrayStore, *, cache_hit: bool, seconds: float, config:
     info = store.info
     credentialed = bool(info.get("credentialed"))
     q = store.quarantine
-    document, reasons = credentialed_counts(info, q) if credentialed else (info, None)
+    document, reasons_table = credentialed_counts(info, q) if credentialed else (info, None)
     counts = {
         k: float(v) if str(v).isdigit() else float("nan")
         for k, v in document.items()
@@ -143,12 +143,26 @@ def ingest_report(store: ArrayStore, *, cache_hit: bool, seconds: float, config:
         report.tables["label_mapping"] = mapping
         report.metrics["source_codes_mapped"] = float(mapping["mapped"].sum())
         report.metrics["source_codes_unmapped"] = float((~mapping["mapped"]).sum())
-    if store.labels is not None:
+    if store.labels is not None:  # per label counts as a table and a figure, not 71 metrics
         prevalence = label_prevalence(store)
         report.tables["label_prevalence"] = prevalence
         report.figures["label_prevalence.png"] = plot_label_prevalence(prevalence)
-        for code, n in zip(prevalence["code"], prevalence["n_total"], strict=True):
-            report.metrics[f"label_count.{code}"] = int(n)
+    report.datasets.append(store_dataset(store, "output"))
+    reasons = (
+        reasons_table.assign(n=reasons_table["n_records"].astype(str))
+        if credentialed and reasons_table is not None
+        else q.groupby("reason").size().rename("n").reset_index()
+    )
+    why = ", ".join(f"{r.reason} {r.n}" for r in reasons.itertuples(index=False))
+    report.description = (
+        f"**Ingest** of a {info['layout']} folder{' (credentialed: counts below 10 hidden)' if credentialed else ''}: "
+        f"**{document['n_records']}** records in the store `{store.key[:16]}`, {document['n_quarantined']} "
+        f"quarantined{f' ({why})' if why else ''}{'; a cache hit, nothing read' if cache_hit else ''}.\n\n"
+        "Open: [quarantine](artifacts/quarantine.csv) (each refused record and what to do), "
+        "[records per split](artifacts/manifest_summary.csv)"
+        + (", [label prevalence](artifacts/label_prevalence.png)" if store.labels is not None else "")
+        + "."
+    )
     if not credentialed:  # no waveforms of credentialed patients in artifacts
         fs = int(info["config"]["preprocess"]["fs"])
         for row, record_id, text in example_records(store):
@@ -190,3 +204,15 @@ def demo_report(ground_truth_file: Path, ptbxl_root: Path, seconds: float) -> St
         if len(report.figures) >= 8:
             break
     return report
+
+
+SPLIT_NAMES = {"train": "training", "val": "validation", "test": "test"}
+
+
+def store_dataset(store: ArrayStore, context: str, split: str | None = None) -> DatasetRef:
+    """The store (or one split of it) as the MLflow dataset a run used or wrote: named by layout and dataset hash,
+    its digest the hash, its source the store folder; the record count only for non-credentialed sets."""
+    rows = store.rows(split) if split else store.manifest["row"].to_numpy()
+    name = f"{store.info['layout']} {store.key[:8]}" + (f" ({SPLIT_NAMES.get(split, split)} split)" if split else "")
+    profile = {} if store.info.get("credentialed") else {"records": int(len(rows))}
+    return DatasetRef(name, store.key[:32], str(store.path), context, profile)

@@ -35,7 +35,9 @@ def decide(challenger_auroc: float, champion_auroc: float | None, tolerance: flo
             False, "challenger macro-AUROC is not finite", challenger_auroc, champion_auroc, tolerance
         )
     if champion_auroc is None:
-        return PromotionDecision(True, "no champion yet", challenger_auroc, None, tolerance)
+        return PromotionDecision(
+            True, "the first champion of this model name (none to compare with)", challenger_auroc, None, tolerance
+        )
     bar = champion_auroc - tolerance
     if challenger_auroc >= bar:
         return PromotionDecision(

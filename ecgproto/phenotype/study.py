@@ -11,6 +11,7 @@ subject/admission/record ids, no exported count below 10 and none derivable from
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -360,6 +361,33 @@ def _prototype_vectors(model: Any) -> np.ndarray:
     return np.concatenate([np.pad(b, ((0, 0), (0, width - b.shape[1]))) for b in blocks])
 
 
+def top_hits_markdown(hits: pd.DataFrame, link: Callable[[str], str] | None = None, top: int = 50) -> str:
+    """The strongest Bonferroni-significant associations as a table a reviewer reads in the artifact viewer:
+    the phecode and its name, the feature (for a prototype, its class and a link to its gallery image via `link`),
+    the odds ratio per SD with its 95% CI, p and q."""
+    lines = [
+        "# Top associations (Bonferroni-significant, smallest p first)",
+        "",
+        "Odds ratio per standard deviation of the feature (per share of ECGs for an indicator), adjusted for age "
+        "and sex; q is the Benjamini-Hochberg FDR.",
+        "",
+        "| phecode | condition | feature | odds ratio [95% CI] | p | q |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in hits.head(top).itertuples(index=False):
+        feature = f"{row.feature_set}: {row.feature_label}"
+        image = str(getattr(row, "gallery_image", "") or "")
+        if image and link is not None:
+            feature = f"[{feature}]({link(image)})"
+        lines.append(
+            f"| {row.phecode} | {row.phecode_string} | {feature} | {row.odds_ratio:.2f} [{row.ci_low:.2f}, "
+            f"{row.ci_high:.2f}] | {row.p_value:.2g} | {row.q_fdr:.2g} |"
+        )
+    if len(hits) == 0:
+        lines.append("| | no association reached Bonferroni significance | | | | |")
+    return "\n".join(lines) + "\n"
+
+
 def study_report(
     result: StudyResult, config: StudyConfig, lineage: dict[str, str] | None = None, top: int = 50
 ) -> StageReport:
@@ -448,8 +476,6 @@ def study_report(
         m[f"{fs}.significant_fdr"] = float(g["significant_fdr"].sum())
         # distinct conditions: phecodes sharing a case set were collapsed to one before testing
         m[f"{fs}.significant_phecodes"] = float(g.loc[g["significant_bonf"], "phecode"].nunique())
-    for _, row in result.prediction.iterrows():
-        m[f"auc.{row['phecode']}.{row['model']}"] = float(row["auc"])
     if result.uncertain is not None:  # a count below min_cell is not exported (nor is it derivable: flag only)
         if result.uncertain >= config.min_cell:
             m[f"uncertain_ecgs_{'dropped' if config.uncertain_ecgs == 'drop' else 'flagged'}"] = float(result.uncertain)
@@ -459,7 +485,18 @@ def study_report(
         )
     r.metrics = m
     if result.message:  # nothing was tested: no figures
+        r.description = f"**Association study**: nothing was tested. {result.message}"
         return r
+    r.documents["association/top_hits.md"] = top_hits_markdown(hits, top=top)
+    sets = [k.removesuffix(".significant_phecodes") for k in m if k.endswith(".significant_phecodes")]
+    found = ", ".join(f"{fs} {int(m[f'{fs}.significant_phecodes'])}" for fs in sets)
+    r.description = (
+        f"**Association study**: {int(m['phecodes_tested'])} phecodes tested against every feature; conditions with "
+        f"a Bonferroni-significant association, by feature set: {found or 'none'}.\n\nOpen: "
+        "[top associations](artifacts/association/top_hits.md), "
+        "[prototype x phecode heatmap](artifacts/figures/prototype_phecode_heatmap.png), "
+        "[cohort flow](artifacts/association/cohort_flow.csv). Counts below 10 are hidden."
+    )
 
     for fs, g in result.results.groupby("feature_set", observed=True):
         r.figures[f"figures/manhattan_{fs}.png"] = figs.manhattan(g, str(fs), config.engine.alpha)

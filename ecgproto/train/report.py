@@ -6,31 +6,47 @@ import numpy as np
 import pandas as pd
 
 from ecgproto.evaluation.calibration import coverage_figure, training_reliability_figure
-from ecgproto.report import StageReport
+from ecgproto.report import StageReport, scored_metrics, without_scored
 from ecgproto.train.quality import quality_metrics, quality_summary
 from ecgproto.train.trainer import FitResult
 
+STAGE_NAMES = {
+    "joint": "joint stage (backbone, prototypes and head)",
+    "last_layer": "last layer (head over the projected prototypes)",
+    "fusion": "fusion over every branch's prototypes",
+    "baseline": "black box (1D ResNet) trained beside the model",
+}
+
 
 def fit_report(result: FitResult, stage: str, branch: str | None = None) -> StageReport:
+    """A fitted stage: its per-epoch curves are the run's charts (train_loss, val_macro_auroc, lr); the best
+    validation score is its one summary metric, and where it stopped is said in tags and the description."""
     history = pd.DataFrame(result.history)
     r = StageReport(
         params={"stage": stage, "branch": branch or "all"},
-        metrics={
-            "best_val_macro_auroc": result.best_score,
-            "best_epoch": float(result.best_epoch),
-            "epochs_run": float(len(history)),
-            "resumed_from_epoch": float(result.resumed_from),
+        metrics={"best_val_macro_auroc": result.best_score},
+        tags={
+            "best_epoch": str(result.best_epoch + 1),
+            "epochs_run": str(len(history)),
+            "resumed_from_epoch": str(result.resumed_from),
         },
+    )
+    resumed = f" (resumed after epoch {result.resumed_from})" if result.resumed_from else ""
+    r.description = (
+        f"**{(branch + ' ') if branch else ''}{STAGE_NAMES.get(stage, stage)}**: best validation (fold 9) "
+        f"macro-AUROC **{result.best_score:.4f}** at epoch {result.best_epoch + 1} of {len(history)} run{resumed}; "
+        "the weights of that epoch are the stage's output."
     )
     if not history.empty:
         r.tables["history"] = history
+        r.description += " Curves: the charts of this run; [epoch table](artifacts/history.csv)."
     return r
 
 
 def projection_report(provenance: pd.DataFrame) -> StageReport:
     own = provenance["own_class_source"].to_numpy()
     quality = quality_summary(provenance) if "purity" in provenance else None
-    return StageReport(
+    r = StageReport(
         metrics=({} if quality is None else quality_metrics(quality))
         | {
             "n_prototypes": float(len(provenance)),
@@ -41,6 +57,18 @@ def projection_report(provenance: pd.DataFrame) -> StageReport:
         },
         tables={"provenance": provenance},
     )
+    distinct = (
+        int((provenance["merged_into"] == provenance["prototype"]).sum())
+        if "merged_into" in provenance
+        else len(provenance)
+    )
+    r.description = (
+        f"**Projection**: each of {len(provenance)} prototypes is now a real segment of a training ECG "
+        f"({int(own.sum())} from an ECG with its own label, from {provenance['ecg_id'].nunique()} ECGs); "
+        f"**{distinct} distinct cases** after near-duplicates were merged. "
+        "[Provenance](artifacts/provenance.csv): each prototype's source ECG, window, fidelity and quality."
+    )
+    return r
 
 
 def evaluation_report(
@@ -51,11 +79,14 @@ def evaluation_report(
 ) -> StageReport:
     """Whole-fold metrics (kept one per key for search) and the summary a reviewer reads: one row per label
     with its description, positives and AUROC [95% CI], labels without test positives listed apart."""
-    r = StageReport(metrics=dict(metrics), tables={f"evaluation/{k}": v for k, v in tables.items()})
+    r = StageReport(
+        metrics=scored_metrics(metrics) | without_scored(metrics),
+        tables={f"evaluation/{k}": v for k, v in tables.items()},
+    )
     if planted:
         t = tables["fused"]
         sel = t[t["code"].isin(planted) & t["auroc"].notna()]
-        r.metrics["fused.planted_macro_auroc"] = float(sel["auroc"].mean())
+        r.metrics["test.planted_macro_auroc"] = float(sel["auroc"].mean())
     summary, without = evaluation_summary(tables["side_by_side"], descriptions or {})
     r.tables["evaluation/summary"] = summary
     r.formats["evaluation/summary"] = ("csv",)
@@ -66,7 +97,30 @@ def evaluation_report(
         )
     if "selective" in tables:
         r.figures["evaluation/coverage.png"] = coverage_figure(tables["selective"])
+    r.description = headline_markdown(metrics, "Test fold (fold 10)") + (
+        "\n\nOpen: [every label](artifacts/evaluation/summary.md), "
+        "[calibration](artifacts/evaluation/reliability.png), "
+        "[selective prediction](artifacts/evaluation/coverage.png), the `explanations/` folder (explained test ECGs)."
+    )
     return r
+
+
+def headline_markdown(metrics: dict[str, float], where: str) -> str:
+    """One sentence with the figure that matters: the model's macro-AUROC with its CI on `where`, and beside it
+    the black box trained with it and the paired difference."""
+    m = metrics
+
+    def ci(key: str, sign: str = "") -> str:
+        return f"{m[key]:{sign}.4f} [{m[key + '_lo']:{sign}.4f}, {m[key + '_hi']:{sign}.4f}]"
+
+    n = f" on {int(m['fused.n_records']):,} ECGs" if "fused.n_records" in m else ""
+    text = f"**{where}**{n}: prototype model macro-AUROC **{ci('fused.macro_auroc')}** (95% bootstrap CI)"
+    if "baseline.macro_auroc" in m:
+        text += (
+            f"; black box trained beside it {m['baseline.macro_auroc']:.4f}; paired difference "
+            f"{ci('fused_minus_baseline.macro_auroc', '+')}"
+        )
+    return text + "."
 
 
 def evaluation_summary(side: pd.DataFrame, descriptions: dict[str, str]) -> tuple[pd.DataFrame, list[str]]:
@@ -114,8 +168,11 @@ def summary_markdown(metrics: dict[str, float], summary: pd.DataFrame, without: 
     return "\n".join(lines) + "\n"
 
 
-def version_description(metrics: dict[str, float], dataset_hash: str, run_id: str) -> str:
-    """A registered version's Description: what it scored on the test fold and what it was trained on."""
+def version_description(
+    metrics: dict[str, float], dataset_hash: str, run_id: str, training_link: str | None = None
+) -> str:
+    """A registered version's Description: what it scored on the test fold, what it was trained on, and a link to
+    its training run (external evaluations add a line each, ecgproto.flows.evaluate)."""
     m = metrics
     lines = [
         f"Test fold macro-AUROC {m['fused.macro_auroc']:.4f} "
@@ -127,5 +184,8 @@ def version_description(metrics: dict[str, float], dataset_hash: str, run_id: st
             f"Black box trained beside it: {m['baseline.macro_auroc']:.4f}; paired difference {m[d]:+.4f} "
             f"[{m[d + '_lo']:+.4f}, {m[d + '_hi']:+.4f}]."
         )
-    lines.append(f"Training data: store hash `{dataset_hash[:16]}`; evaluated in run `{run_id}`.")
+    run = f"[training run]({training_link})" if training_link else "its training run"
+    lines.append(
+        f"Training data: store hash `{dataset_hash[:16]}`; trained and evaluated in {run} (evaluate `{run_id}`)."
+    )
     return "\n\n".join(lines)

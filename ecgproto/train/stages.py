@@ -679,6 +679,7 @@ def evaluate(ctx: TrainContext, split: str = "test") -> tuple[dict[str, float], 
     table, head = evaluation_table(y, scores["fused"], codes, cfg.bootstrap, cfg.seed)
     tables["fused"] = table
     metrics.update({f"fused.{k}": v for k, v in head.items()})
+    metrics["fused.n_records"] = float(len(y))
     for n in BRANCHES:
         idx = ctx.labels.branch_indices(n)
         t, h = evaluation_table(y[:, idx], scores[n], tuple(codes[i] for i in idx), cfg.bootstrap, cfg.seed)
