@@ -108,15 +108,16 @@ def heatmap(results: pd.DataFrame, max_features: int = 40, max_phecodes: int = 3
     sub = r[r["feature_label"].isin(feats) & r["phecode"].isin(codes)]
     signed = sub.assign(v=np.sign(sub["beta"]) * sub["neg_log_p"])
     labels = sub.drop_duplicates("phecode").set_index("phecode")["phecode_string"].astype(str)
-    grid = signed.pivot_table(index="feature_label", columns="phecode", values="v", observed=True).reindex(
-        index=feats, columns=codes
+    # phecodes as rows: their names read horizontally, whole, at the artifact viewer's width
+    grid = signed.pivot_table(index="phecode", columns="feature_label", values="v", observed=True).reindex(
+        index=codes, columns=feats
     )
-    fig = Figure(figsize=(max(6, 0.35 * len(codes) + 4), max(4, 0.22 * len(feats) + 2)))
+    fig = Figure(figsize=(10, max(4.5, 0.3 * len(codes) + 3)))
     ax = fig.subplots()
     lim = max(float(np.nanmax(np.abs(grid.to_numpy()))) if grid.size else 1.0, 1.0)
     im = ax.imshow(grid.to_numpy(dtype=float), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
-    ax.set_xticks(range(len(codes)), [f"{c} {labels.get(c, '')[:24]}" for c in codes], rotation=90, fontsize=6)
-    ax.set_yticks(range(len(feats)), list(feats), fontsize=6)
+    ax.set_yticks(range(len(codes)), [f"{c} {labels.get(c, '')[:42]}" for c in codes], fontsize=9)
+    ax.set_xticks(range(len(feats)), list(feats), rotation=90, fontsize=8)
     fig.colorbar(im, ax=ax, label="sign(beta) x -log10 p")
     ax.set_title(
         f"prototype x phecode: the {len(feats)} strongest prototypes x {len(codes)} phecodes\n"
