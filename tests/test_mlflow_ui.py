@@ -87,7 +87,18 @@ def demo_pipeline(
             train_config=train,
             study_config=study,
         )
-    return SimpleNamespace(out=out, home=home)
+        # an external evaluation of the registered version (the demo's PTB-XL-layout store as the foreign set)
+        from ecgproto.flows.evaluate import evaluate_flow
+        from ecgproto.settings import MODEL_NAME
+
+        external = evaluate_flow(
+            out["train_store"],
+            f"models:/{MODEL_NAME}/{out['model_version']}",
+            tracking_uri=mlflow_server.url,
+            device="cpu",
+            bootstrap=20,
+        )
+    return SimpleNamespace(out=out, home=home, external=external)
 
 
 @pytest.mark.slow
@@ -136,6 +147,12 @@ def test_demo_pipeline_on_a_real_mlflow_server_leaves_the_lineage_a_reviewer_wal
     }
     assert contexts["train"] == {"training", "validation", "test"} and contexts["associate"] == {"cohort"}
     assert "output" in contexts["ingest"]
+    # the external evaluation belongs to its model: under the training run, in the vocabulary, on the version
+    ext = c.get_run(demo_pipeline.external["run_id"])
+    assert ext.data.tags["mlflow.parentRunId"] == train.info.run_id and "test.macro_auroc" in ext.data.metrics
+    assert [i.tags[0].value for i in ext.inputs.dataset_inputs] == ["external"]
+    described = c.get_model_version(version.name, version.version).description
+    assert "External evaluation on" in described and "[Evaluate run](#/experiments/" in described
     assert parent.data.tags["model_alias"] == "champion"
     note = parent.data.tags["mlflow.note.content"]
     assert "Test fold macro-AUROC" in note and "Prototype gallery" in note and "phecodes tested" in note
@@ -224,6 +241,7 @@ def test_the_pipeline_run_page_shows_its_description_and_headline_in_the_trainin
     from playwright.sync_api import sync_playwright
 
     from ecgproto import tracking
+    from ecgproto.settings import MODEL_NAME
     from mlflow import MlflowClient
 
     c = MlflowClient(tracking_uri=mlflow_server.url)
@@ -245,8 +263,15 @@ def test_the_pipeline_run_page_shows_its_description_and_headline_in_the_trainin
         page.get_by_text("pipeline", exact=True).first.wait_for(state="attached", timeout=30_000)
         experiment_page = page.inner_text("body")
         page.screenshot(path=str(shots / "experiment.png"), full_page=True)
+        # the model version's page: its description names the external evaluation
+        version = demo_pipeline.out["model_version"]
+        page.goto(f"{mlflow_server.url}/#/models/{MODEL_NAME}/versions/{version}", timeout=120_000)
+        page.get_by_text("External evaluation on").first.wait_for(timeout=90_000)
+        page.screenshot(path=str(shots / "model_version.png"), full_page=True)
         browser.close()
+    store_hash = c.get_run(demo_pipeline.external["run_id"]).inputs.dataset_inputs[0].dataset.name.split()[1]
+    assert store_hash in experiment_page  # the runs table's Dataset column names the store
     assert "Prototype gallery" in run_page
     assert "Judges" not in experiment_page and "Evaluation runs" not in experiment_page  # not the GenAI view
-    for name in ("pipeline_run.png", "experiment.png"):
+    for name in ("pipeline_run.png", "experiment.png", "model_version.png"):
         c.log_artifact(parent.info.run_id, str(shots / name), "ui_check")
