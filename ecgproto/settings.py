@@ -75,6 +75,8 @@ def configure_environment() -> None:
     Must run before `prefect` is imported: Prefect reads its settings at import time.
     """
     home = workdir()
+    # a new ECGPROTO_HOME is created here: Prefect cannot make its home inside a folder that does not exist
+    home.mkdir(parents=True, exist_ok=True)
     defaults = {
         "PREFECT_HOME": str(home / ".prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
