@@ -44,7 +44,7 @@ def evaluate_flow(
     dev = str(resolve_device(device))
     name = Path(str(s.info.get("source_root", store))).name
     with tracking.stage_run(
-        "evaluate",
+        "external-evaluate",  # apart from the training's own `evaluate` stage, which lookups by stage find
         run_name=f"evaluate on {name}",
         # an external evaluation belongs to its model: a child of the model's training run unless a caller nests it
         parent_run_id=parent_run_id or lineage.get("train_run_id"),

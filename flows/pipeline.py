@@ -17,6 +17,8 @@ from ecgproto import tracking
 from ecgproto.data.demo.beat_model import PLANTED_LABELS
 from ecgproto.data.demo.generate import DemoConfig
 from ecgproto.data.ingest import IngestConfig
+from ecgproto.data.store import ArrayStore
+from ecgproto.data.summary import store_dataset
 from ecgproto.evaluation.metrics import difference_text
 from ecgproto.flows.associate import associate_flow
 from ecgproto.flows.demo_data import demo_data_flow
@@ -123,6 +125,11 @@ def pipeline_flow(
             review_links(out, tracking_uri),
             title,
         )
+        # the stores it ran on, so the pipeline's row in the runs table names its datasets
+        if out.get("train_store"):
+            headline.datasets.append(store_dataset(ArrayStore.open(out["train_store"]), "training"))
+        if out.get("cohort_store"):
+            headline.datasets.append(store_dataset(ArrayStore.open(out["cohort_store"]), "cohort"))
         tracking.log_report(parent, headline, tracking_uri)
     return out
 
