@@ -178,7 +178,7 @@ class TrainConfig(BaseModel):
     def demo(cls) -> TrainConfig:
         """`small()` on the 12-epoch joint and baseline schedule the generated demo data need (their planted
         signals converge within it: fused test macro-AUROC 0.986 at 12 epochs, 0.983 at 30), so `make demo`
-        takes ~7 minutes instead of ~12 on 2 cores. Real records get `small()`."""
+        takes a few minutes on 2 cores (docs/benchmarks.md). Real records get `small()`."""
         c = cls.small()
         c.joint = c.joint.model_copy(update={"epochs": 12, "patience": 4})
         c.baseline.stage = c.baseline.stage.model_copy(update={"epochs": 12, "patience": 12})
