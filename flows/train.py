@@ -29,7 +29,7 @@ from ecgproto.report import StageReport, scored_metrics, without_scored
 from ecgproto.settings import MODEL_NAME, workdir
 from ecgproto.train import distributed, stages
 from ecgproto.train.config import TrainConfig, default_preset
-from ecgproto.train.quality import distinct_cases, quality_figure, quality_metrics, quality_summary
+from ecgproto.train.quality import distinct_cases, is_distinct, quality_figure, quality_metrics, quality_summary
 from ecgproto.train.report import (
     evaluation_report,
     fit_report,
@@ -141,7 +141,7 @@ def fusion(store: str, config: TrainConfig, work_root: str, parent: str, uri: st
             report.tables["distinct_cases"] = distinct_cases(provenance)  # per class: how many cases it shows
             report.figures["prototype_quality.png"] = quality_figure(provenance)
             report.metrics.update(quality_metrics(summary))
-        distinct = int((provenance["merged_into"] == provenance["prototype"]).sum())
+        distinct = int(is_distinct(provenance).sum())
         report.description = (
             f"**Fusion** over every branch's prototypes: best validation (fold 9) macro-AUROC "
             f"**{result.best_score:.4f}**; the model's {distinct} distinct cases are its evidence.\n\nOpen: "

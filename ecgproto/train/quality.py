@@ -154,14 +154,14 @@ def _nearest_prototypes(branch: Branch) -> tuple[np.ndarray, np.ndarray]:
 def mark_shared_sources(provenance: pd.DataFrame) -> pd.DataFrame:
     """`duplicate` also where two distinct prototypes of a branch sit on the same source window."""
     out = provenance.copy()
-    distinct = _distinct(out)
+    distinct = is_distinct(out)
     key = out[["branch", "ecg_id", "start_s", "end_s", "leads"]].astype(str).agg("|".join, axis=1)
     shared = key.where(distinct).duplicated(keep=False).to_numpy() & distinct
     out["duplicate"] = out["duplicate"].astype(bool) | shared
     return out
 
 
-def _distinct(provenance: pd.DataFrame) -> np.ndarray:
+def is_distinct(provenance: pd.DataFrame) -> np.ndarray:
     """(rows,) bool: the provenance rows of distinct prototypes (all of them before merging existed)."""
     if "merged_into" not in provenance:
         return np.ones(len(provenance), dtype=bool)
@@ -171,7 +171,7 @@ def _distinct(provenance: pd.DataFrame) -> np.ndarray:
 def distinct_cases(provenance: pd.DataFrame) -> pd.DataFrame:
     """Per branch and class: prototypes configured, distinct cases after merging near-duplicates, and how many of
     those sit on an ECG of their own class (what the gallery shows a reviewer per class)."""
-    t = provenance.assign(distinct=_distinct(provenance))
+    t = provenance.assign(distinct=is_distinct(provenance))
     own = t["own_class_source"].astype(bool) if "own_class_source" in t else pd.Series(True, index=t.index)
     t = t.assign(own_distinct=t["distinct"] & own)
     out = t.groupby(["branch", "class"], sort=False).agg(
@@ -186,7 +186,7 @@ def quality_summary(provenance: pd.DataFrame) -> pd.DataFrame:
     """Per branch: prototypes, mean and lowest-decile purity / consistency / stability, duplicates."""
     rows = []
     for name, g in provenance.groupby("branch", sort=False):
-        distinct = _distinct(g)
+        distinct = is_distinct(g)
         row: dict[str, object] = {"branch": name, "prototypes": len(g), "distinct": int(distinct.sum())}
         g = g[distinct]  # a merged prototype is its keeper's case
         for c in ("purity", "consistency", "stability"):

@@ -7,7 +7,7 @@ import pandas as pd
 
 from ecgproto.evaluation.calibration import coverage_figure, training_reliability_figure
 from ecgproto.report import StageReport, scored_metrics, without_scored
-from ecgproto.train.quality import quality_metrics, quality_summary
+from ecgproto.train.quality import is_distinct, quality_metrics, quality_summary
 from ecgproto.train.trainer import FitResult
 
 STAGE_NAMES = {
@@ -57,11 +57,7 @@ def projection_report(provenance: pd.DataFrame) -> StageReport:
         },
         tables={"provenance": provenance},
     )
-    distinct = (
-        int((provenance["merged_into"] == provenance["prototype"]).sum())
-        if "merged_into" in provenance
-        else len(provenance)
-    )
+    distinct = int(is_distinct(provenance).sum())
     r.description = (
         f"**Projection**: each of {len(provenance)} prototypes is now a real segment of a training ECG "
         f"({int(own.sum())} from an ECG with its own label, from {provenance['ecg_id'].nunique()} ECGs); "
