@@ -17,18 +17,26 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ecgproto.evaluation.calibration import expected_calibration_error, reliability_bins, reliability_figure
-from ecgproto.evaluation.metrics import (
-    auprc_per_label,
-    auroc_per_label,
-    bootstrap_auroc,
-    paired_bootstrap_difference,
-    percentile_ci,
-    resampled,
-)
+from ecgproto.evaluation.metrics import auprc_per_label, auroc_per_label, macro_ci, percentile_ci, resampled
 from ecgproto.report import StageReport, scored_metrics
 
 THRESHOLD = 0.5
 MIN_CELL = 10
+
+
+def bootstrap(
+    y: np.ndarray, p: np.ndarray, black_box: np.ndarray | None, n_boot: int, seed: int
+) -> dict[str, np.ndarray]:
+    """One bootstrap for every label and figure (ecgproto.evaluation.metrics.resampled: the same record resamples
+    for each): per-resample AUROC and AUPRC of the model and AUROC of the black box, (n_boot, L) each; {} without
+    resamples."""
+    if not n_boot:
+        return {}
+    y = np.asarray(y).astype(int)
+    out = {"auroc": resampled(y, p, n_boot, seed), "auprc": resampled(y, p, n_boot, seed, auprc_per_label)}
+    if black_box is not None:
+        out["black_box"] = resampled(y, black_box, n_boot, seed)
+    return out
 
 
 def external_table(
@@ -43,25 +51,24 @@ def external_table(
     calibrated: np.ndarray | None = None,
     min_cases: int = 1,
     black_box: np.ndarray | None = None,
+    resamples: dict[str, np.ndarray] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(one row per reportable label, best AUROC first; the labels not reported, with why and their counts).
 
     A label is reported when it has at least `min_cases` positives and negatives (MIN_CELL for a credentialed
     set, whatever is asked). `calibrated`: the model's calibrated probabilities (ECGProtoNet.uncertainty), whose
     ECE joins as `ece_calibrated`. `black_box`: the black box's probabilities on the same records: its AUROC and
-    the paired difference (model minus black box) with its CI join per label."""
+    the paired difference (model minus black box) with its CI join per label. `resamples`: `bootstrap(...)` of
+    the same arguments, when the caller needs them too (external_report's macro CIs)."""
     y = np.asarray(y).astype(int)
     need = max(min_cases, MIN_CELL) if credentialed else max(min_cases, 1)
     auroc, auprc = auroc_per_label(y, p), auprc_per_label(y, p)
-    # one bootstrap for every label (ecgproto.evaluation.metrics): the same record resamples for every figure
-    boot = {"auroc": resampled(y, p, n_boot, seed)} if n_boot else {}
-    if n_boot:
-        boot["auprc"] = resampled(y, p, n_boot, seed, auprc_per_label)
-    ci = {k: percentile_ci(v) for k, v in boot.items()}
+    boot = resamples if resamples is not None else bootstrap(y, p, black_box, n_boot, seed)
+    ci = {k: percentile_ci(boot[k]) for k in ("auroc", "auprc") if k in boot}
     if black_box is not None:
         bb_auroc = auroc_per_label(y, black_box)
         if n_boot:
-            ci["minus_black_box"] = percentile_ci(boot["auroc"] - resampled(y, black_box, n_boot, seed))
+            ci["minus_black_box"] = percentile_ci(boot["auroc"] - boot["black_box"])
     rows, apart = [], []
     for j, code in enumerate(codes):
         pos = int(y[:, j].sum())
@@ -191,6 +198,7 @@ def external_report(
     ECE of the calibrated probabilities, sensitivity, specificity; or, from an older training,
     `evaluation/fused.csv`: n_pos and AUROC), labels apart, macro figures in the vocabulary every scoring run
     shares (`test.macro_auroc`, ...), the black box beside (`black_box`), reliability diagrams."""
+    boot = bootstrap(y, p, black_box, n_boot, seed)  # once: per label in the table, macro below
     table, apart = external_table(
         y,
         p,
@@ -202,6 +210,7 @@ def external_report(
         calibrated=calibrated,
         min_cases=MIN_CELL,
         black_box=black_box,
+        resamples=boot,
     )
     if training is not None and len(table):
         own = training.rename(columns={"code": "label"}).set_index("label")
@@ -218,15 +227,15 @@ def external_report(
     if len(table):
         cols = [codes.index(c) for c in table["label"]]
         macro = {"fused.macro_auroc": float(table["auroc"].mean()), "fused.macro_auprc": float(table["auprc"].mean())}
-        if n_boot:
-            _, _, lo, hi = bootstrap_auroc(y[:, cols], p[:, cols], n_boot, seed)
-            macro |= {"fused.macro_auroc_lo": float(lo[0]), "fused.macro_auroc_hi": float(hi[0])}
+        if n_boot:  # over the reported labels only, from the table's own resamples
+            lo, hi = macro_ci(boot["auroc"][:, cols])
+            macro |= {"fused.macro_auroc_lo": lo, "fused.macro_auroc_hi": hi}
         macro["fused.n_labels_scored"] = float(len(table))
         if black_box is not None:
             macro["baseline.macro_auroc"] = float(table["black_box_auroc"].mean())
-            d, dlo, dhi = paired_bootstrap_difference(y[:, cols], p[:, cols], black_box[:, cols], n_boot, seed)
+            dlo, dhi = macro_ci((boot["auroc"] - boot["black_box"])[:, cols]) if n_boot else (np.nan, np.nan)
             macro |= {
-                "fused_minus_baseline.macro_auroc": d,
+                "fused_minus_baseline.macro_auroc": macro["fused.macro_auroc"] - macro["baseline.macro_auroc"],
                 "fused_minus_baseline.macro_auroc_lo": dlo,
                 "fused_minus_baseline.macro_auroc_hi": dhi,
             }

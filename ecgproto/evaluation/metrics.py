@@ -80,6 +80,16 @@ def percentile_ci(per: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarra
     return lo, hi
 
 
+def macro_ci(per: np.ndarray) -> tuple[float, float]:
+    """Percentile 95% interval of a macro figure from per-label resamples (n_boot, L): each resample's mean over
+    the labels it scored."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        macro = np.nanmean(per, axis=1)
+    lo, hi = percentile_ci(macro)
+    return float(lo), float(hi)
+
+
 def bootstrap_auroc(
     y: np.ndarray,
     score: np.ndarray,
@@ -89,10 +99,7 @@ def bootstrap_auroc(
     """Percentile 95% CIs: per-label (lo, hi) and macro (lo, hi), resampling records."""
     per = resampled(y, score, n_boot, seed)
     lo, hi = percentile_ci(per)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        macro = np.nanmean(per, axis=1)
-    mlo, mhi = percentile_ci(macro)
+    mlo, mhi = macro_ci(per)
     return lo, hi, np.array([mlo]), np.array([mhi])
 
 
@@ -105,12 +112,8 @@ def paired_bootstrap_difference(
     diff = macro_auroc(y, score_a) - macro_auroc(y, score_b)
     if not n_boot:
         return diff, float("nan"), float("nan")
-    per = resampled(y, score_a, n_boot, seed) - resampled(y, score_b, n_boot, seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        macro = np.nanmean(per, axis=1)
-    lo, hi = percentile_ci(macro)
-    return diff, float(lo), float(hi)
+    lo, hi = macro_ci(resampled(y, score_a, n_boot, seed) - resampled(y, score_b, n_boot, seed))
+    return diff, lo, hi
 
 
 def difference_text(metrics: Mapping[str, float], key: str = "fused_minus_baseline.macro_auroc") -> str:
