@@ -435,7 +435,6 @@ def load_record_for_model(path: str | Path, config: PreprocessConfig | None = No
     base = Path(path)
     base = base.with_suffix("") if base.suffix in (".hea", ".dat") else base
     x, _ = prepare_record(read_record(base, seconds=config.duration_s + READ_MARGIN_S), config, str(base))
-    x = x.T  # (12, n)
     if config.highpass_hz:
         x = highpass(x, config.fs, config.highpass_hz, config.highpass_order, axis=-1)
     return np.ascontiguousarray(x, dtype=np.float32)

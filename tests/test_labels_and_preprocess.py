@@ -55,6 +55,16 @@ def test_highpass_removes_baseline_wander_and_keeps_a_qrs_spike_in_place() -> No
     assert np.abs(y[(t < 3) | (t > 5)][100:-100]).max() < 0.15  # the 0.1 Hz wander is gone
 
 
+def test_highpass_equals_scipys_second_order_section_filter_at_every_order() -> None:
+    """The first-order filter runs in transfer-function form for speed; the store's values must not move."""
+    from scipy import signal as sps
+
+    x = np.random.default_rng(1).normal(size=(8, 12, 1000)).cumsum(axis=-1).astype(np.float32)
+    for order in (1, 2, 3):
+        sos = sps.butter(order, 0.5, btype="highpass", fs=100, output="sos").astype(np.float32)
+        np.testing.assert_array_equal(highpass(x, 100, 0.5, order), sps.sosfiltfilt(sos, x, axis=-1))
+
+
 def test_resampling_500_to_100_hz_keeps_a_planted_spike_at_its_time() -> None:
     t = np.arange(5000) / 500
     x = np.zeros((5000, 12), dtype=np.float32)

@@ -80,6 +80,23 @@ def test_missing_and_truncated_files_name_the_file(tmp_path: Path) -> None:
     assert err.value.reason == "missing_dat" and "a.dat" in str(err.value)
 
 
+def test_a_signal_file_that_is_a_pipe_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """A record whose .dat is a named pipe (or a folder) must end in quarantine at once: a read would block forever."""
+    import os
+
+    x = np.random.default_rng(0).normal(size=(1000, 12))
+    write_record(tmp_path / "a", x, 100, [lead.upper() for lead in LEADS], adc_gain=1000.0)
+    (tmp_path / "a.dat").unlink()
+    os.mkfifo(tmp_path / "a.dat")
+    with pytest.raises(RecordError) as err:
+        read_record(tmp_path / "a")
+    assert err.value.reason == "unreadable" and "not a regular file" in str(err.value) and "a.dat" in str(err.value)
+    (tmp_path / "a.dat").unlink()
+    (tmp_path / "a.dat").mkdir()
+    with pytest.raises(RecordError, match="not a regular file"):
+        read_record(tmp_path / "a")
+
+
 def test_the_fast_symlink_check_agrees_with_realpath_on_links_dotdot_and_missing_files(tmp_path: Path) -> None:
     """The dataset-folder confinement resolves each file at one lstat: it must follow every link realpath does."""
     import os

@@ -92,15 +92,20 @@ def detect_beats(signal: np.ndarray, fs: float, config: BeatConfig | None = None
     """(12, n) preprocessed signal in mV at `fs` -> its beats, detected or (when detection fails) a grid."""
     config = config or BeatConfig()
     if config.detector == "peaks":
-        return _peak_beats(np.asarray(signal)[None], fs, config)[0]
+        padded, sources = _peak_beats(np.asarray(signal)[None], fs, config)
+        return Beats(padded[0][padded[0] >= 0].astype(np.int64), sources[0])
     return _xqrs_beats(signal, fs, config)
 
 
-def _peak_beats(signals: np.ndarray, fs: float, config: BeatConfig) -> list[Beats]:
-    """The `peaks` detector over a batch (B, 12, n): the filters run on the whole batch, find_peaks per record."""
+def _peak_beats(signals: np.ndarray, fs: float, config: BeatConfig) -> tuple[np.ndarray, list[BeatSource]]:
+    """The `peaks` detector over a batch (B, 12, n) -> (B, max_beats) int16 positions padded with -1 and each
+    record's source. The filters, the fiducial-point search and the plausibility check run on the whole batch at
+    once; only scipy's find_peaks runs per record."""
     x = np.asarray(signals, dtype=np.float32)
-    n = x.shape[-1]
-    energy = np.abs(np.diff(x, axis=-1, prepend=x[..., :1])).sum(axis=1)  # (B, n)
+    n_rec, n = len(x), x.shape[-1]
+    energy = np.zeros((n_rec, n), dtype=np.float32)  # sum over leads of |first difference|, 0 at the first sample
+    np.abs(np.diff(x, axis=-1), out=(step := np.empty(x.shape[:-1] + (n - 1,), dtype=np.float32)))
+    step.sum(axis=1, out=energy[:, 1:])
     smooth = uniform_filter1d(energy, size=max(int(round(config.smooth_s * fs)), 1), axis=1, mode="nearest")
     local = maximum_filter1d(smooth, size=max(int(round(config.neighbourhood_s * fs)), 1), axis=1, mode="nearest")
     floor = config.min_peak_ratio * np.median(smooth, axis=1, keepdims=True)
@@ -109,26 +114,67 @@ def _peak_beats(signals: np.ndarray, fs: float, config: BeatConfig) -> list[Beat
     # the fiducial point, as XQRS's correct_peaks sets it: the top of the energy minus its 50 ms mean, within 80 ms
     sharp = energy - uniform_filter1d(energy, size=max(int(round(0.05 * fs)), 1), axis=1, mode="nearest")
     radius = np.arange(-int(round(0.12 * fs)), int(round(0.08 * fs)) + 1)  # the smoothed peak lags a wide QRS
-    background = np.median(energy, axis=1)  # one call for the batch: the plausibility check's baseline
-    out = []
-    for b in range(len(x)):
-        peaks = np.zeros(0, dtype=np.int64)
-        if np.isfinite(smooth[b]).all() and smooth[b].max() > 0:
-            found, _ = find_peaks(smooth[b], distance=distance)
-            found = found[smooth[b, found] >= threshold[b, found]]
-            around = np.clip(found[:, None] + radius, 0, n - 1)
-            top = sharp[b, around]  # (k, window)
-            # a wide, notched QRS has several humps: its first one that reaches 60% of the highest (its onset side,
-            # where XQRS puts it), at that hump's own top
-            first = (top >= 0.6 * top.max(axis=1, keepdims=True)).argmax(axis=1)
-            ahead = np.clip(first[:, None] + np.arange(4), 0, top.shape[1] - 1)
-            at = ahead[np.arange(len(found)), np.take_along_axis(top, ahead, axis=1).argmax(axis=1)]
-            peaks = np.unique(around[np.arange(len(found)), at]).astype(np.int64)
-        if _plausible(peaks, energy[b], fs, config, float(background[b])):
-            out.append(Beats(peaks[: config.max_beats], "detected"))
-        else:
-            out.append(Beats(grid_beats(n, fs, config)[: config.max_beats], "grid"))
+    usable = np.isfinite(smooth).all(axis=1) & (smooth.max(axis=1) > 0)
+    found = [find_peaks(smooth[b], distance=distance)[0] if usable[b] else np.zeros(0, np.int64) for b in range(n_rec)]
+    rec = np.repeat(np.arange(n_rec), [len(f) for f in found])
+    pos = np.concatenate(found).astype(np.int64) if found else np.zeros(0, np.int64)
+    tall = smooth[rec, pos] >= threshold[rec, pos]
+    rec, pos = rec[tall], pos[tall]
+    around = np.clip(pos[:, None] + radius, 0, n - 1)
+    top = sharp[rec[:, None], around]  # (k, window)
+    # a wide, notched QRS has several humps: its first one that reaches 60% of the highest (its onset side, where
+    # XQRS puts it), at that hump's own top
+    first = (top >= 0.6 * top.max(axis=1, initial=-np.inf, keepdims=True)).argmax(axis=1)
+    ahead = np.clip(first[:, None] + np.arange(4), 0, top.shape[1] - 1)
+    at = ahead[np.arange(len(pos)), np.take_along_axis(top, ahead, axis=1).argmax(axis=1)]
+    peak = around[np.arange(len(pos)), at]
+    # each record's distinct positions, ascending
+    order = np.lexsort((peak, rec))
+    rec, peak = rec[order], peak[order]
+    distinct = np.ones(len(peak), dtype=bool)
+    distinct[1:] = (rec[1:] != rec[:-1]) | (peak[1:] != peak[:-1])
+    rec, peak = rec[distinct], peak[distinct]
+    plausible = _plausible_batch(rec, peak, energy, fs, config)
+    out = np.full((n_rec, config.max_beats), -1, dtype=np.int16)
+    rank = np.arange(len(peak)) - np.searchsorted(rec, rec)  # index of each beat within its record
+    keep = plausible[rec] & (rank < config.max_beats)
+    out[rec[keep], rank[keep]] = peak[keep]
+    grid = grid_beats(n, fs, config)[: config.max_beats]
+    out[np.ix_(~plausible, np.arange(len(grid)))] = grid
+    return out, ["detected" if p else "grid" for p in plausible]
+
+
+def _group_median(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
+    """np.median of `values` within each group 0..n_groups-1 (`groups` ascending); NaN for an empty group."""
+    order = np.lexsort((values, groups))
+    v = values[order].astype(np.float64)
+    start = np.searchsorted(groups[order], np.arange(n_groups))
+    count = np.bincount(groups, minlength=n_groups)
+    out = np.full(n_groups, np.nan)
+    has = count > 0
+    lo, hi = start[has] + (count[has] - 1) // 2, start[has] + count[has] // 2
+    out[has] = (v[lo] + v[hi]) / 2
     return out
+
+
+def _plausible_batch(
+    rec: np.ndarray, peak: np.ndarray, energy: np.ndarray, fs: float, config: BeatConfig
+) -> np.ndarray:
+    """`_plausible` for every record of a batch at once: `rec`, `peak` each record's peaks, ascending."""
+    n_rec = len(energy)
+    count = np.bincount(rec, minlength=n_rec)
+    same = rec[1:] == rec[:-1]
+    rr = _group_median(((peak[1:] - peak[:-1]) / fs)[same], rec[1:][same], n_rec)
+    height = _group_median(energy[rec, peak], rec, n_rec)
+    background = np.median(energy, axis=1)
+    with np.errstate(invalid="ignore"):
+        return (
+            (count >= 2)
+            & (rr >= config.min_rr_s)
+            & (rr <= config.max_rr_s)
+            & (background > 0)
+            & (height >= config.min_peak_ratio * background)
+        )
 
 
 def _xqrs_beats(signal: np.ndarray, fs: float, config: BeatConfig) -> Beats:
@@ -182,9 +228,9 @@ def detect_batch(signals: np.ndarray, fs: float, config: BeatConfig | None = Non
     """(B, 12, n) -> (B, max_beats) int16 positions padded with -1, and each record's source."""
     config = config or BeatConfig()
     if config.detector == "peaks" and len(signals):
-        found = _peak_beats(signals, fs, config)
-    else:
-        found = [_xqrs_beats(x, fs, config) for x in signals]
+        padded, sources = _peak_beats(signals, fs, config)
+        return padded, list(sources)
+    found = [_xqrs_beats(x, fs, config) for x in signals]
     return np.stack([b.padded(config.max_beats) for b in found]) if found else np.zeros(
         (0, config.max_beats), dtype=np.int16
     ), [b.source for b in found]

@@ -69,18 +69,24 @@ def parse_scp_codes(text: object) -> dict[str, float]:
         raise LabelError(
             f"scp_codes is {len(text):,} characters long (at most {MAX_SCP_CODES_CHARS:,}): {text[:40]!r}..."
         )
+    return dict(_scp_items(text))
+
+
+@lru_cache(maxsize=65_536)
+def _scp_items(text: str) -> tuple[tuple[str, float], ...]:
+    """The parse of one scp_codes cell (cached: a dataset repeats a few thousand distinct cells)."""
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError) as exc:  # nested or huge expressions
         raise LabelError(f"scp_codes is not a Python dict literal: {text[:80]!r}") from exc
     if not isinstance(value, dict):
         raise LabelError(f"scp_codes is a {type(value).__name__}, not a dict: {text[:80]!r}")
-    out: dict[str, float] = {}
+    out: list[tuple[str, float]] = []
     for code, likelihood in value.items():
         if not isinstance(code, str) or isinstance(likelihood, bool) or not isinstance(likelihood, int | float):
             raise LabelError(f"scp_codes entry {code!r}: {likelihood!r} is not code -> number")
-        out[code] = float(likelihood)
-    return out
+        out.append((code, float(likelihood)))
+    return tuple(out)
 
 
 def multi_hot(codes: dict[str, float], labels: LabelSet, min_likelihood: float = 0.0) -> np.ndarray:

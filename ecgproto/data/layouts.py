@@ -13,6 +13,7 @@ labels where the layout has them, and the rows already refused (duplicate ids, m
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,8 +186,8 @@ def outside_root(frame: pd.DataFrame, root: Path, allow: bool) -> pd.Series:
         return pd.Series(False, index=frame.index)
     from ecgproto.data.wfdb_io import is_inside
 
-    base = root.resolve()
-    return frame["path"].astype(str).map(lambda p: not is_inside(base / p, base))
+    base = str(root.resolve())
+    return frame["path"].astype(str).map(lambda p: not is_inside(os.path.join(base, p), base))
 
 
 def _require(table: pd.DataFrame, columns: list[str], file: Path) -> None:

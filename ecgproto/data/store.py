@@ -28,10 +28,10 @@ import pandas as pd
 STORE_FORMAT = 2  # 2: beats.npy
 
 
-def file_identity(path: Path) -> tuple[int, int] | None:
+def file_identity(path: Path | str) -> tuple[int, int] | None:
     """(size, mtime_ns) of a file, or None if absent: make-style identity, cheap on 800k records."""
     try:
-        st = path.stat()
+        st = os.stat(path)
     except FileNotFoundError:
         return None
     return st.st_size, st.st_mtime_ns
@@ -49,12 +49,13 @@ def cache_key(payload: dict[str, Any], record_paths: list[Path]) -> str:
     """Hash of the config, the index files' content and every record file's identity."""
     h = hashlib.sha256()
     h.update(json.dumps({"format": STORE_FORMAT, **payload}, sort_keys=True, default=str).encode())
-    for base in record_paths:
+    for base in map(os.fspath, record_paths):
+        name = os.path.basename(base)
         for suffix in (".hea", ".dat", ".mat"):
-            path = base.with_name(base.name + suffix)
-            if suffix == ".mat" and not path.exists():  # Challenge sets' signal files; absent elsewhere
+            identity = file_identity(base + suffix)
+            if suffix == ".mat" and identity is None:  # Challenge sets' signal files; absent elsewhere
                 continue
-            h.update(f"{base.name}{suffix}{file_identity(path)}".encode())
+            h.update(f"{name}{suffix}{identity}".encode())
     return h.hexdigest()
 
 
