@@ -222,6 +222,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         loader_workers=args.loader_workers,
+        sharded=bool(args.dask),
+        processes=args.processes,
     )
     print(f"activations: {out['activations']}\nMLflow run: {tracking.run_url(str(out['run_id']))}")
     from ecgproto.scoring import ActivationStore
@@ -522,6 +524,13 @@ def build_parser() -> argparse.ArgumentParser:
     _device_option(q, what=" (bf16 autocast on CUDA)")
     q.add_argument(
         "--loader-workers", type=_ranged(int, 0, 64), default=0, help="read-ahead processes per scoring task"
+    )
+    q.add_argument(
+        "--processes",
+        type=_ranged(int, 0, 256),
+        default=0,
+        help="on a CPU without --dask: shards scored at once, one single-threaded process each (0: one per core; "
+        "1: this process)",
     )
     q.add_argument(
         "--dask",

@@ -22,6 +22,10 @@ Shards are contiguous runs of the store's rows whose length is a multiple of the
 every batch holds the same ECGs however the shards are spread over machines: a sharded run on a
 Dask cluster and a single-process run give the same arrays. A killed run keeps its finished
 shards in `.partial-activations-<key16>/` and the next run with the same plan scores only the rest.
+
+On a CPU, shards are scored by one process per core, each with one thread (`local_processes`): the
+network's small convolutions use a second thread poorly, so two single-threaded processes on 2 cores
+score ~1.4x the ECGs/s of one process with two threads (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -29,7 +33,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import multiprocessing as mp
+import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -43,6 +50,7 @@ from tqdm.auto import tqdm
 from ecgproto.data.store import ArrayStore, atomic_write_bytes, atomic_write_parquet, publish
 from ecgproto.model import persist
 from ecgproto.report import StageReport
+from ecgproto.workers import die_with_parent
 
 ACTIVATIONS_FORMAT = 2  # 2: calibrated probabilities and uncertainty beside the served probabilities
 KINDS = ("similarities", "probabilities")
@@ -317,19 +325,78 @@ def score_store(
     device: str = "cpu",
     workers: int = 0,
     run_shards: ShardRunner | None = None,
+    processes: int = 0,
     progress: bool = False,
 ) -> ActivationStore:
     """Score every record of `store` into an activation store; `run_shards` may spread the shards out
-    (e.g. Prefect tasks on a Dask cluster), by default they run here one after the other."""
+    (e.g. Prefect tasks on a Dask cluster). By default they run here: on a CPU in `processes` processes
+    (0: one per core; 1: this process, one shard after the other), on CUDA one after the other."""
     plan = plan_scoring(store, model, out_root, shard_size=shard_size, batch_size=batch_size)
     if not (Path(plan.final) / "activations.json").exists():
         pending = plan.pending()
         if run_shards is not None:
             run_shards(plan, pending)
         else:
-            for i in tqdm(pending, desc="scoring shards", unit="shard", disable=not progress):
-                score_shard(plan, i, device=device, workers=workers, model=model)
+            score_shards_here(
+                plan, pending, device=device, workers=workers, processes=processes, model=model, progress=progress
+            )
     return finish_scoring(plan, prototypes, tuple(model.codes))
+
+
+def score_shards_here(
+    plan: ScoringPlan,
+    pending: list[int],
+    *,
+    device: str = "cpu",
+    workers: int = 0,
+    processes: int = 0,
+    model: torch.nn.Module | None = None,
+    progress: bool = False,
+) -> None:
+    """Score `pending` shards on this machine: on a CPU in `local_processes` processes, else (or for one shard)
+    in this process one after the other."""
+    n_proc = local_processes(device, len(pending), processes)
+    if n_proc > 1:
+        _score_in_processes(plan, pending, n_proc, workers, progress)
+        return
+    for i in tqdm(pending, desc="scoring shards", unit="shard", disable=not progress):
+        score_shard(plan, i, device=device, workers=workers, model=model)
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (a container's or taskset's limit, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def local_processes(device: str, pending: int, requested: int = 0) -> int:
+    """How many processes score `pending` shards here: on CUDA one (the GPU is the bottleneck); on a CPU
+    `requested`, or with 0 one per core, never more than there are shards."""
+    if not device.startswith("cpu") or pending < 2:
+        return 1
+    return max(1, min(pending, requested if requested > 0 else cpu_cores()))
+
+
+def _scoring_worker(parent: int, threads: int) -> None:
+    """Process-pool initializer: die with the scoring process (no orphan after a kill) and use `threads` threads."""
+    die_with_parent(parent)
+    torch.set_num_threads(threads)
+
+
+def _score_in_processes(plan: ScoringPlan, pending: list[int], processes: int, workers: int, progress: bool) -> None:
+    """Score `pending` shards in `processes` spawned processes with an equal share of the cores each; every
+    process loads the plan's saved model (persist.load: weights and description, nothing unpickled)."""
+    threads = max(1, cpu_cores() // processes)
+    with ProcessPoolExecutor(
+        max_workers=processes,
+        mp_context=mp.get_context("spawn"),  # not fork: torch's thread pools do not survive a fork
+        initializer=_scoring_worker,
+        initargs=(os.getpid(), threads),
+    ) as pool:
+        futures = [pool.submit(score_shard, plan, i, device="cpu", workers=workers) for i in pending]
+        for future in tqdm(
+            as_completed(futures), total=len(futures), desc="scoring shards", unit="shard", disable=not progress
+        ):
+            future.result()
 
 
 def scoring_report(

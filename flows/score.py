@@ -18,7 +18,7 @@ from ecgproto import tracking
 from ecgproto.data.store import ArrayStore
 from ecgproto.data.summary import store_dataset
 from ecgproto.phenotype.features import prototype_table
-from ecgproto.scoring import ScoringPlan, score_shard, score_store, scoring_report
+from ecgproto.scoring import ScoringPlan, local_processes, score_shard, score_shards_here, score_store, scoring_report
 from ecgproto.settings import DEFAULT_MODEL_URI
 from ecgproto.settings import store_root as default_store_root
 from ecgproto.train.stages import resolve_device
@@ -43,8 +43,13 @@ def score_flow(
     loader_workers: int = 0,
     tracking_uri: str | None = None,
     parent_run_id: str | None = None,
+    sharded: bool = False,
+    processes: int = 0,
 ) -> dict[str, object]:
-    """Write (or find) the activation store of `model_uri` on `store`; returns its path and the MLflow run id."""
+    """Write (or find) the activation store of `model_uri` on `store`; returns its path and the MLflow run id.
+
+    `sharded`: each shard is a task of the flow's task runner (a Dask cluster); otherwise the shards are scored
+    here, on a CPU by `processes` single-threaded processes (0: one per core)."""
     s = ArrayStore.open(store)
     lineage = tracking.model_lineage(model_uri, tracking_uri)
     dev = str(resolve_device(device))
@@ -61,7 +66,10 @@ def score_flow(
 
         def run_shards(plan: ScoringPlan, pending: list[int]) -> None:
             shards.extend(pending)
-            score_shard_task.map(unmapped(plan), pending, unmapped(dev), unmapped(loader_workers)).result()
+            if sharded:
+                score_shard_task.map(unmapped(plan), pending, unmapped(dev), unmapped(loader_workers)).result()
+            else:
+                score_shards_here(plan, pending, device=dev, workers=loader_workers, processes=processes, model=model)
 
         t0 = time.perf_counter()
         acts = score_store(
@@ -87,6 +95,7 @@ def score_flow(
                 "batch_size": batch_size,
                 "device": dev,
                 "loader_workers": loader_workers,
+                "processes": "cluster" if sharded else local_processes(dev, len(shards), processes),
             },
         )
         report.datasets.append(store_dataset(s, "cohort"))

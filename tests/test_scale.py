@@ -15,7 +15,14 @@ from ecgproto.data.store import ArrayStore
 from ecgproto.model.config import ModelConfig
 from ecgproto.model.network import ECGProtoNet
 from ecgproto.phenotype.features import prototype_table, score_cohort, scores_from_activations
-from ecgproto.scoring import ActivationStore, plan_scoring, score_rows, score_shard, score_store
+from ecgproto.scoring import (
+    ActivationStore,
+    local_processes,
+    plan_scoring,
+    score_rows,
+    score_shard,
+    score_store,
+)
 from ecgproto.train import losses, stages
 
 pytest.importorskip("prefect_dask")
@@ -90,6 +97,7 @@ def test_sharded_scoring_on_a_local_dask_cluster_gives_the_same_activation_matri
         batch_size=32,
         device="cpu",
         tracking_uri=mlflow_uri,
+        sharded=True,
     )
     sharded = ActivationStore.open(out["activations"])
 
@@ -131,7 +139,10 @@ def test_a_killed_scoring_run_resumes_with_only_the_missing_shards(mimic_store: 
     assert plan_scoring(mimic_store, model, tmp_path, shard_size=32, batch_size=16).pending() == list(
         range(1, plan.n_shards)
     )
-    acts = score_store(mimic_store, model, tmp_path, prototype_table(model), shard_size=32, batch_size=16)
+    # the rest are scored by one single-threaded process per core (local_processes), the one-shard store below by
+    # this process: the same numbers
+    assert local_processes("cpu", plan.n_shards - 1, 2) == 2
+    acts = score_store(mimic_store, model, tmp_path, prototype_table(model), shard_size=32, batch_size=16, processes=2)
     assert (acts.path / first.name).stat().st_mtime_ns == before  # published by rename, not re-scored
     whole = score_store(mimic_store, model, tmp_path / "again", prototype_table(model), shard_size=10**6, batch_size=16)
     assert np.array_equal(acts.matrix(), whole.matrix())
