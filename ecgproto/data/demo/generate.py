@@ -48,6 +48,20 @@ _REPORTS = {
     "PVC": "Ventricular premature complex",
     "NORM": "Normal ECG",
 }
+# MIMIC-IV's hosp tables and MIMIC-IV-ECG's record list, the columns the demo writes
+ADMISSION_COLUMNS = [
+    "subject_id",
+    "hadm_id",
+    "admittime",
+    "dischtime",
+    "deathtime",
+    "admission_type",
+    "edregtime",
+    "edouttime",
+]
+PATIENT_COLUMNS = ["subject_id", "gender", "anchor_age", "anchor_year", "anchor_year_group", "dod"]
+DIAGNOSIS_COLUMNS = ["subject_id", "hadm_id", "seq_num", "icd_code", "icd_version"]
+RECORD_COLUMNS = ["subject_id", "study_id", "file_name", "ecg_time", "path"]
 _GZIP = {"method": "gzip", "mtime": 0}  # no timestamp in the header: same seed, same bytes
 _HEDGES = {"LVH": "Possible ", "IMI": "Possible ", "STE_": "Consider "}
 
@@ -267,28 +281,16 @@ def write_mimic(ecg_root: Path, hosp_root: Path, config: DemoConfig) -> dict[str
         measurements.append(_machine_measurements(rng, subject_id, sid, t, labels))
     _run(_write_mimic_record, tasks, config.workers, "demo mimic")
 
-    pd.DataFrame(rows, columns=["subject_id", "study_id", "file_name", "ecg_time", "path"]).to_csv(
-        ecg_root / "record_list.csv", index=False
-    )
+    pd.DataFrame(rows, columns=RECORD_COLUMNS).to_csv(ecg_root / "record_list.csv", index=False)
     pd.DataFrame(measurements).to_csv(ecg_root / "machine_measurements.csv", index=False)
     hosp_root.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(
-        patients, columns=["subject_id", "gender", "anchor_age", "anchor_year", "anchor_year_group", "dod"]
-    ).to_csv(hosp_root / "patients.csv.gz", index=False, compression=_GZIP)
-    pd.DataFrame(
-        admissions,
-        columns=[
-            "subject_id",
-            "hadm_id",
-            "admittime",
-            "dischtime",
-            "deathtime",
-            "admission_type",
-            "edregtime",
-            "edouttime",
-        ],
-    ).to_csv(hosp_root / "admissions.csv.gz", index=False, date_format="%Y-%m-%d %H:%M:%S", compression=_GZIP)
-    pd.DataFrame(diagnoses, columns=["subject_id", "hadm_id", "seq_num", "icd_code", "icd_version"]).to_csv(
+    pd.DataFrame(patients, columns=PATIENT_COLUMNS).to_csv(
+        hosp_root / "patients.csv.gz", index=False, compression=_GZIP
+    )
+    pd.DataFrame(admissions, columns=ADMISSION_COLUMNS).to_csv(
+        hosp_root / "admissions.csv.gz", index=False, date_format="%Y-%m-%d %H:%M:%S", compression=_GZIP
+    )
+    pd.DataFrame(diagnoses, columns=DIAGNOSIS_COLUMNS).to_csv(
         hosp_root / "diagnoses_icd.csv.gz", index=False, compression=_GZIP
     )
     return {

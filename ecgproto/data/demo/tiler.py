@@ -34,22 +34,16 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from ecgproto.data.demo.cohort import NULL, PLANTED, draw_diagnoses, ground_truth, sample_labels
-from ecgproto.data.demo.generate import _machine_measurements, _run, _write_mimic_record
+from ecgproto.data.demo.generate import (
+    ADMISSION_COLUMNS,
+    DIAGNOSIS_COLUMNS,
+    PATIENT_COLUMNS,
+    RECORD_COLUMNS,
+    _machine_measurements,
+    _run,
+    _write_mimic_record,
+)
 from ecgproto.phenotype.phecodes import PhecodeMap
-
-ADMISSION_COLUMNS = [
-    "subject_id",
-    "hadm_id",
-    "admittime",
-    "dischtime",
-    "deathtime",
-    "admission_type",
-    "edregtime",
-    "edouttime",
-]
-PATIENT_COLUMNS = ["subject_id", "gender", "anchor_age", "anchor_year", "anchor_year_group", "dod"]
-DIAGNOSIS_COLUMNS = ["subject_id", "hadm_id", "seq_num", "icd_code", "icd_version"]
-RECORD_COLUMNS = ["subject_id", "study_id", "file_name", "ecg_time", "path"]
 
 
 class TiledCohortConfig(BaseModel):
