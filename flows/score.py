@@ -1,8 +1,9 @@
 """Score flow: a registered model run over every record of a store, into a float16 activation store.
 
-Each shard (a run of the store's rows) is a Prefect task, so with a Dask task runner the shards
-spread over a cluster (`ecgproto score STORE --dask local:4` or `--dask tcp://scheduler:8786`); the
-activation store is the same as a single-process run's. One MLflow run `score` holds the plan, the
+With `sharded` (a Dask task runner: `ecgproto score STORE --dask local:4` or `--dask
+tcp://scheduler:8786`) each shard (a run of the store's rows) is a Prefect task spread over the
+cluster; otherwise the shards are scored on this machine (on a CPU one single-threaded process per
+core). The activation store is the same either way. One MLflow run `score` holds the plan, the
 counts and the rate; nothing identifying (record ids stay in the local activation store).
 """
 
