@@ -25,7 +25,7 @@ shards in `.partial-activations-<key16>/` and the next run with the same plan sc
 
 On a CPU, shards are scored by one process per core, each with one thread (`local_processes`): the
 network's small convolutions use a second thread poorly, so two single-threaded processes on 2 cores
-score ~1.4x the ECGs/s of one process with two threads (docs/benchmarks.md).
+score ~1.2x the ECGs/s of one process with two threads in steady state (docs/benchmarks.md).
 """
 
 from __future__ import annotations
